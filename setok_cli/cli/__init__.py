@@ -1,0 +1,1 @@
+"""Click commands only: parse, call a library function, print with rich."""
