@@ -14,10 +14,12 @@ try:
 
     HAS_EXT = True
     IMPORT_ERROR = None
+    _BUILD = dict(_C.build_info())
 except ImportError as e:  # pragma: no cover - exercised only without a build
     _C = None
     HAS_EXT = False
     IMPORT_ERROR = e
+    _BUILD = {}
     warnings.warn(
         f"setok: compiled ops unavailable ({e}); using the pure-PyTorch reference backend. "
         "Build them with `pip install --no-build-isolation -e .`",
@@ -28,9 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 
 def build_info() -> dict:
     """What the extension was built with (empty without the extension)."""
-    if not HAS_EXT:
-        return {}
-    return dict(_C.build_info())
+    return dict(_BUILD)
 
 
 def has_backend(name: str) -> bool:
@@ -38,11 +38,10 @@ def has_backend(name: str) -> bool:
         return True
     if not HAS_EXT:
         return False
-    info = _C.build_info()
     if name == "cpu":
         return True
     if name == "cuda":
-        return bool(info.get("with_cuda")) and torch.cuda.is_available()
+        return bool(_BUILD.get("with_cuda")) and torch.cuda.is_available()
     return False
 
 

@@ -135,6 +135,7 @@ def scope_from_sqdist(x: Tensor, d2: Tensor, score: Tensor, bandwidth: float, ma
     active = torch.ones(B, dtype=torch.bool, device=x.device)
     num = torch.zeros(B, dtype=torch.int64, device=x.device)
     inv_bw2 = 1.0 / (bandwidth * bandwidth)
+    track_grad = torch.is_grad_enabled() and x.requires_grad
     for _ in range(T):
         cand = valid & (scope > min_scope)
         active = active & cand.any(-1)
@@ -143,12 +144,14 @@ def scope_from_sqdist(x: Tensor, d2: Tensor, score: Tensor, bandwidth: float, ma
         if score_threshold is not None:
             active = active & (s[ar, m] >= score_threshold)
         # forward value from the shared matrix, gradient from the analytic form
-        live = (xf - xf[ar, m].unsqueeze(1)).square().sum(-1) / D  # (B, N)
-        d2m = live + (d2[ar, m] - live).detach()
+        d2m = d2[ar, m]  # (B, N)
+        if track_grad:
+            live = (xf - xf[ar, m].unsqueeze(1)).square().sum(-1) / D
+            d2m = d2m + (live - live.detach())  # exact forward value, analytic gradient
         soft = torch.exp2(-d2m * inv_bw2)
         if hard:
             hard_a = (d2[ar, m] <= bandwidth * bandwidth).to(cdt)
-            alpha = hard_a + soft - soft.detach()
+            alpha = hard_a + (soft - soft.detach())  # straight-through, exact forward
         else:
             alpha = soft
         a = active.to(cdt).unsqueeze(1)

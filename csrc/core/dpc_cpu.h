@@ -1,0 +1,194 @@
+// CPU kernels of the SeTok clustering ops on raw pointers (no torch headers).
+//
+// Each kernel works on one image and a range of rows, so the caller decides the
+// threading (the torch layer uses at::parallel_for over images x rows; the C++ tests
+// call them serially). Layouts, per image:
+//   x: (N, D) row-major     d2: (N, N)      valid: (N) or nullptr (= all valid)
+//   masks: (T+1, N)         seeds: (T)      seed_d2: (T, N)
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "dpc_math.h"
+
+namespace setok {
+namespace core {
+
+inline bool is_valid(const bool* valid, int64_t i) { return valid == nullptr || valid[i]; }
+
+inline int64_t count_valid(const bool* valid, int64_t N) {
+  if (valid == nullptr) return N;
+  int64_t c = 0;
+  for (int64_t i = 0; i < N; ++i) c += valid[i] ? 1 : 0;
+  return c;
+}
+
+// In place: the Gram rows [r0, r1) become squared distances. sq holds the Gram diagonal
+// (copied before any row is rewritten). The diagonal becomes exactly 0.
+template <typename T>
+void sqdist_rows_from_gram(T* g, const T* sq, int64_t N, int64_t D, int64_t r0, int64_t r1) {
+  const T d = T(D);
+  for (int64_t i = r0; i < r1; ++i) {
+    T* row = g + i * N;
+    const T si = sq[i];
+    for (int64_t j = 0; j < N; ++j) row[j] = sqdist_from_gram(si, sq[j], row[j], d);
+    row[i] = T(0);
+  }
+}
+
+// Squared distances from differences (small D): exact zeros for duplicate points.
+template <typename T>
+void sqdist_rows_direct(const T* x, T* d2, int64_t N, int64_t D, int64_t r0, int64_t r1) {
+  const T d = T(D);
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* xi = x + i * D;
+    for (int64_t j = 0; j < N; ++j) {
+      const T* xj = x + j * D;
+      T s = T(0);
+      for (int64_t c = 0; c < D; ++c) {
+        const T diff = xi[c] - xj[c];
+        s += diff * diff;
+      }
+      d2[i * N + j] = s / d;
+    }
+  }
+}
+
+// density_i = exp(-mean of the k_eff smallest d2[i, j] over valid j), k_eff = min(k, #valid).
+// The k smallest are summed in ascending order. `scratch` holds N values (large k only).
+template <typename T>
+void knn_density_rows(const T* d2, const bool* valid, int64_t N, int64_t k, int64_t n_valid, T* density,
+                      int64_t r0, int64_t r1, T* scratch) {
+  const int64_t k_eff = std::max<int64_t>(1, std::min(k, n_valid));
+  constexpr int64_t kSmall = 64;
+  T buf[kSmall];
+  for (int64_t i = r0; i < r1; ++i) {
+    if (!is_valid(valid, i)) {
+      density[i] = T(0);
+      continue;
+    }
+    const T* row = d2 + i * N;
+    T sum = T(0);
+    if (k_eff <= kSmall) {
+      // sorted insertion buffer of the k_eff smallest values
+      int64_t filled = 0;
+      for (int64_t j = 0; j < N; ++j) {
+        if (!is_valid(valid, j)) continue;
+        const T v = row[j];
+        if (filled < k_eff) {
+          int64_t p = filled++;
+          while (p > 0 && buf[p - 1] > v) { buf[p] = buf[p - 1]; --p; }
+          buf[p] = v;
+        } else if (v < buf[k_eff - 1]) {
+          int64_t p = k_eff - 1;
+          while (p > 0 && buf[p - 1] > v) { buf[p] = buf[p - 1]; --p; }
+          buf[p] = v;
+        }
+      }
+      for (int64_t t = 0; t < k_eff; ++t) sum += buf[t];
+    } else {
+      int64_t m = 0;
+      for (int64_t j = 0; j < N; ++j)
+        if (is_valid(valid, j)) scratch[m++] = row[j];
+      std::partial_sort(scratch, scratch + k_eff, scratch + m);
+      for (int64_t t = 0; t < k_eff; ++t) sum += scratch[t];
+    }
+    density[i] = density_from_sum(sum, k_eff);
+  }
+}
+
+// delta_i = sqrt(min d2[i, j]) over valid denser j (ties: smaller j), parent_i = that j;
+// the densest point takes its row maximum and itself. Invalid points: 0 and i.
+template <typename T>
+void delta_rows(const T* d2, const T* density, const bool* valid, int64_t N, T* delta, int64_t* parent,
+                int64_t r0, int64_t r1) {
+  using std::sqrt;
+  for (int64_t i = r0; i < r1; ++i) {
+    if (!is_valid(valid, i)) {
+      delta[i] = T(0);
+      parent[i] = i;
+      continue;
+    }
+    const T* row = d2 + i * N;
+    const T di = density[i];
+    T best = std::numeric_limits<T>::infinity();
+    int64_t best_j = -1;
+    T row_max = T(0);
+    for (int64_t j = 0; j < N; ++j) {
+      if (!is_valid(valid, j)) continue;
+      const T v = row[j];
+      row_max = v > row_max ? v : row_max;
+      if (v < best && is_denser(density[j], j, di, i)) {
+        best = v;
+        best_j = j;
+      }
+    }
+    if (best_j >= 0) {
+      delta[i] = sqrt(best);
+      parent[i] = best_j;
+    } else {
+      delta[i] = sqrt(row_max);
+      parent[i] = i;
+    }
+  }
+}
+
+// The scope-masking loop for one image (SPEC 2.3). `scope` is N values of scratch.
+// masks (T+1, N), seeds (T) and seed_d2 (T, N) are fully written. Returns num_clusters.
+template <typename T>
+int64_t scope_loop(const T* d2, const T* score, const bool* valid, int64_t N, int64_t max_clusters,
+                   double bandwidth, bool hard, double min_scope, bool has_threshold, double threshold,
+                   T* masks, int64_t* seeds, T* seed_d2, T* scope) {
+  const T bw2 = T(bandwidth * bandwidth);
+  const T inv_bw2 = T(1.0 / (bandwidth * bandwidth));
+  const T ms = T(min_scope);
+  const T thr = T(threshold);
+  for (int64_t i = 0; i < N; ++i) scope[i] = is_valid(valid, i) ? T(1) : T(0);
+  std::fill(masks, masks + (max_clusters + 1) * N, T(0));
+  std::fill(seed_d2, seed_d2 + max_clusters * N, T(0));
+  std::fill(seeds, seeds + max_clusters, int64_t(-1));
+  int64_t n = 0;
+  for (; n < max_clusters; ++n) {
+    int64_t m = -1;
+    T best = T(0);
+    for (int64_t i = 0; i < N; ++i) {
+      if (!is_valid(valid, i) || !(scope[i] > ms)) continue;
+      const T s = score[i] * scope[i];
+      if (m < 0 || s > best) {
+        best = s;
+        m = i;
+      }
+    }
+    if (m < 0) break;
+    if (has_threshold && !(best >= thr)) break;
+    const T* row = d2 + m * N;
+    T* mrow = masks + n * N;
+    T* srow = seed_d2 + n * N;
+    for (int64_t i = 0; i < N; ++i) {
+      srow[i] = row[i];
+      mrow[i] = scope_step(scope[i], alpha_value(row[i], hard, bw2, inv_bw2));
+    }
+    seeds[n] = m;
+  }
+  std::copy(scope, scope + N, masks + n * N);
+  return n;
+}
+
+// Backward of the scope loop for points [r0, r1) of one image: gd2 (T, N) receives
+// d loss / d d2(i, seed_t) (zero for t >= n).
+template <typename T>
+void scope_backward_rows(const T* grad_masks, const T* seed_d2, const bool* valid, int64_t N, int64_t max_clusters,
+                         int64_t n, double bandwidth, bool hard, T* gd2, int64_t r0, int64_t r1) {
+  const T bw2 = T(bandwidth * bandwidth);
+  const T inv_bw2 = T(1.0 / (bandwidth * bandwidth));
+  for (int64_t i = r0; i < r1; ++i) {
+    scope_backward_point(grad_masks + i, seed_d2 + i, gd2 + i, N, n, is_valid(valid, i), hard, bw2, inv_bw2);
+    for (int64_t t = n; t < max_clusters; ++t) gd2[t * N + i] = T(0);
+  }
+}
+
+}  // namespace core
+}  // namespace setok
