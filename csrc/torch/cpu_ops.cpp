@@ -23,109 +23,140 @@ const bool* valid_ptr(const optional<Tensor>& v, int64_t b, int64_t N) {
   return v.has_value() ? v->data_ptr<bool>() + b * N : nullptr;
 }
 
-// (B, N, N) squared distances, computed in place over the Gram matrix.
-Tensor sqdist_cpu(const Tensor& x) {
+// What a call needs from the pipeline.
+struct Plan {
+  bool density = false, delta = false, scope = false;
+  int64_t k = 1;
+  const Tensor* density_in = nullptr;  // delta_distance: densities given by the caller
+  const Tensor* score_in = nullptr;    // scope_cluster: scores given by the caller
+  double bandwidth = 1.0, min_scope = 0.0;
+  int64_t T = 0;
+  bool hard = true;
+  optional<double> threshold;
+};
+
+struct Out {
+  Tensor density, delta, parent, score, masks, seeds, num, seed_d2;
+};
+
+// Everything after the distance matrix, for one image whose Gram matrix (or nothing,
+// for the direct path) is in `d2` (N, N). Rows are finalized and their k nearest summed
+// in the same sweep, while each row is hot in cache.
+template <typename scalar_t>
+void image_after_gram(const Plan& p, const scalar_t* x, scalar_t* d2, scalar_t* sq, const bool* valid, int64_t N,
+                      int64_t D, int64_t b, Out& o, int64_t r0, int64_t r1, std::vector<scalar_t>& scratch) {
+  const int64_t nv = core::count_valid(valid, N);
+  for (int64_t i = r0; i < r1; ++i) {
+    if (D <= core::kDirectMaxD)
+      core::sqdist_rows_direct(x, d2, N, D, i, i + 1);
+    else
+      core::sqdist_rows_from_gram(d2, sq, N, D, i, i + 1);
+    if (p.density)
+      core::knn_density_rows(d2, valid, N, p.k, nv, o.density.data_ptr<scalar_t>() + b * N, i, i + 1,
+                             scratch.data());
+  }
+}
+
+template <typename scalar_t>
+void image_tail(const Plan& p, const scalar_t* d2, const bool* valid, int64_t N, int64_t b, Out& o, int64_t r0,
+                int64_t r1) {
+  if (p.delta) {
+    const scalar_t* den = (p.density_in ? *p.density_in : o.density).template data_ptr<scalar_t>() + b * N;
+    scalar_t* dl = o.delta.data_ptr<scalar_t>() + b * N;
+    core::delta_rows(d2, den, valid, N, dl, o.parent.data_ptr<int64_t>() + b * N, r0, r1);
+    if (o.score.defined()) {
+      scalar_t* sc = o.score.data_ptr<scalar_t>() + b * N;
+      for (int64_t i = r0; i < r1; ++i) sc[i] = den[i] * dl[i];
+    }
+  }
+}
+
+template <typename scalar_t>
+void image_scope(const Plan& p, const scalar_t* d2, const bool* valid, int64_t N, int64_t b, Out& o,
+                 std::vector<scalar_t>& scope) {
+  const int64_t T = p.T;
+  const scalar_t* sc = (p.score_in ? *p.score_in : o.score).template data_ptr<scalar_t>() + b * N;
+  o.num.data_ptr<int64_t>()[b] = core::scope_loop(
+      d2, sc, valid, N, T, p.bandwidth, p.hard, p.min_scope, p.threshold.has_value(), p.threshold.value_or(0.0),
+      o.masks.data_ptr<scalar_t>() + b * (T + 1) * N, o.seeds.data_ptr<int64_t>() + b * T,
+      o.seed_d2.data_ptr<scalar_t>() + b * T * N, scope.data());
+}
+
+// The whole pipeline. With at least as many images as threads, each thread runs whole
+// images (its own N x N buffer, single-threaded GEMM): the distance matrix stays in cache
+// between passes and peak memory is threads x N^2, not B x N^2. With fewer images, one
+// batched GEMM uses every thread and the passes are split over rows.
+Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& p) {
+  const Tensor x = x_in.detach();  // x may require grad; nothing here is differentiated
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  if (D <= core::kDirectMaxD) {
-    Tensor d2 = at::empty({B, N, N}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "setok_sqdist_direct", [&] {
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      scalar_t* dp = d2.data_ptr<scalar_t>();
-      at::parallel_for(0, B * N, row_grain(N * D), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / N, i = r % N;
-          core::sqdist_rows_direct(xp + b * N * D, dp + b * N * N, N, D, i, i + 1);
+  const bool need_d2_rows = p.density || p.delta || p.scope;
+  Out o;
+  if (p.density) o.density = at::empty({B, N}, x.options());
+  if (p.delta) {
+    o.delta = at::empty({B, N}, x.options());
+    o.parent = at::empty({B, N}, x.options().dtype(at::kLong));
+    if (p.density) o.score = at::empty({B, N}, x.options());
+  }
+  if (p.scope) {
+    o.masks = at::empty({B, p.T + 1, N}, x.options());
+    o.seeds = at::empty({B, p.T}, x.options().dtype(at::kLong));
+    o.num = at::empty({B}, x.options().dtype(at::kLong));
+    o.seed_d2 = at::empty({B, p.T, N}, x.options());
+  }
+  if (!need_d2_rows || B == 0 || N == 0) return o;
+  const bool gram = D > core::kDirectMaxD;
+  const int64_t threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "setok_pipeline_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (B >= threads) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        Tensor buf = at::empty({N, N}, x.options());
+        std::vector<scalar_t> sq(N), scratch(p.k > 64 ? N : 0), scope(N);
+        for (int64_t b = begin; b < end; ++b) {
+          const bool* vb = valid_ptr(valid, b, N);
+          if (gram) {
+            Tensor xb = x[b];
+            at::mm_out(buf, xb, xb.t());  // single-threaded inside a parallel region
+            const scalar_t* g = buf.data_ptr<scalar_t>();
+            for (int64_t i = 0; i < N; ++i) sq[i] = g[i * N + i];
+          }
+          scalar_t* d2 = buf.data_ptr<scalar_t>();
+          image_after_gram<scalar_t>(p, xp + b * N * D, d2, sq.data(), vb, N, D, b, o, 0, N, scratch);
+          image_tail<scalar_t>(p, d2, vb, N, b, o, 0, N);
+          if (p.scope) image_scope<scalar_t>(p, d2, vb, N, b, o, scope);
         }
       });
-    });
-    return d2;
-  }
-  Tensor g = at::bmm(x, x.transpose(1, 2));  // the one GEMM of the pipeline
-  Tensor sq = g.diagonal(0, 1, 2).contiguous();  // (B, N), read before rows are rewritten
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "setok_sqdist_gram", [&] {
-    scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* sp = sq.data_ptr<scalar_t>();
+      return;
+    }
+    Tensor d2t = gram ? at::bmm(x, x.transpose(1, 2)) : at::empty({B, N, N}, x.options());
+    Tensor sqt = gram ? d2t.diagonal(0, 1, 2).contiguous() : Tensor();
+    scalar_t* d2 = d2t.data_ptr<scalar_t>();
+    const scalar_t* sq = gram ? sqt.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(p.k > 64 ? N : 0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / N, i = r % N;
-        core::sqdist_rows_from_gram(gp + b * N * N, sp + b * N, N, D, i, i + 1);
+        image_after_gram<scalar_t>(p, xp + b * N * D, d2 + b * N * N, gram ? const_cast<scalar_t*>(sq) + b * N : nullptr,
+                                   valid_ptr(valid, b, N), N, D, b, o, i, i + 1, scratch);
       }
     });
+    if (p.delta) {
+      at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / N, i = r % N;
+          image_tail<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, i, i + 1);
+        }
+      });
+    }
+    if (p.scope) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> scope(N);
+        for (int64_t b = begin; b < end; ++b)
+          image_scope<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, scope);
+      });
+    }
   });
-  return g;
-}
-
-std::vector<int64_t> valid_counts(const optional<Tensor>& valid, int64_t B, int64_t N) {
-  std::vector<int64_t> n(B, N);
-  if (valid.has_value())
-    for (int64_t b = 0; b < B; ++b) n[b] = core::count_valid(valid->data_ptr<bool>() + b * N, N);
-  return n;
-}
-
-Tensor density_cpu(const Tensor& d2, int64_t k, const optional<Tensor>& valid) {
-  const int64_t B = d2.size(0), N = d2.size(1);
-  Tensor density = at::empty({B, N}, d2.options());
-  const auto nv = valid_counts(valid, B, N);
-  AT_DISPATCH_FLOATING_TYPES(d2.scalar_type(), "setok_knn_density", [&] {
-    const scalar_t* dp = d2.data_ptr<scalar_t>();
-    scalar_t* out = density.data_ptr<scalar_t>();
-    at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(k > 64 ? N : 0);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / N, i = r % N;
-        core::knn_density_rows(dp + b * N * N, valid_ptr(valid, b, N), N, k, nv[b], out + b * N, i, i + 1,
-                               scratch.data());
-      }
-    });
-  });
-  return density;
-}
-
-std::tuple<Tensor, Tensor> delta_cpu(const Tensor& d2, const Tensor& density, const optional<Tensor>& valid) {
-  const int64_t B = d2.size(0), N = d2.size(1);
-  Tensor delta = at::empty({B, N}, d2.options());
-  Tensor parent = at::empty({B, N}, d2.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(d2.scalar_type(), "setok_delta", [&] {
-    const scalar_t* dp = d2.data_ptr<scalar_t>();
-    const scalar_t* den = density.data_ptr<scalar_t>();
-    scalar_t* dl = delta.data_ptr<scalar_t>();
-    int64_t* pa = parent.data_ptr<int64_t>();
-    at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / N, i = r % N;
-        core::delta_rows(dp + b * N * N, den + b * N, valid_ptr(valid, b, N), N, dl + b * N, pa + b * N, i,
-                         i + 1);
-      }
-    });
-  });
-  return {delta, parent};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> scope_cpu(const Tensor& d2, const Tensor& score, double bandwidth,
-                                                     int64_t T, bool hard, double min_scope,
-                                                     optional<double> threshold, const optional<Tensor>& valid) {
-  const int64_t B = d2.size(0), N = d2.size(1);
-  Tensor masks = at::empty({B, T + 1, N}, d2.options());
-  Tensor seeds = at::empty({B, T}, d2.options().dtype(at::kLong));
-  Tensor num = at::empty({B}, d2.options().dtype(at::kLong));
-  Tensor seed_d2 = at::empty({B, T, N}, d2.options());
-  AT_DISPATCH_FLOATING_TYPES(d2.scalar_type(), "setok_scope", [&] {
-    const scalar_t* dp = d2.data_ptr<scalar_t>();
-    const scalar_t* sc = score.data_ptr<scalar_t>();
-    scalar_t* mp = masks.data_ptr<scalar_t>();
-    int64_t* sp = seeds.data_ptr<int64_t>();
-    int64_t* np = num.data_ptr<int64_t>();
-    scalar_t* sdp = seed_d2.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scope(N);
-      for (int64_t b = begin; b < end; ++b) {
-        np[b] = core::scope_loop(dp + b * N * N, sc + b * N, valid_ptr(valid, b, N), N, T, bandwidth, hard,
-                                 min_scope, threshold.has_value(), threshold.value_or(0.0),
-                                 mp + b * (T + 1) * N, sp + b * T, sdp + b * T * N, scope.data());
-      }
-    });
-  });
-  return {masks, seeds, num, seed_d2};
+  return o;
 }
 
 // ---- ops ----------------------------------------------------------------------------
@@ -134,40 +165,54 @@ Tensor knn_density(const Tensor& x, int64_t k, const optional<Tensor>& valid_in)
   check_x(x);
   check_valid(valid_in, x);
   TORCH_CHECK(k >= 1, "setok: k must be >= 1, got ", k);
-  auto valid = contiguous_valid(valid_in);
-  return density_cpu(sqdist_cpu(x), k, valid);
+  Plan p;
+  p.density = true;
+  p.k = k;
+  return run_pipeline(x, contiguous_valid(valid_in), p).density;
 }
 
-std::tuple<Tensor, Tensor> delta_distance(const Tensor& x, const Tensor& density, const optional<Tensor>& valid_in) {
+std::tuple<Tensor, Tensor> delta_distance(const Tensor& x, const Tensor& density_in, const optional<Tensor>& valid_in) {
   check_x(x);
-  check_bn("density", density, x);
+  check_bn("density", density_in, x);
   check_valid(valid_in, x);
-  auto valid = contiguous_valid(valid_in);
-  return delta_cpu(sqdist_cpu(x), density.to(x.scalar_type()).contiguous(), valid);
+  Tensor density = density_in.to(x.scalar_type()).contiguous();
+  Plan p;
+  p.delta = true;
+  p.density_in = &density;
+  Out o = run_pipeline(x, contiguous_valid(valid_in), p);
+  return {o.delta, o.parent};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dpc_scores(const Tensor& x, int64_t k, const optional<Tensor>& valid_in) {
   check_x(x);
   check_valid(valid_in, x);
   TORCH_CHECK(k >= 1, "setok: k must be >= 1, got ", k);
-  auto valid = contiguous_valid(valid_in);
-  Tensor d2 = sqdist_cpu(x);
-  Tensor density = density_cpu(d2, k, valid);
-  auto [delta, parent] = delta_cpu(d2, density, valid);
-  return {density, delta, parent, density * delta};
+  Plan p;
+  p.density = p.delta = true;
+  p.k = k;
+  Out o = run_pipeline(x, contiguous_valid(valid_in), p);
+  return {o.density, o.delta, o.parent, o.score};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> scope_cluster(const Tensor& x, const Tensor& score, double bandwidth,
+std::tuple<Tensor, Tensor, Tensor, Tensor> scope_cluster(const Tensor& x, const Tensor& score_in, double bandwidth,
                                                          int64_t max_clusters, bool hard, double min_scope,
                                                          optional<double> score_threshold,
                                                          const optional<Tensor>& valid_in) {
   check_x(x);
-  check_bn("score", score, x);
+  check_bn("score", score_in, x);
   check_valid(valid_in, x);
   check_scope_args(bandwidth, max_clusters, min_scope);
-  auto valid = contiguous_valid(valid_in);
-  return scope_cpu(sqdist_cpu(x), score.to(x.scalar_type()).contiguous(), bandwidth, max_clusters, hard, min_scope,
-                   score_threshold, valid);
+  Tensor score = score_in.to(x.scalar_type()).contiguous();
+  Plan p;
+  p.scope = true;
+  p.score_in = &score;
+  p.bandwidth = bandwidth;
+  p.T = max_clusters;
+  p.hard = hard;
+  p.min_scope = min_scope;
+  p.threshold = score_threshold;
+  Out o = run_pipeline(x, contiguous_valid(valid_in), p);
+  return {o.masks, o.seeds, o.num, o.seed_d2};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dpc_cluster(
@@ -177,14 +222,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dpc_c
   check_valid(valid_in, x);
   TORCH_CHECK(k >= 1, "setok: k must be >= 1, got ", k);
   check_scope_args(bandwidth, max_clusters, min_scope);
-  auto valid = contiguous_valid(valid_in);
-  Tensor d2 = sqdist_cpu(x);
-  Tensor density = density_cpu(d2, k, valid);
-  auto [delta, parent] = delta_cpu(d2, density, valid);
-  Tensor score = density * delta;
-  auto [masks, seeds, num, seed_d2] = scope_cpu(d2, score, bandwidth, max_clusters, hard, min_scope,
-                                                score_threshold, valid);
-  return {density, delta, parent, score, masks, seeds, num, seed_d2};
+  Plan p;
+  p.density = p.delta = p.scope = true;
+  p.k = k;
+  p.bandwidth = bandwidth;
+  p.T = max_clusters;
+  p.hard = hard;
+  p.min_scope = min_scope;
+  p.threshold = score_threshold;
+  Out o = run_pipeline(x, contiguous_valid(valid_in), p);
+  return {o.density, o.delta, o.parent, o.score, o.masks, o.seeds, o.num, o.seed_d2};
 }
 
 Tensor scope_cluster_backward(const Tensor& grad_masks_in, const Tensor& x, const Tensor& seeds,

@@ -1,0 +1,157 @@
+// C++ tests of csrc/core against brute-force definitions (SPEC section 2), no torch.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "core/dpc_cpu.h"
+
+using namespace setok::core;
+
+static int failures = 0;
+#define CHECK(cond, ...)                                  \
+  do {                                                    \
+    if (!(cond)) {                                        \
+      ++failures;                                         \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
+      std::printf(__VA_ARGS__);                           \
+      std::printf("\n");                                  \
+    }                                                     \
+  } while (0)
+
+static std::vector<double> random_x(int N, int D, unsigned seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<double> n(0.0, 1.0);
+  std::vector<double> x(N * D);
+  for (auto& v : x) v = n(g);
+  return x;
+}
+
+static double brute_d2(const std::vector<double>& x, int D, int i, int j) {
+  double s = 0;
+  for (int c = 0; c < D; ++c) s += (x[i * D + c] - x[j * D + c]) * (x[i * D + c] - x[j * D + c]);
+  return s / D;
+}
+
+static void test_sqdist(int N, int D) {
+  auto x = random_x(N, D, 1 + N + D);
+  std::vector<double> direct(N * N), gram(N * N), sq(N);
+  sqdist_rows_direct(x.data(), direct.data(), N, D, 0, N);
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      double s = 0;
+      for (int c = 0; c < D; ++c) s += x[i * D + c] * x[j * D + c];
+      gram[i * N + j] = s;
+    }
+  for (int i = 0; i < N; ++i) sq[i] = gram[i * N + i];
+  sqdist_rows_from_gram(gram.data(), sq.data(), N, D, 0, N);
+  for (int i = 0; i < N; ++i) {
+    CHECK(direct[i * N + i] == 0.0 && gram[i * N + i] == 0.0, "diagonal not exactly 0");
+    for (int j = 0; j < N; ++j) {
+      const double want = brute_d2(x, D, i, j);
+      CHECK(std::fabs(direct[i * N + j] - want) < 1e-12, "direct d2 (%d,%d)", i, j);
+      CHECK(std::fabs(gram[i * N + j] - want) < 1e-9 && gram[i * N + j] >= 0, "gram d2 (%d,%d)", i, j);
+    }
+  }
+}
+
+static void test_density_delta(int N, int D, int k, bool with_padding) {
+  auto x = random_x(N, D, 7 + N * k);
+  std::vector<double> d2(N * N);
+  sqdist_rows_direct(x.data(), d2.data(), N, D, 0, N);
+  std::vector<char> vbuf(N, 1);
+  if (with_padding)
+    for (int i = 0; i < N; i += 3) vbuf[i] = 0;
+  std::vector<bool> vb(vbuf.begin(), vbuf.end());
+  bool valid[512];
+  for (int i = 0; i < N; ++i) valid[i] = vbuf[i];
+  const bool* vp = with_padding ? valid : nullptr;
+  const int64_t nv = count_valid(vp, N);
+  std::vector<double> dens(N), scratch(N), delta(N);
+  std::vector<int64_t> parent(N);
+  knn_density_rows(d2.data(), vp, N, k, nv, dens.data(), 0, N, scratch.data());
+  delta_rows(d2.data(), dens.data(), vp, N, delta.data(), parent.data(), 0, N);
+  for (int i = 0; i < N; ++i) {
+    if (!valid[i] && with_padding) {
+      CHECK(dens[i] == 0 && delta[i] == 0 && parent[i] == i, "padding row %d", i);
+      continue;
+    }
+    std::vector<double> row;
+    for (int j = 0; j < N; ++j)
+      if (!with_padding || valid[j]) row.push_back(d2[i * N + j]);
+    std::sort(row.begin(), row.end());
+    const int ke = std::min<int64_t>(k, row.size());
+    double s = 0;
+    for (int t = 0; t < ke; ++t) s += row[t];
+    CHECK(std::fabs(dens[i] - std::exp(-s / ke)) < 1e-12, "density %d", i);
+    // brute-force delta
+    double best = INFINITY, mx = 0;
+    int bj = -1;
+    for (int j = 0; j < N; ++j) {
+      if (with_padding && !valid[j]) continue;
+      mx = std::max(mx, d2[i * N + j]);
+      const bool denser = dens[j] > dens[i] || (dens[j] == dens[i] && j < i);
+      if (denser && d2[i * N + j] < best) {
+        best = d2[i * N + j];
+        bj = j;
+      }
+    }
+    CHECK(parent[i] == (bj < 0 ? i : bj), "parent %d", i);
+    CHECK(std::fabs(delta[i] - std::sqrt(bj < 0 ? mx : best)) < 1e-12, "delta %d", i);
+  }
+}
+
+static void test_scope(int N, int D, int T, bool hard) {
+  auto x = random_x(N, D, 99 + N);
+  std::vector<double> d2(N * N), score(N), masks((T + 1) * N), seed_d2(T * N), scope(N);
+  std::vector<int64_t> seeds(T);
+  sqdist_rows_direct(x.data(), d2.data(), N, D, 0, N);
+  std::mt19937 g(3);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (auto& s : score) s = u(g);
+  const int64_t n = scope_loop(d2.data(), score.data(), nullptr, N, T, 0.8, hard, 0.0, false, 0.0, masks.data(),
+                               seeds.data(), seed_d2.data(), scope.data());
+  CHECK(n >= 1 && n <= T, "num clusters %lld", (long long)n);
+  // seed 0 is the argmax of the scores
+  CHECK(seeds[0] == std::max_element(score.begin(), score.end()) - score.begin(), "first seed");
+  for (int i = 0; i < N; ++i) {
+    double s = 0;
+    for (int t = 0; t <= T; ++t) s += masks[t * N + i];
+    CHECK(std::fabs(s - 1.0) < 1e-12, "masks of point %d sum to %f", i, s);
+  }
+  for (int t = n; t < T; ++t) CHECK(seeds[t] == -1, "seed after stop");
+  // backward against central differences of the scalar recursion in d2
+  std::vector<double> gm((T + 1) * N), gd2(T * N);
+  for (auto& v : gm) v = u(g) - 0.5;
+  scope_backward_rows(gm.data(), seed_d2.data(), nullptr, N, T, n, 0.8, false, gd2.data(), 0, N);
+  if (!hard) {
+    const double bw2 = 0.64, inv = 1 / bw2;
+    for (int i = 0; i < std::min(N, 5); ++i)
+      for (int t = 0; t < n; ++t) {
+        auto loss = [&](double delta_d2) {
+          double s = 1, L = 0;
+          for (int u2 = 0; u2 < n; ++u2) {
+            const double a = alpha_soft(seed_d2[u2 * N + i] + (u2 == t ? delta_d2 : 0.0), inv);
+            L += gm[u2 * N + i] * s * a;
+            s = s * (1 - a);
+          }
+          return L + gm[n * N + i] * s;
+        };
+        const double num = (loss(1e-6) - loss(-1e-6)) / 2e-6;
+        CHECK(std::fabs(num - gd2[t * N + i]) < 1e-6, "backward (%d,%d): %g vs %g", i, t, num, gd2[t * N + i]);
+      }
+  }
+}
+
+int main() {
+  for (int N : {1, 2, 7, 33})
+    for (int D : {1, 3, 40}) test_sqdist(N, D);
+  for (int N : {1, 7, 50})
+    for (int k : {1, 5, 70})
+      for (bool pad : {false, true}) test_density_delta(N, 4, k, pad);
+  for (bool hard : {false, true}) test_scope(40, 3, 8, hard);
+  std::printf("%s (%d failures)\n", failures ? "FAILED" : "all core tests passed", failures);
+  return failures ? 1 : 0;
+}
