@@ -59,8 +59,8 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 def peak_memory_mb(B: int, N: int, D: int, backend: str, device: str = "cpu") -> float:
     """Peak memory the pipeline needs above its input, in MiB.
 
-    CUDA: the caching allocator's peak. CPU: measured in a fresh process as the growth of
-    the resident-set high-water mark over one call (large blocks are mmap'ed and returned
+    CUDA: the caching allocator's peak. CPU: measured in a fresh process as the resident-set
+    high-water mark during one call (reset just before it) minus the resident set before it (large blocks are mmap'ed and returned
     on free, so this tracks what the pipeline holds at its peak).
     """
     if device == "cuda":
@@ -77,13 +77,17 @@ def peak_memory_mb(B: int, N: int, D: int, backend: str, device: str = "cpu") ->
     import sys
 
     code = (
-        "import resource, torch\n"
+        "import torch\n"
         "from setok_cli.bench.kernels import pipeline\n"
+        "def kb(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key): return int(line.split()[1])\n"
         f"x = torch.randn({B}, {N}, {D})\n"
         f"pipeline(torch.randn(1, 8, {D}), {backend!r})\n"  # load kernels / lazy init first
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"  # reset the high-water mark
+        "base = kb('VmRSS:')\n"
         f"pipeline(x, {backend!r})\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+        "print((kb('VmHWM:') - base) / 1024)\n"
     )
     import os
 
