@@ -329,9 +329,7 @@ def test_torch_compile_fullgraph():
         return masks[:, 0].sum() + 0.5 * masks[:, 1].sum() + num.sum(), seeds
 
     torch._dynamo.reset()
-    # aot_eager traces with the fake kernels and the registered autograd (inductor would
-    # add only codegen around our opaque ops, at ~20 s of compile time)
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    cf = torch.compile(f, fullgraph=True)  # inductor: fake kernels, autograd and codegen around the ops
     x = torch.randn(2, 30, 8, requires_grad=True)
     valid = torch.ones(2, 30, dtype=torch.bool)
     valid[1, 20:] = False
