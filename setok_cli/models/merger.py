@@ -1,0 +1,192 @@
+"""The cluster merger (paper section 2.1): one token per cluster.
+
+    X_i = PE(X) * M_i + X * M_i           (2-D sin-cos PE, after a Linear to the width d)
+    L blocks of (2-head self-attention, FFN; pre-norm residual) within each cluster
+    average pooling over the cluster      -> one vector per cluster
+    L' blocks across the cluster tokens of an image
+    LayerNorm, Linear to token_dim
+
+Hard masks (hard / threshold / fixed modes): the clusters of all images are packed into
+one ragged sequence (patches sorted by (image, token)) and attend with
+`varlen_attention`, whose cost grows with the sum of the squared cluster sizes. Soft
+masks: every cluster attends over all N patches of its image, each key weighted by the
+mask (log M_i added to the logits), and pools with the mask as weights; with 0/1 masks
+that is exactly the hard computation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .position import sincos_2d
+
+MIN_BUCKET = 8  # clusters up to this size share one padded batch
+
+
+def varlen_plan(cu_seqlens: Tensor, total: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """How varlen_attention batches the packed sequences; build once, reuse in every block.
+
+    Sequences are bucketed by their length rounded up to a power of two (at least
+    MIN_BUCKET); each bucket becomes one dense padded batch, so the work is at most 4x the
+    sum of squared lengths and there are at most log2(max length) buckets, however many
+    sequences there are. -> per bucket: idx (C, cap) rows to gather, inside (C, cap) bool,
+    rows (M,) = idx[inside], the packed rows the bucket writes.
+    """
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    starts = cu_seqlens[:-1]
+    keep = lens > 0
+    lens, starts = lens[keep], starts[keep]
+    plan = []
+    if lens.numel() == 0:
+        return plan
+    caps = torch.clamp(2 ** torch.ceil(torch.log2(lens.double())).long(), min=MIN_BUCKET)
+    for cap in torch.unique(caps).tolist():  # <= log2(N) buckets
+        sel = caps == cap
+        L, S0 = lens[sel], starts[sel]  # (C,)
+        cap = min(cap, int(L.max()))
+        pos = torch.arange(cap, device=cu_seqlens.device).view(1, cap)
+        inside = pos < L.view(-1, 1)  # (C, cap)
+        idx = (S0.view(-1, 1) + pos).clamp(max=total - 1)  # clamped rows are masked out
+        plan.append((idx, inside, idx[inside]))
+    return plan
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, plan=None) -> Tensor:
+    """Attention within each of the packed sequences (the flash-attn varlen interface).
+
+    q, k, v: (P, H, hd); sequence s = rows cu_seqlens[s]:cu_seqlens[s+1]. -> (P, H, hd).
+    See varlen_plan for the batching; pass a plan to reuse it across layers.
+    """
+    P = q.shape[0]
+    if plan is None:
+        plan = varlen_plan(cu_seqlens, P)
+    qkv = torch.stack([q, k, v], 1)  # (P, 3, H, hd): one gather per bucket
+    out = q.new_empty(q.shape)
+    for idx, inside, rows in plan:
+        C, cap = idx.shape
+        g = qkv[idx].permute(2, 0, 3, 1, 4)  # (3, C, H, cap, hd)
+        o = F.scaled_dot_product_attention(g[0], g[1], g[2], attn_mask=inside.view(C, 1, 1, cap))
+        out[rows] = o.transpose(1, 2)[inside]  # (M, H, hd)
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"merger width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def packed(self, x: Tensor, cu_seqlens: Tensor, plan=None) -> Tensor:
+        """x: (P, d) packed sequences -> (P, d)."""
+        P, d = x.shape
+        q, k, v = self.qkv(x).view(P, 3, self.heads, d // self.heads).unbind(1)
+        return self.proj(varlen_attention(q, k, v, cu_seqlens, plan).reshape(P, d))
+
+    def dense(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """x: (S, L, d); bias: (S, L) additive key bias (or bool keep mask) -> (S, L, d)."""
+        S, L, d = x.shape
+        qkv = self.qkv(x).view(S, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if bias is None else bias.view(S, 1, 1, L)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+        return self.proj(o.transpose(1, 2).reshape(S, L, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def packed(self, x: Tensor, cu_seqlens: Tensor, plan=None) -> Tensor:
+        x = x + self.attn.packed(self.norm1(x), cu_seqlens, plan)
+        return x + self.mlp(self.norm2(x))
+
+    def dense(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn.dense(self.norm1(x), bias)
+        return x + self.mlp(self.norm2(x))
+
+
+class ClusterMerger(nn.Module):
+    """features (B, N, in_dim) + masks (B, K, N) -> tokens (B, K, token_dim)."""
+
+    def __init__(self, in_dim: int, dim: int = 256, token_dim: int = 256, depth: int = 2, cross_depth: int = 2,
+                 heads: int = 2, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.dim = dim
+        self.in_proj = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.cross = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(cross_depth))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, token_dim)
+
+    def embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """in_proj(X) + PE: (B, N, in_dim) -> (B, N, d)."""
+        h, w = grid
+        pe = sincos_2d(self.dim, h, w, device=x.device, dtype=torch.float32).view(1, h * w, self.dim)
+        return self.in_proj(x.float()) + pe
+
+    def forward(self, x: Tensor, masks: Tensor, labels: Tensor, num_tokens: Tensor, grid: tuple[int, int],
+                hard: bool = True) -> Tensor:
+        """x: (B, N, in_dim) encoder features; masks: (B, K, N); labels: (B, N) (-1 invalid);
+        num_tokens: (B,). -> tokens (B, K, token_dim), rows past num_tokens zero."""
+        B, K, N = masks.shape
+        e = self.embed(x, grid)  # (B, N, d)
+        u = self.pool_packed(e, masks, labels) if hard else self.pool_soft(e, masks)  # (B, K, d)
+        token_mask = torch.arange(K, device=x.device).view(1, K) < num_tokens.view(B, 1)
+        for blk in self.cross:
+            u = blk.dense(u, token_mask)
+        t = self.out(self.norm(u))
+        return t * token_mask.unsqueeze(-1).to(t.dtype)
+
+    def pool_packed(self, e: Tensor, masks: Tensor, labels: Tensor) -> Tensor:
+        """Hard masks: every cluster of every image in one packed varlen pass. -> (B, K, d)"""
+        B, K, N = masks.shape
+        d = e.shape[-1]
+        valid = labels >= 0
+        lab = labels.clamp_min(0)
+        # each patch's own mask value: 1 in the forward pass, carries the clustering gradient
+        m = masks.gather(1, lab.unsqueeze(1)).squeeze(1) * valid.to(masks.dtype)  # (B, N)
+        xm = e * m.unsqueeze(-1)  # X_i = (X + PE) * M_i on the cluster's own patches
+        seg = (torch.arange(B, device=e.device).view(B, 1) * K + lab)  # (B, N) global cluster id
+        seg = torch.where(valid, seg, torch.full_like(seg, B * K))  # invalid: sorts last
+        order = torch.argsort(seg.view(-1), stable=True)  # raster order within a cluster
+        P = int(valid.sum())
+        order = order[:P]
+        seg_p = seg.view(-1)[order]
+        lens = torch.bincount(seg_p, minlength=B * K)  # (B*K,)
+        cu = F.pad(torch.cumsum(lens, 0), (1, 0))
+        h = xm.reshape(B * N, d)[order]  # (P, d)
+        plan = varlen_plan(cu, P)
+        for blk in self.blocks:
+            h = blk.packed(h, cu, plan)
+        summed = torch.zeros(B * K, d, device=e.device, dtype=h.dtype).index_add_(0, seg_p, h)
+        return (summed / lens.clamp_min(1).unsqueeze(-1).to(h.dtype)).view(B, K, d)
+
+    def pool_soft(self, e: Tensor, masks: Tensor) -> Tensor:
+        """Soft masks: cluster i attends over all patches with keys weighted by M_i. -> (B, K, d)"""
+        B, K, N = masks.shape
+        d = e.shape[-1]
+        m = masks.float()
+        xm = (e.unsqueeze(1) * m.unsqueeze(-1)).reshape(B * K, N, d)  # (B*K, N, d)
+        has = m > 0
+        empty = ~has.any(-1)  # padded token rows
+        bias = torch.where(has, m.clamp_min(1e-30).log(), torch.full_like(m, -math.inf))
+        bias = torch.where(empty.unsqueeze(-1), torch.zeros_like(bias), bias).reshape(B * K, N)
+        h = xm
+        for blk in self.blocks:
+            h = blk.dense(h, bias)
+        w = m.reshape(B * K, N, 1)
+        u = (h * w).sum(1) / w.sum(1).clamp_min(1e-12)
+        return u.view(B, K, d)
