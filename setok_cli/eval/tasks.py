@@ -1,0 +1,420 @@
+"""One function per `setok eval` task: read a SPEC data file (and a prediction file),
+return a flat dict of metrics. Every function is usable from Python.
+
+Prediction files are JSON lists; paths inside are relative to the prediction file. An
+entry names the data entry it answers either by `"index"` (position in the data list;
+for vqa, in the list of questions, which is the same for single-turn entries) or by the
+keys below; data entries without a prediction count as wrong and are reported as
+`missing`; predictions for entries not in the data are ignored.
+
+    vqa       {"question_id": id, "answer": str}   id = the instruct entry's "id" (its
+              index when it has none); for multi-turn entries "<id>/<turn>" (turn 0, 1..)
+    caption   {"image": path, "caption": str}       matched by image file name
+    segment   {"image": path, "expression": str, "mask": png}   by (file name, expression)
+    generate  {"caption" or "prompt": str, "image": png}        by caption text
+    edit      {"source": path, "instruction": str, "image": png} by (file name, instruction)
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..data import formats
+from ..errors import UserError
+from . import metrics as M
+
+TASKS = ("tokenizer", "vqa", "caption", "segment", "generate", "edit")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def load_image(path: str, mode: str = "RGB") -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def load_ids(path: str) -> np.ndarray:
+    """An instance or mask PNG as a 2-D integer array (values kept, not converted)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read mask {path}: {e}") from None
+    return a[..., 0] if a.ndim == 3 else a
+
+
+def load_scene(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read scene {path}: {e}") from None
+
+
+def read_predictions(path, required: dict[str, str], alternatives: dict[str, tuple[str, ...]] | None = None,
+                     paths: tuple[str, ...] = (), match_keys: tuple[str, ...] = ()) -> list[dict]:
+    """Validated prediction entries, path keys made absolute. `required` maps key ->
+    description; `alternatives` maps a required key to other accepted names;
+    `match_keys` only identify the data entry, so an entry with "index" may omit them."""
+    if path is None:
+        raise UserError("this task needs --pred JSON (the model's predictions)")
+    p = Path(path)
+    data = formats.read_json_list(p)
+    base = p.resolve().parent
+    out = []
+    for i, e in enumerate(data):
+        if not isinstance(e, dict):
+            raise UserError(f"{p}: entry {i}: expected a JSON object, found {type(e).__name__}")
+        e = dict(e)
+        for key, desc in required.items():
+            names = (key,) + (alternatives or {}).get(key, ())
+            found = next((n for n in names if n in e), None)
+            if found is None:
+                if key in match_keys and "index" in e:
+                    continue
+                raise UserError(f"{p}: entry {i}: missing key '{key}' ({desc})")
+            e[key] = e[found]
+        if "index" in e and not (isinstance(e["index"], int) and not isinstance(e["index"], bool)):
+            raise UserError(f"{p}: entry {i}: key 'index' must be an integer")
+        for k in paths:
+            if k in e:
+                if not isinstance(e[k], str):
+                    raise UserError(f"{p}: entry {i}: key '{k}' must be a path string")
+                e[k] = str((base / e[k]).resolve())
+        out.append(e)
+    return out
+
+
+def _index(preds: list[dict], keys: list, pred_key_of) -> list[dict | None]:
+    """Align predictions to data entries (whose match keys are `keys`): by "index" or by
+    `pred_key_of(prediction)`. Returns, per data entry, its prediction or None."""
+    n = len(keys)
+    by_key = {k: i for i, k in reversed(list(enumerate(keys)))}
+    out: list[dict | None] = [None] * n
+    for j, p in enumerate(preds):
+        if "index" in p:
+            i = p["index"]
+            if not 0 <= i < n:
+                raise UserError(f"--pred entry {j}: index {i} is outside the data (0..{n - 1})")
+        else:
+            i = by_key.get(pred_key_of(p))
+            if i is None:
+                continue  # a prediction for something not in --data: ignored
+        out[i] = p
+    return out
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _name(path: str) -> str:
+    return Path(path).name
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def eval_tokenizer(data: str, tokenizer=None, model=None, encoder=None, mode=None, k=None, bandwidth=None,
+                   max_tokens=None, batch_size: int = 16, limit: int | None = None, progress: bool = False) -> dict:
+    """FG-ARI, mBO and token counts of a tokenizer on objects (or pairs with instances).
+
+    FG-ARI: the instance PNG is resampled to the tokenizer's patch grid by a majority
+    vote of 4 x 4 sample points per patch; ARI between token labels and instance ids over
+    patches whose id is > 0, averaged over images. mBO: token labels are upsampled to
+    pixels (nearest patch); for each object the best IoU with any token region (the
+    background's tokens included as candidates); mean over all objects of all images.
+    mBO_grid: the same on the patch grid against the resampled instances (objects
+    smaller than a patch drop out), which separates clustering quality from the grid's
+    resolution limit.
+    """
+    from PIL import Image
+
+    kind, entries = formats.load_kind(data, ("objects", "pairs"))
+    entries = [e for e in entries if "instances" in e]
+    if not entries:
+        raise UserError(f"{data} has no entries with 'instances' (instance PNGs are needed for FG-ARI and mBO)")
+    if limit is not None:
+        entries = entries[:limit]
+    if tokenizer is None:
+        try:
+            from ..models.setok import load_tokenizer
+        except ImportError as e:
+            raise UserError(f"the SeTok tokenizer is not available in this install ({e})") from None
+        overrides = {k_: v for k_, v in dict(model=model, encoder=encoder, mode=mode, k=k, bandwidth=bandwidth,
+                                             max_tokens=max_tokens).items() if v is not None}
+        tokenizer = load_tokenizer(**overrides)
+
+    aris, overlaps, overlaps_grid, tokens, n_objects = [], [], [], [], 0
+    grid = None
+    seconds = 0.0
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("tokenize", total=len(entries))
+    try:
+        for b in range(0, len(entries), batch_size):
+            batch = entries[b:b + batch_size]
+            images = [Image.fromarray(load_image(e["image"])) for e in batch]
+            t = time.perf_counter()
+            out = tokenizer.tokenize(images)
+            seconds += time.perf_counter() - t
+            labels = _np(out.labels)
+            num = _np(out.num_tokens).reshape(-1)
+            grid = tuple(int(g) for g in (out.grid if getattr(out, "grid", None) is not None else labels.shape[1:]))
+            for i, e in enumerate(batch):
+                ids = load_ids(e["instances"])
+                lab = labels[i]
+                ids_g = M.resample_ids(ids, lab.shape)
+                aris.append(M.fg_ari(lab, ids_g))
+                overlaps += M.best_overlap(M.upsample_labels(lab, ids.shape), ids)
+                overlaps_grid += M.best_overlap(lab, ids_g)
+                tokens.append(int(num[i]))
+                n_objects += int(len(np.unique(ids[ids > 0])))
+            if bar is not None:
+                bar.advance(task, len(batch))
+    finally:
+        if bar is not None:
+            bar.stop()
+    return {"task": "tokenizer", "data": str(data), "images": len(entries), "objects": n_objects,
+            "fg_ari": _mean(aris), "mbo": _mean(overlaps), "mbo_grid": _mean(overlaps_grid),
+            "tokens_per_image": float(np.mean(tokens)), "tokens_per_object": sum(tokens) / max(1, n_objects),
+            "objects_per_image": n_objects / len(entries), "grid": list(grid) if grid else None,
+            "images_per_s": len(entries) / seconds if seconds > 0 else None}
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------- vqa
+
+def vqa_questions(entries: list[dict]) -> list[dict]:
+    """Flatten instruct entries into questions {"id", "type", "question", "answer"}."""
+    qs = []
+    for i, e in enumerate(entries):
+        conv = e["conversations"]
+        turns = [(conv[t]["value"], conv[t + 1]["value"]) for t in range(len(conv) - 1)
+                 if conv[t]["from"] == "human" and conv[t + 1]["from"] == "gpt"]
+        base = str(e.get("id", i))
+        for t, (q, a) in enumerate(turns):
+            qs.append({"id": base if len(turns) == 1 else f"{base}/{t}", "type": e.get("type", "all"),
+                       "question": q.replace("<image>", "").strip(), "answer": a, "entry": i})
+    return qs
+
+
+def eval_vqa(data: str, pred: str) -> dict:
+    """Exact match after `normalize_answer`, overall and per question type."""
+    entries = formats.load(data, "instruct", check_files=False)
+    qs = vqa_questions(entries)
+    preds = read_predictions(pred, {"question_id": "the instruct entry's id", "answer": "the model's answer"},
+                             {"question_id": ("id",)}, match_keys=("question_id",))
+    by_id = {}
+    for j, p in enumerate(preds):
+        if "question_id" in p:
+            by_id[str(p["question_id"])] = p["answer"]
+        else:
+            i = p["index"]
+            if not 0 <= i < len(qs):
+                raise UserError(f"--pred entry {j}: index {i} is outside the questions (0..{len(qs) - 1})")
+            by_id[qs[i]["id"]] = p["answer"]
+    per_type: dict[str, list[bool]] = defaultdict(list)
+    missing = 0
+    for q in qs:
+        a = by_id.get(q["id"])
+        missing += a is None
+        per_type[q["type"]].append(a is not None and M.exact_match(str(a), q["answer"]))
+    allc = [c for v in per_type.values() for c in v]
+    out = {"task": "vqa", "data": str(data), "questions": len(qs), "missing": missing,
+           "accuracy": float(np.mean(allc)) if allc else None}
+    for t in sorted(per_type):
+        out[f"accuracy/{t}"] = float(np.mean(per_type[t]))
+    return out
+
+
+# ----------------------------------------------------------------------------- caption
+
+def _truth_objects(entry: dict, scene_key: str = "scene", caption_key: str = "caption") -> list[dict]:
+    """Objects of an entry: its scene graph, else the facts of its reference caption."""
+    scene = load_scene(entry.get(scene_key))
+    if scene is not None:
+        return scene["objects"]
+    facts = M.caption_facts(entry[caption_key])
+    counted = {(c, s): k for c, s, *k in [f for f in facts["counts"] if f[0] != "total"] for k in k}
+    objs = []
+    for c, s in sorted(facts["objects"]):
+        objs += [{"color": c, "shape": s}] * counted.get((c, s), 1)
+    return objs
+
+
+def eval_caption(data: str, pred: str) -> dict:
+    """Recall and precision of scene facts (objects, colours, shapes, counts) stated in
+    the captions, micro-averaged over the data set, per fact type and overall."""
+    entries = formats.load(data, "pairs", check_files=False)
+    preds = read_predictions(pred, {"image_key": "the image the caption is for", "caption": "the caption"},
+                             {"image_key": ("image",)}, paths=("image",), match_keys=("image_key",))
+    aligned = _index(preds, [_name(e["image"]) for e in entries], lambda p: _name(p["image_key"]))
+    tot = defaultdict(lambda: np.zeros(3, np.int64))
+    missing = 0
+    for e, p in zip(entries, aligned):
+        truth = M.scene_facts(_truth_objects(e))
+        missing += p is None
+        stated = M.caption_facts(p["caption"]) if p is not None else {}
+        for k, v in M.fact_scores(stated, truth).items():
+            tot[k] += v
+    out = {"task": "caption", "data": str(data), "captions": len(entries), "missing": missing}
+    allv = sum(tot.values())
+    out["recall"] = float(allv[0] / allv[2]) if allv[2] else None
+    out["precision"] = float(allv[0] / allv[1]) if allv[1] else None
+    for k, (hit, stated, true) in sorted(tot.items()):
+        out[f"recall/{k}"] = float(hit / true) if true else None
+        out[f"precision/{k}"] = float(hit / stated) if stated else None
+    return out
+
+
+# ----------------------------------------------------------------------------- segment
+
+def _binary(mask: np.ndarray) -> np.ndarray:
+    return mask > (127 if mask.max() > 1 else 0)
+
+
+def _resize_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if a.shape[:2] == tuple(shape):
+        return a
+    ys = np.minimum((np.arange(shape[0]) + 0.5) * a.shape[0] / shape[0], a.shape[0] - 1).astype(int)
+    xs = np.minimum((np.arange(shape[1]) + 0.5) * a.shape[1] / shape[1], a.shape[1] - 1).astype(int)
+    return a[ys][:, xs]
+
+
+def eval_segment(data: str, pred: str) -> dict:
+    """mIoU (mean of per-expression IoU), cIoU (total intersection / total union) and
+    precision at IoU 0.5. Predicted masks: PNG, foreground = value > 127 (or > 0 for a
+    0/1 mask), resized to the reference mask by nearest neighbour if needed."""
+    entries = formats.load(data, "referring", check_files=False)
+    preds = read_predictions(pred, {"image_key": "the image", "expression": "the referring expression",
+                                    "mask": "the predicted mask PNG"},
+                             {"image_key": ("image",)}, paths=("image", "mask"),
+                             match_keys=("image_key", "expression"))
+    aligned = _index(preds, [(_name(e["image"]), e["expression"]) for e in entries],
+                     lambda p: (_name(p["image_key"]), p["expression"]))
+    ious, inter, union, missing = [], 0, 0, 0
+    for e, p in zip(entries, aligned):
+        gt = _binary(load_ids(e["mask"]))
+        if p is None:
+            missing += 1
+            pm = np.zeros_like(gt)
+        else:
+            pm = _resize_nearest(_binary(load_ids(p["mask"])), gt.shape)
+        i, u = M.mask_stats(pm, gt)
+        inter, union = inter + i, union + u
+        ious.append(1.0 if u == 0 else i / u)
+    return {"task": "segment", "data": str(data), "expressions": len(entries), "missing": missing,
+            "miou": _mean(ious), "ciou": inter / union if union else None,
+            "precision@0.5": float(np.mean([x >= 0.5 for x in ious])) if ious else None}
+
+
+# ----------------------------------------------------------------------------- generate / edit
+
+def _norm_text(s: str) -> str:
+    return " ".join(str(s).lower().split())
+
+
+def eval_generate(data: str, pred: str) -> dict:
+    """Scene-parse accuracy of generated images against their captions: the parser's
+    objects are matched one to one with the caption's (colour, shape) objects (positions
+    are not in a caption, so not scored). object_recall = matched / true objects,
+    object_precision = matched / parsed objects, count_accuracy = the parsed count is
+    right, scene_accuracy = all objects right and nothing extra."""
+    entries = formats.load(data, "pairs", check_files=False)
+    preds = read_predictions(pred, {"caption": "the prompt", "image": "the generated PNG"},
+                             {"caption": ("prompt",)}, paths=("image",), match_keys=("caption",))
+    aligned = _index(preds, [_norm_text(e["caption"]) for e in entries], lambda p: _norm_text(p["caption"]))
+    return _score_images(entries, aligned, lambda e: _truth_objects(e), None, "generate", data)
+
+
+def _score_images(entries, aligned, truth_of, pos_tol, task, data, extra=None) -> dict:
+    from ..data.scene_parser import match_objects, parse_scene
+
+    correct = n_gt = n_pred = 0
+    exact, counts, missing = [], [], 0
+    for idx, (e, p) in enumerate(zip(entries, aligned)):
+        gt = truth_of(e)
+        if p is None:
+            missing += 1
+            parsed = []
+        else:
+            parsed = parse_scene(load_image(p["image"]))
+        m = match_objects(parsed, gt, pos_tol)
+        correct, n_gt, n_pred = correct + m["correct"], n_gt + m["n_gt"], n_pred + m["n_pred"]
+        exact.append(m["correct"] == m["n_gt"] == m["n_pred"])
+        counts.append(m["n_pred"] == m["n_gt"])
+        if extra is not None:
+            extra(e, p, parsed, gt, m)
+    return {"task": task, "data": str(data), "images": len(entries), "missing": missing,
+            "scene_accuracy": float(np.mean(exact)) if exact else None,
+            "object_recall": correct / n_gt if n_gt else None,
+            "object_precision": correct / n_pred if n_pred else None,
+            "count_accuracy": float(np.mean(counts)) if counts else None}
+
+
+def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
+    """Edited images against their targets: scene-parse accuracy with positions (centres
+    within `pos_tol` of the image side), L1 to the target image (mean absolute difference
+    in [0, 1]) and preservation (the fraction of objects the edit should leave untouched,
+    per the entry's "edit.preserved" target ids, that are found unchanged)."""
+    from ..data.scene_parser import parse_scene
+
+    entries = formats.load(data, "edits", check_files=False)
+    preds = read_predictions(pred, {"image_key": "the source image", "instruction": "the instruction",
+                                    "image": "the edited PNG"},
+                             {"image_key": ("source",)}, paths=("image", "source"),
+                             match_keys=("image_key", "instruction"))
+    aligned = _index(preds, [(_name(e["source"]), e["instruction"]) for e in entries],
+                     lambda p: (_name(p["image_key"]), p["instruction"]))
+    l1s, kept, keep_total = [], 0, 0
+
+    def truth(e):
+        scene = load_scene(e.get("target_scene"))
+        return scene["objects"] if scene is not None else parse_scene(load_image(e["target"]))
+
+    def extra(e, p, parsed, gt, m):
+        nonlocal kept, keep_total
+        target = load_image(e["target"])
+        if p is not None:
+            out = load_image(p["image"])
+            if out.shape != target.shape:
+                from PIL import Image
+
+                out = np.asarray(Image.fromarray(out).resize(target.shape[1::-1], Image.BILINEAR))
+            l1s.append(M.l1(out, target))
+        else:
+            l1s.append(1.0)
+        preserved = (e.get("edit") or {}).get("preserved")
+        if preserved is not None:
+            hit = {j for _, j in m["pairs"]}
+            keep_total += len(preserved)
+            kept += sum((pid - 1) in hit for pid in preserved)
+
+    out = _score_images(entries, aligned, truth, pos_tol, "edit", data, extra)
+    out["l1"] = _mean(l1s)
+    out["preservation"] = kept / keep_total if keep_total else None
+    return out
