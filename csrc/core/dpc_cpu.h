@@ -57,14 +57,39 @@ void sqdist_rows_direct(const T* x, T* d2, int64_t N, int64_t D, int64_t r0, int
   }
 }
 
+// Sorted insertion of v into buf[0..n) (n < capacity); returns the new size.
+template <typename T>
+inline int64_t sorted_insert(T* buf, int32_t* idx, int64_t n, T v, int32_t j) {
+  int64_t p = n;
+  while (p > 0 && buf[p - 1] > v) {
+    buf[p] = buf[p - 1];
+    idx[p] = idx[p - 1];
+    --p;
+  }
+  buf[p] = v;
+  idx[p] = j;
+  return n + 1;
+}
+
+// Columns are scanned in blocks of kBlock: a branch-free (vectorised) test finds the rare
+// blocks holding a candidate, which only then are looked at one by one.
+constexpr int64_t kBlock = 16;
+
+constexpr int64_t kSmallK = 64;  // up to this k the neighbours are kept in a sorted buffer
+
+inline int64_t effective_k(int64_t k, int64_t n_valid) { return std::max<int64_t>(1, std::min(k, n_valid)); }
+
 // density_i = exp(-mean of the k_eff smallest d2[i, j] over valid j), k_eff = min(k, #valid).
 // The k smallest are summed in ascending order. `scratch` holds N values (large k only).
+// With `knn` (rows x k_eff) and `kth` (rows), the neighbours' indices and the k-th smallest
+// distance are kept for delta_rows (only when k_eff <= kSmallK).
 template <typename T>
 void knn_density_rows(const T* d2, const bool* valid, int64_t N, int64_t k, int64_t n_valid, T* density,
-                      int64_t r0, int64_t r1, T* scratch) {
-  const int64_t k_eff = std::max<int64_t>(1, std::min(k, n_valid));
-  constexpr int64_t kSmall = 64;
-  T buf[kSmall];
+                      int64_t r0, int64_t r1, T* scratch, int32_t* knn = nullptr, T* kth = nullptr) {
+  const int64_t k_eff = effective_k(k, n_valid);
+  constexpr int64_t kSmall = kSmallK;
+  T buf[kSmall + 1];
+  int32_t ibuf[kSmall + 1];
   for (int64_t i = r0; i < r1; ++i) {
     if (!is_valid(valid, i)) {
       density[i] = T(0);
@@ -73,22 +98,30 @@ void knn_density_rows(const T* d2, const bool* valid, int64_t N, int64_t k, int6
     const T* row = d2 + i * N;
     T sum = T(0);
     if (k_eff <= kSmall) {
-      // sorted insertion buffer of the k_eff smallest values
-      int64_t filled = 0;
-      for (int64_t j = 0; j < N; ++j) {
-        if (!is_valid(valid, j)) continue;
-        const T v = row[j];
-        if (filled < k_eff) {
-          int64_t p = filled++;
-          while (p > 0 && buf[p - 1] > v) { buf[p] = buf[p - 1]; --p; }
-          buf[p] = v;
-        } else if (v < buf[k_eff - 1]) {
-          int64_t p = k_eff - 1;
-          while (p > 0 && buf[p - 1] > v) { buf[p] = buf[p - 1]; --p; }
-          buf[p] = v;
+      // buf holds the k_eff smallest values seen so far, ascending
+      int64_t filled = 0, j = 0;
+      for (; j < N && filled < k_eff; ++j)
+        if (is_valid(valid, j)) filled = sorted_insert(buf, ibuf, filled, row[j], static_cast<int32_t>(j));
+      auto offer = [&](int64_t jj) {
+        const T v = row[jj];
+        if (v < buf[k_eff - 1]) sorted_insert(buf, ibuf, k_eff - 1, v, static_cast<int32_t>(jj));
+      };
+      if (valid == nullptr) {
+        for (; j + kBlock <= N; j += kBlock) {
+          const T thr = buf[k_eff - 1];
+          int any = 0;
+          for (int64_t c = 0; c < kBlock; ++c) any |= row[j + c] < thr;
+          if (any)
+            for (int64_t c = 0; c < kBlock; ++c) offer(j + c);
         }
       }
+      for (; j < N; ++j)
+        if (is_valid(valid, j)) offer(j);
       for (int64_t t = 0; t < k_eff; ++t) sum += buf[t];
+      if (knn != nullptr) {
+        std::copy(ibuf, ibuf + k_eff, knn + (i - r0) * k_eff);
+        kth[i - r0] = buf[k_eff - 1];
+      }
     } else {
       int64_t m = 0;
       for (int64_t j = 0; j < N; ++j)
@@ -102,9 +135,12 @@ void knn_density_rows(const T* d2, const bool* valid, int64_t N, int64_t k, int6
 
 // delta_i = sqrt(min d2[i, j]) over valid denser j (ties: smaller j), parent_i = that j;
 // the densest point takes its row maximum and itself. Invalid points: 0 and i.
+// Given the k nearest neighbours of each row (knn_density_rows), most rows are settled
+// there: every valid point closer than the k-th distance is among them, so a denser
+// neighbour strictly closer than that distance is the exact answer; other rows are scanned.
 template <typename T>
 void delta_rows(const T* d2, const T* density, const bool* valid, int64_t N, T* delta, int64_t* parent,
-                int64_t r0, int64_t r1) {
+                int64_t r0, int64_t r1, const int32_t* knn = nullptr, const T* kth = nullptr, int64_t k_eff = 0) {
   using std::sqrt;
   for (int64_t i = r0; i < r1; ++i) {
     if (!is_valid(valid, i)) {
@@ -114,17 +150,54 @@ void delta_rows(const T* d2, const T* density, const bool* valid, int64_t N, T* 
     }
     const T* row = d2 + i * N;
     const T di = density[i];
+    if (knn != nullptr) {
+      const int32_t* nb = knn + (i - r0) * k_eff;
+      T nbest = std::numeric_limits<T>::infinity();
+      int64_t nj = -1;
+      for (int64_t t = 0; t < k_eff; ++t) {
+        const int64_t j = nb[t];
+        const T v = row[j];
+        if (is_denser(density[j], j, di, i) && (v < nbest || (v == nbest && j < nj))) {
+          nbest = v;
+          nj = j;
+        }
+      }
+      if (nj >= 0 && nbest < kth[i - r0]) {
+        delta[i] = sqrt(nbest);
+        parent[i] = nj;
+        continue;
+      }
+    }
     T best = std::numeric_limits<T>::infinity();
     int64_t best_j = -1;
     T row_max = T(0);
-    for (int64_t j = 0; j < N; ++j) {
-      if (!is_valid(valid, j)) continue;
+    // ascending j with a strict < keeps the smaller index on ties
+    auto offer = [&](int64_t j) {
       const T v = row[j];
-      row_max = v > row_max ? v : row_max;
       if (v < best && is_denser(density[j], j, di, i)) {
         best = v;
         best_j = j;
       }
+    };
+    int64_t j = 0;
+    if (valid == nullptr) {
+      T lane_max[kBlock] = {};
+      for (; j + kBlock <= N; j += kBlock) {
+        int any = 0;
+        for (int64_t c = 0; c < kBlock; ++c) {
+          const T v = row[j + c];
+          lane_max[c] = v > lane_max[c] ? v : lane_max[c];
+          any |= v < best;
+        }
+        if (any)
+          for (int64_t c = 0; c < kBlock; ++c) offer(j + c);
+      }
+      for (int64_t c = 0; c < kBlock; ++c) row_max = lane_max[c] > row_max ? lane_max[c] : row_max;
+    }
+    for (; j < N; ++j) {
+      if (!is_valid(valid, j)) continue;
+      row_max = row[j] > row_max ? row[j] : row_max;
+      offer(j);
     }
     if (best_j >= 0) {
       delta[i] = sqrt(best);

@@ -42,9 +42,18 @@ struct Out {
 // Everything after the distance matrix, for one image whose Gram matrix (or nothing,
 // for the direct path) is in `d2` (N, N). Rows are finalized and their k nearest summed
 // in the same sweep, while each row is hot in cache.
+// Neighbour lists handed from the density sweep to the delta sweep (rows x k_eff).
+template <typename scalar_t>
+struct Knn {
+  int32_t* idx = nullptr;
+  scalar_t* kth = nullptr;
+  int64_t k_eff = 0;
+};
+
 template <typename scalar_t>
 void image_after_gram(const Plan& p, const scalar_t* x, scalar_t* d2, scalar_t* sq, const bool* valid, int64_t N,
-                      int64_t D, int64_t b, Out& o, int64_t r0, int64_t r1, std::vector<scalar_t>& scratch) {
+                      int64_t D, int64_t b, Out& o, int64_t r0, int64_t r1, std::vector<scalar_t>& scratch,
+                      Knn<scalar_t> nn) {
   const int64_t nv = core::count_valid(valid, N);
   for (int64_t i = r0; i < r1; ++i) {
     if (D <= core::kDirectMaxD)
@@ -53,17 +62,18 @@ void image_after_gram(const Plan& p, const scalar_t* x, scalar_t* d2, scalar_t* 
       core::sqdist_rows_from_gram(d2, sq, N, D, i, i + 1);
     if (p.density)
       core::knn_density_rows(d2, valid, N, p.k, nv, o.density.data_ptr<scalar_t>() + b * N, i, i + 1,
-                             scratch.data());
+                             scratch.data(), nn.idx ? nn.idx + (i - r0) * nn.k_eff : nullptr,
+                             nn.idx ? nn.kth + (i - r0) : nullptr);
   }
 }
 
 template <typename scalar_t>
 void image_tail(const Plan& p, const scalar_t* d2, const bool* valid, int64_t N, int64_t b, Out& o, int64_t r0,
-                int64_t r1) {
+                int64_t r1, Knn<scalar_t> nn) {
   if (p.delta) {
     const scalar_t* den = (p.density_in ? *p.density_in : o.density).template data_ptr<scalar_t>() + b * N;
     scalar_t* dl = o.delta.data_ptr<scalar_t>() + b * N;
-    core::delta_rows(d2, den, valid, N, dl, o.parent.data_ptr<int64_t>() + b * N, r0, r1);
+    core::delta_rows(d2, den, valid, N, dl, o.parent.data_ptr<int64_t>() + b * N, r0, r1, nn.idx, nn.kth, nn.k_eff);
     if (o.score.defined()) {
       scalar_t* sc = o.score.data_ptr<scalar_t>() + b * N;
       for (int64_t i = r0; i < r1; ++i) sc[i] = den[i] * dl[i];
@@ -106,14 +116,19 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
   if (!need_d2_rows || B == 0 || N == 0) return o;
   const bool gram = D > core::kDirectMaxD;
   const int64_t threads = at::get_num_threads();
+  // the density sweep keeps each row's neighbours so the delta sweep rarely scans a row
+  const bool use_knn = p.density && p.delta && p.k <= core::kSmallK;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "setok_pipeline_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     if (B >= threads) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         Tensor buf = at::empty({N, N}, x.options());
-        std::vector<scalar_t> sq(N), scratch(p.k > 64 ? N : 0), scope(N);
+        std::vector<scalar_t> sq(N), scratch(p.k > 64 ? N : 0), scope(N), kth(use_knn ? N : 0);
+        std::vector<int32_t> knn_idx(use_knn ? N * std::min<int64_t>(p.k, N) : 0);
         for (int64_t b = begin; b < end; ++b) {
           const bool* vb = valid_ptr(valid, b, N);
+          Knn<scalar_t> nn;
+          if (use_knn) nn = {knn_idx.data(), kth.data(), core::effective_k(p.k, core::count_valid(vb, N))};
           if (gram) {
             Tensor xb = x[b];
             at::mm_out(buf, xb, xb.t());  // single-threaded inside a parallel region
@@ -121,8 +136,8 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
             for (int64_t i = 0; i < N; ++i) sq[i] = g[i * N + i];
           }
           scalar_t* d2 = buf.data_ptr<scalar_t>();
-          image_after_gram<scalar_t>(p, xp + b * N * D, d2, sq.data(), vb, N, D, b, o, 0, N, scratch);
-          image_tail<scalar_t>(p, d2, vb, N, b, o, 0, N);
+          image_after_gram<scalar_t>(p, xp + b * N * D, d2, sq.data(), vb, N, D, b, o, 0, N, scratch, nn);
+          image_tail<scalar_t>(p, d2, vb, N, b, o, 0, N, nn);
           if (p.scope) image_scope<scalar_t>(p, d2, vb, N, b, o, scope);
         }
       });
@@ -132,19 +147,30 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
     Tensor sqt = gram ? d2t.diagonal(0, 1, 2).contiguous() : Tensor();
     scalar_t* d2 = d2t.data_ptr<scalar_t>();
     const scalar_t* sq = gram ? sqt.data_ptr<scalar_t>() : nullptr;
+    // neighbour lists of every row: (B, N, k) indices and (B, N) k-th distances
+    std::vector<int64_t> k_eff(B);
+    for (int64_t b = 0; b < B; ++b) k_eff[b] = core::effective_k(p.k, core::count_valid(valid_ptr(valid, b, N), N));
+    const int64_t kmax = std::min<int64_t>(p.k, N);
+    std::vector<int32_t> knn_idx(use_knn ? B * N * kmax : 0);
+    std::vector<scalar_t> kth(use_knn ? B * N : 0);
+    auto knn_of = [&](int64_t r) {
+      Knn<scalar_t> nn;
+      if (use_knn) nn = {knn_idx.data() + r * kmax, kth.data() + r, k_eff[r / N]};
+      return nn;
+    };
     at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(p.k > 64 ? N : 0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / N, i = r % N;
         image_after_gram<scalar_t>(p, xp + b * N * D, d2 + b * N * N, gram ? const_cast<scalar_t*>(sq) + b * N : nullptr,
-                                   valid_ptr(valid, b, N), N, D, b, o, i, i + 1, scratch);
+                                   valid_ptr(valid, b, N), N, D, b, o, i, i + 1, scratch, knn_of(r));
       }
     });
     if (p.delta) {
       at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / N, i = r % N;
-          image_tail<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, i, i + 1);
+          image_tail<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, i, i + 1, knn_of(r));
         }
       });
     }
