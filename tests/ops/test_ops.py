@@ -438,3 +438,14 @@ def test_cuda_golden():
         b = ops.dpc_cluster(x, c["k"], c["bandwidth"], c["max_clusters"], c["hard"], c["min_scope"],
                             c["score_threshold"], v, backend="cuda")
         _agree(a, ops.DPCResult(*[t.cpu() for t in b]))
+
+
+@needs_ext
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_ties_at_the_kth_distance(k):
+    """Equally spaced points: many neighbours tie at the k-th distance, which is where the
+    CPU delta pass must fall back from the neighbour lists to a full scan."""
+    x = torch.cat([torch.arange(12.0), torch.arange(12.0) * 2 + 0.5]).view(1, 24, 1)
+    ref = ops.dpc_cluster(x, k, 1.0, 6, hard=True, backend="reference")
+    cpu = ops.dpc_cluster(x, k, 1.0, 6, hard=True, backend="cpu")
+    _agree(ref, cpu, rtol=0, atol=0)
