@@ -1,0 +1,365 @@
+"""The detokenizer of SeTok's stage-1 training (paper eq. 3): tokens -> image.
+
+    tokens (B, K, T) + token_mask (B, K)
+      -> TokenMapper: Q learnable queries cross-attend to the tokens (a BERT-shaped
+         Q-Former, `transformers`' Blip2QFormerModel), padding tokens masked out
+      -> encoder_hidden_states (B, Q, C)
+      -> diffusers UNet2DConditionModel, trained by DDPM eps-prediction:
+         L_unet = E || eps - eps_theta(z_t, t, U) ||^2
+      -> sampling with a few-step DDIM scheduler.
+
+Two spaces: "latent" (the paper: a Stable Diffusion 1.5 AutoencoderKL, frozen, scaling
+factor 0.18215) and "pixel" (the tiny recipe: the UNet denoises RGB in [-1, 1] directly).
+
+Pretrained parts load from local folders only (`local_files_only=True`); a missing
+folder is one clear `UserError`. With `load_weights=False` (or under the meta device)
+every part is built from its architecture alone: the presets below hold the SD-1.5 and
+BERT-base shapes, so the paper model can be sized without any file on disk.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+__all__ = ["MapperConfig", "DetokenizerConfig", "TokenMapper", "Detokenizer", "UNET_PRESETS", "VAE_PRESETS",
+           "MAPPER_PRESETS", "bert_to_qformer_state_dict"]
+
+# SD-1.5's UNet: diffusers' defaults plus these (859,520,964 parameters).
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    # ~1.7M parameters; 32-px RGB: about 0.5 s per batch-16 training step on one CPU core.
+    "tiny": dict(sample_size=32, in_channels=3, out_channels=3, cross_attention_dim=64, attention_head_dim=8,
+                 block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+}
+# SD-1.5's VAE (83,653,863 parameters).
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    "sd15": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                 block_out_channels=(128, 256, 512, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+}
+# BERT-base shapes for the mapper (paper appendix D: "initialize the backbone with BERT-base").
+MAPPER_PRESETS: dict[str, dict[str, Any]] = {
+    "bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+}
+
+
+@dataclass
+class MapperConfig:
+    """The Q-Former-style feature mapper. `cross_attention_frequency` f puts cross-attention
+    in layers 0, f, 2f, ...: the paper's four cross-attention layers in BERT-base's 12
+    layers is f = 3."""
+    preset: Optional[str] = None          # "bert-base": fills hidden/layers/heads/intermediate
+    token_dim: int = 64                   # T, the tokenizer's token width (cross-attention keys/values)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 128
+    num_queries: int = 8                  # Q
+    cross_attention_frequency: int = 1
+    output_dim: int = 64                  # the UNet's cross_attention_dim
+    dropout: float = 0.0
+    init_from: Optional[str] = None       # a local BERT-architecture folder
+
+
+@dataclass
+class DetokenizerConfig:
+    space: str = "pixel"                  # "pixel" | "latent"
+    image_size: int = 32                  # the resolution the UNet works at (pixels; latents are /8)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    unet_preset: Optional[str] = "tiny"   # a key of UNET_PRESETS
+    unet: dict = field(default_factory=dict)   # UNet2DConditionModel keyword overrides
+    unet_pretrained: Optional[str] = None  # local folder: an SD-1.5 root (with unet/) or a UNet folder
+    vae_preset: Optional[str] = None      # "sd15" in latent space
+    vae_pretrained: Optional[str] = None  # local folder: an SD-1.5 root (with vae/) or a VAE folder
+    vae_scaling_factor: float = 0.18215
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"   # SD-1.5 uses "scaled_linear"
+    sample_steps: int = 25                # DDIM steps when sampling
+    sampler: str = "ddim"                 # "ddim" | "dpm" (DPMSolverMultistep) | "ddpm" (ancestral, slow)
+    # classifier-free guidance: during training the condition of a row is replaced by the
+    # null condition (zeros) with probability cond_dropout; sampling mixes
+    # eps = eps_null + guidance_scale * (eps_cond - eps_null). 0 / 1.0: off.
+    cond_dropout: float = 0.0
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetokenizerConfig":
+        d = dict(d)
+        if isinstance(d.get("mapper"), dict):
+            d["mapper"] = MapperConfig(**d["mapper"])
+        return cls(**d)
+
+
+def _resolved_mapper(c: MapperConfig) -> MapperConfig:
+    if c.preset is None:
+        return c
+    if c.preset not in MAPPER_PRESETS:
+        raise UserError(f"unknown mapper preset {c.preset!r}; choose from {sorted(MAPPER_PRESETS)}")
+    d = asdict(c)
+    d.update(MAPPER_PRESETS[c.preset])
+    d["preset"] = None
+    return MapperConfig(**d)
+
+
+def _close(name: str, valid) -> str:
+    import difflib
+    m = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.4)
+    return f"; did you mean {m[0]!r}?" if m else ""
+
+
+def unet_config(c: DetokenizerConfig) -> dict:
+    from diffusers import UNet2DConditionModel
+    if c.unet_preset is not None and c.unet_preset not in UNET_PRESETS:
+        raise UserError(f"unknown unet_preset {c.unet_preset!r}{_close(c.unet_preset, UNET_PRESETS)} "
+                        f"(choose from {sorted(UNET_PRESETS)})")
+    valid = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+    for k in c.unet:
+        if k not in valid:
+            raise UserError(f"unknown UNet2DConditionModel argument detokenizer.unet.{k}{_close(k, valid)}")
+    cfg = dict(UNET_PRESETS[c.unet_preset]) if c.unet_preset else {}
+    cfg.update(c.unet)
+    cfg["cross_attention_dim"] = c.mapper.output_dim
+    return cfg
+
+
+# ---- the mapper --------------------------------------------------------------------------
+
+def bert_to_qformer_state_dict(bert_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a BertModel state dict to Blip2QFormerModel names, as BLIP-2 initialises its
+    Q-Former: self-attention and feed-forward from BERT (the query feed-forward too),
+    cross-attention left fresh."""
+    out = {}
+    for k, v in bert_sd.items():
+        k = k.removeprefix("bert.")
+        if k.startswith("embeddings.LayerNorm."):
+            out["layernorm." + k.split(".")[-1]] = v
+            continue
+        m = re.match(r"encoder\.layer\.(\d+)\.(.*)", k)
+        if not m:
+            continue
+        i, rest = m.groups()
+        rest = (rest.replace("attention.self.", "attention.attention.")
+                .replace("intermediate.dense", "intermediate_query.dense"))
+        if rest.startswith("output."):
+            rest = "output_query." + rest[len("output."):]
+        out[f"encoder.layer.{i}.{rest}"] = v
+    return out
+
+
+class TokenMapper(nn.Module):
+    """Learnable queries cross-attend to a variable set of tokens: (B, K, T) -> (B, Q, C)."""
+
+    def __init__(self, config: MapperConfig, load_weights: bool = True):
+        super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+        self.config = c = _resolved_mapper(config)
+        qcfg = Blip2QFormerConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                                  num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+                                  encoder_hidden_size=c.token_dim,
+                                  cross_attention_frequency=c.cross_attention_frequency,
+                                  hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout)
+        self.qformer = Blip2QFormerModel(qcfg)
+        self.queries = nn.Parameter(torch.randn(1, c.num_queries, c.hidden_size) * 0.02)
+        self.proj = nn.Linear(c.hidden_size, c.output_dim)
+        if c.init_from and load_weights:
+            self.load_bert(c.init_from)
+
+    def load_bert(self, path: str) -> int:
+        """Initialise from a local BERT checkpoint; returns how many tensors were copied."""
+        from transformers import BertModel
+        if not Path(path).is_dir():
+            raise UserError(f"mapper.init_from {path} is not a folder: give a local BERT-architecture "
+                            "checkpoint (e.g. bert-base-uncased saved with save_pretrained)")
+        try:
+            bert = BertModel.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the BERT checkpoint at {path}: {e}") from None
+        own = self.qformer.state_dict()
+        src = bert_to_qformer_state_dict(bert.state_dict())
+        take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+        self.qformer.load_state_dict(take, strict=False)
+        return len(take)
+
+    def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        B = tokens.shape[0]
+        q = self.queries.expand(B, -1, -1).to(tokens.dtype)
+        # a row with no valid token would attend to nothing (NaN); let it see token 0
+        mask = token_mask.clone()
+        mask[:, 0] |= ~token_mask.any(dim=1)
+        h = self.qformer(query_embeds=q, encoder_hidden_states=tokens,
+                         encoder_attention_mask=mask.long()).last_hidden_state   # (B, Q, hidden)
+        return self.proj(h)
+
+
+# ---- the detokenizer -----------------------------------------------------------------------
+
+def _subfolder(path: Path, name: str) -> tuple[str, Optional[str]]:
+    return (str(path), name) if (path / name / "config.json").exists() else (str(path), None)
+
+
+class Detokenizer(nn.Module):
+    def __init__(self, config: DetokenizerConfig, load_weights: bool = True):
+        super().__init__()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        if config.space not in ("pixel", "latent"):
+            raise UserError(f"detokenizer.space must be 'pixel' or 'latent', got {config.space!r}")
+        self.config = c = config
+        self.mapper = TokenMapper(c.mapper, load_weights)
+        if c.unet_pretrained and load_weights:
+            root, sub = _subfolder(Path(c.unet_pretrained), "unet")
+            self.unet = _load_local(UNet2DConditionModel, root, sub, "detokenizer.unet_pretrained")
+        else:
+            self.unet = UNet2DConditionModel(**unet_config(c))
+        self.vae = None
+        if c.space == "latent":
+            if c.vae_pretrained and load_weights:
+                root, sub = _subfolder(Path(c.vae_pretrained), "vae")
+                self.vae = _load_local(AutoencoderKL, root, sub, "detokenizer.vae_pretrained")
+            elif c.vae_preset:
+                self.vae = AutoencoderKL(**VAE_PRESETS[c.vae_preset])
+            else:
+                raise UserError("detokenizer.space 'latent' needs vae_pretrained (a local SD-1.5 folder) "
+                                "or vae_preset")
+            self.vae.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps,
+                                             beta_schedule=c.beta_schedule, prediction_type="epsilon")
+
+    # -- spaces --
+    def _channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def _sample_hw(self) -> int:
+        return self.config.image_size // 8 if self.config.space == "latent" else self.config.image_size
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [0, 1] -> the UNet's space (B, C, s, s)."""
+        x = images
+        if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
+            x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = x * 2 - 1
+        if self.vae is not None:
+            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample() * self.config.vae_scaling_factor
+        return x
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        if self.vae is not None:
+            z = self.vae.decode(z.to(self.vae.dtype) / self.config.vae_scaling_factor).sample
+        return ((z.float() + 1) / 2).clamp(0, 1)
+
+    # -- training (eq. 3) --
+    def forward(self, images: Tensor, tokens: Tensor, token_mask: Tensor,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        """The eps-prediction loss (a scalar) for images (B, 3, H, W) in [0, 1]."""
+        x0 = self.encode(images)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                          generator=generator, device=x0.device)
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        cond = self.mapper(tokens, token_mask)
+        if self.training and self.config.cond_dropout > 0:
+            drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.config.cond_dropout
+            cond = cond.masked_fill(drop[:, None, None], 0.0)
+        eps = self.unet(xt.to(cond.dtype), t, encoder_hidden_states=cond).sample
+        return F.mse_loss(eps.float(), noise.float())
+
+    # -- sampling --
+    def sampling_scheduler(self, steps: Optional[int] = None):
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+        cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
+               "ddpm": DDPMScheduler}.get(self.config.sampler)
+        if cls is None:
+            raise UserError(f"detokenizer.sampler must be 'ddim', 'dpm' or 'ddpm', got {self.config.sampler!r}")
+        s = cls.from_config(self.noise_scheduler.config)
+        s.set_timesteps(steps or self.config.sample_steps)
+        return s
+
+    @torch.no_grad()
+    def sample(self, tokens: Tensor, token_mask: Tensor, steps: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None) -> Tensor:
+        """tokens (B, K, T) -> images (B, 3, S, S) in [0, 1], S = config.image_size."""
+        sched = self.sampling_scheduler(steps)
+        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        cond = self.mapper(tokens, token_mask)
+        if w != 1.0:
+            cond = torch.cat([cond, torch.zeros_like(cond)])          # (2B, Q, C): conditional, null
+        B, s = tokens.shape[0], self._sample_hw()
+        x = torch.randn((B, self._channels(), s, s), generator=generator, device=cond.device, dtype=cond.dtype)
+        x = x * sched.init_noise_sigma
+        # ancestral samplers draw fresh noise each step: from `generator`, so samples repeat
+        stochastic = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(x, t)
+            if w != 1.0:
+                e_c, e_u = self.unet(torch.cat([xin, xin]), t, encoder_hidden_states=cond).sample.chunk(2)
+                eps = e_u + w * (e_c - e_u)
+            else:
+                eps = self.unet(xin, t, encoder_hidden_states=cond).sample
+            x = sched.step(eps, t, x, **stochastic).prev_sample
+        return self.decode(x)
+
+    # -- persistence: config.json + model.safetensors (the VAE stays where its folder is) --
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.config)
+        cfg["mapper"]["init_from"] = None
+        # the UNet's actual shape, whatever preset or folder it came from
+        valid = set(inspect.signature(type(self.unet).__init__).parameters)
+        cfg["unet_preset"] = None
+        cfg["unet"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.unet.config.items()
+                       if k in valid and k != "cross_attention_dim"}
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("vae.")}
+        save_file(sd, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Detokenizer":
+        from safetensors.torch import load_file
+        path = Path(path)
+        cfg = DetokenizerConfig.from_dict(json.loads((path / "config.json").read_text()))
+        # the UNet's weights are in model.safetensors: build it from its shape, load the VAE
+        unet_pre = cfg.unet_pretrained
+        cfg.unet_pretrained = None
+        model = cls(cfg, load_weights=True)
+        model.config.unet_pretrained = unet_pre
+        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        missing = [k for k in missing if not k.startswith("vae.")]
+        if missing or unexpected:
+            raise UserError(f"detokenizer checkpoint {path} does not match its config "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model
+
+
+def _load_local(cls, root: str, sub: Optional[str], what: str):
+    if not Path(root).is_dir():
+        raise UserError(f"{what}: {root} is not a folder. Pretrained parts load from local folders only; "
+                        "download them first (e.g. `huggingface-cli download "
+                        "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR`)")
+    try:
+        return cls.from_pretrained(root, subfolder=sub, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise UserError(f"{what}: cannot load {cls.__name__} from {root}: {e}") from None
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from setok_cli.errors import UserError
+from setok_cli.models.detokenizer import (Detokenizer, DetokenizerConfig, MapperConfig, TokenMapper,
+                                          bert_to_qformer_state_dict)
+
+TINY_UNET = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], sample_size=16)
+
+
+def _tiny(**kw):
+    return DetokenizerConfig(image_size=16, mapper=MapperConfig(token_dim=8, hidden_size=16, num_queries=4,
+                                                                intermediate_size=32, output_dim=16),
+                             unet=TINY_UNET, sample_steps=2, **kw)
+
+
+def test_mapper_honours_token_mask():
+    m = TokenMapper(MapperConfig(token_dim=8, hidden_size=16, intermediate_size=32, num_queries=3, output_dim=12))
+    tok = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    a = m(tok, mask)
+    tok2 = tok.clone()
+    tok2[0, 2:] = 1e3
+    assert a.shape == (2, 3, 12)
+    assert torch.allclose(a, m(tok2, mask), atol=1e-6)
+    assert torch.isfinite(m(tok, torch.zeros(2, 5, dtype=torch.bool))).all()   # no token at all: no NaN
+
+
+def test_cross_attention_frequency():
+    m = TokenMapper(MapperConfig(num_layers=6, cross_attention_frequency=3, token_dim=8, hidden_size=16,
+                                 intermediate_size=32))
+    n = {k.split(".")[2] for k in m.qformer.state_dict() if "crossattention" in k}
+    assert n == {"0", "3"}
+
+
+def test_bert_init_mapping(tmp_path):
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=50)).save_pretrained(tmp_path)
+    m = TokenMapper(MapperConfig(token_dim=8, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                                 init_from=str(tmp_path)))
+    bert = BertModel.from_pretrained(tmp_path)
+    assert torch.equal(m.qformer.encoder.layer[1].attention.attention.query.weight,
+                       bert.encoder.layer[1].attention.self.query.weight)
+    assert torch.equal(m.qformer.encoder.layer[0].output_query.dense.weight,
+                       bert.encoder.layer[0].output.dense.weight)
+    assert len(bert_to_qformer_state_dict(bert.state_dict())) == 2 + 2 * 16
+    with pytest.raises(UserError, match="not a folder"):
+        TokenMapper(MapperConfig(init_from=str(tmp_path / "nope")))
+
+
+def test_loss_backward_sample_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    d = Detokenizer(_tiny())
+    tok, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    loss = d(torch.rand(2, 3, 32, 32), tok, mask)
+    loss.backward()
+    assert loss.item() > 0 and d.mapper.queries.grad is not None
+    g = torch.Generator().manual_seed(1)
+    img = d.sample(tok, mask, generator=g)
+    assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    d.save_pretrained(tmp_path)
+    d2 = Detokenizer.from_pretrained(tmp_path)
+    assert torch.equal(d2.sample(tok, mask, generator=torch.Generator().manual_seed(1)), img)
+
+
+def test_unet_keys_are_strict():
+    with pytest.raises(UserError, match="did you mean 'layers_per_block'"):
+        Detokenizer(DetokenizerConfig(unet={"layers_per_blok": 1}))
+
+
+def test_missing_pretrained_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="local folders only"):
+        Detokenizer(_tiny(unet_pretrained=str(tmp_path / "sd15")))
+
+
+def test_classifier_free_guidance():
+    torch.manual_seed(0)
+    d = Detokenizer(_tiny(cond_dropout=1.0))
+    tok, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    d.train()
+    img = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(1)
+    dropped = d(img, tok, mask)
+    torch.manual_seed(1)
+    other = d(img, tok * 5, mask)            # every row dropped: the tokens are ignored
+    assert torch.allclose(dropped, other)
+    d.eval()
+    g = lambda: torch.Generator().manual_seed(0)
+    plain = d.sample(tok, mask, generator=g(), guidance_scale=1.0)
+    guided = d.sample(tok, mask, generator=g(), guidance_scale=3.0)
+    assert guided.shape == plain.shape and not torch.equal(guided, plain)

@@ -1,0 +1,94 @@
+"""Stage I end to end: the paper recipe sized on the meta device, the tiny recipe trained
+a few steps on the shapes world, and its checkpoint read back by `setok tokenize`."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from setok_cli.train.recipe import load_recipe
+from setok_cli.train.stage1 import meta_stage1_model, parameter_report
+from setok_cli.train.trainer import Trainer, select_trainable
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _transformer_layer(d, ff, bias=True):
+    """Parameters of a pre/post-norm transformer layer: q, k, v, o + 2 LayerNorms + MLP."""
+    return 4 * (d * d + d) + 2 * 2 * d + (d * ff + ff) + (ff * d + d)
+
+
+def test_paper_recipe_on_meta_device():
+    r = load_recipe(RECIPES / "stage1.yaml")
+    m = meta_stage1_model(r)
+    assert {p.device.type for p in m.parameters()} == {"meta"}
+    n_train, n_total = select_trainable(m, r.train.trainable, r.train.frozen)
+    rep = parameter_report(m)
+    for k, v in rep.items():
+        print(f"{k:32s} {v['total']:>15,} {v['trainable']:>15,}")
+
+    # SigLIP so400m/14-384 vision tower: patch embedding, 729 positions, 27 layers, the MAP head
+    d, ff, L = 1152, 4304, 27
+    embed = 3 * 14 * 14 * d + d + 729 * d
+    head = d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * ff + ff) + (ff * d + d)
+    assert rep["setok.encoder"]["total"] == embed + L * _transformer_layer(d, ff) + 2 * d + head == 428_225_600
+    assert rep["setok.encoder"]["trainable"] == 0
+    # SD-1.5: the well-known counts of its UNet and VAE
+    assert rep["detokenizer.unet"]["total"] == 859_520_964
+    assert rep["detokenizer.vae"]["total"] == 83_653_863 and rep["detokenizer.vae"]["trainable"] == 0
+    # only the UNet's cross-attention keys and values train: 2 x 768 x C per transformer block,
+    # 5 blocks at 320 and 640 channels, 6 at 1280 (mid block included)
+    assert rep["detokenizer.unet"]["trainable"] == 2 * 768 * (5 * 320 + 5 * 640 + 6 * 1280) == 19_169_280
+    # the mapper: BERT-base's 12 layers (the query FFN), cross-attention in layers 0, 3, 6, 9
+    # (keys and values from 4096-wide tokens), 77 queries, a projection to 768
+    h, tok = 768, 4096
+    cross = (h * h + h) + 2 * (tok * h + h) + (h * h + h) + 2 * h
+    mapper = 2 * h + 12 * _transformer_layer(h, 3072) + 4 * cross + 77 * h + (h * h + h)
+    assert rep["detokenizer.mapper"]["total"] == mapper
+    # BERT-base text encoder, frozen
+    assert 109_000_000 < rep["alignment"]["total"] - rep["alignment"]["trainable"] < 110_000_000
+    assert n_total == rep["all"]["total"] and n_train == rep["all"]["trainable"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from setok_cli.data.shapes import generate
+    root = tmp_path_factory.mktemp("shapes")
+    generate(root, n=40, size=64, seed=0)
+    return root
+
+
+def test_tiny_recipe_lowers_loss_and_tokenize_reads_it(shapes, tmp_path):
+    out = tmp_path / "run"
+    r = load_recipe(RECIPES / "tiny" / "stage1.yaml", [
+        f"data.train=[{shapes / 'train' / 'pairs.json'}]", f"output_dir={out}", "data.batch_size=8",
+        "train.max_steps=16", "train.log_every=1", "train.checkpoint_every=8", "train.progress=false",
+        "optim.warmup_steps=2", "optim.lr=2e-3",
+        # a smaller UNet at 16 px keeps this test quick; the structure is the recipe's
+        "model.detokenizer.image_size=16",
+        "model.detokenizer.unet={sample_size: 16, block_out_channels: [16, 32], "
+        "down_block_types: [DownBlock2D, CrossAttnDownBlock2D], up_block_types: [CrossAttnUpBlock2D, UpBlock2D]}"])
+    torch.manual_seed(0)
+    res = Trainer(r).train()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 16
+    for term in ("diffusion", "bce", "dice", "kl", "contrastive", "phrase"):
+        assert term in log[0] and all(torch.isfinite(torch.tensor(x[term])) for x in log)
+    first = sum(x["loss"] for x in log[:4]) / 4
+    last = sum(x["loss"] for x in log[-4:]) / 4
+    assert last < first, (first, last)
+    ck = res.last_checkpoint
+    for part in ("setok", "detokenizer", "mask_decoder", "alignment"):
+        assert (ck / part / "model.safetensors").exists()
+    assert (out / "recipe.yaml").exists()
+
+    from click.testing import CliRunner
+
+    from setok_cli.cli.main import cli
+    img = shapes / "test" / "images" / "000000.png"
+    if not img.exists():
+        img = next((shapes / "test" / "images").glob("*.png"))
+    res = CliRunner().invoke(cli, ["tokenize", str(img), "--model", str(ck / "setok"), "--show-masks",
+                                   "--out", str(tmp_path / "viz")])
+    assert res.exit_code == 0, res.output
+    assert list((tmp_path / "viz").glob("*_tokens.png"))
