@@ -5,10 +5,12 @@ It lets `setok tokenize` work on a fresh machine with no model download. On each
 measures, in CIELAB (perceptual: Euclidean distance ~ perceived colour difference):
 
     channels  what                                                  weight
-    0..2      mean L, a, b of the patch                             0.5
-    3..5      mean L, a, b of its 3 x 3 patch neighbourhood         1.5  (context: spatially
-                                                                     smooth, like a ViT's
-                                                                     receptive field)
+    0..2      L, a, b of the patch: per-channel median (colour      0.5
+              "median", default) or mean ("mean")
+    3..5      that colour averaged over its 3 x 3 patch             1.5  (context: spatially
+              neighbourhood, edge-gated: neighbour j weighs              smooth, like a ViT's
+              exp(-||c_j - c_i||^2 / context_sigma^2), sigma 15          receptive field)
+              Lab units (0: plain box average)
     6..8      std of L, a, b inside the patch                       0.3  (texture strength)
     9..11     structure tensor of L: sqrt<gx^2>, sqrt<gy^2>,
               sign<gxgy> sqrt|<gxgy>|                               0.3  (edge / texture
@@ -22,6 +24,14 @@ attention does to its features, crudely). All in CIELAB units divided by `scale`
 colour differences). Texture and gradient channels are ~0 in flat regions, so there
 colour differences dominate; on textured surfaces (fur, grass) they keep patches of the
 same texture together even when their mean colours wander.
+
+Why median and gated context: a patch cut by an object's border holds two colours. Its
+mean is a blend found nowhere in the image, and a plain box context blends the
+background into every patch next to a border, so small objects used to split into a
+core plus "ring" tokens (FG-ARI 0.34 on the synthetic shapes world). The median takes
+the colour of the patch's majority side, the side the patch belongs to, and the gated
+context averages over that side only (SeTokConfig.builtin_colour / builtin_context_sigma
+set both; "mean" and 0 give the old features).
 
 What it lacks, next to a real encoder (CLIP, SigLIP, DINOv2): any notion of objects or
 parts. It groups by appearance, so an object of two colours becomes two or more
@@ -81,7 +91,8 @@ class BuiltinEncoder(nn.Module):
     image_mean = (0.5, 0.5, 0.5)
 
     def __init__(self, image_size: int = 336, scale: float = 10.0, weights=(0.5, 1.5, 0.3, 0.3, 0.1),
-                 smooth_iters: int = 4, smooth_radius: int = 2, smooth_sigma: float = 1.0):
+                 smooth_iters: int = 4, smooth_radius: int = 2, smooth_sigma: float = 1.0,
+                 context_sigma: float = 15.0, colour: str = "median"):
         super().__init__()
         self.image_size = int(image_size)
         self.scale = float(scale)
@@ -89,6 +100,10 @@ class BuiltinEncoder(nn.Module):
         self.smooth_iters = int(smooth_iters)
         self.smooth_radius = int(smooth_radius)
         self.smooth_sigma = float(smooth_sigma)
+        self.context_sigma = float(context_sigma)
+        if colour not in ("mean", "median"):
+            raise ValueError(f"colour must be 'mean' or 'median', got {colour!r}")
+        self.colour = colour
 
     def bilateral(self, f: Tensor) -> Tensor:
         """Edge-preserving smoothing on the patch grid: each patch becomes the average of
@@ -104,6 +119,19 @@ class BuiltinEncoder(nn.Module):
             f = (nb * wgt).sum(2) / wgt.sum(2)
         return f
 
+    def context(self, mean: Tensor) -> Tensor:
+        """Mean Lab colour of the 3 x 3 patch neighbourhood (replicate-padded). With
+        context_sigma > 0 it is edge-gated: neighbour j counts with weight
+        exp(-||mean_j - mean_i||^2 / context_sigma^2) (Lab units), so a patch at a
+        region's border averages over its own side only. mean: (B, 3, h, w)."""
+        padded = F.pad(mean, (1, 1, 1, 1), mode="replicate")
+        if self.context_sigma <= 0:
+            return F.avg_pool2d(padded, 3, stride=1)
+        B, C, h, w = mean.shape
+        nb = F.unfold(padded, 3).view(B, C, 9, h, w)
+        wgt = torch.exp(-(nb - mean.unsqueeze(2)).square().sum(1, keepdim=True) / self.context_sigma ** 2)
+        return (nb * wgt).sum(2) / wgt.sum(2)
+
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:
         x = pixel_values.float()
@@ -115,7 +143,12 @@ class BuiltinEncoder(nn.Module):
         mean = F.avg_pool2d(lab, p)  # (B, 3, h, w)
         sq = F.avg_pool2d(lab * lab, p)
         std = (sq - mean * mean).clamp_min(0.0).sqrt()
-        ctx = F.avg_pool2d(F.pad(mean, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        if self.colour == "median":  # per-channel median: the colour of the patch's majority side
+            col = lab.view(B, 3, H // p, p, W // p, p).permute(0, 1, 2, 4, 3, 5).reshape(B, 3, H // p, W // p, p * p)
+            col = col.median(-1).values
+        else:
+            col = mean
+        ctx = self.context(col)
 
         # image gradients of L (Sobel / 8: units of L per pixel), structure tensor per patch
         gx, gy = sobel(lab[:, :1])
@@ -132,7 +165,7 @@ class BuiltinEncoder(nn.Module):
         gmag = F.avg_pool2d((gx * gx + gy * gy).sqrt(), p) * 4.0
 
         wc, wx, ws, wg, wq = self.weights
-        feats = torch.cat([wc * mean, wx * ctx, ws * std, wg * struct, wq * qspread, wq * gmag], 1) / self.scale
+        feats = torch.cat([wc * col, wx * ctx, ws * std, wg * struct, wq * qspread, wq * gmag], 1) / self.scale
         if self.smooth_iters > 0:
             feats = self.bilateral(feats)
         return feats.permute(0, 2, 3, 1).contiguous()  # (B, h, w, 16)

@@ -24,6 +24,15 @@ label -1. An image therefore gets the same tokens alone or in any batch.
 
 The scope remainder becomes a token whenever it owns a patch (see models/clustering.py),
 so every valid patch belongs to exactly one token (labels) and num_tokens <= max_tokens.
+
+Connectivity (hard mode, connectivity=4 by default; 0 turns it off): the scope loop
+groups by appearance, so two same-coloured objects far apart share a token and a
+token's region can be scattered. `split_connected` then cuts every token into its
+connected pieces on the patch grid; pieces of at least min_region patches become tokens
+(largest first, never more than max_tokens), smaller pieces and tokens join the
+neighbouring token with the nearest mean clustering feature. Every token is then one
+connected region; masks, labels, seeds and num_tokens stay consistent and the masks keep
+their straight-through gradient (the training forward is unchanged otherwise).
 """
 from __future__ import annotations
 
@@ -37,7 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .clustering import MODES, cluster
+from .builtin_encoder import BuiltinEncoder
+from .clustering import MODES, cluster, split_connected
 from .encoders import load_encoder
 from .merger import ClusterMerger
 from .position import sincos_2d
@@ -52,6 +62,12 @@ class SeTokConfig:
     encoder_layer: Optional[int] = None  # hidden_states index; None: the family default (CLIP -2, else -1)
     image_size: Optional[int] = None  # None: the encoder's own (builtin 336, CLIP-L 336, SigLIP 384)
     image_policy: str = "letterbox"  # "letterbox" | "squash"
+    # builtin encoder (models/builtin_encoder.py): the patch colour statistic ("median":
+    # the colour of the patch's majority side, so a patch cut by an object's border takes
+    # one side's colour; "mean": the blend) and the edge gate of its 3 x 3 context
+    # channels in Lab units (0: plain box average, which blends across borders)
+    builtin_colour: str = "median"
+    builtin_context_sigma: float = 15.0
     # clustering
     mode: str = "hard"  # "hard" | "soft" | "threshold" | "fixed"
     k: int = 8  # neighbours for the density
@@ -64,6 +80,10 @@ class SeTokConfig:
     feature_floor: Optional[float] = None  # None: 0.1 (builtin), 1e-6 (HF encoders)
     pos_weight: float = 0.3  # 2-D PE added to the clustering features (0: none)
     pos_temperature: float = 10000.0
+    # hard mode: every token one connected region of the patch grid (models/clustering.py
+    # split_connected): 4 or 8 (neighbourhood), 0 to turn it off
+    connectivity: int = 4
+    min_region: int = 3  # pieces smaller than this (patches) join the nearest neighbouring token
     cluster_head: str = "none"  # "none" | "linear" | "mlp": learnable, identity at init
     # merger
     merger_dim: int = 128  # paper-scale recipes use the encoder width
@@ -89,6 +109,14 @@ class SeTokConfig:
             raise UserError(f"bandwidth must be > 0, got {self.bandwidth!r}")
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 2):
             raise UserError(f"max_tokens must be an integer >= 2, got {self.max_tokens!r}")
+        if self.builtin_colour not in ("mean", "median"):
+            raise UserError(f"builtin_colour must be 'mean' or 'median', got {self.builtin_colour!r}")
+        if not (self.builtin_context_sigma >= 0):
+            raise UserError(f"builtin_context_sigma must be >= 0, got {self.builtin_context_sigma!r}")
+        if self.connectivity not in (0, 4, 8):
+            raise UserError(f"connectivity must be 0 (off), 4 or 8, got {self.connectivity!r}")
+        if not (isinstance(self.min_region, int) and self.min_region >= 1):
+            raise UserError(f"min_region must be an integer >= 1, got {self.min_region!r}")
         if self.min_scope is not None and not (0.0 <= self.min_scope < 1.0):
             raise UserError(f"min_scope must be in [0, 1), got {self.min_scope!r}")
 
@@ -173,6 +201,9 @@ class SeTok(nn.Module):
         self.config = config
         enc = encoder if encoder is not None else load_encoder(config.encoder, layer=config.encoder_layer,
                                                                 image_size=config.image_size)
+        if encoder is None and isinstance(enc, BuiltinEncoder):
+            enc.colour = config.builtin_colour
+            enc.context_sigma = float(config.builtin_context_sigma)
         self.encoder = enc.requires_grad_(False)
         D = enc.hidden_size
         with torch.random.fork_rng(devices=[]):
@@ -239,6 +270,8 @@ class SeTok(nn.Module):
         z = self.clustering_features(f, valid, (h, w))
         cl = cluster(z, c.mode, k=c.k, bandwidth=c.bandwidth, max_tokens=c.max_tokens, min_scope=self._min_scope(),
                      threshold=self._threshold(), min_clusters=c.min_clusters, valid=valid)
+        if c.mode == "hard" and c.connectivity:
+            cl = split_connected(cl, z, (h, w), valid, c.max_tokens, c.min_region, c.connectivity)
         tokens = self.merger(f, cl.masks, cl.labels, cl.num_tokens, (h, w), hard=c.mode != "soft")
         K = cl.masks.shape[1]
         token_mask = torch.arange(K, device=f.device).view(1, K) < cl.num_tokens.view(B, 1)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from setok_cli.models.clustering import cluster
+from setok_cli.models.clustering import cluster, connected_components, split_connected
 from setok_cli.models.position import sincos_2d
 
 
@@ -70,3 +70,87 @@ def test_sincos_2d():
     assert pe.shape == (3, 5, 16) and pe.abs().max() <= 1
     assert torch.allclose(pe[0, 0, :8], torch.tensor([0.0] * 4 + [1.0] * 4))
     assert sincos_2d(18, 2, 2)[..., 16:].abs().sum() == 0  # channels past 4 * (dim // 4) are zero
+
+
+# ---------------------------------------------------------------- connectivity (hard)
+
+def _cc_oracle(lab, h, w, connectivity):
+    """scipy.ndimage.label per label value -> the smallest flat index of each piece."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    import numpy as np
+
+    L = lab.view(h, w).numpy()
+    ref = np.full(h * w, -1)
+    st = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    for v in np.unique(L[L >= 0]):
+        cc, n = ndimage.label(L == v, structure=st)
+        cc = cc.ravel()
+        for i in range(1, n + 1):
+            ref[cc == i] = np.nonzero(cc == i)[0].min()
+    return torch.from_numpy(ref)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_connected_components_match_scipy(connectivity):
+    g = torch.Generator().manual_seed(connectivity)
+    for trial in range(30):
+        h, w = (int(v) for v in torch.randint(1, 13, (2,), generator=g))
+        lab = torch.randint(-1, 1 + trial % 5, (3, h * w), generator=g)  # few labels: big snaky pieces
+        comp = connected_components(lab, (h, w), connectivity)
+        for b in range(3):
+            assert torch.equal(comp[b], _cc_oracle(lab[b], h, w, connectivity)), (trial, b)
+
+
+def test_split_connected_keeps_everything_consistent():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        h, w = (int(v) for v in torch.randint(1, 11, (2,), generator=g))
+        N, B = h * w, 3
+        x = 2 * torch.randn(B, N, 4, generator=g)
+        valid = torch.ones(B, N, dtype=torch.bool)
+        if trial % 3 == 0:
+            valid = torch.rand(B, N, generator=g) > 0.3  # may be disconnected
+        if trial % 4 == 0:
+            valid[2] = False
+        mt, mp, conn = 2 + trial % 9, 1 + trial % 4, (4, 8)[trial % 2]
+        xr = x.clone().requires_grad_(True)
+        c = cluster(xr, "hard", k=3, bandwidth=0.4 + 0.1 * (trial % 10), max_tokens=mt, valid=valid)
+        s = split_connected(c, xr, (h, w), valid, mt, mp, conn)
+        assert (s.num_tokens <= mt).all() and s.masks.shape[1] == max(int(s.num_tokens.max()), 1)
+        assert torch.equal(s.masks.sum(1), valid.float())  # one-hot columns
+        assert torch.equal(s.masks.argmax(1)[valid], s.labels[valid]) and (s.labels[~valid] == -1).all()
+        comp = connected_components(s.labels, (h, w), conn)
+        vcomp = connected_components(torch.where(valid, 0, -1), (h, w), conn)
+        for b in range(B):
+            n = int(s.num_tokens[b])
+            assert set(s.labels[b][valid[b]].tolist()) == set(range(n))
+            assert (s.masks[b, n:] == 0).all() and (s.seeds[b, n:] == -1).all()
+            one_part = vcomp[b][valid[b]].unique().numel() <= 1
+            for t in range(n):
+                sel = s.labels[b] == t
+                if one_part:  # connected tokens, none below min_patches unless alone
+                    assert comp[b][sel].unique().numel() == 1
+                    assert sel.sum() >= mp or n == 1
+                sd = int(s.seeds[b, t])
+                assert sd == -1 or int(s.labels[b, sd]) == t
+        (s.masks * torch.randn(s.masks.shape, generator=g)).sum().backward()
+        assert xr.grad is not None and (B * N == 0 or torch.isfinite(xr.grad).all())
+
+
+def test_split_connected_separates_far_apart_twins():
+    # two identical blobs far apart on an 8 x 8 grid (same features: one token) -> two tokens
+    h = w = 8
+    x = torch.zeros(1, h * w, 3)
+    lab = torch.zeros(h, w, dtype=torch.long)
+    lab[1:3, 1:3] = 1
+    lab[5:7, 5:7] = 1
+    x[0, lab.flatten() == 1] = 5.0
+    c = cluster(x, "hard", k=2, bandwidth=0.5, max_tokens=8)
+    assert int(c.num_tokens[0]) == 2
+    s = split_connected(c, x, (h, w), torch.ones(1, h * w, dtype=torch.bool), 8, 3, 4)
+    assert int(s.num_tokens[0]) == 3
+    L = s.labels[0].view(h, w)
+    assert L[1, 1] != L[5, 5] and L[1:3, 1:3].unique().numel() == 1 and L[5:7, 5:7].unique().numel() == 1
+    # max_tokens 2: no room for the second piece, it joins the nearest neighbouring token
+    s = split_connected(c, x, (h, w), torch.ones(1, h * w, dtype=torch.bool), 2, 3, 4)
+    assert int(s.num_tokens[0]) == 2
