@@ -358,6 +358,10 @@ class SeTok(nn.Module):
         cfile = os.path.join(path, CONFIG_NAME)
         if not os.path.isdir(path):
             raise UserError(f"tokenizer folder {path!r} not found")
+        if not os.path.isfile(cfile) and os.path.isfile(os.path.join(path, "setok", CONFIG_NAME)):
+            # a stage-1 training checkpoint holds the tokenizer in its setok/ folder
+            path = os.path.join(path, "setok")
+            cfile = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfile):
             raise UserError(f"{path}: no {CONFIG_NAME}; not a saved SeTok tokenizer")
         try:

@@ -194,3 +194,15 @@ def test_shapes_world_fg_ari_floor(tmp_path, builtin_tokenizer):
     r = eval_tokenizer(str(tmp_path / "test" / "objects.json"), tokenizer=builtin_tokenizer)
     assert r["fg_ari"] > 0.88, r
     assert r["tokens_per_object"] < 2.5, r
+
+
+def test_from_pretrained_reads_a_training_checkpoint_folder(tmp_path):
+    """A stage-1 checkpoint keeps the tokenizer in <checkpoint>/setok; --model may name either."""
+    from setok_cli.models.setok import SeTok, SeTokConfig
+
+    model = SeTok(SeTokConfig(merger_dim=32, token_dim=16))
+    model.save_pretrained(tmp_path / "setok")
+    again = SeTok.from_pretrained(tmp_path)
+    assert again.config.token_dim == 16
+    for k, v in model.trainable_state_dict().items():
+        assert (again.trainable_state_dict()[k] == v).all()
