@@ -90,6 +90,10 @@ class DetokenizerConfig:
     vae_scaling_factor: float = 0.18215
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"   # SD-1.5 uses "scaled_linear"
+    # what the UNet predicts and the loss compares: "epsilon" (eq. 3, DDPM; SD-1.5),
+    # "sample" (x0: weights the high-noise steps, where only the tokens tell the image,
+    # far more than eps-MSE does) or "v_prediction"
+    prediction_type: str = "epsilon"
     sample_steps: int = 25                # DDIM steps when sampling
     sampler: str = "ddim"                 # "ddim" | "dpm" (DPMSolverMultistep) | "ddpm" (ancestral, slow)
     # classifier-free guidance: during training the condition of a row is replaced by the
@@ -237,8 +241,11 @@ class Detokenizer(nn.Module):
                 raise UserError("detokenizer.space 'latent' needs vae_pretrained (a local SD-1.5 folder) "
                                 "or vae_preset")
             self.vae.requires_grad_(False)
+        if c.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise UserError(f"detokenizer.prediction_type must be 'epsilon', 'sample' or 'v_prediction', "
+                            f"got {c.prediction_type!r}")
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps,
-                                             beta_schedule=c.beta_schedule, prediction_type="epsilon")
+                                             beta_schedule=c.beta_schedule, prediction_type=c.prediction_type)
 
     # -- spaces --
     def _channels(self) -> int:
@@ -268,7 +275,8 @@ class Detokenizer(nn.Module):
     # -- training (eq. 3) --
     def forward(self, images: Tensor, tokens: Tensor, token_mask: Tensor,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """The eps-prediction loss (a scalar) for images (B, 3, H, W) in [0, 1]."""
+        """The denoising loss (a scalar) for images (B, 3, H, W) in [0, 1]: MSE against eps
+        (eq. 3), x0 or v, as `prediction_type` says."""
         x0 = self.encode(images)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
@@ -278,8 +286,11 @@ class Detokenizer(nn.Module):
         if self.training and self.config.cond_dropout > 0:
             drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.config.cond_dropout
             cond = cond.masked_fill(drop[:, None, None], 0.0)
-        eps = self.unet(xt.to(cond.dtype), t, encoder_hidden_states=cond).sample
-        return F.mse_loss(eps.float(), noise.float())
+        pred = self.unet(xt.to(cond.dtype), t, encoder_hidden_states=cond).sample
+        kind = self.config.prediction_type
+        target = noise if kind == "epsilon" else x0 if kind == "sample" else \
+            self.noise_scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(pred.float(), target.float())
 
     # -- sampling --
     def sampling_scheduler(self, steps: Optional[int] = None):

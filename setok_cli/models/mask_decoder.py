@@ -39,6 +39,10 @@ class MaskDecoderConfig:
     num_convs: int = 2            # 3x3 convs in the stem
     coord_channels: bool = True   # add (x, y) in [-1, 1] to the stem's input: tells apart same-coloured objects
     match_background: bool = True  # the background (id 0) is a segment to match like an object
+    # valid tokens the matching leaves without a segment learn an empty mask (BCE to 0, as
+    # Mask2Former's "no object" queries): without it their masks are unsupervised and claim
+    # pixels in the arg-max segmentation and in pi, the KL's target
+    empty_unmatched: bool = False
     cost_bce: float = 1.0
     cost_dice: float = 1.0
 
@@ -170,8 +174,9 @@ def hungarian_match(logits: Tensor, token_mask: Tensor, targets: Tensor, target_
 
 
 def mask_losses(logits: Tensor, token_mask: Tensor, instances: Tensor, match_background: bool = True,
-                cost_bce: float = 1.0, cost_dice: float = 1.0) -> dict[str, Tensor]:
-    """Hungarian-matched BCE + dice. logits (B, K, H, W) at the resolution of instances (B, H, W)."""
+                cost_bce: float = 1.0, cost_dice: float = 1.0, empty_unmatched: bool = False) -> dict[str, Tensor]:
+    """Hungarian-matched BCE + dice. logits (B, K, H, W) at the resolution of instances (B, H, W).
+    `empty_unmatched`: the valid tokens left unmatched join the BCE with an all-zero target."""
     if logits.shape[-2:] != instances.shape[-2:]:
         raise ValueError(f"logits {tuple(logits.shape)} and instances {tuple(instances.shape)} differ in size")
     targets, target_valid = instance_targets(instances.to(logits.device), match_background)
@@ -186,8 +191,15 @@ def mask_losses(logits: Tensor, token_mask: Tensor, instances: Tensor, match_bac
         return {"bce": zero, "dice": zero}
     pred = logits[bi, ti].flatten(1).float()       # (M, P)
     tgt = targets[bi, gi].flatten(1)               # (M, P)
-    bce = F.binary_cross_entropy_with_logits(pred, tgt)
     dice = dice_loss(pred.sigmoid(), tgt).mean()
+    if empty_unmatched:
+        left = token_mask.clone()
+        left[bi, ti] = False
+        if bool(left.any()):
+            extra = logits[left].flatten(1).float()
+            pred = torch.cat([pred, extra])
+            tgt = torch.cat([tgt, torch.zeros_like(extra)])
+    bce = F.binary_cross_entropy_with_logits(pred, tgt)
     return {"bce": bce, "dice": dice}
 
 
@@ -197,7 +209,8 @@ def decoder_probs(logits: Tensor, token_mask: Tensor) -> Tensor:
     return logits.masked_fill(~token_mask[:, :, None, None], neg).softmax(dim=1)
 
 
-def mask_consistency_kl(cluster_masks: Tensor, logits: Tensor, token_mask: Tensor, eps: float = 1e-6) -> Tensor:
+def mask_consistency_kl(cluster_masks: Tensor, logits: Tensor, token_mask: Tensor, eps: float = 1e-6,
+                        region: Optional[Tensor] = None) -> Tensor:
     """KL(M || stopgrad(pi)), averaged over the patches of the grid.
 
     cluster_masks (B, K, h, w): the clustering masks M (rows sum to 1 on real patches, 0 on
@@ -206,7 +219,8 @@ def mask_consistency_kl(cluster_masks: Tensor, logits: Tensor, token_mask: Tenso
     still sums to 1), so M and pi describe the same regions. Entries with M = 0 add nothing
     (0 log 0 = 0); logs are clamped at `eps`, which also bounds the gradient of the
     straight-through hard masks: at M = 0 it is log(eps) - log(pi), pulling M up exactly
-    where the decoder claims the patch.
+    where the decoder claims the patch. `region` (B, h, w) bool, optional: average over
+    these patches only (e.g. those overlapping an object).
     """
     h, w = cluster_masks.shape[-2:]
     pi = decoder_probs(logits.detach().float(), token_mask)
@@ -215,6 +229,8 @@ def mask_consistency_kl(cluster_masks: Tensor, logits: Tensor, token_mask: Tenso
     M = cluster_masks.float()
     kl = (M * (M.clamp_min(eps).log() - pi.clamp_min(eps).log())).sum(dim=1)  # (B, h, w)
     real = (M.sum(dim=1) > 0).float()
+    if region is not None:
+        real = real * region.to(real.device).float()
     return (kl * real).sum() / real.sum().clamp_min(1.0)
 
 

@@ -55,6 +55,18 @@ class LossRecipe:
     bce: float = 1.0           # eq. 4
     dice: float = 1.0          # eq. 4
     kl: float = 1.0            # eq. 4, KL(M || stopgrad(pi))
+    # The KL target pi is only worth pulling the clustering towards once the mask decoder
+    # has learned: the KL weight is 0 before optimizer step `kl_start`, then rises linearly
+    # to `kl` over `kl_ramp` steps (0: at once). 0 / 0 is the paper's always-on term.
+    kl_start: int = 0
+    kl_ramp: int = 0
+    # average the KL over the patches that overlap an object only (needs instance masks;
+    # FG-ARI scores the foreground, and the background is where pi is least informative)
+    kl_foreground: bool = False
+    # which terms reach the clustering (the cluster head) through the masks M: "all" (the
+    # tokens are pooled with the straight-through masks, so every term pulls on it) or "kl"
+    # (the merger sees the masks as constants: only the mask-consistency term moves it)
+    clustering_grad: str = "all"
     contrastive: float = 1.0   # image <-> caption InfoNCE
     phrase: float = 1.0        # token <-> phrase
 

@@ -55,7 +55,8 @@ def encoder_width(setok: nn.Module) -> int:
 
 class Stage1Model(nn.Module):
     def __init__(self, setok: nn.Module, detokenizer: Optional[Detokenizer], mask_decoder: Optional[MaskDecoder],
-                 alignment: Optional[ConceptAlignment], weights: LossRecipe, tokenizer_image_size: Optional[int] = None):
+                 alignment: Optional[ConceptAlignment], weights: LossRecipe, tokenizer_image_size: Optional[int] = None,
+                 grad_accum: int = 1):
         super().__init__()
         self.setok = setok
         self.detokenizer = detokenizer
@@ -63,6 +64,32 @@ class Stage1Model(nn.Module):
         self.alignment = alignment
         self.weights = weights
         self.tokenizer_image_size = tokenizer_image_size
+        self.grad_accum = max(1, int(grad_accum))
+        # training forward passes so far: the optimizer step the loss schedule (`loss.kl_start`,
+        # `loss.kl_ramp`) reads. A buffer, so it rides in every checkpoint and resumes exactly.
+        self.register_buffer("forward_count", torch.zeros((), dtype=torch.long))
+        if weights.clustering_grad not in ("all", "kl"):
+            raise UserError(f"loss.clustering_grad must be 'all' or 'kl', got {weights.clustering_grad!r}")
+        merger = getattr(setok, "merger", None)
+        if weights.clustering_grad == "kl" and merger is not None:
+            # the merger's inputs are (features, masks, ...): detach the masks there, so the
+            # tokens (and every term built on them) no longer reach the clustering
+            merger.register_forward_pre_hook(_detach_merger_masks)
+
+    @property
+    def optimizer_step(self) -> int:
+        return int(self.forward_count.item()) // self.grad_accum
+
+    def kl_weight(self, step: Optional[int] = None) -> float:
+        """The KL weight at an optimizer step: 0 before `kl_start`, then a linear ramp over
+        `kl_ramp` steps up to `loss.kl`."""
+        w = self.weights
+        step = self.optimizer_step if step is None else step
+        if step < w.kl_start:
+            return 0.0
+        if w.kl_ramp > 0:
+            return w.kl * min(1.0, (step - w.kl_start + 1) / w.kl_ramp)
+        return w.kl
 
     def tokenize(self, images: Tensor):
         x = images
@@ -74,6 +101,9 @@ class Stage1Model(nn.Module):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch: pixel_values (B, 3, H, W) in [0, 1]; instances (B, H, W)?; caption [B]; phrases [B][...]."""
         w = self.weights
+        kl_w = self.kl_weight()
+        if self.training:
+            self.forward_count += 1
         images = batch["pixel_values"]
         out = self.tokenize(images)
         tokens, tmask = out.tokens, out.token_mask                    # (B, K, T), (B, K)
@@ -89,11 +119,18 @@ class Stage1Model(nn.Module):
             sel = slice(None) if has is None or bool(has.all()) else has.nonzero().squeeze(1)
             if "instances" in batch and (has is None or bool(has.any())):
                 terms.update(mask_losses(logits[sel], tmask[sel], batch["instances"][sel], c.match_background,
-                                         c.cost_bce, c.cost_dice))
+                                         c.cost_bce, c.cost_dice, c.empty_unmatched))
             else:   # keep every rank's graph the same shape under DDP
                 terms.update({"bce": logits.sum() * 0, "dice": logits.sum() * 0})
             if w.kl > 0:
-                terms["kl"] = mask_consistency_kl(out.masks, logits, tmask)
+                fg = None
+                if w.kl_foreground and "instances" in batch:
+                    # patches that overlap an object (area share > 0 on the clustering grid)
+                    inst = (batch["instances"] > 0).float()[:, None]
+                    fg = F.adaptive_avg_pool2d(inst, out.masks.shape[-2:])[:, 0] > 0
+                    if has is not None and not bool(has.all()):
+                        fg = fg | ~has.view(-1, 1, 1).bool()
+                terms["kl"] = mask_consistency_kl(out.masks, logits, tmask, region=fg)
         if self.alignment is not None and (w.contrastive > 0 or w.phrase > 0):
             captions = batch.get("caption") if w.contrastive > 0 else None
             phrases = batch.get("phrases") if w.phrase > 0 else None
@@ -102,7 +139,8 @@ class Stage1Model(nn.Module):
             terms.update(self.alignment(tokens, tmask, captions, phrases))
         if not terms:
             raise UserError("every stage-1 loss term is off (loss weights all 0, or its module is null)")
-        loss = sum(getattr(w, k) * v for k, v in terms.items())
+        weight = {k: (kl_w if k == "kl" else getattr(w, k)) for k in terms}
+        loss = sum(weight[k] * v for k, v in terms.items())
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()},
                 "tokens_per_image": out.num_tokens.float().mean().detach()}
 
@@ -120,6 +158,12 @@ class Stage1Model(nn.Module):
             (folder / "alignment").mkdir(parents=True, exist_ok=True)
             sd = {k: v.detach().contiguous().cpu() for k, v in self.alignment.state_dict().items()}
             save_file(sd, str(folder / "alignment" / "model.safetensors"))
+
+
+def _detach_merger_masks(module: nn.Module, args: tuple):
+    if len(args) > 1 and isinstance(args[1], Tensor):
+        return (args[0], args[1].detach(), *args[2:])
+    return None
 
 
 def build_tokenizer(recipe: Recipe, load_weights: bool = True) -> nn.Module:
@@ -162,7 +206,7 @@ def build_stage1_model(recipe: Recipe, load_weights: bool = True, setok: Optiona
         ac = copy.deepcopy(m.alignment)
         ac.token_dim = token_dim
         align = ConceptAlignment(ac, load_weights=load_weights)
-    return Stage1Model(setok, detok, mdec, align, recipe.loss, m.tokenizer.image_size)
+    return Stage1Model(setok, detok, mdec, align, recipe.loss, m.tokenizer.image_size, recipe.train.grad_accum)
 
 
 def build_stage1(recipe: Recipe, accelerator=None):

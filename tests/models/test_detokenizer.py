@@ -92,3 +92,29 @@ def test_classifier_free_guidance():
     plain = d.sample(tok, mask, generator=g(), guidance_scale=1.0)
     guided = d.sample(tok, mask, generator=g(), guidance_scale=3.0)
     assert guided.shape == plain.shape and not torch.equal(guided, plain)
+
+
+@pytest.mark.parametrize("kind", ["sample", "v_prediction"])
+def test_prediction_types_train_and_sample(kind, tmp_path):
+    torch.manual_seed(0)
+    d = Detokenizer(_tiny(prediction_type=kind))
+    assert d.noise_scheduler.config.prediction_type == kind
+    tok, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    img = torch.rand(2, 3, 16, 16)
+    loss = d(img, tok, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and d.mapper.queries.grad is not None
+    if kind == "sample":   # the target is the clean image: predicting it exactly is a zero loss
+        x0 = d.encode(img)
+        d.unet.forward = lambda x, t, encoder_hidden_states: type("O", (), {"sample": x0})()
+        assert d(img, tok, mask).item() < 1e-10
+        del d.unet.forward
+    out = d.sample(tok, mask, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 16, 16)
+    d.save_pretrained(tmp_path)
+    assert Detokenizer.from_pretrained(tmp_path).config.prediction_type == kind
+
+
+def test_unknown_prediction_type_is_a_user_error():
+    with pytest.raises(UserError, match="prediction_type"):
+        Detokenizer(_tiny(prediction_type="x0"))

@@ -87,3 +87,36 @@ def test_decoder_shapes_miou_and_roundtrip(tmp_path):
     half[0, 0, :2, :4] = 10
     miou, per = segment_miou(half, torch.ones(1, 3, dtype=torch.bool), ids)
     assert sorted(per) == pytest.approx([0.5, 1.0])
+
+
+def test_kl_region_averages_only_there():
+    ids = _square_instances()
+    M = torch.nn.functional.one_hot(ids, 3).permute(0, 3, 1, 2).float().requires_grad_(True)
+    logits = (M.detach() * 30 - 15)
+    logits[0, :, :4, :4] = logits[0, [1, 0, 2], :4, :4]      # wrong only on object 1 (top-left)
+    tm = torch.ones(1, 3, dtype=torch.bool)
+    region = torch.zeros(1, 8, 8, dtype=torch.bool)
+    region[0, 4:, 4:] = True                                  # object 2 only: consistent there
+    assert mask_consistency_kl(M, logits, tm, region=region).item() < 1e-3
+    region[0, :4, :4] = True
+    whole = mask_consistency_kl(M, logits, tm)
+    part = mask_consistency_kl(M, logits, tm, region=region)
+    assert part.item() > whole.item() > 1                     # same error, fewer patches
+    part.backward()
+    assert M.grad[0, :, 4:, :4].abs().sum() == 0              # nothing outside the region
+
+
+def test_empty_unmatched_supervises_the_spare_token():
+    ids = _square_instances()
+    good = torch.full((1, 3, 8, 8), -10.0)
+    good[0, 0][ids[0] == 1] = 10
+    good[0, 1][ids[0] == 2] = 10
+    tm = torch.ones(1, 3, dtype=torch.bool)
+    spare_on = good.clone()
+    spare_on[0, 2] = 10                                       # the unmatched token claims every pixel
+    plain = mask_losses(spare_on, tm, ids, match_background=False)
+    assert plain["bce"] < 1e-3                                # unsupervised without the option
+    on = mask_losses(spare_on, tm, ids, match_background=False, empty_unmatched=True)
+    off = mask_losses(good, tm, ids, match_background=False, empty_unmatched=True)
+    assert on["bce"] > 3 and off["bce"] < 1e-3
+    assert torch.allclose(on["dice"], plain["dice"])          # dice stays on the matched pairs

@@ -64,6 +64,7 @@ def test_tiny_recipe_lowers_loss_and_tokenize_reads_it(shapes, tmp_path):
         f"data.train=[{shapes / 'train' / 'pairs.json'}]", f"output_dir={out}", "data.batch_size=8",
         "train.max_steps=16", "train.log_every=1", "train.checkpoint_every=8", "train.progress=false",
         "optim.warmup_steps=2", "optim.lr=2e-3",
+        "loss.kl=0.1", "loss.kl_start=0",      # the recipe keeps the KL off; its path is tested here
         # a smaller UNet at 16 px keeps this test quick; the structure is the recipe's
         "model.detokenizer.image_size=16",
         "model.detokenizer.unet={sample_size: 16, block_out_channels: [16, 32], "
@@ -92,3 +93,31 @@ def test_tiny_recipe_lowers_loss_and_tokenize_reads_it(shapes, tmp_path):
                                    "--out", str(tmp_path / "viz")])
     assert res.exit_code == 0, res.output
     assert list((tmp_path / "viz").glob("*_tokens.png"))
+
+
+def test_kl_schedule_start_ramp_and_step_count():
+    from setok_cli.train.stage1 import Stage1Model
+    from setok_cli.train.recipe import LossRecipe
+    m = Stage1Model(torch.nn.Identity(), None, None, None, LossRecipe(kl=0.5, kl_start=10, kl_ramp=4), grad_accum=2)
+    assert [m.kl_weight(s) for s in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.125, 0.25, 0.5, 0.5]
+    assert Stage1Model(torch.nn.Identity(), None, None, None, LossRecipe(kl=0.3)).kl_weight(0) == 0.3
+    m.forward_count += 5                                      # 5 micro-batches at grad_accum 2: step 2
+    assert m.optimizer_step == 2 and "forward_count" in m.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["all", "kl"])
+def test_clustering_grad_kl_only(mode):
+    from setok_cli.models.setok import SeTok, SeTokConfig
+    from setok_cli.train.recipe import LossRecipe
+    from setok_cli.train.stage1 import Stage1Model
+    torch.manual_seed(0)
+    setok = SeTok(SeTokConfig(encoder="builtin", image_size=56, k=4, max_tokens=6, cluster_head="linear",
+                              merger_dim=16, merger_depth=1, merger_cross_depth=1, merger_heads=2, token_dim=16))
+    Stage1Model(setok, None, None, None, LossRecipe(clustering_grad=mode))
+    out = setok(torch.rand(2, 3, 56, 56))
+    out.tokens.pow(2).sum().backward(retain_graph=True)      # a term built on the tokens
+    g = [p.grad for p in setok.cluster_head.parameters()]
+    reached = any(x is not None and x.abs().sum() > 0 for x in g)
+    assert reached == (mode == "all")
+    out.masks.pow(2).sum().backward()                        # the KL's path stays open either way
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in setok.cluster_head.parameters())
