@@ -75,6 +75,11 @@ class MapperConfig:
     output_dim: int = 64                  # the UNet's cross_attention_dim
     dropout: float = 0.0
     init_from: Optional[str] = None       # a local BERT-architecture folder
+    # also hand the UNet the tokens themselves (projected to output_dim) after the Q
+    # queries: encoder_hidden_states (B, Q + K, C), padding rows zero. A UNet trained from
+    # scratch learns colours and places from the tokens directly much sooner than through
+    # the queries alone (measured on the shapes world); the paper's mapper is Q only.
+    append_tokens: bool = False
 
 
 @dataclass
@@ -101,6 +106,21 @@ class DetokenizerConfig:
     # eps = eps_null + guidance_scale * (eps_cond - eps_null). 0 / 1.0: off.
     cond_dropout: float = 0.0
     guidance_scale: float = 1.0
+    # CoordConv: append this many coordinate channels (0 or 2: x and y in [-1, 1]) to the
+    # UNet's input, so every pixel knows where it is and its cross-attention can ask the
+    # tokens "whose region covers me?" (a from-scratch UNet otherwise learns position
+    # only from its padding). Not for a pretrained UNet, whose first conv is fixed.
+    coord_channels: int = 0
+    # Token canvas (0: off): every token is broadcast over a canvas_grid x canvas_grid grid
+    # with the grid's position embedding, an MLP gives each (token, cell) a weight logit and
+    # canvas_channels features, the weights are a softmax over the image's tokens, and the
+    # weighted features (upsampled) join the UNet's input. The slot-attention "spatial
+    # broadcast" decoder: tokens only, no clustering masks, so a generator that makes
+    # tokens can decode them. A second road into the UNet beside the cross-attention, for
+    # UNets trained from scratch (tiny recipe); not for a pretrained UNet.
+    canvas_channels: int = 0
+    canvas_grid: int = 16
+    canvas_hidden: int = 64
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetokenizerConfig":
@@ -137,8 +157,13 @@ def unet_config(c: DetokenizerConfig) -> dict:
         if k not in valid:
             raise UserError(f"unknown UNet2DConditionModel argument detokenizer.unet.{k}{_close(k, valid)}")
     cfg = dict(UNET_PRESETS[c.unet_preset]) if c.unet_preset else {}
+    data_channels = cfg.get("in_channels", 4)
     cfg.update(c.unet)
     cfg["cross_attention_dim"] = c.mapper.output_dim
+    extra = c.coord_channels + c.canvas_channels
+    if extra and "in_channels" not in c.unet:  # a saved config already counts them
+        cfg["in_channels"] = data_channels + extra
+        cfg.setdefault("out_channels", data_channels)
     return cfg
 
 
@@ -167,7 +192,8 @@ def bert_to_qformer_state_dict(bert_sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class TokenMapper(nn.Module):
-    """Learnable queries cross-attend to a variable set of tokens: (B, K, T) -> (B, Q, C)."""
+    """Learnable queries cross-attend to a variable set of tokens: (B, K, T) -> (B, Q, C),
+    or (B, Q + K, C) with `append_tokens`."""
 
     def __init__(self, config: MapperConfig, load_weights: bool = True):
         super().__init__()
@@ -181,6 +207,7 @@ class TokenMapper(nn.Module):
         self.qformer = Blip2QFormerModel(qcfg)
         self.queries = nn.Parameter(torch.randn(1, c.num_queries, c.hidden_size) * 0.02)
         self.proj = nn.Linear(c.hidden_size, c.output_dim)
+        self.token_proj = nn.Linear(c.token_dim, c.output_dim) if c.append_tokens else None
         if c.init_from and load_weights:
             self.load_bert(c.init_from)
 
@@ -208,7 +235,51 @@ class TokenMapper(nn.Module):
         mask[:, 0] |= ~token_mask.any(dim=1)
         h = self.qformer(query_embeds=q, encoder_hidden_states=tokens,
                          encoder_attention_mask=mask.long()).last_hidden_state   # (B, Q, hidden)
-        return self.proj(h)
+        out = self.proj(h)  # (B, Q, C)
+        if self.token_proj is not None:
+            t = self.token_proj(tokens) * token_mask.unsqueeze(-1).to(tokens.dtype)  # (B, K, C)
+            out = torch.cat([out, t.to(out.dtype)], 1)
+        return out
+
+    def condition_mask(self, token_mask: Tensor) -> Optional[Tensor]:
+        """(B, K) -> the UNet's encoder_attention_mask (B, Q + K) with `append_tokens`, else None."""
+        if self.token_proj is None:
+            return None
+        B = token_mask.shape[0]
+        mask = token_mask.clone()
+        mask[:, 0] |= ~token_mask.any(dim=1)
+        return torch.cat([mask.new_ones(B, self.config.num_queries), mask], 1)
+
+
+class TokenCanvas(nn.Module):
+    """Spatial broadcast of a token set: tokens (B, K, T) + token_mask (B, K) -> (B, C, g, g).
+
+        h_ip  = W_t t_i + W_p PE(p)                    (B, K, g*g, hidden)
+        (a_ip, f_ip) = MLP(h_ip)                       logit and C features
+        w_ip  = softmax_i(a_ip) over the valid tokens
+        out_p = sum_i w_ip f_ip
+    """
+
+    def __init__(self, token_dim: int, channels: int, grid: int = 16, hidden: int = 64):
+        super().__init__()
+        from .position import sincos_2d
+        self.grid = int(grid)
+        self.register_buffer("pe", sincos_2d(hidden, grid, grid).view(grid * grid, hidden), persistent=False)
+        self.tok = nn.Linear(token_dim, hidden)
+        self.pos = nn.Linear(hidden, hidden)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1 + channels))
+
+    def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        B, K, _ = tokens.shape
+        g = self.grid
+        h = self.tok(tokens).unsqueeze(2) + self.pos(self.pe.to(tokens.dtype)).view(1, 1, g * g, -1)
+        o = self.mlp(h)  # (B, K, g*g, 1 + C)
+        mask = token_mask.clone()
+        mask[:, 0] |= ~token_mask.any(dim=1)
+        logit = o[..., 0].masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        w = torch.softmax(logit, dim=1)  # over tokens
+        out = (w.unsqueeze(-1) * o[..., 1:]).sum(1)  # (B, g*g, C)
+        return out.transpose(1, 2).reshape(B, -1, g, g)
 
 
 # ---- the detokenizer -----------------------------------------------------------------------
@@ -228,8 +299,13 @@ class Detokenizer(nn.Module):
         if c.unet_pretrained and load_weights:
             root, sub = _subfolder(Path(c.unet_pretrained), "unet")
             self.unet = _load_local(UNet2DConditionModel, root, sub, "detokenizer.unet_pretrained")
+            if c.coord_channels or c.canvas_channels:
+                raise UserError("detokenizer.coord_channels and canvas_channels need a UNet trained from scratch: "
+                                "a pretrained UNet's first convolution has no such inputs (set them to 0)")
         else:
             self.unet = UNet2DConditionModel(**unet_config(c))
+        self.canvas = TokenCanvas(c.mapper.token_dim, c.canvas_channels, c.canvas_grid, c.canvas_hidden) \
+            if c.canvas_channels else None
         self.vae = None
         if c.space == "latent":
             if c.vae_pretrained and load_weights:
@@ -241,6 +317,8 @@ class Detokenizer(nn.Module):
                 raise UserError("detokenizer.space 'latent' needs vae_pretrained (a local SD-1.5 folder) "
                                 "or vae_preset")
             self.vae.requires_grad_(False)
+        if c.coord_channels not in (0, 2):
+            raise UserError(f"detokenizer.coord_channels must be 0 or 2, got {c.coord_channels!r}")
         if c.prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise UserError(f"detokenizer.prediction_type must be 'epsilon', 'sample' or 'v_prediction', "
                             f"got {c.prediction_type!r}")
@@ -249,7 +327,22 @@ class Detokenizer(nn.Module):
 
     # -- spaces --
     def _channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.unet.config.in_channels - self.config.coord_channels - self.config.canvas_channels
+
+    def _unet(self, x: Tensor, t, cond: Tensor, cond_mask: Optional[Tensor] = None,
+              canvas: Optional[Tensor] = None) -> Tensor:
+        """The UNet on x (B, C, s, s), with the coordinate channels appended if configured;
+        cond_mask (B, L) bool marks the valid rows of cond; canvas (B, C', g, g) or None."""
+        if canvas is not None:
+            x = torch.cat([x, F.interpolate(canvas.to(x.dtype), size=x.shape[-2:], mode="bilinear",
+                                            align_corners=False)], 1)
+        if self.config.coord_channels:
+            B, _, h, w = x.shape
+            ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(B, 1, h, w)
+            xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(B, 1, h, w)
+            x = torch.cat([x, xs, ys], 1)
+        extra = {} if cond_mask is None else {"encoder_attention_mask": cond_mask}
+        return self.unet(x, t, encoder_hidden_states=cond, **extra).sample
 
     def _sample_hw(self) -> int:
         return self.config.image_size // 8 if self.config.space == "latent" else self.config.image_size
@@ -283,10 +376,12 @@ class Detokenizer(nn.Module):
                           generator=generator, device=x0.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         cond = self.mapper(tokens, token_mask)
+        canvas = self.canvas(tokens, token_mask) if self.canvas is not None else None
         if self.training and self.config.cond_dropout > 0:
             drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.config.cond_dropout
             cond = cond.masked_fill(drop[:, None, None], 0.0)
-        pred = self.unet(xt.to(cond.dtype), t, encoder_hidden_states=cond).sample
+            canvas = None if canvas is None else canvas.masked_fill(drop[:, None, None, None], 0.0)
+        pred = self._unet(xt.to(cond.dtype), t, cond, self.mapper.condition_mask(token_mask), canvas)
         kind = self.config.prediction_type
         target = noise if kind == "epsilon" else x0 if kind == "sample" else \
             self.noise_scheduler.get_velocity(x0, noise, t)
@@ -310,8 +405,12 @@ class Detokenizer(nn.Module):
         sched = self.sampling_scheduler(steps)
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.mapper(tokens, token_mask)
+        cmask = self.mapper.condition_mask(token_mask)
+        canvas = self.canvas(tokens, token_mask) if self.canvas is not None else None
         if w != 1.0:
             cond = torch.cat([cond, torch.zeros_like(cond)])          # (2B, Q, C): conditional, null
+            cmask = None if cmask is None else torch.cat([cmask, cmask])
+            canvas = None if canvas is None else torch.cat([canvas, torch.zeros_like(canvas)])
         B, s = tokens.shape[0], self._sample_hw()
         x = torch.randn((B, self._channels(), s, s), generator=generator, device=cond.device, dtype=cond.dtype)
         x = x * sched.init_noise_sigma
@@ -320,10 +419,10 @@ class Detokenizer(nn.Module):
         for t in sched.timesteps:
             xin = sched.scale_model_input(x, t)
             if w != 1.0:
-                e_c, e_u = self.unet(torch.cat([xin, xin]), t, encoder_hidden_states=cond).sample.chunk(2)
+                e_c, e_u = self._unet(torch.cat([xin, xin]), t, cond, cmask, canvas).chunk(2)
                 eps = e_u + w * (e_c - e_u)
             else:
-                eps = self.unet(xin, t, encoder_hidden_states=cond).sample
+                eps = self._unet(xin, t, cond, cmask, canvas)
             x = sched.step(eps, t, x, **stochastic).prev_sample
         return self.decode(x)
 

@@ -118,3 +118,55 @@ def test_prediction_types_train_and_sample(kind, tmp_path):
 def test_unknown_prediction_type_is_a_user_error():
     with pytest.raises(UserError, match="prediction_type"):
         Detokenizer(_tiny(prediction_type="x0"))
+
+
+def test_append_tokens_and_canvas_ignore_padding(tmp_path):
+    """Both extra conditioning roads see only the valid tokens: changing padded rows
+    changes nothing, and a save/load round trip keeps the UNet's widened input."""
+    torch.manual_seed(0)
+    cfg = _tiny(coord_channels=2, canvas_channels=3, canvas_grid=4, canvas_hidden=16)
+    cfg.mapper.append_tokens = True
+    d = Detokenizer(cfg).eval()
+    assert d.unet.config.in_channels == 3 + 2 + 3 and d.unet.config.out_channels == 3
+    tok = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    cond = d.mapper(tok, mask)
+    assert cond.shape == (2, 4 + 5, 16)
+    assert d.mapper.condition_mask(mask).tolist()[0] == [True] * 4 + [True, True, False, False, False]
+    canvas = d.canvas(tok, mask)
+    assert canvas.shape == (2, 3, 4, 4)
+    tok2 = tok.clone()
+    tok2[0, 2:] = 1e3
+    assert torch.allclose(canvas, d.canvas(tok2, mask), atol=1e-6)
+    assert torch.isfinite(d.canvas(tok, torch.zeros(2, 5, dtype=torch.bool))).all()
+    img = torch.rand(2, 3, 16, 16)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.allclose(d(img, tok, mask, generator=g()), d(img, tok2, mask, generator=g()), atol=1e-5)
+    a = d.sample(tok, mask, generator=g())
+    assert torch.allclose(a, d.sample(tok2, mask, generator=g()), atol=1e-4)
+    # the canvas really reaches the UNet: other tokens, other loss
+    assert not torch.allclose(d(img, tok, mask, generator=g()), d(img, torch.randn(2, 5, 8), mask, generator=g()))
+    d.save_pretrained(tmp_path)
+    e = Detokenizer.from_pretrained(tmp_path).eval()
+    assert e.unet.config.in_channels == 8
+    assert torch.allclose(a, e.sample(tok, mask, generator=g()), atol=1e-5)
+
+
+def test_canvas_softmax_weights_pick_a_token():
+    """A token whose logit dominates everywhere paints the whole canvas with its features."""
+    from setok_cli.models.detokenizer import TokenCanvas
+    c = TokenCanvas(token_dim=2, channels=1, grid=3, hidden=4)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.zero_()
+        c.tok.weight[0, 0] = 1.0      # hidden[0] = token[0]
+        last = c.mlp[3]
+        last.weight[0, 0] = 10.0      # logit ~ 10 * gelu(gelu(token[0]))... monotone in token[0]
+        c.mlp[1].weight[0, 0] = 1.0
+        last.weight[1, 0] = 1.0       # feature ~ the same hidden unit
+    tok = torch.tensor([[[5.0, 0.0], [0.0, 0.0]]])
+    out = c(tok, torch.ones(1, 2, dtype=torch.bool))
+    expect = torch.nn.functional.gelu(torch.nn.functional.gelu(torch.tensor(5.0)))
+    assert torch.allclose(out, expect.expand(1, 1, 3, 3), atol=1e-3)
+    with pytest.raises(UserError, match="coord_channels"):
+        Detokenizer(_tiny(coord_channels=3))
