@@ -121,6 +121,10 @@ class DetokenizerConfig:
     canvas_channels: int = 0
     canvas_grid: int = 16
     canvas_hidden: int = 64
+    # > 0: the canvas's first C channels (C = the UNet's data channels) also learn the clean
+    # image at the canvas's grid (MSE, this weight): the slot-attention autoencoder's own
+    # loss, which teaches where and what each token is far sooner than the denoising loss
+    canvas_recon_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetokenizerConfig":
@@ -385,7 +389,12 @@ class Detokenizer(nn.Module):
         kind = self.config.prediction_type
         target = noise if kind == "epsilon" else x0 if kind == "sample" else \
             self.noise_scheduler.get_velocity(x0, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        if canvas is not None and self.config.canvas_recon_weight > 0:
+            C = x0.shape[1]
+            small = F.adaptive_avg_pool2d(x0.float(), canvas.shape[-2:])
+            loss = loss + self.config.canvas_recon_weight * F.mse_loss(canvas[:, :C].float(), small)
+        return loss
 
     # -- sampling --
     def sampling_scheduler(self, steps: Optional[int] = None):

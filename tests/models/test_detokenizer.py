@@ -170,3 +170,16 @@ def test_canvas_softmax_weights_pick_a_token():
     assert torch.allclose(out, expect.expand(1, 1, 3, 3), atol=1e-3)
     with pytest.raises(UserError, match="coord_channels"):
         Detokenizer(_tiny(coord_channels=3))
+
+
+def test_canvas_recon_weight_adds_the_canvas_mse():
+    torch.manual_seed(0)
+    tok, mask, img = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), torch.rand(2, 3, 16, 16)
+    a = Detokenizer(_tiny(canvas_channels=4, canvas_grid=4, canvas_hidden=16))
+    b = Detokenizer(_tiny(canvas_channels=4, canvas_grid=4, canvas_hidden=16, canvas_recon_weight=2.0))
+    b.load_state_dict(a.state_dict())
+    la = a(img, tok, mask, generator=torch.Generator().manual_seed(0))
+    lb = b(img, tok, mask, generator=torch.Generator().manual_seed(0))
+    small = torch.nn.functional.adaptive_avg_pool2d(img * 2 - 1, 4)
+    expect = la + 2.0 * torch.nn.functional.mse_loss(b.canvas(tok, mask)[:, :3], small)
+    assert torch.allclose(lb, expect, atol=1e-6)
