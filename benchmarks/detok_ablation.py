@@ -1,0 +1,115 @@
+"""Detokenizer ablations on the shapes world, fast: the frozen clustering is computed once
+(and cached), then only the merger and the detokenizer train, on the denoising loss alone.
+
+    python benchmarks/detok_ablation.py --data DATA --coord 2 --append 1 --tag coord_append
+        [--canvas 8 --crw 1.0] [--size 224] [--steps 700] [--ntest 100]
+
+DATA is `setok data shapes --out DATA --n 2500 --size 64 --seed 0`. Prints and appends to
+OUT/results.jsonl: recon (objects right in shape, colour and position by the scene
+parser, DDIM samples), recon_nopos (position ignored), x0T (the one-step x0 prediction
+from pure noise); writes OUT/TAG.png (originals / samples / one-step predictions).
+"""
+import argparse, json, time, sys
+import numpy as np, torch, torch.nn.functional as F
+from pathlib import Path
+from setok_cli.data.datasets import PairsDataset, collate
+from setok_cli.data.scene_parser import score_scene
+from setok_cli.models.setok import SeTok, SeTokConfig
+from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--size", type=int, default=224); ap.add_argument("--k", type=int, default=8)
+ap.add_argument("--bw", type=float, default=0.6); ap.add_argument("--maxtok", type=int, default=16)
+ap.add_argument("--coord", type=int, default=2); ap.add_argument("--queries", type=int, default=8)
+ap.add_argument("--steps", type=int, default=700); ap.add_argument("--bs", type=int, default=16)
+ap.add_argument("--lr", type=float, default=2e-3); ap.add_argument("--pred", default="sample")
+ap.add_argument("--res", type=int, default=32); ap.add_argument("--ntest", type=int, default=100)
+ap.add_argument("--sample_steps", type=int, default=20); ap.add_argument("--tag", default="x")
+ap.add_argument("--threads", type=int, default=1); ap.add_argument("--mdim", type=int, default=64)
+ap.add_argument("--mdepth", type=int, default=1); ap.add_argument("--channels", default="32,64,64")
+ap.add_argument("--canvas", type=int, default=0); ap.add_argument("--append", type=int, default=0); ap.add_argument("--crw", type=float, default=0); ap.add_argument("--data", required=True); ap.add_argument("--out", default="ablation_out")
+a = ap.parse_args()
+torch.set_num_threads(a.threads); torch.manual_seed(0)
+D = a.data
+OUT = Path(a.out); OUT.mkdir(parents=True, exist_ok=True)
+cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw, max_tokens=a.maxtok,
+                  merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=64)
+setok = SeTok(cfg)
+cache = Path(f"{OUT}/cache_{a.size}_{a.k}_{a.bw}_{a.maxtok}.pt")
+def precompute(split, n=None):
+    ds = PairsDataset(f"{D}/{split}/pairs.json", image_size=64)
+    n = len(ds) if n is None else n
+    X, Fs, L, NT, idx = [], [], [], [], []
+    for s in range(0, n, 50):
+        b = collate([ds[i] for i in range(s, min(n, s + 50))])
+        x = b["pixel_values"]
+        with torch.no_grad():
+            o = setok(F.interpolate(x, size=(a.size,) * 2, mode="bilinear", antialias=True))
+        X.append(x); Fs.append(o.features.flatten(1, 2)); L.append(o.labels.flatten(1)); NT.append(o.num_tokens); idx += b["index"].tolist()
+    return dict(x=torch.cat(X), f=torch.cat(Fs), l=torch.cat(L), nt=torch.cat(NT), idx=idx, ds=ds)
+if cache.exists():
+    C = torch.load(cache, weights_only=False)
+else:
+    t = time.time(); C = {"train": precompute("train"), "test": precompute("test", 250)}
+    for v in C.values(): v.pop("ds")
+    torch.save(C, cache); print("precompute", time.time() - t, flush=True)
+tr, te = C["train"], C["test"]
+grid = (a.size // 14,) * 2
+ch = tuple(int(c) for c in a.channels.split(","))
+dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", coord_channels=a.coord,
+                         unet=dict(block_out_channels=ch) if ch != (32, 64, 64) else {},
+                         mapper=MapperConfig(token_dim=64, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                                             num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw,
+                         prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
+det = Detokenizer(dcfg)
+params = list(setok.merger.parameters()) + list(det.parameters())
+print("params", sum(p.numel() for p in det.parameters()), flush=True)
+opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-3)
+from transformers import get_cosine_schedule_with_warmup
+sch = get_cosine_schedule_with_warmup(opt, int(0.05 * a.steps), a.steps)
+def tokens(C, ii):
+    l = C["l"][ii]; nt = C["nt"][ii]; K = int(nt.max())
+    masks = F.one_hot(l.clamp_min(0), K).permute(0, 2, 1).float()
+    t = setok.merger(C["f"][ii], masks, l, nt, grid, hard=True)
+    tm = torch.arange(K).view(1, K) < nt.view(-1, 1)
+    return t, tm
+g = torch.Generator().manual_seed(0)
+t0 = time.time(); n = tr["x"].shape[0]
+det.train(); setok.train()
+for step in range(a.steps):
+    ii = torch.randint(0, n, (a.bs,), generator=g)
+    tok, tm = tokens(tr, ii)
+    loss = det(tr["x"][ii], tok, tm, generator=g)
+    opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sch.step()
+    if step % 50 == 0 or step == a.steps - 1:
+        print(f"step {step} loss {loss.item():.4f} t {time.time()-t0:.0f}s", flush=True)
+train_s = time.time() - t0
+torch.save({'det': det.state_dict(), 'merger': setok.merger.state_dict()}, f'{OUT}/{a.tag}.pt')
+det.eval(); setok.eval()
+ds = PairsDataset(f"{D}/test/pairs.json", image_size=64)
+ok = tot = okc = okr = 0; gs = torch.Generator().manual_seed(0); imgs = []
+with torch.no_grad():
+    for s in range(0, a.ntest, 25):
+        ii = torch.arange(s, min(a.ntest, s + 25))
+        tok, tm = tokens(te, ii)
+        rec = det.sample(tok, tm, generator=gs)
+        cond = det.mapper(tok, tm)
+        xT = torch.randn(tok.shape[0], 3, a.res, a.res, generator=gs)
+        x0hat = det._unet(xT, torch.full((tok.shape[0],), 999), cond, det.mapper.condition_mask(tm), det.canvas(tok, tm) if det.canvas is not None else None)
+        x0hat = F.interpolate(((x0hat + 1) / 2).clamp(0, 1), size=(64, 64), mode="bilinear", align_corners=False)
+        rec = F.interpolate(rec, size=(64, 64), mode="bilinear", align_corners=False)
+        for j, i in enumerate(ii.tolist()):
+            r = ds.records[te["idx"][i]]
+            scene = json.loads((ds.root / r["scene"]).read_text())
+            u8 = (rec[j].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            sc = score_scene(u8, scene); ok += sc["correct"]; tot += sc["n_gt"]
+            sc2 = score_scene(u8, scene, use_position=False); okc += sc2["correct"]
+            u8r = (x0hat[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            okr += score_scene(u8r, scene)["correct"]
+        if s == 0: imgs = [te["x"][:8], rec[:8], x0hat[:8]]
+from PIL import Image
+row = lambda t: np.concatenate([(x.clamp(0,1).permute(1,2,0).numpy()*255).astype(np.uint8) for x in t], 1)
+Image.fromarray(np.concatenate([row(i) for i in imgs], 0)).resize((8*128, 384), Image.NEAREST).save(f"{OUT}/{a.tag}.png")
+res = dict(tag=a.tag, args=vars(a), recon=ok / tot, recon_nopos=okc / tot, x0T=okr / tot, n=tot, train_s=round(train_s), final_loss=loss.item())
+print(json.dumps(res), flush=True)
+with open(OUT / "results.jsonl", "a") as fh: fh.write(json.dumps(res) + "\n")
