@@ -183,3 +183,5 @@ def test_canvas_recon_weight_adds_the_canvas_mse():
     small = torch.nn.functional.adaptive_avg_pool2d(img * 2 - 1, 4)
     expect = la + 2.0 * torch.nn.functional.mse_loss(b.canvas(tok, mask)[:, :3], small)
     assert torch.allclose(lb, expect, atol=1e-6)
+    with pytest.raises(UserError, match="canvas_channels >= 3"):
+        Detokenizer(_tiny(canvas_channels=2, canvas_recon_weight=1.0))
