@@ -27,7 +27,7 @@ ap.add_argument("--res", type=int, default=32); ap.add_argument("--ntest", type=
 ap.add_argument("--sample_steps", type=int, default=20); ap.add_argument("--tag", default="x")
 ap.add_argument("--threads", type=int, default=1); ap.add_argument("--mdim", type=int, default=64)
 ap.add_argument("--mdepth", type=int, default=1); ap.add_argument("--channels", default="32,64,64")
-ap.add_argument("--canvas", type=int, default=0); ap.add_argument("--append", type=int, default=0); ap.add_argument("--crw", type=float, default=0); ap.add_argument("--data", required=True); ap.add_argument("--out", default="ablation_out")
+ap.add_argument("--canvas", type=int, default=0); ap.add_argument("--append", type=int, default=0); ap.add_argument("--crw", type=float, default=0); ap.add_argument("--ckind", default="mlp"); ap.add_argument("--chid", type=int, default=64); ap.add_argument("--cgrid", type=int, default=16); ap.add_argument("--data", required=True); ap.add_argument("--out", default="ablation_out")
 a = ap.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
 D = a.data
@@ -59,7 +59,7 @@ ch = tuple(int(c) for c in a.channels.split(","))
 dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", coord_channels=a.coord,
                          unet=dict(block_out_channels=ch) if ch != (32, 64, 64) else {},
                          mapper=MapperConfig(token_dim=64, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
-                                             num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw,
+                                             num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid,
                          prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
 det = Detokenizer(dcfg)
 params = list(setok.merger.parameters()) + list(det.parameters())
@@ -87,7 +87,7 @@ train_s = time.time() - t0
 torch.save({'det': det.state_dict(), 'merger': setok.merger.state_dict()}, f'{OUT}/{a.tag}.pt')
 det.eval(); setok.eval()
 ds = PairsDataset(f"{D}/test/pairs.json", image_size=64)
-ok = tot = okc = okr = 0; gs = torch.Generator().manual_seed(0); imgs = []
+ok = tot = okc = okr = okcv = 0; gs = torch.Generator().manual_seed(0); imgs = []
 with torch.no_grad():
     for s in range(0, a.ntest, 25):
         ii = torch.arange(s, min(a.ntest, s + 25))
@@ -97,6 +97,9 @@ with torch.no_grad():
         xT = torch.randn(tok.shape[0], 3, a.res, a.res, generator=gs)
         x0hat = det._unet(xT, torch.full((tok.shape[0],), 999), cond, det.mapper.condition_mask(tm), det.canvas(tok, tm) if det.canvas is not None else None)
         x0hat = F.interpolate(((x0hat + 1) / 2).clamp(0, 1), size=(64, 64), mode="bilinear", align_corners=False)
+        cv = det.canvas(tok, tm)[:, :3] if det.canvas is not None and a.crw > 0 else None
+        if cv is not None:
+            cv = F.interpolate(((cv + 1) / 2).clamp(0, 1), size=(64, 64), mode="bilinear", align_corners=False)
         rec = F.interpolate(rec, size=(64, 64), mode="bilinear", align_corners=False)
         for j, i in enumerate(ii.tolist()):
             r = ds.records[te["idx"][i]]
@@ -106,10 +109,12 @@ with torch.no_grad():
             sc2 = score_scene(u8, scene, use_position=False); okc += sc2["correct"]
             u8r = (x0hat[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             okr += score_scene(u8r, scene)["correct"]
-        if s == 0: imgs = [te["x"][:8], rec[:8], x0hat[:8]]
+            if cv is not None:
+                okcv += score_scene((cv[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), scene)["correct"]
+        if s == 0: imgs = [te["x"][:8], rec[:8], x0hat[:8]] + ([cv[:8]] if cv is not None else [])
 from PIL import Image
 row = lambda t: np.concatenate([(x.clamp(0,1).permute(1,2,0).numpy()*255).astype(np.uint8) for x in t], 1)
-Image.fromarray(np.concatenate([row(i) for i in imgs], 0)).resize((8*128, 384), Image.NEAREST).save(f"{OUT}/{a.tag}.png")
-res = dict(tag=a.tag, args=vars(a), recon=ok / tot, recon_nopos=okc / tot, x0T=okr / tot, n=tot, train_s=round(train_s), final_loss=loss.item())
+Image.fromarray(np.concatenate([row(i) for i in imgs], 0)).resize((8*128, 128 * len(imgs)), Image.NEAREST).save(f"{OUT}/{a.tag}.png")
+res = dict(tag=a.tag, args=vars(a), recon=ok / tot, recon_nopos=okc / tot, x0T=okr / tot, canvas=okcv / tot, n=tot, train_s=round(train_s), final_loss=loss.item())
 print(json.dumps(res), flush=True)
 with open(OUT / "results.jsonl", "a") as fh: fh.write(json.dumps(res) + "\n")

@@ -121,6 +121,10 @@ class DetokenizerConfig:
     canvas_channels: int = 0
     canvas_grid: int = 16
     canvas_hidden: int = 64
+    # "mlp": (a_ip, f_ip) = MLP(W_t t_i + W_p PE(p)); "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden)
+    # with E(p) = MLP(PE(p)) a learned embedding of the cell (the mask decoder's dot product,
+    # with positions in place of pixels) and f_i = W_f t_i one feature vector per token
+    canvas_kind: str = "mlp"
     # > 0: the canvas's first C channels (C = the UNet's data channels, so canvas_channels
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
@@ -261,29 +265,41 @@ class TokenMapper(nn.Module):
 class TokenCanvas(nn.Module):
     """Spatial broadcast of a token set: tokens (B, K, T) + token_mask (B, K) -> (B, C, g, g).
 
-        h_ip  = W_t t_i + W_p PE(p)                    (B, K, g*g, hidden)
-        (a_ip, f_ip) = MLP(h_ip)                       logit and C features
-        w_ip  = softmax_i(a_ip) over the valid tokens
-        out_p = sum_i w_ip f_ip
+    kind "mlp":      h_ip = W_t t_i + W_p PE(p);  (a_ip, f_ip) = MLP(h_ip)    (B, K, g*g, 1 + C)
+    kind "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden), E(p) = MLP(PE(p));  f_ip = W_f t_i
+    then         w_ip = softmax_i(a_ip) over the valid tokens;  out_p = sum_i w_ip f_ip
     """
 
-    def __init__(self, token_dim: int, channels: int, grid: int = 16, hidden: int = 64):
+    def __init__(self, token_dim: int, channels: int, grid: int = 16, hidden: int = 64, kind: str = "mlp"):
         super().__init__()
         from .position import sincos_2d
-        self.grid = int(grid)
+        if kind not in ("mlp", "bilinear"):
+            raise UserError(f"detokenizer.canvas_kind must be 'mlp' or 'bilinear', got {kind!r}")
+        self.grid, self.kind, self.hidden = int(grid), kind, int(hidden)
+        # positions on the grid in the merger's units (one unit per cell)
         self.register_buffer("pe", sincos_2d(hidden, grid, grid).view(grid * grid, hidden), persistent=False)
-        self.tok = nn.Linear(token_dim, hidden)
-        self.pos = nn.Linear(hidden, hidden)
-        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1 + channels))
+        if kind == "mlp":
+            self.tok = nn.Linear(token_dim, hidden)
+            self.pos = nn.Linear(hidden, hidden)
+            self.mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1 + channels))
+        else:
+            self.key = nn.Linear(token_dim, hidden)
+            self.feat = nn.Linear(token_dim, channels)
+            self.cell = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
     def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
         B, K, _ = tokens.shape
         g = self.grid
-        h = self.tok(tokens).unsqueeze(2) + self.pos(self.pe.to(tokens.dtype)).view(1, 1, g * g, -1)
-        o = self.mlp(h)  # (B, K, g*g, 1 + C)
-        logit = o[..., 0].masked_fill(~_nonempty(token_mask).unsqueeze(-1), float("-inf"))
+        pe = self.pe.to(tokens.dtype)
+        if self.kind == "mlp":
+            o = self.mlp(self.tok(tokens).unsqueeze(2) + self.pos(pe).view(1, 1, g * g, -1))  # (B, K, g*g, 1 + C)
+            logit, feats = o[..., 0], o[..., 1:]
+        else:
+            logit = torch.einsum("bkh,ph->bkp", self.key(tokens), self.cell(pe)) / self.hidden ** 0.5  # (B, K, g*g)
+            feats = self.feat(tokens).unsqueeze(2)  # (B, K, 1, C)
+        logit = logit.masked_fill(~_nonempty(token_mask).unsqueeze(-1), float("-inf"))
         w = torch.softmax(logit, dim=1)  # over tokens
-        out = (w.unsqueeze(-1) * o[..., 1:]).sum(1)  # (B, g*g, C)
+        out = (w.unsqueeze(-1) * feats).sum(1)  # (B, g*g, C)
         return out.transpose(1, 2).reshape(B, -1, g, g)
 
 
@@ -309,7 +325,8 @@ class Detokenizer(nn.Module):
                                 "a pretrained UNet's first convolution has no such inputs (set them to 0)")
         else:
             self.unet = UNet2DConditionModel(**unet_config(c))
-        self.canvas = TokenCanvas(c.mapper.token_dim, c.canvas_channels, c.canvas_grid, c.canvas_hidden) \
+        self.canvas = TokenCanvas(c.mapper.token_dim, c.canvas_channels, c.canvas_grid, c.canvas_hidden,
+                                  c.canvas_kind) \
             if c.canvas_channels else None
         self.vae = None
         if c.space == "latent":

@@ -185,3 +185,22 @@ def test_canvas_recon_weight_adds_the_canvas_mse():
     assert torch.allclose(lb, expect, atol=1e-6)
     with pytest.raises(UserError, match="canvas_channels >= 3"):
         Detokenizer(_tiny(canvas_channels=2, canvas_recon_weight=1.0))
+
+
+def test_bilinear_canvas_is_a_dot_product_over_cells():
+    """kind 'bilinear': a_ip = <W_a t_i, E(p)> / sqrt(h), one feature vector per token; padded
+    tokens are ignored; a token alone paints every cell with its own features."""
+    from setok_cli.models.detokenizer import TokenCanvas
+    torch.manual_seed(0)
+    c = TokenCanvas(token_dim=6, channels=3, grid=5, hidden=8, kind="bilinear")
+    tok = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    out = c(tok, mask)
+    logit = torch.einsum("bkh,ph->bkp", c.key(tok), c.cell(c.pe)) / 8 ** 0.5
+    w = torch.softmax(logit[0, :2], dim=0)  # image 0: its two valid tokens
+    expect = (w.unsqueeze(-1) * c.feat(tok[0, :2]).unsqueeze(1)).sum(0).T.reshape(3, 5, 5)
+    assert torch.allclose(out[0], expect, atol=1e-5)
+    one = c(tok, torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]]).bool())
+    assert torch.allclose(one, c.feat(tok[:, 0]).view(2, 3, 1, 1).expand(2, 3, 5, 5), atol=1e-5)
+    with pytest.raises(UserError, match="canvas_kind"):
+        TokenCanvas(6, 3, kind="conv")
