@@ -27,13 +27,13 @@ ap.add_argument("--res", type=int, default=32); ap.add_argument("--ntest", type=
 ap.add_argument("--sample_steps", type=int, default=20); ap.add_argument("--tag", default="x")
 ap.add_argument("--threads", type=int, default=1); ap.add_argument("--mdim", type=int, default=64)
 ap.add_argument("--mdepth", type=int, default=1); ap.add_argument("--channels", default="32,64,64")
-ap.add_argument("--canvas", type=int, default=0); ap.add_argument("--append", type=int, default=0); ap.add_argument("--crw", type=float, default=0); ap.add_argument("--ckind", default="mlp"); ap.add_argument("--chid", type=int, default=64); ap.add_argument("--cgrid", type=int, default=16); ap.add_argument("--data", required=True); ap.add_argument("--out", default="ablation_out")
+ap.add_argument("--canvas", type=int, default=0); ap.add_argument("--append", type=int, default=0); ap.add_argument("--crw", type=float, default=0); ap.add_argument("--ckind", default="mlp"); ap.add_argument("--chid", type=int, default=64); ap.add_argument("--tdim", type=int, default=64); ap.add_argument("--cgrid", type=int, default=16); ap.add_argument("--data", required=True); ap.add_argument("--out", default="ablation_out")
 a = ap.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
 D = a.data
 OUT = Path(a.out); OUT.mkdir(parents=True, exist_ok=True)
 cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw, max_tokens=a.maxtok,
-                  merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=64)
+                  merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=a.tdim)
 setok = SeTok(cfg)
 cache = Path(f"{OUT}/cache_{a.size}_{a.k}_{a.bw}_{a.maxtok}.pt")
 def precompute(split, n=None):
@@ -58,7 +58,7 @@ grid = (a.size // 14,) * 2
 ch = tuple(int(c) for c in a.channels.split(","))
 dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", coord_channels=a.coord,
                          unet=dict(block_out_channels=ch) if ch != (32, 64, 64) else {},
-                         mapper=MapperConfig(token_dim=64, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                         mapper=MapperConfig(token_dim=a.tdim, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
                                              num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid,
                          prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
 det = Detokenizer(dcfg)

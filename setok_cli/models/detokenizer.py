@@ -19,6 +19,7 @@ BERT-base shapes, so the paper model can be sized without any file on disk.
 from __future__ import annotations
 
 import inspect
+import math
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -262,11 +263,31 @@ class TokenMapper(nn.Module):
         return torch.cat([mask.new_ones(mask.shape[0], self.config.num_queries), mask], 1)
 
 
+def fourier_2d(dim: int, grid: int) -> Tensor:
+    """Fourier features of a grid x grid grid's cells -> (grid * grid, dim): sin and cos of x and
+    y times dim // 4 frequencies, geometric from pi (one period per two cells, the Nyquist
+    rate) to 2 pi / grid (one period per grid), so an MLP on them can draw sharp edges (an MLP
+    on low frequencies only learns smooth functions: Tancik et al., 2020). Trailing channels
+    that do not fill a group are zero."""
+    q = dim // 4
+    out = torch.zeros(grid, grid, dim)
+    if q == 0:
+        return out.view(grid * grid, dim)
+    hi, lo = math.pi, 2 * math.pi / max(grid, 2)
+    omega = hi * (lo / hi) ** (torch.arange(q, dtype=torch.float64) / max(q - 1, 1))  # (q,)
+    a = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]  # (grid, q)
+    out[..., 0 * q:1 * q] = torch.sin(a).float()[:, None, :]
+    out[..., 1 * q:2 * q] = torch.cos(a).float()[:, None, :]
+    out[..., 2 * q:3 * q] = torch.sin(a).float()[None, :, :]
+    out[..., 3 * q:4 * q] = torch.cos(a).float()[None, :, :]
+    return out.view(grid * grid, dim)
+
+
 class TokenCanvas(nn.Module):
     """Spatial broadcast of a token set: tokens (B, K, T) + token_mask (B, K) -> (B, C, g, g).
 
     kind "mlp":      h_ip = W_t t_i + W_p PE(p);  (a_ip, f_ip) = MLP(h_ip)    (B, K, g*g, 1 + C)
-    kind "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden), E(p) = MLP(PE(p));  f_ip = W_f t_i
+    kind "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden), E(p) = MLP(fourier_2d(p));  f_ip = W_f t_i
     then         w_ip = softmax_i(a_ip) over the valid tokens;  out_p = sum_i w_ip f_ip
     """
 
@@ -276,8 +297,11 @@ class TokenCanvas(nn.Module):
         if kind not in ("mlp", "bilinear"):
             raise UserError(f"detokenizer.canvas_kind must be 'mlp' or 'bilinear', got {kind!r}")
         self.grid, self.kind, self.hidden = int(grid), kind, int(hidden)
-        # positions on the grid in the merger's units (one unit per cell)
-        self.register_buffer("pe", sincos_2d(hidden, grid, grid).view(grid * grid, hidden), persistent=False)
+        if kind == "mlp":  # the merger's sin-cos position embedding
+            pe = sincos_2d(hidden, grid, grid).view(grid * grid, hidden)
+        else:  # Fourier features from the grid's Nyquist frequency down to one period per grid
+            pe = fourier_2d(hidden, grid)
+        self.register_buffer("pe", pe, persistent=False)
         if kind == "mlp":
             self.tok = nn.Linear(token_dim, hidden)
             self.pos = nn.Linear(hidden, hidden)

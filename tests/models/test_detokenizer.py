@@ -204,3 +204,18 @@ def test_bilinear_canvas_is_a_dot_product_over_cells():
     assert torch.allclose(one, c.feat(tok[:, 0]).view(2, 3, 1, 1).expand(2, 3, 5, 5), atol=1e-5)
     with pytest.raises(UserError, match="canvas_kind"):
         TokenCanvas(6, 3, kind="conv")
+
+
+def test_fourier_2d_spans_nyquist_to_one_period():
+    import math
+
+    from setok_cli.models.detokenizer import fourier_2d
+    g, q = 8, 4
+    pe = fourier_2d(4 * q + 2, g).view(g, g, 4 * q + 2)   # (y, x, dim)
+    # highest frequency pi: cos alternates +1 / -1 from cell to cell along y, constant along x
+    assert torch.allclose(pe[:, 0, q], torch.tensor([(-1.0) ** y for y in range(g)]), atol=1e-6)
+    assert torch.allclose(pe[3, :, q], torch.full((g,), -1.0), atol=1e-6)
+    # lowest frequency 2 pi / g: one period over the grid, along x in the last group
+    expect = torch.sin(2 * math.pi * torch.arange(g) / g)
+    assert torch.allclose(pe[0, :, 3 * q - 1], expect, atol=1e-6)
+    assert torch.all(pe[..., 4 * q:] == 0)   # the channels left over are zero
