@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._config import strict_from_dict
 
 from ..errors import UserError
 
@@ -54,11 +56,7 @@ class AlignmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlignmentConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown AlignmentConfig keys {unknown}; valid: {sorted(names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 # ---- text encoders -----------------------------------------------------------------

@@ -16,7 +16,7 @@ features (B, h, w, D), logits (B, K, H, W), instances (B, H, W) int64 with 0 = b
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from ._config import strict_from_dict
 
 __all__ = ["MaskDecoderConfig", "MaskDecoder", "pairwise_bce_cost", "pairwise_dice_cost", "dice_loss",
            "hungarian_match", "instance_targets", "mask_losses", "mask_consistency_kl", "segment_miou"]
@@ -48,11 +50,7 @@ class MaskDecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskDecoderConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown MaskDecoderConfig keys {unknown}; valid: {sorted(names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 class MaskDecoder(nn.Module):
