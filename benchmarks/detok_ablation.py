@@ -28,6 +28,7 @@ ap.add_argument("--maxtok", type=int, default=16, help="max tokens per image")
 ap.add_argument("--mdim", type=int, default=64, help="merger width")
 ap.add_argument("--mdepth", type=int, default=1, help="merger blocks within a cluster")
 ap.add_argument("--tdim", type=int, default=64, help="token width")
+ap.add_argument("--rel", type=int, default=0, help="merger_relative_pe (octaves; 0: off)")
 ap.add_argument("--coord", type=int, default=2, help="detokenizer.coord_channels")
 ap.add_argument("--append", type=int, default=0, help="mapper.append_tokens (0/1)")
 ap.add_argument("--queries", type=int, default=8, help="mapper queries")
@@ -36,6 +37,8 @@ ap.add_argument("--ckind", default="mlp", help="canvas_kind")
 ap.add_argument("--cgrid", type=int, default=16, help="canvas_grid")
 ap.add_argument("--chid", type=int, default=64, help="canvas_hidden")
 ap.add_argument("--crw", type=float, default=0, help="canvas_recon_weight")
+ap.add_argument("--cmw", type=float, default=0, help="canvas_mask_weight")
+ap.add_argument("--coct", type=int, default=6, help="canvas_octaves (kind local)")
 ap.add_argument("--channels", default="32,64,64", help="UNet block widths")
 ap.add_argument("--res", type=int, default=32, help="UNet resolution")
 ap.add_argument("--pred", default="sample", help="prediction_type")
@@ -50,7 +53,8 @@ torch.set_num_threads(a.threads); torch.manual_seed(0)
 D = a.data
 OUT = Path(a.out); OUT.mkdir(parents=True, exist_ok=True)
 cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw, max_tokens=a.maxtok,
-                  merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=a.tdim)
+                  merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=a.tdim,
+                  merger_relative_pe=a.rel)
 setok = SeTok(cfg)
 cache = Path(f"{OUT}/cache_{a.size}_{a.k}_{a.bw}_{a.maxtok}.pt")
 def precompute(split, n=None):
@@ -76,7 +80,7 @@ ch = tuple(int(c) for c in a.channels.split(","))
 dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", coord_channels=a.coord,
                          unet=dict(block_out_channels=ch) if ch != (32, 64, 64) else {},
                          mapper=MapperConfig(token_dim=a.tdim, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
-                                             num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid,
+                                             num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid, canvas_mask_weight=a.cmw, canvas_octaves=a.coct,
                          prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
 det = Detokenizer(dcfg)
 params = list(setok.merger.parameters()) + list(det.parameters())
@@ -89,6 +93,7 @@ def tokens(C, ii):
     masks = F.one_hot(l.clamp_min(0), K).permute(0, 2, 1).float()
     t = setok.merger(C["f"][ii], masks, l, nt, grid, hard=True)
     tm = torch.arange(K).view(1, K) < nt.view(-1, 1)
+    tokens.masks = masks.view(masks.shape[0], K, *grid)
     return t, tm
 g = torch.Generator().manual_seed(0)
 t0 = time.time(); n = tr["x"].shape[0]
@@ -96,7 +101,7 @@ det.train(); setok.train()
 for step in range(a.steps):
     ii = torch.randint(0, n, (a.bs,), generator=g)
     tok, tm = tokens(tr, ii)
-    loss = det(tr["x"][ii], tok, tm, generator=g)
+    loss = det(tr["x"][ii], tok, tm, generator=g, masks=tokens.masks if a.cmw > 0 else None)
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sch.step()
     if step % 50 == 0 or step == a.steps - 1:
         print(f"step {step} loss {loss.item():.4f} t {time.time()-t0:.0f}s", flush=True)

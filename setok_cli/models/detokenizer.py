@@ -125,7 +125,16 @@ class DetokenizerConfig:
     # "mlp": (a_ip, f_ip) = MLP(W_t t_i + W_p PE(p)); "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden)
     # with E(p) = MLP(PE(p)) a learned embedding of the cell (the mask decoder's dot product,
     # with positions in place of pixels) and f_i = W_f t_i one feature vector per token
+    # "local": each token places itself, c_i = tanh(W_c t_i) in [-1, 1]^2, and draws its shape
+    # around that place, (a_ip, f_ip) = MLP(W_z t_i + W_u phi(p - c_i)) with phi the Fourier
+    # features of the offset (canvas_octaves, finest = two cells): an object-centric implicit
+    # decoder, the same shape wherever the token sits (translation-equivariant)
     canvas_kind: str = "mlp"
+    canvas_octaves: int = 6
+    # > 0: the canvas's token weights w_ip also learn the clustering masks M (cross-entropy
+    # of softmax_i a_ip against M resized to the canvas, this weight), during training only:
+    # where each token lies and how far it reaches, learnt directly instead of through colour
+    canvas_mask_weight: float = 0.0
     # > 0: the canvas's first C channels (C = the UNet's data channels, so canvas_channels
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
@@ -288,43 +297,101 @@ class TokenCanvas(nn.Module):
 
     kind "mlp":      h_ip = W_t t_i + W_p PE(p);  (a_ip, f_ip) = MLP(h_ip)    (B, K, g*g, 1 + C)
     kind "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden), E(p) = MLP(fourier_2d(p));  f_ip = W_f t_i
+    kind "local":    c_i = tanh(W_c t_i);  (a_ip, f_ip) = MLP(W_z t_i + W_u phi(q_p - c_i)), q_p the
+                     cell centre in [-1, 1]^2, phi = relative_fourier at pi 2^j / 2, j < octaves
     then         w_ip = softmax_i(a_ip) over the valid tokens;  out_p = sum_i w_ip f_ip
     """
 
-    def __init__(self, token_dim: int, channels: int, grid: int = 16, hidden: int = 64, kind: str = "mlp"):
+    def __init__(self, token_dim: int, channels: int, grid: int = 16, hidden: int = 64, kind: str = "mlp",
+                 octaves: int = 6):
         super().__init__()
         from .position import sincos_2d
-        if kind not in ("mlp", "bilinear"):
-            raise UserError(f"detokenizer.canvas_kind must be 'mlp' or 'bilinear', got {kind!r}")
-        self.grid, self.kind, self.hidden = int(grid), kind, int(hidden)
+        if kind not in ("mlp", "bilinear", "local"):
+            raise UserError(f"detokenizer.canvas_kind must be 'mlp', 'bilinear' or 'local', got {kind!r}")
+        self.grid, self.kind, self.hidden, self.octaves = int(grid), kind, int(hidden), int(octaves)
         if kind == "mlp":  # the merger's sin-cos position embedding
             pe = sincos_2d(hidden, grid, grid).view(grid * grid, hidden)
-        else:  # Fourier features from the grid's Nyquist frequency down to one period per grid
+        elif kind == "bilinear":  # Fourier features from the grid's Nyquist frequency down to one period per grid
             pe = fourier_2d(hidden, grid)
+        else:  # cell centres (x, y) in [-1, 1]
+            c = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
+            pe = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).view(grid * grid, 2)
         self.register_buffer("pe", pe, persistent=False)
         if kind == "mlp":
             self.tok = nn.Linear(token_dim, hidden)
             self.pos = nn.Linear(hidden, hidden)
             self.mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1 + channels))
-        else:
+        elif kind == "bilinear":
             self.key = nn.Linear(token_dim, hidden)
             self.feat = nn.Linear(token_dim, channels)
             self.cell = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        else:
+            if self.octaves < 1:
+                raise UserError(f"detokenizer.canvas_octaves must be >= 1, got {octaves!r}")
+            self.place = nn.Linear(token_dim, 2)
+            self.tok = nn.Linear(token_dim, hidden)
+            self.off = nn.Linear(4 * self.octaves, hidden)
+            self.mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                     nn.GELU(), nn.Linear(hidden, 1 + channels))
 
-    def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+    def centres(self, tokens: Tensor) -> Tensor:
+        """kind "local": where each token draws itself, (B, K, 2) (x, y) in [-1, 1]."""
+        return torch.tanh(self.place(tokens))
+
+    def _local(self, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """kind "local", on the valid tokens only -> logits (B, K, P), feats (B, K, P, C)."""
+        from .merger import relative_fourier
+        B, K, _ = tokens.shape
+        P = self.pe.shape[0]
+        t = tokens[valid]  # (V, T)
+        off = self.pe.to(t.dtype).unsqueeze(0) - self.centres(t).unsqueeze(1)  # (V, P, 2) in [-2, 2]
+        o = self.mlp(self.tok(t).unsqueeze(1) + self.off(relative_fourier(off / 2, self.octaves)))  # (V, P, 1 + C)
+        logit = o.new_full((B, K, P), float("-inf"))
+        feats = o.new_zeros(B, K, P, o.shape[-1] - 1)
+        logit[valid] = o[..., 0]
+        feats[valid] = o[..., 1:]
+        return logit, feats
+
+    def forward(self, tokens: Tensor, token_mask: Tensor, return_logits: bool = False):
+        """-> canvas (B, C, g, g); with return_logits also the token logits (B, K, g*g), -inf
+        on padded tokens."""
         B, K, _ = tokens.shape
         g = self.grid
         pe = self.pe.to(tokens.dtype)
+        valid = _nonempty(token_mask)
         if self.kind == "mlp":
             o = self.mlp(self.tok(tokens).unsqueeze(2) + self.pos(pe).view(1, 1, g * g, -1))  # (B, K, g*g, 1 + C)
             logit, feats = o[..., 0], o[..., 1:]
-        else:
+        elif self.kind == "bilinear":
             logit = torch.einsum("bkh,ph->bkp", self.key(tokens), self.cell(pe)) / self.hidden ** 0.5  # (B, K, g*g)
             feats = self.feat(tokens).unsqueeze(2)  # (B, K, 1, C)
-        logit = logit.masked_fill(~_nonempty(token_mask).unsqueeze(-1), float("-inf"))
+        else:
+            logit, feats = self._local(tokens, valid)
+        logit = logit.masked_fill(~valid.unsqueeze(-1), float("-inf"))
         w = torch.softmax(logit, dim=1)  # over tokens
         out = (w.unsqueeze(-1) * feats).sum(1)  # (B, g*g, C)
-        return out.transpose(1, 2).reshape(B, -1, g, g)
+        out = out.transpose(1, 2).reshape(B, -1, g, g)
+        return (out, logit) if return_logits else out
+
+
+def canvas_mask_loss(logits: Tensor, masks: Tensor, grid: int) -> Tensor:
+    """Cross-entropy of the canvas's token weights against the clustering masks.
+
+    logits (B, K, g*g) (-inf on padded tokens); masks (B, K', h, w) with K' <= K (soft or
+    0/1, resized to g x g by area or bilinear) -> mean over the cells that some token owns
+    of -sum_i m_ip log softmax_i(a_ip), m normalised over tokens."""
+    B, K, P = logits.shape
+    m = masks.float()
+    if m.shape[-2:] != (grid, grid):
+        mode = "area" if m.shape[-1] > grid else "bilinear"
+        m = F.interpolate(m, size=(grid, grid), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    m = m.flatten(2)  # (B, K', P)
+    m = F.pad(m, (0, 0, 0, K - m.shape[1]))  # (B, K, P)
+    tot = m.sum(1)  # (B, P)
+    owned = tot > 1e-6
+    logp = torch.log_softmax(logits.float(), dim=1).masked_fill(m <= 0, 0.0)  # -inf * 0 -> 0
+    ce = -(m * logp).sum(1) / tot.clamp_min(1e-6)  # (B, P)
+    return ce[owned].mean() if bool(owned.any()) else logits.sum() * 0
 
 
 # ---- the detokenizer -----------------------------------------------------------------------
@@ -350,7 +417,7 @@ class Detokenizer(nn.Module):
         else:
             self.unet = UNet2DConditionModel(**unet_config(c))
         self.canvas = TokenCanvas(c.mapper.token_dim, c.canvas_channels, c.canvas_grid, c.canvas_hidden,
-                                  c.canvas_kind) \
+                                  c.canvas_kind, c.canvas_octaves) \
             if c.canvas_channels else None
         self.vae = None
         if c.space == "latent":
@@ -416,16 +483,19 @@ class Detokenizer(nn.Module):
 
     # -- training (eq. 3) --
     def forward(self, images: Tensor, tokens: Tensor, token_mask: Tensor,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+                generator: Optional[torch.Generator] = None, masks: Optional[Tensor] = None) -> Tensor:
         """The denoising loss (a scalar) for images (B, 3, H, W) in [0, 1]: MSE against eps
-        (eq. 3), x0 or v, as `prediction_type` says."""
+        (eq. 3), x0 or v, as `prediction_type` says; plus the canvas's own losses where set
+        (masks (B, K, h, w): the clustering masks, for canvas_mask_weight)."""
         x0 = self.encode(images)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                           generator=generator, device=x0.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         cond = self.mapper(tokens, token_mask)
-        canvas = self.canvas(tokens, token_mask) if self.canvas is not None else None
+        canvas = clog = None
+        if self.canvas is not None:
+            canvas, clog = self.canvas(tokens, token_mask, return_logits=True)
         if self.training and self.config.cond_dropout > 0:
             drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.config.cond_dropout
             cond = cond.masked_fill(drop[:, None, None], 0.0)
@@ -439,6 +509,10 @@ class Detokenizer(nn.Module):
             C = x0.shape[1]
             small = F.adaptive_avg_pool2d(x0.float(), canvas.shape[-2:])
             loss = loss + self.config.canvas_recon_weight * F.mse_loss(canvas[:, :C].float(), small)
+        if clog is not None and self.config.canvas_mask_weight > 0:
+            if masks is None:
+                raise UserError("detokenizer.canvas_mask_weight needs the clustering masks (masks=...)")
+            loss = loss + self.config.canvas_mask_weight * canvas_mask_loss(clog, masks, self.canvas.grid)
         return loss
 
     # -- sampling --

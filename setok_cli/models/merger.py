@@ -1,6 +1,8 @@
 """The cluster merger (paper section 2.1): one token per cluster.
 
     X_i = PE(X) * M_i + X * M_i           (2-D sin-cos PE, after a Linear to the width d)
+        [+ R_i * M_i with relative_pe > 0: Fourier features of each patch's offset from
+         the cluster's centroid, after a Linear to d; see ClusterMerger.relative]
     L blocks of (2-head self-attention, FFN; pre-norm residual) within each cluster
     average pooling over the cluster      -> one vector per cluster
     L' blocks across the cluster tokens of an image
@@ -118,14 +120,33 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def relative_fourier(offset: Tensor, octaves: int) -> Tensor:
+    """offset (..., 2) in image sides -> (..., 4 * octaves): sin and cos of pi 2^j offset_x and
+    offset_y, j = 0 .. octaves - 1 (the finest period is 2^(1-octaves) of the image side)."""
+    freq = math.pi * 2.0 ** torch.arange(octaves, device=offset.device, dtype=offset.dtype)  # (F,)
+    ang = offset.unsqueeze(-1) * freq  # (..., 2, F)
+    return torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)
+
+
 class ClusterMerger(nn.Module):
-    """features (B, N, in_dim) + masks (B, K, N) -> tokens (B, K, token_dim)."""
+    """features (B, N, in_dim) + masks (B, K, N) -> tokens (B, K, token_dim).
+
+    relative_pe = F > 0 adds, to every patch inside cluster i, Linear(relative_fourier(p - c_i))
+    where p is the patch's centre and c_i the cluster's mask-weighted centroid, both in
+    image sides. The absolute PE says where a cluster is; these say where each patch is
+    *within* it, the same wherever the cluster sits, so the within-cluster blocks see its
+    silhouette in its own frame and the pooled token can carry its shape (the paper's
+    absolute PE alone: 23% of object shapes recoverable from the token on the shapes world,
+    with relative_pe 4: 59%, benchmarks/token_probe.py). Off (0) by default, as in the paper.
+    """
 
     def __init__(self, in_dim: int, dim: int = 256, token_dim: int = 256, depth: int = 2, cross_depth: int = 2,
-                 heads: int = 2, mlp_ratio: float = 4.0):
+                 heads: int = 2, mlp_ratio: float = 4.0, relative_pe: int = 0):
         super().__init__()
         self.dim = dim
+        self.relative_pe = int(relative_pe)
         self.in_proj = nn.Linear(in_dim, dim)
+        self.rel_proj = nn.Linear(4 * self.relative_pe, dim) if self.relative_pe > 0 else None
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.cross = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(cross_depth))
         self.norm = nn.LayerNorm(dim)
@@ -137,25 +158,51 @@ class ClusterMerger(nn.Module):
         pe = sincos_2d(self.dim, h, w, device=x.device, dtype=torch.float32).view(1, h * w, self.dim)
         return self.in_proj(x.float()) + pe
 
+    @staticmethod
+    def positions(grid: tuple[int, int], device=None) -> Tensor:
+        """Patch centres in image sides (x, y), row-major: (h * w, 2)."""
+        h, w = grid
+        s = float(max(h, w))
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / s
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / s
+        return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(h * w, 2)
+
+    def relative(self, weights: Tensor, grid: tuple[int, int]) -> Tensor:
+        """weights (B, K, N) cluster memberships (0/1 or soft) -> R (B, K, N, d): the embedded
+        offset of every patch from each cluster's weighted centroid."""
+        pos = self.positions(grid, weights.device)  # (N, 2)
+        w = weights.float()
+        cen = (w @ pos) / w.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, K, 2)
+        return self.rel_proj(relative_fourier(pos.view(1, 1, -1, 2) - cen.unsqueeze(2), self.relative_pe))
+
     def forward(self, x: Tensor, masks: Tensor, labels: Tensor, num_tokens: Tensor, grid: tuple[int, int],
                 hard: bool = True) -> Tensor:
         """x: (B, N, in_dim) encoder features; masks: (B, K, N); labels: (B, N) (-1 invalid);
         num_tokens: (B,). -> tokens (B, K, token_dim), rows past num_tokens zero."""
         B, K, N = masks.shape
         e = self.embed(x, grid)  # (B, N, d)
-        u = self.pool_packed(e, masks, labels) if hard else self.pool_soft(e, masks)  # (B, K, d)
+        if hard:
+            u = self.pool_packed(e, masks, labels, grid)
+        else:
+            u = self.pool_soft(e, masks, grid)  # (B, K, d)
         token_mask = torch.arange(K, device=x.device).view(1, K) < num_tokens.view(B, 1)
         for blk in self.cross:
             u = blk.dense(u, token_mask)
         t = self.out(self.norm(u))
         return t * token_mask.unsqueeze(-1).to(t.dtype)
 
-    def pool_packed(self, e: Tensor, masks: Tensor, labels: Tensor) -> Tensor:
+    def pool_packed(self, e: Tensor, masks: Tensor, labels: Tensor, grid: Optional[tuple[int, int]] = None) -> Tensor:
         """Hard masks: every cluster of every image in one packed varlen pass. -> (B, K, d)"""
         B, K, N = masks.shape
         d = e.shape[-1]
         valid = labels >= 0
         lab = labels.clamp_min(0)
+        if self.rel_proj is not None:  # each patch's offset from its own cluster's centroid
+            own = F.one_hot(lab, K).transpose(1, 2).float() * valid.unsqueeze(1)  # (B, K, N)
+            pos = self.positions(grid, e.device)  # (N, 2)
+            cen = (own @ pos) / own.sum(-1, keepdim=True).clamp_min(1.0)  # (B, K, 2)
+            off = pos.view(1, N, 2) - cen.gather(1, lab.unsqueeze(-1).expand(B, N, 2))  # (B, N, 2)
+            e = e + self.rel_proj(relative_fourier(off, self.relative_pe))
         # each patch's own mask value: 1 in the forward pass, carries the clustering gradient
         m = masks.gather(1, lab.unsqueeze(1)).squeeze(1) * valid.to(masks.dtype)  # (B, N)
         xm = e * m.unsqueeze(-1)  # X_i = (X + PE) * M_i on the cluster's own patches
@@ -174,12 +221,15 @@ class ClusterMerger(nn.Module):
         summed = torch.zeros(B * K, d, device=e.device, dtype=h.dtype).index_add_(0, seg_p, h)
         return (summed / lens.clamp_min(1).unsqueeze(-1).to(h.dtype)).view(B, K, d)
 
-    def pool_soft(self, e: Tensor, masks: Tensor) -> Tensor:
+    def pool_soft(self, e: Tensor, masks: Tensor, grid: Optional[tuple[int, int]] = None) -> Tensor:
         """Soft masks: cluster i attends over all patches with keys weighted by M_i. -> (B, K, d)"""
         B, K, N = masks.shape
         d = e.shape[-1]
         m = masks.float()
-        xm = (e.unsqueeze(1) * m.unsqueeze(-1)).reshape(B * K, N, d)  # (B*K, N, d)
+        ek = e.unsqueeze(1)  # (B, 1, N, d)
+        if self.rel_proj is not None:  # offsets from the mask-weighted centroid (differentiable in M)
+            ek = ek + self.relative(m, grid)  # (B, K, N, d)
+        xm = (ek * m.unsqueeze(-1)).reshape(B * K, N, d)  # (B*K, N, d)
         has = m > 0
         empty = ~has.any(-1)  # padded token rows
         bias = torch.where(has, m.clamp_min(1e-30).log(), torch.full_like(m, -math.inf))

@@ -90,6 +90,9 @@ class SeTokConfig:
     merger_depth: int = 2  # blocks within a cluster
     merger_cross_depth: int = 2  # blocks across the cluster tokens
     merger_heads: int = 2
+    # > 0: octaves of Fourier features of each patch's offset from its cluster's centroid,
+    # added inside the cluster (ClusterMerger); lets tokens carry their region's shape. 0: the paper
+    merger_relative_pe: int = 0
     mlp_ratio: float = 4.0
     token_dim: int = 256
     init_seed: int = 0  # the untrained merger is initialised from this seed (deterministic tokens)
@@ -210,7 +213,8 @@ class SeTok(nn.Module):
             torch.manual_seed(config.init_seed)
             self.cluster_head = ClusterHead(D, config.cluster_head)
             self.merger = ClusterMerger(D, config.merger_dim, config.token_dim, config.merger_depth,
-                                        config.merger_cross_depth, config.merger_heads, config.mlp_ratio)
+                                        config.merger_cross_depth, config.merger_heads, config.mlp_ratio,
+                                        config.merger_relative_pe)
 
     # ---- properties ------------------------------------------------------------------
     @property

@@ -109,7 +109,9 @@ class Stage1Model(nn.Module):
         tokens, tmask = out.tokens, out.token_mask                    # (B, K, T), (B, K)
         terms: dict[str, Tensor] = {}
         if self.detokenizer is not None and w.diffusion > 0:
-            terms["diffusion"] = self.detokenizer(images, tokens, tmask)
+            needs_masks = self.detokenizer.config.canvas_mask_weight > 0
+            terms["diffusion"] = self.detokenizer(images, tokens, tmask,
+                                                  masks=out.masks.detach() if needs_masks else None)
         if self.mask_decoder is not None and (w.bce > 0 or w.dice > 0 or w.kl > 0) and \
                 ("instances" in batch or w.kl > 0):
             feats = out.features if self.mask_decoder.config.feature_dim > 0 else None

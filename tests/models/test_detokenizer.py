@@ -219,3 +219,71 @@ def test_fourier_2d_spans_nyquist_to_one_period():
     expect = torch.sin(2 * math.pi * torch.arange(g) / g)
     assert torch.allclose(pe[0, :, 3 * q - 1], expect, atol=1e-6)
     assert torch.all(pe[..., 4 * q:] == 0)   # the channels left over are zero
+
+
+def test_local_canvas_moves_with_its_token():
+    """kind 'local': the token's logit map is drawn around its centre c = tanh(W_c t), so
+    moving the centre by two cells moves the map by two cells (translation-equivariant);
+    padded tokens are ignored; a token alone owns every cell."""
+    from setok_cli.models.detokenizer import TokenCanvas
+    from setok_cli.models.merger import relative_fourier
+    torch.manual_seed(0)
+    g = 16
+    c = TokenCanvas(token_dim=6, channels=3, grid=g, hidden=16, kind="local", octaves=4)
+    tok = torch.randn(1, 2, 6)
+    mask = torch.tensor([[True, False]])
+    cell = 2.0 / g
+    with torch.no_grad():
+        c.place.weight.zero_()
+        c.place.bias.copy_(torch.atanh(torch.tensor([-4 * cell, -2 * cell])))  # centre at a cell corner
+        _, a = c(tok, mask, return_logits=True)
+        c.place.bias.copy_(torch.atanh(torch.tensor([-2 * cell, -2 * cell])))  # two cells to the right
+        _, b = c(tok, mask, return_logits=True)
+    a, b = a[0, 0].view(g, g), b[0, 0].view(g, g)
+    assert torch.allclose(b[:, 2:], a[:, :-2], atol=1e-4)
+    assert not torch.allclose(b, a, atol=1e-3)
+    assert torch.isinf(c(tok, mask, return_logits=True)[1][0, 1]).all()  # the padded token
+    tok2 = tok.clone()
+    tok2[0, 1] = 1e3
+    assert torch.allclose(c(tok, mask), c(tok2, mask), atol=1e-6)
+    out, logit = c(tok, mask, return_logits=True)
+    feats = c.mlp(c.tok(tok[0, :1]).unsqueeze(1) + c.off(relative_fourier((c.pe - c.centres(tok[0, :1])) / 2, 4)))
+    assert torch.allclose(out[0], feats[0, :, 1:].T.reshape(3, g, g), atol=1e-5)
+    with pytest.raises(UserError, match="canvas_octaves"):
+        TokenCanvas(6, 3, kind="local", octaves=0)
+
+
+def test_canvas_mask_loss_known_values():
+    """Cross-entropy of the canvas weights against the clustering masks: uniform logits over
+    K valid tokens give log K; logits that agree with the masks give ~0; padding cells (no
+    token's mask) do not count; the detokenizer adds it with its weight."""
+    import math
+    from setok_cli.models.detokenizer import canvas_mask_loss
+    B, K, g = 2, 3, 4
+    lab = torch.randint(0, K, (B, g, g), generator=torch.Generator().manual_seed(0))
+    masks = torch.nn.functional.one_hot(lab, K).permute(0, 3, 1, 2).float()  # (B, K, g, g)
+    masks[1, :, 0, :] = 0  # a padded row
+    flat = torch.zeros(B, K, g * g)
+    assert math.isclose(canvas_mask_loss(flat, masks, g).item(), math.log(K), rel_tol=1e-6)
+    good = masks.flatten(2) * 30.0
+    assert canvas_mask_loss(good, masks, g).item() < 1e-10
+    bad = (1 - masks.flatten(2)) * 30.0
+    assert canvas_mask_loss(bad, masks, g).item() > 25
+    # a padded token (logit -inf) with no mask is harmless; masks at a coarser grid are resized
+    padded = torch.cat([good, torch.full((B, 1, g * g), float("-inf"))], 1)
+    assert torch.isfinite(canvas_mask_loss(padded, masks, g))
+    coarse = torch.nn.functional.one_hot(torch.zeros(B, 2, 2, dtype=torch.long), K).permute(0, 3, 1, 2).float()
+    assert math.isclose(canvas_mask_loss(flat, coarse, g).item(), math.log(K), rel_tol=1e-6)
+    # in the detokenizer, with its weight
+    torch.manual_seed(0)
+    tok, tm, img = torch.randn(B, K, 8), torch.ones(B, K, dtype=torch.bool), torch.rand(B, 3, 16, 16)
+    kw = dict(canvas_channels=4, canvas_grid=g, canvas_hidden=16, canvas_kind="local", canvas_octaves=3)
+    a = Detokenizer(_tiny(**kw))
+    b = Detokenizer(_tiny(canvas_mask_weight=0.5, **kw))
+    b.load_state_dict(a.state_dict())
+    la = a(img, tok, tm, generator=torch.Generator().manual_seed(0))
+    lb = b(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
+    _, logit = b.canvas(tok, tm, return_logits=True)
+    assert torch.allclose(lb, la + 0.5 * canvas_mask_loss(logit, masks, g), atol=1e-6)
+    with pytest.raises(UserError, match="clustering masks"):
+        b(img, tok, tm)
