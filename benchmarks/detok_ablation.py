@@ -39,6 +39,7 @@ ap.add_argument("--chid", type=int, default=64, help="canvas_hidden")
 ap.add_argument("--crw", type=float, default=0, help="canvas_recon_weight")
 ap.add_argument("--cmw", type=float, default=0, help="canvas_mask_weight")
 ap.add_argument("--coct", type=int, default=6, help="canvas_octaves (kind local)")
+ap.add_argument("--ctarget", default="clusters", help="canvas_mask_target: clusters | instances")
 ap.add_argument("--channels", default="32,64,64", help="UNet block widths")
 ap.add_argument("--res", type=int, default=32, help="UNet resolution")
 ap.add_argument("--pred", default="sample", help="prediction_type")
@@ -81,6 +82,7 @@ dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", co
                          unet=dict(block_out_channels=ch) if ch != (32, 64, 64) else {},
                          mapper=MapperConfig(token_dim=a.tdim, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
                                              num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid, canvas_mask_weight=a.cmw, canvas_octaves=a.coct,
+                         canvas_mask_target=a.ctarget,
                          prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
 det = Detokenizer(dcfg)
 params = list(setok.merger.parameters()) + list(det.parameters())
@@ -95,13 +97,21 @@ def tokens(C, ii):
     tm = torch.arange(K).view(1, K) < nt.view(-1, 1)
     tokens.masks = masks.view(masks.shape[0], K, *grid)
     return t, tm
+if a.ctarget == "instances":
+    from setok_cli.models.detokenizer import instance_canvas_targets
+    _ds = PairsDataset(f"{D}/train/pairs.json", image_size=64)
+    tr["inst"] = torch.stack([_ds[i]["instances"] for i in tr["idx"]])
+def canvas_masks(ii):
+    if a.cmw <= 0:
+        return None
+    return instance_canvas_targets(tokens.masks, tr["inst"][ii]) if a.ctarget == "instances" else tokens.masks
 g = torch.Generator().manual_seed(0)
 t0 = time.time(); n = tr["x"].shape[0]
 det.train(); setok.train()
 for step in range(a.steps):
     ii = torch.randint(0, n, (a.bs,), generator=g)
     tok, tm = tokens(tr, ii)
-    loss = det(tr["x"][ii], tok, tm, generator=g, masks=tokens.masks if a.cmw > 0 else None)
+    loss = det(tr["x"][ii], tok, tm, generator=g, masks=canvas_masks(ii))
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sch.step()
     if step % 50 == 0 or step == a.steps - 1:
         print(f"step {step} loss {loss.item():.4f} t {time.time()-t0:.0f}s", flush=True)

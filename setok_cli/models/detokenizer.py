@@ -135,6 +135,11 @@ class DetokenizerConfig:
     # of softmax_i a_ip against M resized to the canvas, this weight), during training only:
     # where each token lies and how far it reaches, learnt directly instead of through colour
     canvas_mask_weight: float = 0.0
+    # what that loss's masks are: "clusters" (the clustering masks M: blocky, one patch
+    # wide at their borders) or "instances" (where the data has instance masks, each
+    # object's pixels go to the token that holds most of it: sharp outlines; the rest,
+    # and images without instances, keep M)
+    canvas_mask_target: str = "clusters"
     # > 0: the canvas's first C channels (C = the UNet's data channels, so canvas_channels
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
@@ -374,6 +379,25 @@ class TokenCanvas(nn.Module):
         return (out, logit) if return_logits else out
 
 
+def instance_canvas_targets(masks: Tensor, instances: Tensor) -> Tensor:
+    """Sharpen the clustering masks with instance masks, for canvas_mask_target "instances".
+
+    masks (B, K, h, w) clustering masks; instances (B, H, W) ids (0 background, 1.. objects,
+    -1 everywhere for an image without instances) -> (B, K, H, W): M upsampled (nearest),
+    then every object's pixels given wholly to the token with the largest share of it."""
+    B, K = masks.shape[:2]
+    H, W = instances.shape[-2:]
+    m = F.interpolate(masks.float(), size=(H, W), mode="nearest")  # (B, K, H, W)
+    ids = instances.long().clamp_min(0)
+    J = int(ids.max()) + 1
+    oh = F.one_hot(ids, J).permute(0, 3, 1, 2).float()  # (B, J, H, W)
+    share = torch.einsum("bjhw,bkhw->bjk", oh, m)  # each object's overlap with each token
+    best = share.argmax(-1)  # (B, J)
+    own = F.one_hot(best.gather(1, ids.flatten(1)), K).transpose(1, 2).view(B, K, H, W).float()
+    obj = (instances > 0).unsqueeze(1)
+    return torch.where(obj, own, m)
+
+
 def canvas_mask_loss(logits: Tensor, masks: Tensor, grid: int) -> Tensor:
     """Cross-entropy of the canvas's token weights against the clustering masks.
 
@@ -435,6 +459,9 @@ class Detokenizer(nn.Module):
         if c.prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise UserError(f"detokenizer.prediction_type must be 'epsilon', 'sample' or 'v_prediction', "
                             f"got {c.prediction_type!r}")
+        if c.canvas_mask_target not in ("clusters", "instances"):
+            raise UserError(f"detokenizer.canvas_mask_target must be 'clusters' or 'instances', "
+                            f"got {c.canvas_mask_target!r}")
         if c.canvas_recon_weight > 0 and c.canvas_channels < self._channels():
             raise UserError(f"detokenizer.canvas_recon_weight needs canvas_channels >= {self._channels()} "
                             f"(the image's channels), got {c.canvas_channels}")

@@ -26,7 +26,7 @@ from torch.utils.data import ConcatDataset
 
 from ..errors import UserError
 from ..models.alignment import ConceptAlignment
-from ..models.detokenizer import Detokenizer
+from ..models.detokenizer import Detokenizer, instance_canvas_targets
 from ..models.mask_decoder import MaskDecoder, mask_consistency_kl, mask_losses
 from .recipe import LossRecipe, Recipe
 
@@ -109,9 +109,13 @@ class Stage1Model(nn.Module):
         tokens, tmask = out.tokens, out.token_mask                    # (B, K, T), (B, K)
         terms: dict[str, Tensor] = {}
         if self.detokenizer is not None and w.diffusion > 0:
-            needs_masks = self.detokenizer.config.canvas_mask_weight > 0
-            terms["diffusion"] = self.detokenizer(images, tokens, tmask,
-                                                  masks=out.masks.detach() if needs_masks else None)
+            dc = self.detokenizer.config
+            cmasks = None
+            if dc.canvas_channels and dc.canvas_mask_weight > 0:  # the canvas's mask targets
+                cmasks = out.masks.detach()
+                if dc.canvas_mask_target == "instances" and "instances" in batch:
+                    cmasks = instance_canvas_targets(cmasks, batch["instances"])
+            terms["diffusion"] = self.detokenizer(images, tokens, tmask, masks=cmasks)
         if self.mask_decoder is not None and (w.bce > 0 or w.dice > 0 or w.kl > 0) and \
                 ("instances" in batch or w.kl > 0):
             feats = out.features if self.mask_decoder.config.feature_dim > 0 else None

@@ -287,3 +287,24 @@ def test_canvas_mask_loss_known_values():
     assert torch.allclose(lb, la + 0.5 * canvas_mask_loss(logit, masks, g), atol=1e-6)
     with pytest.raises(UserError, match="clustering masks"):
         b(img, tok, tm)
+
+
+def test_instance_canvas_targets_give_each_object_to_its_majority_token():
+    """Clustering masks on a 2 x 2 grid, instances at 4 x 4: the object's pixels all go to
+    the token holding most of it, background pixels keep the clustering mask, an image
+    without instances (-1) keeps the upsampled clustering masks."""
+    from setok_cli.models.detokenizer import instance_canvas_targets
+    lab = torch.tensor([[[0, 1], [0, 2]], [[0, 1], [0, 2]]])  # (2, 2, 2) token per patch
+    masks = torch.nn.functional.one_hot(lab, 3).permute(0, 3, 1, 2).float()  # (2, 3, 2, 2)
+    inst = torch.zeros(2, 4, 4, dtype=torch.long)
+    inst[0, 0:3, 2:4] = 1  # object 1: 4 pixels in token 1's patch, 2 in token 2's -> token 1
+    inst[1] = -1
+    out = instance_canvas_targets(masks, inst)
+    assert out.shape == (2, 3, 4, 4)
+    assert (out[0, 1][inst[0] == 1] == 1).all() and (out[0, 2][inst[0] == 1] == 0).all()
+    assert out[0, 2, 3, 2:].tolist() == [1, 1]  # background pixels of token 2 stay token 2
+    up = torch.nn.functional.interpolate(masks, size=(4, 4), mode="nearest")
+    assert torch.equal(out[1], up[1])
+    assert torch.equal(out[0][:, inst[0] == 0], up[0][:, inst[0] == 0])
+    with pytest.raises(UserError, match="canvas_mask_target"):
+        Detokenizer(_tiny(canvas_channels=4, canvas_mask_target="objects"))
