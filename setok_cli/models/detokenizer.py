@@ -140,6 +140,14 @@ class DetokenizerConfig:
     # object's pixels go to the token that holds most of it: sharp outlines; the rest,
     # and images without instances, keep M)
     canvas_mask_target: str = "clusters"
+    # kind "sprite": each token draws a canvas_window x canvas_window sprite (alpha logit and
+    # features, a linear read-out of an MLP of the token) into a square box it places itself,
+    # centre c_i = tanh(.) and half-side s_i = 2 sigmoid(.) from the token; the box is learnt
+    # from the bounding boxes of the mask targets (smooth L1, canvas_place_weight) and, during
+    # training, the sprites are drawn into those true boxes (teacher forcing), so the sprite
+    # learns each shape in its own normalised frame whatever its place and size
+    canvas_window: int = 16
+    canvas_place_weight: float = 1.0
     # > 0: the canvas's first C channels (C = the UNet's data channels, so canvas_channels
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
@@ -297,28 +305,52 @@ def fourier_2d(dim: int, grid: int) -> Tensor:
     return out.view(grid * grid, dim)
 
 
+KINDS = ("mlp", "bilinear", "local", "sprite")
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """masks (B, K, H, W) -> (B, K, 3): the square box around each mask's pixels > 0.5,
+    centre (x, y) and half-side (the larger half-extent) in the [-1, 1] frame of the image;
+    NaN for a token with no such pixel."""
+    B, K, H, W = masks.shape
+    on = masks > 0.5
+    xs = (torch.arange(W, device=masks.device, dtype=torch.float32) + 0.5) / W * 2 - 1
+    ys = (torch.arange(H, device=masks.device, dtype=torch.float32) + 0.5) / H * 2 - 1
+    colon, rowon = on.any(2), on.any(3)  # (B, K, W), (B, K, H)
+    inf = torch.tensor(float("inf"), device=masks.device)
+    x0 = torch.where(colon, xs, inf).amin(-1) - 1.0 / W
+    x1 = torch.where(colon, xs, -inf).amax(-1) + 1.0 / W
+    y0 = torch.where(rowon, ys, inf).amin(-1) - 1.0 / H
+    y1 = torch.where(rowon, ys, -inf).amax(-1) + 1.0 / H
+    box = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, torch.maximum(x1 - x0, y1 - y0) / 2], -1)
+    return box.masked_fill(~on.flatten(2).any(-1, keepdim=True), float("nan"))
+
+
 class TokenCanvas(nn.Module):
     """Spatial broadcast of a token set: tokens (B, K, T) + token_mask (B, K) -> (B, C, g, g).
 
     kind "mlp":      h_ip = W_t t_i + W_p PE(p);  (a_ip, f_ip) = MLP(h_ip)    (B, K, g*g, 1 + C)
     kind "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden), E(p) = MLP(fourier_2d(p));  f_ip = W_f t_i
+    kind "sprite":   (a_i, f_i) = MLP(t_i) an S x S sprite drawn into the box (c_i, s_i) (see
+                     DetokenizerConfig.canvas_window); a_ip - 20 (|u|_inf - 1)_+ outside it
     kind "local":    c_i = tanh(W_c t_i);  (a_ip, f_ip) = MLP(W_z t_i + W_u phi(q_p - c_i)), q_p the
                      cell centre in [-1, 1]^2, phi = relative_fourier at pi 2^j / 2, j < octaves
     then         w_ip = softmax_i(a_ip) over the valid tokens;  out_p = sum_i w_ip f_ip
     """
 
     def __init__(self, token_dim: int, channels: int, grid: int = 16, hidden: int = 64, kind: str = "mlp",
-                 octaves: int = 6):
+                 octaves: int = 6, window: int = 16):
         super().__init__()
         from .position import sincos_2d
-        if kind not in ("mlp", "bilinear", "local"):
-            raise UserError(f"detokenizer.canvas_kind must be 'mlp', 'bilinear' or 'local', got {kind!r}")
+        if kind not in KINDS:
+            raise UserError(f"detokenizer.canvas_kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+        self.window, self.channels = int(window), int(channels)
         self.grid, self.kind, self.hidden, self.octaves = int(grid), kind, int(hidden), int(octaves)
         if kind == "mlp":  # the merger's sin-cos position embedding
             pe = sincos_2d(hidden, grid, grid).view(grid * grid, hidden)
         elif kind == "bilinear":  # Fourier features from the grid's Nyquist frequency down to one period per grid
             pe = fourier_2d(hidden, grid)
-        else:  # cell centres (x, y) in [-1, 1]
+        else:  # local, sprite: cell centres (x, y) in [-1, 1]
             c = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
             pe = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).view(grid * grid, 2)
         self.register_buffer("pe", pe, persistent=False)
@@ -330,6 +362,12 @@ class TokenCanvas(nn.Module):
             self.key = nn.Linear(token_dim, hidden)
             self.feat = nn.Linear(token_dim, channels)
             self.cell = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        elif kind == "sprite":
+            if self.window < 2:
+                raise UserError(f"detokenizer.canvas_window must be >= 2, got {window!r}")
+            self.place = nn.Linear(token_dim, 3)
+            self.sprite = nn.Sequential(nn.Linear(token_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                        nn.Linear(hidden, (1 + channels) * self.window ** 2))
         else:
             if self.octaves < 1:
                 raise UserError(f"detokenizer.canvas_octaves must be >= 1, got {octaves!r}")
@@ -342,6 +380,32 @@ class TokenCanvas(nn.Module):
     def centres(self, tokens: Tensor) -> Tensor:
         """kind "local": where each token draws itself, (B, K, 2) (x, y) in [-1, 1]."""
         return torch.tanh(self.place(tokens))
+
+    def boxes(self, tokens: Tensor) -> Tensor:
+        """kind "sprite": each token's box (..., 3): centre (x, y) in [-1, 1], half-side in (0, 2)."""
+        p = self.place(tokens)
+        return torch.cat([torch.tanh(p[..., :2]), 2 * torch.sigmoid(p[..., 2:])], -1)
+
+    def _sprite(self, tokens: Tensor, valid: Tensor, box: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """kind "sprite", on the valid tokens only -> logits (B, K, P), feats (B, K, P, C).
+        box (B, K, 3): boxes to draw into instead of the predicted ones where finite."""
+        B, K, _ = tokens.shape
+        P, S, C = self.pe.shape[0], self.window, self.channels
+        t = tokens[valid]  # (V, T)
+        b = self.boxes(t)
+        if box is not None:
+            bt = box[valid].to(b.dtype)
+            b = torch.where(torch.isfinite(bt), bt, b)
+        u = (self.pe.to(t.dtype).unsqueeze(0) - b[:, None, :2]) / b[:, None, 2:]  # (V, P, 2) box coords
+        spr = self.sprite(t).view(-1, 1 + C, S, S)
+        o = F.grid_sample(spr, u.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
+        o = o[:, :, 0].transpose(1, 2)  # (V, P, 1 + C)
+        outside = (u.abs().amax(-1) - 1).clamp_min(0)  # 0 inside the box
+        logit = o.new_full((B, K, P), float("-inf"))
+        feats = o.new_zeros(B, K, P, C)
+        logit[valid] = o[..., 0] - 20.0 * outside
+        feats[valid] = o[..., 1:]
+        return logit, feats
 
     def _local(self, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """kind "local", on the valid tokens only -> logits (B, K, P), feats (B, K, P, C)."""
@@ -357,9 +421,11 @@ class TokenCanvas(nn.Module):
         feats[valid] = o[..., 1:]
         return logit, feats
 
-    def forward(self, tokens: Tensor, token_mask: Tensor, return_logits: bool = False):
+    def forward(self, tokens: Tensor, token_mask: Tensor, return_logits: bool = False,
+                box: Optional[Tensor] = None):
         """-> canvas (B, C, g, g); with return_logits also the token logits (B, K, g*g), -inf
-        on padded tokens."""
+        on padded tokens. box (B, K, 3): kind "sprite", the boxes to draw into (teacher
+        forcing; NaN rows use the predicted box)."""
         B, K, _ = tokens.shape
         g = self.grid
         pe = self.pe.to(tokens.dtype)
@@ -370,6 +436,8 @@ class TokenCanvas(nn.Module):
         elif self.kind == "bilinear":
             logit = torch.einsum("bkh,ph->bkp", self.key(tokens), self.cell(pe)) / self.hidden ** 0.5  # (B, K, g*g)
             feats = self.feat(tokens).unsqueeze(2)  # (B, K, 1, C)
+        elif self.kind == "sprite":
+            logit, feats = self._sprite(tokens, valid, box)
         else:
             logit, feats = self._local(tokens, valid)
         logit = logit.masked_fill(~valid.unsqueeze(-1), float("-inf"))
@@ -441,7 +509,7 @@ class Detokenizer(nn.Module):
         else:
             self.unet = UNet2DConditionModel(**unet_config(c))
         self.canvas = TokenCanvas(c.mapper.token_dim, c.canvas_channels, c.canvas_grid, c.canvas_hidden,
-                                  c.canvas_kind, c.canvas_octaves) \
+                                  c.canvas_kind, c.canvas_octaves, c.canvas_window) \
             if c.canvas_channels else None
         self.vae = None
         if c.space == "latent":
@@ -520,9 +588,17 @@ class Detokenizer(nn.Module):
                           generator=generator, device=x0.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         cond = self.mapper(tokens, token_mask)
-        canvas = clog = None
+        canvas = clog = box = None
+        place_loss = None
         if self.canvas is not None:
-            canvas, clog = self.canvas(tokens, token_mask, return_logits=True)
+            if self.canvas.kind == "sprite" and masks is not None:
+                box = mask_boxes(masks)  # (B, K', 3), NaN where a token has no pixel
+                box = F.pad(box, (0, 0, 0, tokens.shape[1] - box.shape[1]), value=float("nan"))
+                known = torch.isfinite(box).all(-1) & token_mask
+                place_loss = F.smooth_l1_loss(self.canvas.boxes(tokens[known]).float(), box[known], beta=0.05) \
+                    if bool(known.any()) else tokens.sum() * 0
+            canvas, clog = self.canvas(tokens, token_mask, return_logits=True,
+                                       box=box if self.training else None)
         if self.training and self.config.cond_dropout > 0:
             drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.config.cond_dropout
             cond = cond.masked_fill(drop[:, None, None], 0.0)
@@ -540,6 +616,8 @@ class Detokenizer(nn.Module):
             if masks is None:
                 raise UserError("detokenizer.canvas_mask_weight needs the clustering masks (masks=...)")
             loss = loss + self.config.canvas_mask_weight * canvas_mask_loss(clog, masks, self.canvas.grid)
+        if place_loss is not None:
+            loss = loss + self.config.canvas_place_weight * place_loss
         return loss
 
     # -- sampling --
