@@ -308,3 +308,73 @@ def test_instance_canvas_targets_give_each_object_to_its_majority_token():
     assert torch.equal(out[0][:, inst[0] == 0], up[0][:, inst[0] == 0])
     with pytest.raises(UserError, match="canvas_mask_target"):
         Detokenizer(_tiny(canvas_channels=4, canvas_mask_target="objects"))
+
+
+def test_mask_boxes_known_values():
+    from setok_cli.models.detokenizer import mask_boxes
+    m = torch.zeros(1, 3, 8, 8)
+    m[0, 0, 2:4, 4:8] = 1  # rows 2-3, columns 4-7: x in [0, 1], y in [-0.5, 0]
+    m[0, 1] = 1  # the whole image
+    b = mask_boxes(m)[0]
+    assert torch.allclose(b[0], torch.tensor([0.5, -0.25, 0.5]))
+    assert torch.allclose(b[1], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.isnan(b[2]).all()
+
+
+def test_sprite_canvas_draws_into_its_box():
+    """kind 'sprite': the sprite is resampled into the token's box (given, or predicted);
+    moving the box moves the drawing; outside the box the logit falls off; a token alone
+    paints every cell with its own sprite's features; padded tokens are ignored."""
+    import torch.nn.functional as F
+    from setok_cli.models.detokenizer import TokenCanvas
+    torch.manual_seed(0)
+    g, S = 16, 4
+    c = TokenCanvas(token_dim=6, channels=2, grid=g, hidden=16, kind="sprite", window=S)
+    tok = torch.randn(1, 2, 6)
+    mask = torch.tensor([[True, False]])
+    cell = 2.0 / g
+    box = torch.tensor([[[-4 * cell, 0.0, 4 * cell], [float("nan")] * 3]])
+    _, a = c(tok, mask, return_logits=True, box=box)
+    box2 = box.clone()
+    box2[0, 0, 0] += 2 * cell
+    _, b = c(tok, mask, return_logits=True, box=box2)
+    a, b = a[0, 0].view(g, g), b[0, 0].view(g, g)
+    assert torch.allclose(b[:, 2:], a[:, :-2], atol=1e-5) and not torch.allclose(a, b)
+    # the box spans cells 0..7 in x and 4..11 in y, 2 x 2 cells per sprite pixel (S = 4):
+    # inside, the sprite bilinearly resampled (align_corners=False: the cells at the sprite
+    # pixels' centres interpolate between two neighbours with weights 3/4, 1/4)
+    spr = c.sprite(tok[0, 0]).detach().view(3, S, S)
+    up = F.interpolate(spr[None], size=(8, 8), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(a[4:12, 0:8], up[0], atol=1e-5)
+    assert (a[:, 12:] < spr[0].max() - 5).all()  # far outside: pushed down
+    out = c(tok, mask, box=box)  # a token alone owns every cell: its features
+    assert torch.allclose(out[0, :, 4:12, 0:8], up[1:], atol=1e-5)
+    tok2 = tok.clone()
+    tok2[0, 1] = 1e3
+    assert torch.allclose(c(tok, mask), c(tok2, mask), atol=1e-6)
+    # without a box, the predicted one
+    pb = c.boxes(tok[0, :1]).detach().view(1, 1, 3)
+    assert torch.allclose(c(tok, mask), c(tok, mask, box=torch.cat([pb, box[:, 1:]], 1)), atol=1e-6)
+    with pytest.raises(UserError, match="canvas_window"):
+        TokenCanvas(6, 3, kind="sprite", window=1)
+
+
+def test_sprite_place_loss_and_teacher_forcing():
+    """Training with masks adds canvas_place_weight x smooth-L1 between the predicted and the
+    masks' boxes and draws into the true boxes; in eval the predicted boxes are used."""
+    import torch.nn.functional as F
+    from setok_cli.models.detokenizer import mask_boxes
+    torch.manual_seed(0)
+    B, K, g = 2, 3, 8
+    lab = torch.randint(0, K, (B, g, g), generator=torch.Generator().manual_seed(1))
+    masks = F.one_hot(lab, K).permute(0, 3, 1, 2).float()
+    tok, tm, img = torch.randn(B, K, 8), torch.ones(B, K, dtype=torch.bool), torch.rand(B, 3, 16, 16)
+    kw = dict(canvas_channels=4, canvas_grid=g, canvas_hidden=16, canvas_kind="sprite", canvas_window=4,
+              canvas_mask_weight=1.0)
+    a = Detokenizer(_tiny(canvas_place_weight=0.0, **kw))
+    b = Detokenizer(_tiny(canvas_place_weight=3.0, **kw))
+    b.load_state_dict(a.state_dict())
+    la = a(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
+    lb = b(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
+    expect = F.smooth_l1_loss(b.canvas.boxes(tok).flatten(0, 1), mask_boxes(masks).flatten(0, 1), beta=0.05)
+    assert torch.allclose(lb, la + 3.0 * expect, atol=1e-5)
