@@ -40,6 +40,11 @@ def main():
     (out / f"replica_{acc.process_index}.json").write_text(json.dumps(
         {"world": acc.num_processes, "step": t.step, "params": [round(x, 6) for x in p.tolist()],
          "samples": seen, "gather": gather_info}))
+    # a clean teardown: leaving the gloo group to the interpreter's exit now and then aborts
+    # a rank ("terminate called without an active exception") after the work is done
+    acc.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
