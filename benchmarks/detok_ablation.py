@@ -12,10 +12,12 @@ from pure noise); writes OUT/TAG.png (originals / samples / one-step predictions
 import argparse, json, time, sys
 import numpy as np, torch, torch.nn.functional as F
 from pathlib import Path
-from setok_cli.data.datasets import PairsDataset, collate
+from setok_cli.data.datasets import PairsDataset
 from setok_cli.data.scene_parser import score_scene
 from setok_cli.models.setok import SeTok, SeTokConfig
 from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster_cache import cluster_cache  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--data", required=True, help="a shapes-world folder (setok data shapes)")
@@ -58,24 +60,7 @@ cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k
                   merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=a.tdim,
                   merger_relative_pe=a.rel)
 setok = SeTok(cfg)
-cache = Path(f"{OUT}/cache_{a.size}_{a.k}_{a.bw}_{a.maxtok}.pt")
-def precompute(split, n=None):
-    ds = PairsDataset(f"{D}/{split}/pairs.json", image_size=64)
-    n = len(ds) if n is None else n
-    X, Fs, L, NT, idx = [], [], [], [], []
-    for s in range(0, n, 50):
-        b = collate([ds[i] for i in range(s, min(n, s + 50))])
-        x = b["pixel_values"]
-        with torch.no_grad():
-            o = setok(F.interpolate(x, size=(a.size,) * 2, mode="bilinear", antialias=True))
-        X.append(x); Fs.append(o.features.flatten(1, 2)); L.append(o.labels.flatten(1)); NT.append(o.num_tokens); idx += b["index"].tolist()
-    return dict(x=torch.cat(X), f=torch.cat(Fs), l=torch.cat(L), nt=torch.cat(NT), idx=idx, ds=ds)
-if cache.exists():
-    C = torch.load(cache, weights_only=False)
-else:
-    t = time.time(); C = {"train": precompute("train"), "test": precompute("test", 250)}
-    for v in C.values(): v.pop("ds")
-    torch.save(C, cache); print("precompute", time.time() - t, flush=True)
+C = cluster_cache(setok, D, OUT, a.size, a.k, a.bw, a.maxtok)
 tr, te = C["train"], C["test"]
 grid = (a.size // 14,) * 2
 ch = tuple(int(c) for c in a.channels.split(","))

@@ -11,15 +11,19 @@ what a decoder can at best learn to draw from the token, at this grid and merger
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from setok_cli.data.datasets import PairsDataset, collate
+from setok_cli.data.datasets import PairsDataset
 from setok_cli.data.shapes import SHAPES
 from setok_cli.models.setok import SeTok, SeTokConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster_cache import cluster_cache  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--data", required=True, help="a shapes-world folder (setok data shapes)")
@@ -45,27 +49,7 @@ setok = SeTok(cfg)
 g = a.size // 14
 
 
-def precompute(split, n=None):
-    ds = PairsDataset(f"{a.data}/{split}/pairs.json", image_size=64)
-    n = len(ds) if n is None else n
-    X, Fs, L, NT, idx = [], [], [], [], []
-    for s in range(0, n, 50):
-        b = collate([ds[i] for i in range(s, min(n, s + 50))])
-        with torch.no_grad():
-            o = setok(F.interpolate(b["pixel_values"], size=(a.size,) * 2, mode="bilinear", antialias=True))
-        X.append(b["pixel_values"]); Fs.append(o.features.flatten(1, 2)); L.append(o.labels.flatten(1))
-        NT.append(o.num_tokens); idx += b["index"].tolist()
-    return dict(x=torch.cat(X), f=torch.cat(Fs), l=torch.cat(L), nt=torch.cat(NT), idx=idx)
-
-
-cache = OUT / f"cache_{a.size}_{a.k}_{a.bw}_{a.maxtok}.pt"  # the same cache as detok_ablation.py
-if cache.exists():
-    C = torch.load(cache, weights_only=False)
-else:
-    t = time.time()
-    C = {"train": precompute("train"), "test": precompute("test", 250)}
-    torch.save(C, cache)
-    print(f"clustering computed in {time.time() - t:.0f} s", flush=True)
+C = cluster_cache(setok, a.data, OUT, a.size, a.k, a.bw, a.maxtok)  # the same cache as detok_ablation.py
 
 
 def targets(split, C):

@@ -167,12 +167,17 @@ class ClusterMerger(nn.Module):
         xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / s
         return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(h * w, 2)
 
-    def relative(self, weights: Tensor, grid: tuple[int, int]) -> Tensor:
-        """weights (B, K, N) cluster memberships (0/1 or soft) -> R (B, K, N, d): the embedded
-        offset of every patch from each cluster's weighted centroid."""
-        pos = self.positions(grid, weights.device)  # (N, 2)
+    def centroids(self, weights: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """weights (B, K, N) cluster memberships (0/1 or soft) -> (patch centres (N, 2),
+        each cluster's weighted centroid (B, K, 2)), in image sides."""
+        pos = self.positions(grid, weights.device)
         w = weights.float()
-        cen = (w @ pos) / w.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, K, 2)
+        return pos, (w @ pos) / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def relative(self, weights: Tensor, grid: tuple[int, int]) -> Tensor:
+        """weights (B, K, N) -> R (B, K, N, d): the embedded offset of every patch from each
+        cluster's weighted centroid."""
+        pos, cen = self.centroids(weights, grid)
         return self.rel_proj(relative_fourier(pos.view(1, 1, -1, 2) - cen.unsqueeze(2), self.relative_pe))
 
     def forward(self, x: Tensor, masks: Tensor, labels: Tensor, num_tokens: Tensor, grid: tuple[int, int],
@@ -199,8 +204,7 @@ class ClusterMerger(nn.Module):
         lab = labels.clamp_min(0)
         if self.rel_proj is not None:  # each patch's offset from its own cluster's centroid
             own = F.one_hot(lab, K).transpose(1, 2).float() * valid.unsqueeze(1)  # (B, K, N)
-            pos = self.positions(grid, e.device)  # (N, 2)
-            cen = (own @ pos) / own.sum(-1, keepdim=True).clamp_min(1.0)  # (B, K, 2)
+            pos, cen = self.centroids(own, grid)  # (N, 2), (B, K, 2)
             off = pos.view(1, N, 2) - cen.gather(1, lab.unsqueeze(-1).expand(B, N, 2))  # (B, N, 2)
             e = e + self.rel_proj(relative_fourier(off, self.relative_pe))
         # each patch's own mask value: 1 in the forward pass, carries the clustering gradient
