@@ -97,6 +97,7 @@ class _ImageRecords(Dataset):
         self.records, self.root = load_records(json_path, self.fmt)
         self.image_size = image_size
         self.cache = {} if cache else None
+        self.index_offset = 0  # added to `index`: unique keys across concatenated data sets
 
     def __len__(self) -> int:
         return len(self.records)
@@ -116,7 +117,7 @@ class _ImageRecords(Dataset):
     def __getitem__(self, i: int) -> dict:
         img, ids = self._arrays(i)
         r = self.records[i]
-        item = {"pixel_values": torch.from_numpy(img).permute(2, 0, 1).float() / 255.0, "index": i,
+        item = {"pixel_values": torch.from_numpy(img).permute(2, 0, 1).float() / 255.0, "index": self.index_offset + i,
                 "caption": r.get("caption", ""), "phrases": list(r.get("phrases", []))}
         if ids is not None:
             item["instances"] = torch.from_numpy(ids)

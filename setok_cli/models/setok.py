@@ -257,13 +257,20 @@ class SeTok(nn.Module):
             z = z + self.config.pos_weight * pe.view(1, h * w, -1)
         return z
 
-    def forward(self, pixel_values: Tensor, valid: Optional[Tensor] = None) -> TokenizerOutput:
+    def forward(self, pixel_values: Optional[Tensor], valid: Optional[Tensor] = None,
+                features: Optional[Tensor] = None) -> TokenizerOutput:
         """pixel_values: (B, 3, H, W) RGB in [0, 1], H = W = image_size (or any multiple of
-        the patch size); valid: (B, h, w) or (B, N) bool patches inside the image."""
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
-        with torch.no_grad():
-            feats = self.encoder(pixel_values.to(self.device))  # (B, h, w, D), frozen
+        the patch size); valid: (B, h, w) or (B, N) bool patches inside the image.
+        features (B, h, w, D): the frozen encoder's output for these images, computed
+        earlier (a feature cache); the encoder is then skipped and pixel_values unused."""
+        if features is not None:
+            feats = features.to(self.device)
+        else:
+            if pixel_values is None or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+                shape = None if pixel_values is None else tuple(pixel_values.shape)
+                raise ValueError(f"pixel_values must be (B, 3, H, W), got {shape}")
+            with torch.no_grad():
+                feats = self.encoder(pixel_values.to(self.device))  # (B, h, w, D), frozen
         B, h, w, D = feats.shape
         N = h * w
         if valid is None:

@@ -79,6 +79,8 @@ class DataRecipe:
     batch_size: int = 16                        # per process
     num_workers: int = 0
     cache: bool = False                         # keep decoded images in memory
+    cache_features: bool = False                # keep the frozen encoder's features of every image in
+                                                # memory (filled during the first epoch; same results)
     shuffle: bool = True
 
 

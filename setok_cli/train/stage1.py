@@ -56,7 +56,7 @@ def encoder_width(setok: nn.Module) -> int:
 class Stage1Model(nn.Module):
     def __init__(self, setok: nn.Module, detokenizer: Optional[Detokenizer], mask_decoder: Optional[MaskDecoder],
                  alignment: Optional[ConceptAlignment], weights: LossRecipe, tokenizer_image_size: Optional[int] = None,
-                 grad_accum: int = 1):
+                 grad_accum: int = 1, cache_features: bool = False):
         super().__init__()
         self.setok = setok
         self.detokenizer = detokenizer
@@ -65,6 +65,10 @@ class Stage1Model(nn.Module):
         self.weights = weights
         self.tokenizer_image_size = tokenizer_image_size
         self.grad_accum = max(1, int(grad_accum))
+        # `data.cache_features`: data-set index -> the frozen encoder's features (h, w, D), on
+        # the CPU. The encoder is frozen and deterministic, so a cached batch tokenizes exactly
+        # as a fresh one; at 448 px the builtin encoder is most of a tiny step's time.
+        self.feature_cache: Optional[dict[int, Tensor]] = {} if cache_features else None
         # training forward passes so far: the optimizer step the loss schedule (`loss.kl_start`,
         # `loss.kl_ramp`) reads. A buffer, so it rides in every checkpoint and resumes exactly.
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long))
@@ -91,12 +95,27 @@ class Stage1Model(nn.Module):
             return w.kl * min(1.0, (step - w.kl_start + 1) / w.kl_ramp)
         return w.kl
 
-    def tokenize(self, images: Tensor):
-        x = images
+    def _resize(self, images: Tensor) -> Tensor:
         s = self.tokenizer_image_size
-        if s is not None and x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        return self.setok(x)
+        if s is not None and images.shape[-2:] != (s, s):
+            images = F.interpolate(images, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return images
+
+    def tokenize(self, images: Tensor, index: Optional[Tensor] = None):
+        """images (B, 3, H, W) in [0, 1]; index (B,) their data-set indices (the feature
+        cache's keys, when it is on)."""
+        cache = self.feature_cache
+        if cache is None or index is None:
+            return self.setok(self._resize(images))
+        keys = [int(i) for i in index.tolist()]
+        miss = [j for j, k in enumerate(keys) if k not in cache]
+        if miss:
+            with torch.no_grad():
+                new = self.setok.encoder(self._resize(images[miss]).to(self.setok.device))  # (M, h, w, D)
+            for j, f in zip(miss, new.cpu()):
+                cache[keys[j]] = f.clone()
+        feats = torch.stack([cache[k] for k in keys])
+        return self.setok(None, features=feats)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch: pixel_values (B, 3, H, W) in [0, 1]; instances (B, H, W)?; caption [B]; phrases [B][...]."""
@@ -105,7 +124,7 @@ class Stage1Model(nn.Module):
         if self.training:
             self.forward_count += 1
         images = batch["pixel_values"]
-        out = self.tokenize(images)
+        out = self.tokenize(images, batch.get("index"))
         tokens, tmask = out.tokens, out.token_mask                    # (B, K, T), (B, K)
         terms: dict[str, Tensor] = {}
         if self.detokenizer is not None and w.diffusion > 0:
@@ -212,7 +231,8 @@ def build_stage1_model(recipe: Recipe, load_weights: bool = True, setok: Optiona
         ac = copy.deepcopy(m.alignment)
         ac.token_dim = token_dim
         align = ConceptAlignment(ac, load_weights=load_weights)
-    return Stage1Model(setok, detok, mdec, align, recipe.loss, m.tokenizer.image_size, recipe.train.grad_accum)
+    return Stage1Model(setok, detok, mdec, align, recipe.loss, m.tokenizer.image_size, recipe.train.grad_accum,
+                       cache_features=recipe.data.cache_features)
 
 
 def build_stage1(recipe: Recipe, accelerator=None):
@@ -223,6 +243,11 @@ def build_stage1(recipe: Recipe, accelerator=None):
     model = build_stage1_model(recipe)
     sets = [build_dataset(p, recipe.data.format, recipe.data.image_size, recipe.data.cache)
             for p in recipe.data.train]
+    offset = 0
+    for d in sets:  # unique `index` keys across the data sets (the feature cache's keys)
+        if hasattr(d, "index_offset"):
+            d.index_offset = offset
+        offset += len(d)
     dataset = sets[0] if len(sets) == 1 else ConcatDataset(sets)
     return model, dataset
 

@@ -121,3 +121,40 @@ def test_clustering_grad_kl_only(mode):
     assert reached == (mode == "all")
     out.masks.pow(2).sum().backward()                        # the KL's path stays open either way
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in setok.cluster_head.parameters())
+
+
+def test_feature_cache_same_outputs_and_unique_keys(tmp_path):
+    """data.cache_features: a cached batch tokenizes exactly as a fresh one, the encoder runs
+    once per image, and concatenated data sets get distinct keys."""
+    from setok_cli.data.datasets import collate
+    from setok_cli.models.setok import SeTok, SeTokConfig
+    from setok_cli.train.recipe import LossRecipe
+    from setok_cli.train.stage1 import Stage1Model, build_stage1
+
+    from .helpers import make_pairs
+    torch.manual_seed(0)
+    setok = SeTok(SeTokConfig(encoder="builtin", image_size=56, k=4, max_tokens=6, merger_dim=16, merger_depth=1,
+                              merger_cross_depth=1, merger_heads=2, token_dim=16))
+    m = Stage1Model(setok, None, None, None, LossRecipe(), tokenizer_image_size=56, cache_features=True)
+    calls = []
+    setok.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    imgs = torch.rand(4, 3, 32, 32)
+    fresh = setok(torch.nn.functional.interpolate(imgs, size=(56, 56), mode="bilinear", antialias=True,
+                                                  align_corners=False))
+    calls.clear()
+    a = m.tokenize(imgs[:2], torch.tensor([0, 1]))
+    b = m.tokenize(imgs, torch.tensor([0, 1, 2, 3]))       # two hits, two misses
+    c = m.tokenize(imgs.flip(0), torch.tensor([3, 2, 1, 0]))  # all hits, other order
+    assert calls == [2, 2] and sorted(m.feature_cache) == [0, 1, 2, 3]
+    for got, order in ((b, [0, 1, 2, 3]), (c, [3, 2, 1, 0])):
+        assert torch.equal(got.features, fresh.features[order])
+        assert torch.equal(got.labels, fresh.labels[order])
+        assert torch.allclose(got.tokens, fresh.tokens[order], atol=1e-6)
+    assert torch.allclose(a.tokens[a.token_mask], fresh.tokens[:2][fresh.token_mask[:2]], atol=1e-6)
+
+    p1, p2 = make_pairs(tmp_path / "a", n=3), make_pairs(tmp_path / "b", n=4, seed=1)
+    r = load_recipe(RECIPES / "tiny" / "stage1.yaml", [f"data.train=[{p1}, {p2}]", "data.cache_features=true"])
+    model, ds = build_stage1(r)
+    assert model.feature_cache == {}
+    keys = collate([ds[i] for i in range(len(ds))])["index"].tolist()
+    assert keys == list(range(7))
