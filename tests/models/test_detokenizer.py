@@ -378,3 +378,45 @@ def test_sprite_place_loss_and_teacher_forcing():
     lb = b(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
     expect = F.smooth_l1_loss(b.canvas.boxes(tok).flatten(0, 1), mask_boxes(masks).flatten(0, 1), beta=0.05)
     assert torch.allclose(lb, la + 3.0 * expect, atol=1e-5)
+
+
+def test_prototype_canvas_is_a_template_mixture_in_the_box():
+    """kind 'prototypes': the alpha sprite is TEMPLATE_GAIN x the token's softmax mixture of
+    the learnt templates (a one-hot selection draws exactly that template), the features are
+    W_f t constant over the sprite, and the box logic is the sprite kind's."""
+    import torch.nn.functional as F
+    from setok_cli.models.detokenizer import TEMPLATE_GAIN, TokenCanvas
+    torch.manual_seed(0)
+    g, S, P = 16, 4, 3
+    c = TokenCanvas(token_dim=6, channels=2, grid=g, hidden=16, kind="prototypes", window=S, prototypes=P)
+    tok = torch.randn(1, 2, 6)
+    mask = torch.tensor([[True, False]])
+    with torch.no_grad():  # token 0 picks template 2 outright
+        c.select.weight.zero_()
+        c.select.bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
+    maps = c.sprite_maps(tok[0, :1])[0]
+    assert torch.allclose(maps[0], TEMPLATE_GAIN * c.templates[2], atol=1e-5)
+    feat = c.feat(tok[0, 0])
+    assert torch.allclose(maps[1:], feat.view(2, 1, 1).expand(2, S, S))
+    cell = 2.0 / g
+    box = torch.tensor([[[-4 * cell, 0.0, 4 * cell], [float("nan")] * 3]])
+    out, a = c(tok, mask, return_logits=True, box=box)
+    up = F.interpolate(maps[None, :1], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(a[0, 0].view(g, g)[4:12, 0:8], up, atol=1e-4)
+    assert torch.allclose(out[0, :, 5, 3], feat, atol=1e-5)  # a token alone paints its features
+    # a mixture: halfway between two templates
+    with torch.no_grad():
+        c.select.bias.copy_(torch.tensor([0.0, 0.0, -50.0]))
+    mix = c.sprite_maps(tok[0, :1])[0, 0]
+    assert torch.allclose(mix, TEMPLATE_GAIN * (c.templates[0] + c.templates[1]) / 2, atol=1e-5)
+    # trains through the detokenizer's mask loss with teacher-forced boxes
+    B, K = 2, 3
+    lab = torch.randint(0, K, (B, 8, 8), generator=torch.Generator().manual_seed(1))
+    masks = F.one_hot(lab, K).permute(0, 3, 1, 2).float()
+    d = Detokenizer(_tiny(canvas_channels=4, canvas_grid=8, canvas_kind="prototypes", canvas_window=4,
+                          canvas_prototypes=5, canvas_mask_weight=1.0))
+    loss = d(torch.rand(B, 3, 16, 16), torch.randn(B, K, 8), torch.ones(B, K, dtype=torch.bool), masks=masks)
+    loss.backward()
+    assert d.canvas.templates.grad.abs().sum() > 0 and d.canvas.select.weight.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="canvas_prototypes"):
+        TokenCanvas(6, 3, kind="prototypes", window=4, prototypes=0)
