@@ -31,7 +31,6 @@ ap.add_argument("--mdim", type=int, default=64, help="merger width")
 ap.add_argument("--mdepth", type=int, default=1, help="merger blocks within a cluster")
 ap.add_argument("--tdim", type=int, default=64, help="token width")
 ap.add_argument("--rel", type=int, default=0, help="merger_relative_pe (octaves; 0: off)")
-ap.add_argument("--rscale", type=int, default=0, help="merger_relative_scale (0/1)")
 ap.add_argument("--coord", type=int, default=2, help="detokenizer.coord_channels")
 ap.add_argument("--append", type=int, default=0, help="mapper.append_tokens (0/1)")
 ap.add_argument("--queries", type=int, default=8, help="mapper queries")
@@ -60,7 +59,7 @@ D = a.data
 OUT = Path(a.out); OUT.mkdir(parents=True, exist_ok=True)
 cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw, max_tokens=a.maxtok,
                   merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=a.tdim,
-                  merger_relative_pe=a.rel, merger_relative_scale=bool(a.rscale))
+                  merger_relative_pe=a.rel)
 setok = SeTok(cfg)
 C = cluster_cache(setok, D, OUT, a.size, a.k, a.bw, a.maxtok)
 tr, te = C["train"], C["test"]

@@ -33,7 +33,6 @@ ap.add_argument("--k", type=int, default=8)
 ap.add_argument("--bw", type=float, default=0.6)
 ap.add_argument("--maxtok", type=int, default=16)
 ap.add_argument("--rel", type=int, default=0, help="merger_relative_pe")
-ap.add_argument("--rscale", type=int, default=0, help="merger_relative_scale (0/1)")
 ap.add_argument("--mdim", type=int, default=64)
 ap.add_argument("--mdepth", type=int, default=1)
 ap.add_argument("--steps", type=int, default=700)
@@ -45,7 +44,7 @@ OUT = Path(a.out)
 OUT.mkdir(parents=True, exist_ok=True)
 cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw,
                   max_tokens=a.maxtok, merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=64,
-                  merger_relative_pe=a.rel, merger_relative_scale=bool(a.rscale))
+                  merger_relative_pe=a.rel)
 setok = SeTok(cfg)
 g = a.size // 14
 
@@ -105,7 +104,7 @@ with torch.no_grad():
     y = y[y >= 0]
 conf = torch.zeros(len(SHAPES), len(SHAPES), dtype=torch.long)
 conf.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-res = dict(size=a.size, grid=g, rel=a.rel, rscale=a.rscale, steps=a.steps, tokens=int(y.numel()),
+res = dict(size=a.size, grid=g, rel=a.rel, steps=a.steps, tokens=int(y.numel()),
            shape_accuracy=round((pred == y).float().mean().item(), 4), train_s=round(time.time() - t0))
 print("rows: true shape, columns: predicted;", ", ".join(SHAPES))
 print(conf)

@@ -128,11 +128,6 @@ def relative_fourier(offset: Tensor, octaves: int) -> Tensor:
     return torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)
 
 
-# With relative_scale, offsets are measured in units of RELATIVE_SPAN x the cluster's RMS radius:
-# the farthest point of a disc is at 1.41 RMS radii, a triangle's vertex at ~2, a star's at ~2.3.
-RELATIVE_SPAN = 2.5
-
-
 class ClusterMerger(nn.Module):
     """features (B, N, in_dim) + masks (B, K, N) -> tokens (B, K, token_dim).
 
@@ -146,14 +141,12 @@ class ClusterMerger(nn.Module):
     """
 
     def __init__(self, in_dim: int, dim: int = 256, token_dim: int = 256, depth: int = 2, cross_depth: int = 2,
-                 heads: int = 2, mlp_ratio: float = 4.0, relative_pe: int = 0, relative_scale: bool = False):
+                 heads: int = 2, mlp_ratio: float = 4.0, relative_pe: int = 0):
         super().__init__()
         self.dim = dim
         self.relative_pe = int(relative_pe)
-        self.relative_scale = bool(relative_scale)
         self.in_proj = nn.Linear(in_dim, dim)
-        rel_in = 4 * self.relative_pe + (1 if self.relative_scale else 0)
-        self.rel_proj = nn.Linear(rel_in, dim) if self.relative_pe > 0 else None
+        self.rel_proj = nn.Linear(4 * self.relative_pe, dim) if self.relative_pe > 0 else None
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.cross = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(cross_depth))
         self.norm = nn.LayerNorm(dim)
@@ -181,31 +174,11 @@ class ClusterMerger(nn.Module):
         w = weights.float()
         return pos, (w @ pos) / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
-    def rel_features(self, off: Tensor, rms: Optional[Tensor]) -> Tensor:
-        """Offsets (..., 2) from the centroid in image sides, and the cluster's RMS radius
-        (..., 1) -> (..., 4F [+ 1]). With relative_scale the offsets are measured in units of
-        RELATIVE_SPAN x the RMS radius (so a silhouette gives the same features at any size,
-        ~[-1, 1]) and log(rms) is appended: shape and size apart."""
-        if not self.relative_scale:
-            return relative_fourier(off, self.relative_pe)
-        return torch.cat([relative_fourier(off / (RELATIVE_SPAN * rms), self.relative_pe), rms.log()], -1)
-
-    def spread(self, weights: Tensor, pos: Tensor, cen: Tensor, grid: tuple[int, int]) -> Tensor:
-        """RMS distance of each cluster's (weighted) patches from its centroid, (B, K, 1),
-        at least half a patch."""
-        w = weights.float()
-        d2 = (pos.view(1, 1, -1, 2) - cen.unsqueeze(2)).square().sum(-1)  # (B, K, N)
-        ms = (w * d2).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp_min(1e-12)
-        half = 0.5 / max(grid)
-        return ms.clamp_min(half * half).sqrt()
-
     def relative(self, weights: Tensor, grid: tuple[int, int]) -> Tensor:
         """weights (B, K, N) -> R (B, K, N, d): the embedded offset of every patch from each
         cluster's weighted centroid."""
         pos, cen = self.centroids(weights, grid)
-        off = pos.view(1, 1, -1, 2) - cen.unsqueeze(2)  # (B, K, N, 2)
-        rms = self.spread(weights, pos, cen, grid).unsqueeze(2).expand(*off.shape[:-1], 1) if self.relative_scale else None
-        return self.rel_proj(self.rel_features(off, rms))
+        return self.rel_proj(relative_fourier(pos.view(1, 1, -1, 2) - cen.unsqueeze(2), self.relative_pe))
 
     def forward(self, x: Tensor, masks: Tensor, labels: Tensor, num_tokens: Tensor, grid: tuple[int, int],
                 hard: bool = True) -> Tensor:
@@ -233,8 +206,7 @@ class ClusterMerger(nn.Module):
             own = F.one_hot(lab, K).transpose(1, 2).float() * valid.unsqueeze(1)  # (B, K, N)
             pos, cen = self.centroids(own, grid)  # (N, 2), (B, K, 2)
             off = pos.view(1, N, 2) - cen.gather(1, lab.unsqueeze(-1).expand(B, N, 2))  # (B, N, 2)
-            rms = self.spread(own, pos, cen, grid).gather(1, lab.unsqueeze(-1)) if self.relative_scale else None
-            e = e + self.rel_proj(self.rel_features(off, rms))
+            e = e + self.rel_proj(relative_fourier(off, self.relative_pe))
         # each patch's own mask value: 1 in the forward pass, carries the clustering gradient
         m = masks.gather(1, lab.unsqueeze(1)).squeeze(1) * valid.to(masks.dtype)  # (B, N)
         xm = e * m.unsqueeze(-1)  # X_i = (X + PE) * M_i on the cluster's own patches

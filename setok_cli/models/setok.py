@@ -93,9 +93,6 @@ class SeTokConfig:
     # > 0: octaves of Fourier features of each patch's offset from its cluster's centroid,
     # added inside the cluster (ClusterMerger); lets tokens carry their region's shape. 0: the paper
     merger_relative_pe: int = 0
-    # with merger_relative_pe: offsets in units of the cluster's RMS radius (x RELATIVE_SPAN) plus
-    # log(RMS radius) as a feature, so one silhouette gives the same features at every size
-    merger_relative_scale: bool = False
     mlp_ratio: float = 4.0
     token_dim: int = 256
     init_seed: int = 0  # the untrained merger is initialised from this seed (deterministic tokens)
@@ -217,7 +214,7 @@ class SeTok(nn.Module):
             self.cluster_head = ClusterHead(D, config.cluster_head)
             self.merger = ClusterMerger(D, config.merger_dim, config.token_dim, config.merger_depth,
                                         config.merger_cross_depth, config.merger_heads, config.mlp_ratio,
-                                        config.merger_relative_pe, config.merger_relative_scale)
+                                        config.merger_relative_pe)
 
     # ---- properties ------------------------------------------------------------------
     @property

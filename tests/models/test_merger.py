@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from setok_cli.models.clustering import cluster
-from setok_cli.models.merger import RELATIVE_SPAN, ClusterMerger, relative_fourier, varlen_attention
+from setok_cli.models.merger import ClusterMerger, relative_fourier, varlen_attention
 
 
 def loop_oracle(m: ClusterMerger, x, labels, num_tokens, grid):
@@ -24,13 +24,7 @@ def loop_oracle(m: ClusterMerger, x, labels, num_tokens, grid):
             if m.relative_pe:
                 xy = torch.stack([idx % w, idx // w], -1).float() + 0.5  # patch centres, in patches
                 off = (xy - xy.mean(0)) / max(h, w)
-                if m.relative_scale:  # in units of SPAN x the RMS radius (>= half a patch), + log radius
-                    rms = off.square().sum(-1).mean().sqrt().clamp_min(0.5 / max(h, w))
-                    f = torch.cat([relative_fourier(off / (RELATIVE_SPAN * rms), m.relative_pe),
-                                   rms.log().expand(len(idx), 1)], -1)
-                else:
-                    f = relative_fourier(off, m.relative_pe)
-                z = z + m.rel_proj(f)
+                z = z + m.rel_proj(relative_fourier(off, m.relative_pe))
             for blk in m.blocks:
                 z = blk.dense(z)
             us.append(z[0].mean(0))
@@ -58,13 +52,12 @@ def test_relative_fourier_known_values():
     assert torch.allclose(f, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("relative_pe,scale", [(0, False), (3, False), (3, True)])
-def test_packed_equals_loop_oracle(relative_pe, scale):
+@pytest.mark.parametrize("relative_pe", [0, 3])
+def test_packed_equals_loop_oracle(relative_pe):
     torch.manual_seed(0)
     x, c, grid = make_batch()
     assert (c.num_tokens > 4).all()
-    m = ClusterMerger(12, dim=32, token_dim=16, depth=2, cross_depth=2, heads=2, relative_pe=relative_pe,
-                      relative_scale=scale).eval()
+    m = ClusterMerger(12, dim=32, token_dim=16, depth=2, cross_depth=2, heads=2, relative_pe=relative_pe).eval()
     with torch.no_grad():
         packed = m(x, c.masks, c.labels, c.num_tokens, grid, hard=True)
         ref = loop_oracle(m, x, c.labels, c.num_tokens, grid)
@@ -73,11 +66,11 @@ def test_packed_equals_loop_oracle(relative_pe, scale):
     assert (packed[pad] == 0).all()
 
 
-@pytest.mark.parametrize("relative_pe,scale", [(0, False), (3, False), (3, True)])
-def test_soft_path_with_one_hot_masks_equals_packed(relative_pe, scale):
+@pytest.mark.parametrize("relative_pe", [0, 3])
+def test_soft_path_with_one_hot_masks_equals_packed(relative_pe):
     torch.manual_seed(1)
     x, c, grid = make_batch(seed=1)
-    m = ClusterMerger(12, dim=32, token_dim=16, relative_pe=relative_pe, relative_scale=scale).eval()
+    m = ClusterMerger(12, dim=32, token_dim=16, relative_pe=relative_pe).eval()
     with torch.no_grad():
         a = m(x, c.masks, c.labels, c.num_tokens, grid, hard=True)
         b = m(x, c.masks, c.labels, c.num_tokens, grid, hard=False)
@@ -146,26 +139,3 @@ def test_relative_pe_sees_the_shape_not_the_place():
     with torch.no_grad():
         u = m.pool_packed(m.embed(x, (h, w)), masks, lab, (h, w))[0]
     assert torch.allclose(u[0], u[1], atol=1e-5)
-
-
-def test_relative_scale_known_values_and_size_invariance():
-    """relative_scale: the RMS radius of a 2 x 2 block is sqrt(0.5) patches (a single patch's
-    is clamped to half a patch); offsets are measured in RELATIVE_SPAN RMS radii, so a
-    silhouette scaled by s (offsets and radius x s) gets the same offset features and only
-    log(radius) moves, by log s."""
-    h = w = 8
-    m = ClusterMerger(4, dim=16, token_dim=8, relative_pe=2, relative_scale=True)
-    pos = m.positions((h, w))
-    blocks = torch.zeros(1, 2, h * w)
-    blocks[0, 0, [0, 1, 8, 9]] = 1
-    blocks[0, 1, 20] = 1
-    _, cen = m.centroids(blocks, (h, w))
-    rms = m.spread(blocks, pos, cen, (h, w))
-    assert torch.allclose(rms, torch.tensor([math.sqrt(0.5) / 8, 0.5 / 8]).view(1, 2, 1), atol=1e-6)
-    f = m.rel_features(torch.tensor([[RELATIVE_SPAN * 0.1, 0.0]]), torch.tensor([[0.1]]))
-    assert torch.allclose(f[0, :8], relative_fourier(torch.tensor([[1.0, 0.0]]), 2)[0], atol=1e-6)
-    assert math.isclose(f[0, 8].item(), math.log(0.1), rel_tol=1e-6)
-    off, r = torch.randn(10, 2) * 0.05, torch.full((10, 1), 0.04)
-    a, b = m.rel_features(off, r), m.rel_features(3 * off, 3 * r)
-    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-5)
-    assert torch.allclose(b[:, 8] - a[:, 8], torch.full((10,), math.log(3)), atol=1e-5)
