@@ -43,7 +43,6 @@ ap.add_argument("--cmw", type=float, default=0, help="canvas_mask_weight")
 ap.add_argument("--coct", type=int, default=6, help="canvas_octaves (kind local)")
 ap.add_argument("--ctarget", default="clusters", help="canvas_mask_target: clusters | instances")
 ap.add_argument("--cwin", type=int, default=16, help="canvas_window (kind sprite)")
-ap.add_argument("--cproto", type=int, default=16, help="canvas_prototypes (kind prototypes)")
 ap.add_argument("--channels", default="32,64,64", help="UNet block widths")
 ap.add_argument("--res", type=int, default=32, help="UNet resolution")
 ap.add_argument("--pred", default="sample", help="prediction_type")
@@ -69,7 +68,7 @@ dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", co
                          unet=dict(block_out_channels=ch) if ch != (32, 64, 64) else {},
                          mapper=MapperConfig(token_dim=a.tdim, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
                                              num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid, canvas_mask_weight=a.cmw, canvas_octaves=a.coct,
-                         canvas_mask_target=a.ctarget, canvas_window=a.cwin, canvas_prototypes=a.cproto,
+                         canvas_mask_target=a.ctarget, canvas_window=a.cwin,
                          prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
 det = Detokenizer(dcfg)
 params = list(setok.merger.parameters()) + list(det.parameters())

@@ -148,12 +148,6 @@ class DetokenizerConfig:
     # learns each shape in its own normalised frame whatever its place and size
     canvas_window: int = 16
     canvas_place_weight: float = 1.0
-    # kind "prototypes": as "sprite", but the sprite's alpha is a token-chosen mixture of
-    # canvas_prototypes learnt S x S alpha templates, sum_k softmax(W_s t_i)_k T_k, and its
-    # features are one vector per token, W_f t_i (a dictionary of shapes, as in DTI-Sprites,
-    # Monnier et al. 2021: every token's mask error trains the templates it picks, so a few
-    # recurring silhouettes are learnt from far fewer steps than an MLP's S^2 outputs)
-    canvas_prototypes: int = 16
     # > 0: the canvas's first C channels (C = the UNet's data channels, so canvas_channels
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
@@ -311,8 +305,7 @@ def fourier_2d(dim: int, grid: int) -> Tensor:
     return out.view(grid * grid, dim)
 
 
-KINDS = ("mlp", "bilinear", "local", "sprite", "prototypes")
-TEMPLATE_GAIN = 8.0  # kind "prototypes": alpha logit per unit of template value
+KINDS = ("mlp", "bilinear", "local", "sprite")
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
@@ -340,15 +333,13 @@ class TokenCanvas(nn.Module):
     kind "bilinear": a_ip = <W_a t_i, E(p)> / sqrt(hidden), E(p) = MLP(fourier_2d(p));  f_ip = W_f t_i
     kind "sprite":   (a_i, f_i) = MLP(t_i) an S x S sprite drawn into the box (c_i, s_i) (see
                      DetokenizerConfig.canvas_window); a_ip - 20 (|u|_inf - 1)_+ outside it
-    kind "prototypes": as "sprite" with alpha = sum_k softmax(W_s t_i)_k T_k (learnt templates T,
-                     P x S x S) and features W_f t_i, constant over the sprite
     kind "local":    c_i = tanh(W_c t_i);  (a_ip, f_ip) = MLP(W_z t_i + W_u phi(q_p - c_i)), q_p the
                      cell centre in [-1, 1]^2, phi = relative_fourier at pi 2^j / 2, j < octaves
     then         w_ip = softmax_i(a_ip) over the valid tokens;  out_p = sum_i w_ip f_ip
     """
 
     def __init__(self, token_dim: int, channels: int, grid: int = 16, hidden: int = 64, kind: str = "mlp",
-                 octaves: int = 6, window: int = 16, prototypes: int = 16):
+                 octaves: int = 6, window: int = 16):
         super().__init__()
         from .position import sincos_2d
         if kind not in KINDS:
@@ -371,15 +362,6 @@ class TokenCanvas(nn.Module):
             self.key = nn.Linear(token_dim, hidden)
             self.feat = nn.Linear(token_dim, channels)
             self.cell = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        elif kind == "prototypes":
-            if self.window < 2 or prototypes < 1:
-                raise UserError(f"detokenizer.canvas_window must be >= 2 and canvas_prototypes >= 1, "
-                                f"got {window!r}, {prototypes!r}")
-            self.place = nn.Linear(token_dim, 3)
-            self.select = nn.Linear(token_dim, int(prototypes))
-            self.feat = nn.Linear(token_dim, channels)
-            g = torch.Generator().manual_seed(0)
-            self.templates = nn.Parameter(0.1 * torch.randn(int(prototypes), self.window, self.window, generator=g))
         elif kind == "sprite":
             if self.window < 2:
                 raise UserError(f"detokenizer.canvas_window must be >= 2, got {window!r}")
@@ -404,18 +386,8 @@ class TokenCanvas(nn.Module):
         p = self.place(tokens)
         return torch.cat([torch.tanh(p[..., :2]), 2 * torch.sigmoid(p[..., 2:])], -1)
 
-    def sprite_maps(self, t: Tensor) -> Tensor:
-        """tokens (V, T) -> sprites (V, 1 + C, S, S): alpha logit and features in the box frame."""
-        S, C = self.window, self.channels
-        if self.kind == "prototypes":
-            # x TEMPLATE_GAIN: logits of +-10 (crisp edges) within a few hundred Adam steps
-            alpha = TEMPLATE_GAIN * torch.einsum("vk,kxy->vxy", torch.softmax(self.select(t), -1),
-                                                 self.templates.to(t.dtype))
-            return torch.cat([alpha.unsqueeze(1), self.feat(t)[:, :, None, None].expand(-1, C, S, S)], 1)
-        return self.sprite(t).view(-1, 1 + C, S, S)
-
     def _sprite(self, tokens: Tensor, valid: Tensor, box: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """kinds "sprite" and "prototypes", on the valid tokens only -> logits (B, K, P), feats (B, K, P, C).
+        """kind "sprite", on the valid tokens only -> logits (B, K, P), feats (B, K, P, C).
         box (B, K, 3): boxes to draw into instead of the predicted ones where finite."""
         B, K, _ = tokens.shape
         P, S, C = self.pe.shape[0], self.window, self.channels
@@ -425,7 +397,7 @@ class TokenCanvas(nn.Module):
             bt = box[valid].to(b.dtype)
             b = torch.where(torch.isfinite(bt), bt, b)
         u = (self.pe.to(t.dtype).unsqueeze(0) - b[:, None, :2]) / b[:, None, 2:]  # (V, P, 2) box coords
-        spr = self.sprite_maps(t)
+        spr = self.sprite(t).view(-1, 1 + C, S, S)
         o = F.grid_sample(spr, u.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
         o = o[:, :, 0].transpose(1, 2)  # (V, P, 1 + C)
         outside = (u.abs().amax(-1) - 1).clamp_min(0)  # 0 inside the box
@@ -464,7 +436,7 @@ class TokenCanvas(nn.Module):
         elif self.kind == "bilinear":
             logit = torch.einsum("bkh,ph->bkp", self.key(tokens), self.cell(pe)) / self.hidden ** 0.5  # (B, K, g*g)
             feats = self.feat(tokens).unsqueeze(2)  # (B, K, 1, C)
-        elif self.kind in ("sprite", "prototypes"):
+        elif self.kind == "sprite":
             logit, feats = self._sprite(tokens, valid, box)
         else:
             logit, feats = self._local(tokens, valid)
@@ -537,7 +509,7 @@ class Detokenizer(nn.Module):
         else:
             self.unet = UNet2DConditionModel(**unet_config(c))
         self.canvas = TokenCanvas(c.mapper.token_dim, c.canvas_channels, c.canvas_grid, c.canvas_hidden,
-                                  c.canvas_kind, c.canvas_octaves, c.canvas_window, c.canvas_prototypes) \
+                                  c.canvas_kind, c.canvas_octaves, c.canvas_window) \
             if c.canvas_channels else None
         self.vae = None
         if c.space == "latent":
@@ -619,7 +591,7 @@ class Detokenizer(nn.Module):
         canvas = clog = box = None
         place_loss = None
         if self.canvas is not None:
-            if self.canvas.kind in ("sprite", "prototypes") and masks is not None:
+            if self.canvas.kind == "sprite" and masks is not None:
                 box = mask_boxes(masks)  # (B, K', 3), NaN where a token has no pixel
                 box = F.pad(box, (0, 0, 0, tokens.shape[1] - box.shape[1]), value=float("nan"))
                 known = torch.isfinite(box).all(-1) & token_mask
