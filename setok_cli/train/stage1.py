@@ -102,10 +102,10 @@ class Stage1Model(nn.Module):
         return images
 
     def tokenize(self, images: Tensor, index: Optional[Tensor] = None):
-        """images (B, 3, H, W) in [0, 1]; index (B,) their data-set indices (the feature
-        cache's keys, when it is on)."""
+        """images (B, 3, H, W) in [0, 1]; index (B,) their training-set indices (the feature
+        cache's keys, when it is on; in eval mode the cache is not used)."""
         cache = self.feature_cache
-        if cache is None or index is None:
+        if cache is None or index is None or not self.training:
             return self.setok(self._resize(images))
         keys = [int(i) for i in index.tolist()]
         miss = [j for j, k in enumerate(keys) if k not in cache]
