@@ -148,6 +148,12 @@ class DetokenizerConfig:
     # learns each shape in its own normalised frame whatever its place and size
     canvas_window: int = 16
     canvas_place_weight: float = 1.0
+    # kind "sprite", > 0: each token's sprite alpha (its S x S weight logits) also learns its
+    # own mask target, sampled in its true box (per-pixel BCE, this weight): the shape in the
+    # sprite's normalised frame, learnt from the mask directly. Through the composed image
+    # alone an outline is a few pixels of MSE and the sprites stay generic blobs (measured:
+    # objects right 27.9% without it, 46.4% with it, canvas alone after 700 steps).
+    canvas_silhouette_weight: float = 0.0
     # > 0: the canvas's first C channels (C = the UNet's data channels, so canvas_channels
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
@@ -386,6 +392,12 @@ class TokenCanvas(nn.Module):
         p = self.place(tokens)
         return torch.cat([torch.tanh(p[..., :2]), 2 * torch.sigmoid(p[..., 2:])], -1)
 
+    def sprites(self, tokens: Tensor) -> Tensor:
+        """kind "sprite": tokens (V, T) -> sprites (V, 1 + C, S, S): alpha logit, then features;
+        row = y, column = x of the box's [-1, 1] frame."""
+        S = self.window
+        return self.sprite(tokens).view(-1, 1 + self.channels, S, S)
+
     def _sprite(self, tokens: Tensor, valid: Tensor, box: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """kind "sprite", on the valid tokens only -> logits (B, K, P), feats (B, K, P, C).
         box (B, K, 3): boxes to draw into instead of the predicted ones where finite."""
@@ -397,7 +409,7 @@ class TokenCanvas(nn.Module):
             bt = box[valid].to(b.dtype)
             b = torch.where(torch.isfinite(bt), bt, b)
         u = (self.pe.to(t.dtype).unsqueeze(0) - b[:, None, :2]) / b[:, None, 2:]  # (V, P, 2) box coords
-        spr = self.sprite(t).view(-1, 1 + C, S, S)
+        spr = self.sprites(t)
         o = F.grid_sample(spr, u.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
         o = o[:, :, 0].transpose(1, 2)  # (V, P, 1 + C)
         outside = (u.abs().amax(-1) - 1).clamp_min(0)  # 0 inside the box
@@ -466,6 +478,32 @@ def instance_canvas_targets(masks: Tensor, instances: Tensor) -> Tensor:
     return torch.where(obj, own, m)
 
 
+def box_crops(masks: Tensor, box: Tensor, size: int) -> Tensor:
+    """masks (V, H, W) and square boxes (V, 3) (centre x, y and half-side, in the image's
+    [-1, 1] frame) -> (V, size, size): each mask resampled (bilinear, 0 outside the image)
+    on the size x size cell centres of its box, row = y."""
+    c = (torch.arange(size, device=masks.device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    uv = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2): (x, y) in the box frame
+    b = box.float()
+    pts = b[:, None, None, :2] + uv.unsqueeze(0) * b[:, None, None, 2:]  # (V, S, S, 2) image frame
+    return F.grid_sample(masks.float().unsqueeze(1), pts, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)[:, 0]
+
+
+def sprite_silhouette_loss(canvas: "TokenCanvas", tokens: Tensor, known: Tensor, box: Tensor,
+                           masks: Tensor) -> Tensor:
+    """Per-pixel BCE of each token's sprite alpha logits against its mask target cropped to
+    its true box (canvas_silhouette_weight). tokens (B, K, T); known (B, K) bool: the tokens
+    with a box; box (B, K, 3); masks (B, K', H, W), K' <= K, soft or 0/1."""
+    if not bool(known.any()):
+        return tokens.sum() * 0
+    K = tokens.shape[1]
+    m = F.pad(masks.float(), (0, 0, 0, 0, 0, K - masks.shape[1]))
+    target = box_crops(m[known], box[known], canvas.window)  # (V, S, S)
+    logits = canvas.sprites(tokens[known])[:, 0]
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
 def canvas_mask_loss(logits: Tensor, masks: Tensor, grid: int) -> Tensor:
     """Cross-entropy of the canvas's token weights against the clustering masks.
 
@@ -530,6 +568,8 @@ class Detokenizer(nn.Module):
         if c.canvas_mask_target not in ("clusters", "instances"):
             raise UserError(f"detokenizer.canvas_mask_target must be 'clusters' or 'instances', "
                             f"got {c.canvas_mask_target!r}")
+        if c.canvas_silhouette_weight > 0 and (not c.canvas_channels or c.canvas_kind != "sprite"):
+            raise UserError("detokenizer.canvas_silhouette_weight needs canvas_kind 'sprite' (and canvas_channels > 0)")
         if c.canvas_recon_weight > 0 and c.canvas_channels < self._channels():
             raise UserError(f"detokenizer.canvas_recon_weight needs canvas_channels >= {self._channels()} "
                             f"(the image's channels), got {c.canvas_channels}")
@@ -589,7 +629,7 @@ class Detokenizer(nn.Module):
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         cond = self.mapper(tokens, token_mask)
         canvas = clog = box = None
-        place_loss = None
+        place_loss = sil_loss = None
         if self.canvas is not None:
             if self.canvas.kind == "sprite" and masks is not None:
                 box = mask_boxes(masks)  # (B, K', 3), NaN where a token has no pixel
@@ -597,6 +637,8 @@ class Detokenizer(nn.Module):
                 known = torch.isfinite(box).all(-1) & token_mask
                 place_loss = F.smooth_l1_loss(self.canvas.boxes(tokens[known]).float(), box[known], beta=0.05) \
                     if bool(known.any()) else tokens.sum() * 0
+                if self.config.canvas_silhouette_weight > 0:
+                    sil_loss = sprite_silhouette_loss(self.canvas, tokens, known, box, masks)
             canvas, clog = self.canvas(tokens, token_mask, return_logits=True,
                                        box=box if self.training else None)
         if self.training and self.config.cond_dropout > 0:
@@ -618,6 +660,8 @@ class Detokenizer(nn.Module):
             loss = loss + self.config.canvas_mask_weight * canvas_mask_loss(clog, masks, self.canvas.grid)
         if place_loss is not None:
             loss = loss + self.config.canvas_place_weight * place_loss
+        if sil_loss is not None:
+            loss = loss + self.config.canvas_silhouette_weight * sil_loss
         return loss
 
     # -- sampling --

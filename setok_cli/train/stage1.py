@@ -130,7 +130,8 @@ class Stage1Model(nn.Module):
         if self.detokenizer is not None and w.diffusion > 0:
             dc = self.detokenizer.config
             cmasks = None
-            if dc.canvas_channels and dc.canvas_mask_weight > 0:  # the canvas's mask targets
+            # the canvas's mask targets (and, for sprites, their true boxes and silhouettes)
+            if dc.canvas_channels and (dc.canvas_mask_weight > 0 or dc.canvas_kind == "sprite"):
                 cmasks = out.masks.detach()
                 if dc.canvas_mask_target == "instances" and "instances" in batch:
                     cmasks = instance_canvas_targets(cmasks, batch["instances"])

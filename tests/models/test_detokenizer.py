@@ -378,3 +378,114 @@ def test_sprite_place_loss_and_teacher_forcing():
     lb = b(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
     expect = F.smooth_l1_loss(b.canvas.boxes(tok).flatten(0, 1), mask_boxes(masks).flatten(0, 1), beta=0.05)
     assert torch.allclose(lb, la + 3.0 * expect, atol=1e-5)
+
+
+def test_box_crops_known_values():
+    """A mask resampled on its own bounding square: a disc fills the crop as a disc, a
+    square box inside a filled image is all ones, and rows are y (a top half stays on top)."""
+    from setok_cli.models.detokenizer import box_crops, mask_boxes
+    H = 64
+    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(H) + 0.5, indexing="ij")
+    disc = (((xx - 40) ** 2 + (yy - 20) ** 2) <= 10 ** 2).float()
+    top = torch.zeros(H, H)
+    top[8:16, 8:24] = 1  # the top half of the square x in [8, 24), y in [8, 24)
+    full = torch.ones(H, H)
+    m = torch.stack([disc, top, full])
+    box = mask_boxes(m[None])[0]
+    box[1] = torch.tensor([(16 / H) * 2 - 1, (16 / H) * 2 - 1, 8 / H * 2])  # the whole square
+    box[2] = torch.tensor([0.0, 0.0, 0.5])
+    S = 16
+    crop = box_crops(m, box, S)
+    c = (torch.arange(S) + 0.5) / S * 2 - 1
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    ref = ((u ** 2 + v ** 2) <= 1.0).float()
+    inter = ((crop[0] > 0.5) & (ref > 0.5)).sum()
+    union = ((crop[0] > 0.5) | (ref > 0.5)).sum()
+    assert inter / union > 0.9
+    assert (crop[1, : S // 2] > 0.9).all() and (crop[1, S // 2:] < 0.1).all()
+    assert torch.allclose(crop[2], torch.ones(S, S))
+
+
+def test_sprite_silhouette_loss_known_values_and_weight():
+    """BCE against the mask cropped to the box: log 2 for zero logits, ~0 for sprites that
+    already draw the crop; the detokenizer adds canvas_silhouette_weight x that term, and
+    the option needs the sprite kind."""
+    import math
+    import torch.nn.functional as F
+    from setok_cli.models.detokenizer import TokenCanvas, box_crops, mask_boxes, sprite_silhouette_loss
+    torch.manual_seed(0)
+    S, T = 4, 6
+    c = TokenCanvas(token_dim=T, channels=3, grid=8, hidden=8, kind="sprite", window=S)
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0, 2:10, 4:12] = 1
+    masks[0, 0, 2:6, 4:8] = 0  # an L shape
+    masks[0, 1] = 1 - masks[0, 0]
+    box = mask_boxes(masks)
+    known = torch.tensor([[True, True]])
+    tok = torch.randn(1, 2, T)
+    with torch.no_grad():
+        c.sprite[-1].weight.zero_()
+        c.sprite[-1].bias.zero_()
+    assert math.isclose(sprite_silhouette_loss(c, tok, known, box, masks).item(), math.log(2), rel_tol=1e-5)
+    target = box_crops(masks[0], box[0], S)  # (2, S, S)
+    assert target[0].min() < 0.1 and target[0].max() > 0.9  # the L is not a full square
+    # one-hot tokens and a read-out that writes +-30 x (2 target - 1) into the alpha channel
+    tok = torch.eye(T)[:2].view(1, 2, T)
+    with torch.no_grad():
+        c.sprite[0].weight.zero_(); c.sprite[0].bias.zero_()
+        c.sprite[0].weight[:T, :T] = torch.eye(T)  # hidden = [token, 0...]
+        c.sprite[2].weight.zero_(); c.sprite[2].bias.zero_()
+        c.sprite[2].weight[:T, :T] = torch.eye(T)
+        alpha = 30 * (2 * target.round() - 1).view(2, S * S)  # (2, S*S)
+        g = F.gelu(F.gelu(torch.ones(1))).item()
+        c.sprite[-1].weight[: S * S, :2] = alpha.T / g
+    loss = sprite_silhouette_loss(c, tok, known, box, masks)
+    soft = F.binary_cross_entropy(target.round(), target)  # what a perfect 0/1 drawing leaves on soft edge pixels
+    assert loss.item() < soft.item() + 1e-3
+    # in the detokenizer: + weight x the term
+    img = torch.rand(1, 3, 16, 16)
+    kw = dict(canvas_channels=4, canvas_grid=8, canvas_hidden=16, canvas_kind="sprite", canvas_window=S,
+              canvas_place_weight=0.0)
+    a = Detokenizer(_tiny(**kw))
+    b = Detokenizer(_tiny(canvas_silhouette_weight=2.0, **kw))
+    b.load_state_dict(a.state_dict())
+    tok8, tm = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
+    la = a(img, tok8, tm, generator=torch.Generator().manual_seed(0), masks=masks)
+    lb = b(img, tok8, tm, generator=torch.Generator().manual_seed(0), masks=masks)
+    expect = sprite_silhouette_loss(b.canvas, tok8, known, box, masks)
+    assert torch.allclose(lb, la + 2.0 * expect, atol=1e-5)
+    with pytest.raises(UserError, match="canvas_silhouette_weight"):
+        Detokenizer(_tiny(canvas_channels=4, canvas_kind="bilinear", canvas_silhouette_weight=1.0))
+
+
+def test_sprite_silhouette_loss_teaches_shapes():
+    """Learning curve: four tokens, four masks (disc, square, triangle, cross) in boxes of
+    different places and sizes; 150 Adam steps on the silhouette loss alone bring each
+    token's sprite to its own shape (IoU > 0.8 with the crop), from chance at the start."""
+    from setok_cli.models.detokenizer import TokenCanvas, box_crops, mask_boxes, sprite_silhouette_loss
+    torch.manual_seed(0)
+    H, S = 32, 8
+    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(H) + 0.5, indexing="ij")
+    def shape(kind, cx, cy, r):
+        u, v = (xx - cx) / r, (yy - cy) / r
+        return {"disc": u * u + v * v <= 1, "square": (u.abs() <= 0.8) & (v.abs() <= 0.8),
+                "triangle": (v <= 0.8) & (1.8 * u.abs() - v <= 1),
+                "cross": ((u.abs() <= 0.95) & (v.abs() <= 0.3)) | ((u.abs() <= 0.3) & (v.abs() <= 0.95))}[kind].float()
+    masks = torch.stack([shape("disc", 8, 8, 6), shape("square", 24, 9, 5), shape("triangle", 9, 23, 7),
+                         shape("cross", 23, 23, 6)])[None]
+    box = mask_boxes(masks)
+    known = torch.ones(1, 4, dtype=torch.bool)
+    tok = torch.randn(1, 4, 8)
+    c = TokenCanvas(token_dim=8, channels=3, grid=16, hidden=64, kind="sprite", window=S)
+    target = box_crops(masks[0], box[0], S) > 0.5
+
+    def iou():
+        with torch.no_grad():
+            a = c.sprites(tok[0])[:, 0] > 0
+        return ((a & target).sum((1, 2)) / (a | target).sum((1, 2))).min().item()
+    before = iou()
+    opt = torch.optim.Adam(c.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = sprite_silhouette_loss(c, tok, known, box, masks)
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert before < 0.6 and iou() > 0.8
