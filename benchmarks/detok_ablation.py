@@ -3,6 +3,7 @@
 
     python benchmarks/detok_ablation.py --data DATA --coord 2 --append 1 --tag coord_append
         [--canvas 8 --crw 1.0] [--size 224] [--steps 700] [--ntest 100]
+        [--canvas 8 --ckind sprite --cgrid 32 --chid 256 --crw 1 --ctarget instances --sil 1 --mlr 1e-2]
 
 DATA is `setok data shapes --out DATA --n 2500 --size 64 --seed 0`. Prints and appends to
 OUT/results.jsonl: recon (objects right in shape, colour and position by the scene
@@ -43,6 +44,9 @@ ap.add_argument("--cmw", type=float, default=0, help="canvas_mask_weight")
 ap.add_argument("--coct", type=int, default=6, help="canvas_octaves (kind local)")
 ap.add_argument("--ctarget", default="clusters", help="canvas_mask_target: clusters | instances")
 ap.add_argument("--cwin", type=int, default=16, help="canvas_window (kind sprite)")
+ap.add_argument("--place", type=float, default=1.0, help="canvas_place_weight (kind sprite)")
+ap.add_argument("--sil", type=float, default=0.0, help="canvas_silhouette_weight (kind sprite)")
+ap.add_argument("--mlr", type=float, default=None, help="learning rate of the merger and the canvas (default: --lr)")
 ap.add_argument("--channels", default="32,64,64", help="UNet block widths")
 ap.add_argument("--res", type=int, default=32, help="UNet resolution")
 ap.add_argument("--pred", default="sample", help="prediction_type")
@@ -69,11 +73,14 @@ dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", co
                          mapper=MapperConfig(token_dim=a.tdim, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
                                              num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid, canvas_mask_weight=a.cmw, canvas_octaves=a.coct,
                          canvas_mask_target=a.ctarget, canvas_window=a.cwin,
+                         canvas_place_weight=a.place, canvas_silhouette_weight=a.sil,
                          prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
 det = Detokenizer(dcfg)
 params = list(setok.merger.parameters()) + list(det.parameters())
 print("params", sum(p.numel() for p in det.parameters()), flush=True)
-opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-3)
+fast = list(setok.merger.parameters()) + (list(det.canvas.parameters()) if det.canvas is not None else [])
+rest = [p for p in det.parameters() if all(p is not q for q in fast)]
+opt = torch.optim.AdamW([dict(params=fast, lr=a.mlr or a.lr), dict(params=rest, lr=a.lr)], weight_decay=1e-3)
 from transformers import get_cosine_schedule_with_warmup
 sch = get_cosine_schedule_with_warmup(opt, int(0.05 * a.steps), a.steps)
 def tokens(C, ii):
@@ -83,12 +90,12 @@ def tokens(C, ii):
     tm = torch.arange(K).view(1, K) < nt.view(-1, 1)
     tokens.masks = masks.view(masks.shape[0], K, *grid)
     return t, tm
-if a.ctarget == "instances":
+if a.ctarget == "instances" and (a.cmw > 0 or a.ckind == "sprite"):
     from setok_cli.models.detokenizer import instance_canvas_targets
     _ds = PairsDataset(f"{D}/train/pairs.json", image_size=64)
     tr["inst"] = torch.stack([_ds[i]["instances"] for i in tr["idx"]])
 def canvas_masks(ii):
-    if a.cmw <= 0:
+    if a.cmw <= 0 and a.ckind != "sprite":  # the sprite canvas learns its boxes from the targets
         return None
     return instance_canvas_targets(tokens.masks, tr["inst"][ii]) if a.ctarget == "instances" else tokens.masks
 g = torch.Generator().manual_seed(0)

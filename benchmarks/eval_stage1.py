@@ -7,7 +7,8 @@ Reports:
   - reconstructions (tokens -> detokenizer samples, upsampled to the data's size) scored
     by the scene parser: the share of objects right in shape and colour (and position
     within 10% of the side); the same for the ground truth squeezed through the
-    detokenizer's resolution, the ceiling the reconstructions can reach;
+    detokenizer's resolution, the ceiling the reconstructions can reach; and the token
+    canvas alone (its image channels, where the recipe trains them: canvas_recon_weight);
   - the mask decoder's mIoU over objects (each pixel to its arg-max token, segments
     matched to objects by IoU);
   - FG-ARI / mBO of the trained clustering against the untrained builtin-encoder
@@ -67,7 +68,9 @@ def main(argv=None):
     ds = PairsDataset(a.data, image_size=recipe["data"].get("image_size"))
     n = len(ds) if a.limit is None else min(a.limit, len(ds))
     g = torch.Generator().manual_seed(a.seed)
-    rec_ok = rec_n = ceil_ok = 0
+    rec_ok = rec_n = ceil_ok = can_ok = 0
+    # the token canvas alone (its first channels learn the image: canvas_recon_weight > 0)
+    with_canvas = detok is not None and detok.canvas is not None and detok.config.canvas_recon_weight > 0
     ious: list[float] = []
     grid_rows = []
     t0 = time.perf_counter()
@@ -85,6 +88,9 @@ def main(argv=None):
                 rec = detok.sample(out.tokens, out.token_mask, steps=a.steps, generator=g, guidance_scale=a.guidance)
                 rec = F.interpolate(rec, size=(S, S), mode="bilinear", align_corners=False)
                 s = detok.config.image_size
+                if with_canvas:
+                    can = detok.decode(detok.canvas(out.tokens, out.token_mask)[:, :detok._channels()])
+                    can = F.interpolate(can, size=(S, S), mode="bilinear", align_corners=False)
                 ceil = F.interpolate(F.interpolate(x, size=(s, s), mode="bilinear", antialias=True),
                                      size=(S, S), mode="bilinear", align_corners=False)
         for j, idx in enumerate(batch["index"].tolist()):
@@ -95,6 +101,8 @@ def main(argv=None):
                 rec_ok += sc["correct"]
                 rec_n += sc["n_gt"]
                 ceil_ok += score_scene(_u8(ceil[j]), scene)["correct"]
+                if with_canvas:
+                    can_ok += score_scene(_u8(can[j]), scene)["correct"]
         if a.grid and not grid_rows and detok is not None:
             k = min(8, x.shape[0])
             seg = None
@@ -102,7 +110,7 @@ def main(argv=None):
                 lab = logits.masked_fill(~out.token_mask[:, :, None, None], -1e9).argmax(1)
                 pal = torch.rand(64, 3, generator=torch.Generator().manual_seed(1))
                 seg = pal[lab % 64].permute(0, 3, 1, 2)
-            rows = [x[:k], rec[:k]] + ([seg[:k]] if seg is not None else [])
+            rows = [x[:k], rec[:k]] + ([can[:k]] if with_canvas else []) + ([seg[:k]] if seg is not None else [])
             grid_rows = [np.concatenate([_u8(t) for t in row], axis=1) for row in rows]
     result = {"checkpoint": str(ck), "images": n, "seconds": round(time.perf_counter() - t0, 1)}
     if detok is not None:
@@ -110,6 +118,8 @@ def main(argv=None):
                       ceiling_objects_right=ceil_ok / max(1, rec_n), detok_resolution=detok.config.image_size,
                       sample_steps=a.steps or detok.config.sample_steps, sampler=detok.config.sampler,
                       guidance_scale=a.guidance if a.guidance is not None else detok.config.guidance_scale)
+        if with_canvas:
+            result["canvas_objects_right"] = can_ok / max(1, rec_n)
     if mdec is not None:
         result["mask_decoder_miou"] = float(np.mean(ious)) if ious else None
     trained = eval_tokenizer(a.data, tokenizer=setok, limit=n)
