@@ -158,11 +158,6 @@ class DetokenizerConfig:
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
     canvas_recon_weight: float = 0.0
-    # prediction_type "sample" only: the UNet predicts a correction to the canvas's image,
-    # x0 = canvas[:, :C] (upsampled) + UNet(...), so the sample starts from what the tokens
-    # draw and the UNet only sharpens it (measured: the UNet alone blurred the canvas's
-    # shapes, objects right 29.3% against the canvas's own 36.8%).
-    canvas_residual: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetokenizerConfig":
@@ -578,9 +573,6 @@ class Detokenizer(nn.Module):
         if c.canvas_recon_weight > 0 and c.canvas_channels < self._channels():
             raise UserError(f"detokenizer.canvas_recon_weight needs canvas_channels >= {self._channels()} "
                             f"(the image's channels), got {c.canvas_channels}")
-        if c.canvas_residual and (c.prediction_type != "sample" or c.canvas_channels < self._channels()):
-            raise UserError(f"detokenizer.canvas_residual needs prediction_type 'sample' and canvas_channels >= "
-                            f"{self._channels()}, got {c.prediction_type!r} and {c.canvas_channels}")
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps,
                                              beta_schedule=c.beta_schedule, prediction_type=c.prediction_type)
 
@@ -591,22 +583,17 @@ class Detokenizer(nn.Module):
     def _unet(self, x: Tensor, t, cond: Tensor, cond_mask: Optional[Tensor] = None,
               canvas: Optional[Tensor] = None) -> Tensor:
         """The UNet on x (B, C, s, s), with the coordinate channels appended if configured;
-        cond_mask (B, L) bool marks the valid rows of cond; canvas (B, C', g, g) or None.
-        With canvas_residual the output is the canvas's first C channels plus the UNet's."""
-        up = None
+        cond_mask (B, L) bool marks the valid rows of cond; canvas (B, C', g, g) or None."""
         if canvas is not None:
-            up = F.interpolate(canvas.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            x = torch.cat([x, up], 1)
+            x = torch.cat([x, F.interpolate(canvas.to(x.dtype), size=x.shape[-2:], mode="bilinear",
+                                            align_corners=False)], 1)
         if self.config.coord_channels:
             B, _, h, w = x.shape
             ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(B, 1, h, w)
             xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(B, 1, h, w)
             x = torch.cat([x, xs, ys], 1)
         extra = {} if cond_mask is None else {"encoder_attention_mask": cond_mask}
-        out = self.unet(x, t, encoder_hidden_states=cond, **extra).sample
-        if up is not None and self.config.canvas_residual:
-            out = out + up[:, :out.shape[1]]
-        return out
+        return self.unet(x, t, encoder_hidden_states=cond, **extra).sample
 
     def _sample_hw(self) -> int:
         return self.config.image_size // 8 if self.config.space == "latent" else self.config.image_size

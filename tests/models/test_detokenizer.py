@@ -489,32 +489,3 @@ def test_sprite_silhouette_loss_teaches_shapes():
         loss = sprite_silhouette_loss(c, tok, known, box, masks)
         opt.zero_grad(); loss.backward(); opt.step()
     assert before < 0.6 and iou() > 0.8
-
-
-def test_canvas_residual_samples_the_canvas_when_the_unet_is_silent():
-    """x0 = canvas + UNet: with the UNet's output layer zeroed, DDIM ends exactly on the
-    canvas's image (upsampled), whatever the noise; without the residual it would not."""
-    torch.manual_seed(0)
-    cfg = _tiny(canvas_channels=4, canvas_kind="bilinear", canvas_grid=8, prediction_type="sample",
-                canvas_residual=True)
-    d = Detokenizer(cfg).eval()
-    torch.nn.init.zeros_(d.unet.conv_out.weight)
-    torch.nn.init.zeros_(d.unet.conv_out.bias)
-    tok, tm = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
-    with torch.no_grad():
-        want = d.decode(torch.nn.functional.interpolate(d.canvas(tok, tm)[:, :3], size=(16, 16),
-                                                        mode="bilinear", align_corners=False))
-    got = d.sample(tok, tm, steps=3, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(got, want, atol=1e-5)
-    assert want.std() > 0.01                                  # the canvas draws something
-    d.config.canvas_residual = False
-    assert not torch.allclose(d.sample(tok, tm, steps=3, generator=torch.Generator().manual_seed(1)), want,
-                              atol=1e-2)
-
-
-def test_canvas_residual_needs_x0_prediction():
-    with pytest.raises(UserError, match="canvas_residual"):
-        Detokenizer(_tiny(canvas_channels=4, canvas_kind="bilinear", canvas_residual=True))
-    with pytest.raises(UserError, match="canvas_residual"):
-        Detokenizer(_tiny(canvas_channels=2, canvas_kind="bilinear", prediction_type="sample",
-                          canvas_residual=True))
