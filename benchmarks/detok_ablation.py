@@ -32,6 +32,10 @@ ap.add_argument("--mdim", type=int, default=64, help="merger width")
 ap.add_argument("--mdepth", type=int, default=1, help="merger blocks within a cluster")
 ap.add_argument("--tdim", type=int, default=64, help="token width")
 ap.add_argument("--rel", type=int, default=0, help="merger_relative_pe (octaves; 0: off)")
+ap.add_argument("--relh", type=int, default=0, help="merger_relative_hidden (0: Linear)")
+ap.add_argument("--rels", type=int, default=0, help="merger_relative_scaled (0/1)")
+ap.add_argument("--crop", type=int, default=0, help="merger_crop (crop side; 0: off)")
+ap.add_argument("--cropw", type=int, default=16, help="merger_crop_width")
 ap.add_argument("--coord", type=int, default=2, help="detokenizer.coord_channels")
 ap.add_argument("--append", type=int, default=0, help="mapper.append_tokens (0/1)")
 ap.add_argument("--queries", type=int, default=8, help="mapper queries")
@@ -62,7 +66,8 @@ D = a.data
 OUT = Path(a.out); OUT.mkdir(parents=True, exist_ok=True)
 cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw, max_tokens=a.maxtok,
                   merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=a.tdim,
-                  merger_relative_pe=a.rel)
+                  merger_relative_pe=a.rel, merger_relative_hidden=a.relh, merger_relative_scaled=bool(a.rels),
+                  merger_crop=a.crop, merger_crop_width=a.cropw)
 setok = SeTok(cfg)
 C = cluster_cache(setok, D, OUT, a.size, a.k, a.bw, a.maxtok)
 tr, te = C["train"], C["test"]
@@ -86,7 +91,7 @@ sch = get_cosine_schedule_with_warmup(opt, int(0.05 * a.steps), a.steps)
 def tokens(C, ii):
     l = C["l"][ii]; nt = C["nt"][ii]; K = int(nt.max())
     masks = F.one_hot(l.clamp_min(0), K).permute(0, 2, 1).float()
-    t = setok.merger(C["f"][ii], masks, l, nt, grid, hard=True)
+    t = setok.merger(C["f"][ii], masks, l, nt, grid, hard=True, pixels=C["x"][ii] if a.crop else None)
     tm = torch.arange(K).view(1, K) < nt.view(-1, 1)
     tokens.masks = masks.view(masks.shape[0], K, *grid)
     return t, tm

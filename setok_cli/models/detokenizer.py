@@ -18,6 +18,8 @@ BERT-base shapes, so the paper model can be sized without any file on disk.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import math
 import json
@@ -162,6 +164,11 @@ class DetokenizerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DetokenizerConfig":
         d = dict(d)
+        for c, keys in ((cls, d), (MapperConfig, d.get("mapper") if isinstance(d.get("mapper"), dict) else {})):
+            unknown = sorted(set(keys) - {f.name for f in dataclasses.fields(c)})
+            if unknown:
+                raise UserError(f"unknown {c.__name__} key(s): {', '.join(unknown)} (a checkpoint from another "
+                                f"setok version?)")
         if isinstance(d.get("mapper"), dict):
             d["mapper"] = MapperConfig(**d["mapper"])
         return cls(**d)

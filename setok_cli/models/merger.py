@@ -128,6 +128,66 @@ def relative_fourier(offset: Tensor, octaves: int) -> Tensor:
     return torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)
 
 
+class CropEncoder(nn.Module):
+    """Each cluster seen as an object crop: the image and the cluster's mask resampled into
+    the cluster's square box (widened by `margin` patches) at size x size, through a small
+    CNN. -> (B, K, dim), added to the pooled cluster vector.
+
+    pixels (B, 3, H, W) in [0, 1] over the patch grid; masks (B, K, h, w) the clustering
+    masks. The box comes from the mask (its cells > 0.5), so the crop follows the cluster
+    wherever it is and whatever its size: the CNN sees each object's outline in the object's
+    own frame, at the image's resolution rather than the patch grid's.
+    """
+
+    def __init__(self, size: int, width: int, dim: int, margin: float = 0.5):
+        super().__init__()
+        if size < 4 or size % 4:
+            raise ValueError(f"merger_crop must be a multiple of 4 (>= 4), got {size}")
+        self.size = int(size)
+        self.margin = float(margin)
+        w = int(width)
+        self.net = nn.Sequential(
+            nn.Conv2d(4, w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GELU(),
+            nn.Flatten(), nn.Linear(2 * w * (self.size // 4) ** 2, dim))
+
+    def boxes(self, masks: Tensor) -> Tensor:
+        """masks (B, K, h, w) -> (B, K, 3) square boxes (centre x, y, half-side) in the
+        image's [-1, 1] frame, widened by `margin` patches; empty masks get the whole image."""
+        from .detokenizer import mask_boxes
+        h = masks.shape[-2]
+        box = mask_boxes(masks.detach())
+        box = box + torch.tensor([0.0, 0.0, 2.0 * self.margin / h], device=box.device)
+        whole = torch.tensor([0.0, 0.0, 1.0], device=box.device)
+        return torch.where(torch.isfinite(box).all(-1, keepdim=True), box, whole)
+
+    def crops(self, pixels: Tensor, masks: Tensor) -> Tensor:
+        """-> (B, K, 4, size, size): RGB in [-1, 1] and the mask, sampled in each box."""
+        B, K = masks.shape[:2]
+        S = self.size
+        box = self.boxes(masks)  # (B, K, 3)
+        c = (torch.arange(S, device=masks.device, dtype=torch.float32) + 0.5) / S * 2 - 1
+        uv = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2)
+        pts = box[:, :, None, None, :2] + uv * box[:, :, None, None, 2:]  # (B, K, S, S, 2)
+        rgb = F.grid_sample(pixels.float() * 2 - 1, pts.reshape(B, K * S, S, 2), mode="bilinear",
+                            padding_mode="border", align_corners=False)  # (B, 3, K*S, S)
+        rgb = rgb.view(B, 3, K, S, S).transpose(1, 2)
+        m = F.grid_sample(masks.float().reshape(B * K, 1, *masks.shape[-2:]), pts.reshape(B * K, S, S, 2),
+                          mode="bilinear", padding_mode="zeros", align_corners=False).view(B, K, 1, S, S)
+        return torch.cat([rgb, m], 2)
+
+    def forward(self, pixels: Tensor, masks: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        """-> (B, K, dim); rows outside token_mask (B, K) are zero (and cost nothing)."""
+        B, K = masks.shape[:2]
+        x = self.crops(pixels, masks)  # (B, K, 4, S, S)
+        if token_mask is None:
+            return self.net(x.flatten(0, 1)).view(B, K, -1)
+        out = x.new_zeros(B, K, self.net[-1].out_features)
+        out[token_mask] = self.net(x[token_mask])
+        return out
+
+
 class ClusterMerger(nn.Module):
     """features (B, N, in_dim) + masks (B, K, N) -> tokens (B, K, token_dim).
 
@@ -141,12 +201,21 @@ class ClusterMerger(nn.Module):
     """
 
     def __init__(self, in_dim: int, dim: int = 256, token_dim: int = 256, depth: int = 2, cross_depth: int = 2,
-                 heads: int = 2, mlp_ratio: float = 4.0, relative_pe: int = 0):
+                 heads: int = 2, mlp_ratio: float = 4.0, relative_pe: int = 0,
+                 relative_hidden: int = 0, relative_scaled: bool = False, crop: int = 0, crop_width: int = 16):
         super().__init__()
+        self.crop = CropEncoder(crop, crop_width, dim) if crop > 0 else None
         self.dim = dim
         self.relative_pe = int(relative_pe)
         self.in_proj = nn.Linear(in_dim, dim)
-        self.rel_proj = nn.Linear(4 * self.relative_pe, dim) if self.relative_pe > 0 else None
+        self.relative_scaled = bool(relative_scaled)
+        rin = 4 * self.relative_pe * (2 if self.relative_scaled else 1)
+        if self.relative_pe <= 0:
+            self.rel_proj = None
+        elif relative_hidden > 0:
+            self.rel_proj = nn.Sequential(nn.Linear(rin, relative_hidden), nn.GELU(), nn.Linear(relative_hidden, dim))
+        else:
+            self.rel_proj = nn.Linear(rin, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.cross = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(cross_depth))
         self.norm = nn.LayerNorm(dim)
@@ -174,22 +243,49 @@ class ClusterMerger(nn.Module):
         w = weights.float()
         return pos, (w @ pos) / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
+    @staticmethod
+    def rms_radius(weights: Tensor, pos: Tensor, cen: Tensor) -> Tensor:
+        """weights (B, K, N), patch centres (N, 2), centroids (B, K, 2) -> (B, K) each
+        cluster's RMS distance of its patches from its centroid, in image sides."""
+        d2 = (pos.view(1, 1, -1, 2) - cen.unsqueeze(2)).square().sum(-1)
+        w = weights.float()
+        return ((w * d2).sum(-1) / w.sum(-1).clamp_min(1e-12)).sqrt()
+
+    def offset_features(self, off: Tensor, radius: Optional[Tensor] = None) -> Tensor:
+        """off (..., 2) patch offsets from their cluster's centroid, in image sides; radius
+        (...) that cluster's RMS radius (read with relative_scaled) -> embedded (..., d):
+        Fourier features of the offset and, with relative_scaled, also of the offset in
+        units of 4 radii (the same features for the same shape at any size), through
+        rel_proj (a Linear, or an MLP with relative_hidden > 0: joint functions of x and y)."""
+        f = relative_fourier(off, self.relative_pe)
+        if self.relative_scaled:
+            f = torch.cat([f, relative_fourier(off / (4.0 * radius.clamp_min(1e-3).unsqueeze(-1)),
+                                               self.relative_pe)], -1)
+        return self.rel_proj(f)
+
     def relative(self, weights: Tensor, grid: tuple[int, int]) -> Tensor:
         """weights (B, K, N) -> R (B, K, N, d): the embedded offset of every patch from each
         cluster's weighted centroid."""
         pos, cen = self.centroids(weights, grid)
-        return self.rel_proj(relative_fourier(pos.view(1, 1, -1, 2) - cen.unsqueeze(2), self.relative_pe))
+        rad = self.rms_radius(weights, pos, cen).unsqueeze(-1).expand(weights.shape) if self.relative_scaled else None
+        return self.offset_features(pos.view(1, 1, -1, 2) - cen.unsqueeze(2), rad)
 
     def forward(self, x: Tensor, masks: Tensor, labels: Tensor, num_tokens: Tensor, grid: tuple[int, int],
-                hard: bool = True) -> Tensor:
+                hard: bool = True, pixels: Optional[Tensor] = None) -> Tensor:
         """x: (B, N, in_dim) encoder features; masks: (B, K, N); labels: (B, N) (-1 invalid);
-        num_tokens: (B,). -> tokens (B, K, token_dim), rows past num_tokens zero."""
+        num_tokens: (B,); pixels (B, 3, H, W) in [0, 1] over the same grid (needed, and only
+        read, with crop > 0). -> tokens (B, K, token_dim), rows past num_tokens zero."""
         B, K, N = masks.shape
         e = self.embed(x, grid)  # (B, N, d)
+        if self.crop is not None and pixels is None:
+            raise ValueError("this merger reads the image (merger_crop > 0): pass it as `pixels`")
         if hard:
             u = self.pool_packed(e, masks, labels, grid)
         else:
             u = self.pool_soft(e, masks, grid)  # (B, K, d)
+        if self.crop is not None:
+            valid = torch.arange(K, device=x.device).view(1, K) < num_tokens.view(B, 1)
+            u = u + self.crop(pixels.to(e.device), masks.view(B, K, *grid), valid)
         token_mask = torch.arange(K, device=x.device).view(1, K) < num_tokens.view(B, 1)
         for blk in self.cross:
             u = blk.dense(u, token_mask)
@@ -206,7 +302,10 @@ class ClusterMerger(nn.Module):
             own = F.one_hot(lab, K).transpose(1, 2).float() * valid.unsqueeze(1)  # (B, K, N)
             pos, cen = self.centroids(own, grid)  # (N, 2), (B, K, 2)
             off = pos.view(1, N, 2) - cen.gather(1, lab.unsqueeze(-1).expand(B, N, 2))  # (B, N, 2)
-            e = e + self.rel_proj(relative_fourier(off, self.relative_pe))
+            rad = None
+            if self.relative_scaled:  # each patch's own cluster's radius
+                rad = self.rms_radius(own, pos, cen).gather(1, lab)  # (B, N)
+            e = e + self.offset_features(off, rad)
         # each patch's own mask value: 1 in the forward pass, carries the clustering gradient
         m = masks.gather(1, lab.unsqueeze(1)).squeeze(1) * valid.to(masks.dtype)  # (B, N)
         xm = e * m.unsqueeze(-1)  # X_i = (X + PE) * M_i on the cluster's own patches

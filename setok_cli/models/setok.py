@@ -93,6 +93,17 @@ class SeTokConfig:
     # > 0: octaves of Fourier features of each patch's offset from its cluster's centroid,
     # added inside the cluster (ClusterMerger); lets tokens carry their region's shape. 0: the paper
     merger_relative_pe: int = 0
+    # with merger_relative_pe: > 0 embeds the offsets by an MLP of this hidden width (joint
+    # functions of x and y; pooled, a learnt shape descriptor) instead of a Linear; and
+    # merger_relative_scaled also gives the offsets in units of the cluster's radius (the
+    # same shape reads the same at any size)
+    merger_relative_hidden: int = 0
+    merger_relative_scaled: bool = False
+    # > 0: each cluster's crop (image + mask in the cluster's box, this many pixels a side)
+    # through a small CNN of merger_crop_width channels, added to the pooled cluster
+    # (merger.CropEncoder). 0: the paper
+    merger_crop: int = 0
+    merger_crop_width: int = 16
     mlp_ratio: float = 4.0
     token_dim: int = 256
     init_seed: int = 0  # the untrained merger is initialised from this seed (deterministic tokens)
@@ -118,6 +129,13 @@ class SeTokConfig:
             raise UserError(f"builtin_context_sigma must be >= 0, got {self.builtin_context_sigma!r}")
         if self.connectivity not in (0, 4, 8):
             raise UserError(f"connectivity must be 0 (off), 4 or 8, got {self.connectivity!r}")
+        if not (isinstance(self.merger_relative_hidden, int) and self.merger_relative_hidden >= 0):
+            raise UserError(f"merger_relative_hidden must be an integer >= 0, got {self.merger_relative_hidden!r}")
+        if not (isinstance(self.merger_crop, int) and (self.merger_crop == 0 or (self.merger_crop >= 4
+                                                                                  and self.merger_crop % 4 == 0))):
+            raise UserError(f"merger_crop must be 0 (off) or a multiple of 4, got {self.merger_crop!r}")
+        if not (isinstance(self.merger_crop_width, int) and self.merger_crop_width >= 1):
+            raise UserError(f"merger_crop_width must be an integer >= 1, got {self.merger_crop_width!r}")
         if not (isinstance(self.min_region, int) and self.min_region >= 1):
             raise UserError(f"min_region must be an integer >= 1, got {self.min_region!r}")
         if self.min_scope is not None and not (0.0 <= self.min_scope < 1.0):
@@ -214,7 +232,9 @@ class SeTok(nn.Module):
             self.cluster_head = ClusterHead(D, config.cluster_head)
             self.merger = ClusterMerger(D, config.merger_dim, config.token_dim, config.merger_depth,
                                         config.merger_cross_depth, config.merger_heads, config.mlp_ratio,
-                                        config.merger_relative_pe)
+                                        config.merger_relative_pe, config.merger_relative_hidden,
+                                        config.merger_relative_scaled, config.merger_crop,
+                                        config.merger_crop_width)
 
     # ---- properties ------------------------------------------------------------------
     @property
@@ -262,7 +282,10 @@ class SeTok(nn.Module):
         """pixel_values: (B, 3, H, W) RGB in [0, 1], H = W = image_size (or any multiple of
         the patch size); valid: (B, h, w) or (B, N) bool patches inside the image.
         features (B, h, w, D): the frozen encoder's output for these images, computed
-        earlier (a feature cache); the encoder is then skipped and pixel_values unused."""
+        earlier (a feature cache); the encoder is then skipped and pixel_values only read by
+        the merger's crop encoder (merger_crop > 0), which needs them either way."""
+        if features is not None and self.merger.crop is not None and pixel_values is None:
+            raise ValueError("merger_crop > 0: pass pixel_values along with cached features")
         if features is not None:
             feats = features.to(self.device)
         else:
@@ -283,7 +306,8 @@ class SeTok(nn.Module):
                      threshold=self._threshold(), min_clusters=c.min_clusters, valid=valid)
         if c.mode == "hard" and c.connectivity:
             cl = split_connected(cl, z, (h, w), valid, c.max_tokens, c.min_region, c.connectivity)
-        tokens = self.merger(f, cl.masks, cl.labels, cl.num_tokens, (h, w), hard=c.mode != "soft")
+        pixels = pixel_values if self.merger.crop is not None else None
+        tokens = self.merger(f, cl.masks, cl.labels, cl.num_tokens, (h, w), hard=c.mode != "soft", pixels=pixels)
         K = cl.masks.shape[1]
         token_mask = torch.arange(K, device=f.device).view(1, K) < cl.num_tokens.view(B, 1)
         return TokenizerOutput(tokens=tokens, token_mask=token_mask, num_tokens=cl.num_tokens,

@@ -115,7 +115,9 @@ class Stage1Model(nn.Module):
             for j, f in zip(miss, new.cpu()):
                 cache[keys[j]] = f.clone()
         feats = torch.stack([cache[k] for k in keys])
-        return self.setok(None, features=feats)
+        # the merger's crop encoder (if any) reads the image itself
+        pixels = self._resize(images) if getattr(self.setok.merger, "crop", None) is not None else None
+        return self.setok(pixels, features=feats)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch: pixel_values (B, 3, H, W) in [0, 1]; instances (B, H, W)?; caption [B]; phrases [B][...]."""

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from setok_cli.models.clustering import cluster
-from setok_cli.models.merger import ClusterMerger, relative_fourier, varlen_attention
+from setok_cli.models.merger import ClusterMerger, CropEncoder, relative_fourier, varlen_attention
 
 
-def loop_oracle(m: ClusterMerger, x, labels, num_tokens, grid):
+def loop_oracle(m: ClusterMerger, x, labels, num_tokens, grid, pixels=None):
     """The paper's merger written plainly: one cluster at a time, one image at a time
-    (with relative_pe: plus each patch's offset from its cluster's mean position)."""
+    (with relative_pe: plus each patch's offset from its cluster's mean position, and,
+    relative_scaled, that offset over 4 RMS radii; with a crop encoder: plus its CNN of the
+    cluster's crop, one cluster at a time)."""
     e = m.embed(x, grid)
     B = x.shape[0]
     h, w = grid
@@ -24,10 +26,18 @@ def loop_oracle(m: ClusterMerger, x, labels, num_tokens, grid):
             if m.relative_pe:
                 xy = torch.stack([idx % w, idx // w], -1).float() + 0.5  # patch centres, in patches
                 off = (xy - xy.mean(0)) / max(h, w)
-                z = z + m.rel_proj(relative_fourier(off, m.relative_pe))
+                f = relative_fourier(off, m.relative_pe)
+                if m.relative_scaled:
+                    r = off.square().sum(-1).mean().sqrt().clamp_min(1e-3)
+                    f = torch.cat([f, relative_fourier(off / (4 * r), m.relative_pe)], -1)
+                z = z + m.rel_proj(f)
             for blk in m.blocks:
                 z = blk.dense(z)
-            us.append(z[0].mean(0))
+            u = z[0].mean(0)
+            if pixels is not None:
+                mask = (labels[b] == i).float().view(1, 1, h, w)
+                u = u + m.crop(pixels[b:b + 1], mask)[0, 0]
+            us.append(u)
         u = torch.stack(us).unsqueeze(0)
         for blk in m.cross:
             u = blk.dense(u)
@@ -139,3 +149,99 @@ def test_relative_pe_sees_the_shape_not_the_place():
     with torch.no_grad():
         u = m.pool_packed(m.embed(x, (h, w)), masks, lab, (h, w))[0]
     assert torch.allclose(u[0], u[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("relative_pe,hidden,scaled", [(3, 16, False), (3, 0, True), (2, 8, True)])
+def test_relative_variants_packed_equal_loop_oracle(relative_pe, hidden, scaled):
+    """relative_hidden (an MLP over the offsets) and relative_scaled (offsets also in units
+    of the cluster's radius): packed == per-cluster loop == soft path with one-hot masks."""
+    torch.manual_seed(4)
+    x, c, grid = make_batch(seed=4)
+    m = ClusterMerger(12, dim=32, token_dim=16, relative_pe=relative_pe, relative_hidden=hidden,
+                      relative_scaled=scaled).eval()
+    assert isinstance(m.rel_proj, torch.nn.Sequential) == (hidden > 0)
+    with torch.no_grad():
+        packed = m(x, c.masks, c.labels, c.num_tokens, grid, hard=True)
+        soft = m(x, c.masks, c.labels, c.num_tokens, grid, hard=False)
+        ref = loop_oracle(m, x, c.labels, c.num_tokens, grid)
+    assert torch.allclose(packed, ref, atol=1e-5)
+    assert torch.allclose(soft, ref, atol=1e-5)
+
+
+def test_relative_scaled_features_known_values():
+    """relative_scaled: the features are [Fourier(off), Fourier(off / (4 r))], so the second
+    half is the same for an offset and radius both doubled (a shape read at any size)."""
+    m = ClusterMerger(4, dim=8, token_dim=4, relative_pe=2, relative_scaled=True)
+    with torch.no_grad():
+        m.rel_proj.weight.copy_(torch.eye(8, 16))  # read out the image-side features
+    off, r = torch.tensor([[0.05, -0.1]]), torch.tensor([0.08])
+    with torch.no_grad():
+        assert torch.allclose(m.offset_features(off, r), relative_fourier(off, 2) + m.rel_proj.bias, atol=1e-6)
+        m.rel_proj.weight.copy_(torch.cat([torch.zeros(8, 8), torch.eye(8)], 1))  # the scaled ones
+        a = m.offset_features(off, r)
+        assert torch.allclose(a, relative_fourier(off / (4 * r), 2) + m.rel_proj.bias, atol=1e-6)
+        assert torch.allclose(m.offset_features(2 * off, 2 * r), a, atol=1e-6)
+
+
+@pytest.mark.parametrize("relative_pe", [0, 3])
+def test_crop_encoder_packed_equals_loop_oracle(relative_pe):
+    torch.manual_seed(3)
+    x, c, grid = make_batch()
+    m = ClusterMerger(12, dim=32, token_dim=16, relative_pe=relative_pe, crop=8, crop_width=4).eval()
+    pixels = torch.rand(x.shape[0], 3, grid[0] * 4, grid[1] * 4)
+    with torch.no_grad():
+        packed = m(x, c.masks, c.labels, c.num_tokens, grid, hard=True, pixels=pixels)
+        ref = loop_oracle(m, x, c.labels, c.num_tokens, grid, pixels=pixels)
+        soft = m(x, c.masks, c.labels, c.num_tokens, grid, hard=False, pixels=pixels)
+    assert torch.allclose(packed, ref, atol=1e-5)
+    assert torch.allclose(soft, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="pass it as `pixels`"):
+        m(x, c.masks, c.labels, c.num_tokens, grid)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        CropEncoder(6, 4, 8)
+
+
+def test_crop_encoder_boxes_and_crops_known_values():
+    """The crop box is the square around the cluster's cells, widened by `margin` patches;
+    the crop samples the image (in [-1, 1]) and the mask inside it; an empty mask gets
+    the whole image."""
+    h = w = 8
+    enc = CropEncoder(4, 4, 8, margin=0.0)
+    masks = torch.zeros(1, 2, h, w)
+    masks[0, 0, 2:4, 4:6] = 1  # cells x 4..5, y 2..3: centre x = (5 - 4) / 8 * 2 - 1 + ... in [-1, 1]
+    box = enc.boxes(masks)[0]
+    assert torch.allclose(box[0], torch.tensor([0.25, -0.25, 0.25]))  # x 4..6 / 8, y 2..4 / 8 of the side
+    assert torch.allclose(box[1], torch.tensor([0.0, 0.0, 1.0]))  # empty: the whole image
+    assert torch.allclose(CropEncoder(4, 4, 8, margin=1.0).boxes(masks)[0, 0],
+                          torch.tensor([0.25, -0.25, 0.5]))
+    # an image whose pixel value is its column index: the crop of token 0 covers columns 32..47 of 64
+    px = torch.arange(64.0).view(1, 1, 1, 64).expand(1, 3, 64, 64) / 63
+    crops = enc.crops(px, masks)  # (1, 2, 4, 4, 4)
+    cols = (crops[0, 0, 0, 0] + 1) / 2 * 63  # first row of the red channel
+    assert torch.allclose(cols, torch.tensor([33.5, 37.5, 41.5, 45.5]), atol=1e-4)
+    # the mask, bilinear: 1 inside, blended with the outside a quarter cell from the box's edge
+    edge = torch.tensor([0.75, 1.0, 1.0, 0.75])
+    assert torch.allclose(crops[0, 0, 3], edge.view(4, 1) * edge.view(1, 4))
+
+
+def test_crop_encoder_sees_sub_patch_shape():
+    """Two clusters with the same cells and features but different outlines inside those
+    cells (a disc vs a square drawn in the pixels) give different tokens with a crop
+    encoder, identical ones without."""
+    h = w = 4
+    lab = torch.zeros(1, h * w, dtype=torch.long)
+    lab.view(h, w)[1:3, 1:3] = 1
+    masks = torch.nn.functional.one_hot(lab, 2).transpose(1, 2).float()
+    nt = torch.tensor([2])
+    x = torch.zeros(1, h * w, 4)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = (((xx - 15.5) ** 2 + (yy - 15.5) ** 2) < 64).float()
+    square = ((xx - 15.5).abs() < 8).float() * ((yy - 15.5).abs() < 8).float()
+    a, b = (img.expand(1, 3, 32, 32) for img in (disc.view(1, 1, 32, 32), square.view(1, 1, 32, 32)))
+    for crop in (0, 8):
+        torch.manual_seed(0)
+        m = ClusterMerger(4, dim=16, token_dim=8, depth=1, cross_depth=1, heads=2, crop=crop).eval()
+        with torch.no_grad():
+            ta = m(x, masks, lab, nt, (h, w), pixels=a if crop else None)
+            tb = m(x, masks, lab, nt, (h, w), pixels=b if crop else None)
+        assert torch.allclose(ta, tb) != bool(crop)

@@ -206,3 +206,29 @@ def test_from_pretrained_reads_a_training_checkpoint_folder(tmp_path):
     assert again.config.token_dim == 16
     for k, v in model.trainable_state_dict().items():
         assert (again.trainable_state_dict()[k] == v).all()
+
+
+def test_crop_encoder_tokenizer_round_trip_and_feature_cache(tmp_path, chelsea_path):
+    """merger_crop: saved and loaded with its weights; cached features plus the image give
+    the same tokens as the image alone; cached features without the image are an error;
+    the tokens depend on the pixels (the encoder features held fixed)."""
+    m = SeTok(SeTokConfig(merger_dim=32, token_dim=8, image_size=112, merger_crop=8, merger_crop_width=4,
+                          merger_relative_pe=2, merger_relative_hidden=8, merger_relative_scaled=True))
+    assert m.merger.crop is not None and m.merger.crop.size == 8
+    m.save_pretrained(tmp_path)
+    m2 = SeTok.from_pretrained(tmp_path)
+    assert m2.config == m.config
+    a, b = m.tokenize([chelsea_path]), m2.tokenize([chelsea_path])
+    assert torch.equal(a.tokens, b.tokens)
+    x = torch.from_numpy(random_image(112, 112, 5)).permute(2, 0, 1).float().unsqueeze(0) / 255
+    with torch.no_grad():
+        full = m(x)
+        cached = m(x, features=full.features)
+        other = m(x.flip(-1), features=full.features)  # same features, other pixels
+    assert torch.equal(full.tokens, cached.tokens)
+    assert not torch.allclose(other.tokens, full.tokens)
+    with pytest.raises(ValueError, match="pixel_values"):
+        m(None, features=full.features)
+    for bad in (dict(merger_crop=6), dict(merger_crop=-4), dict(merger_crop_width=0), dict(merger_relative_hidden=-1)):
+        with pytest.raises(UserError):
+            SeTokConfig(**bad)
