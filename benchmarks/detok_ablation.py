@@ -33,7 +33,6 @@ ap.add_argument("--mdepth", type=int, default=1, help="merger blocks within a cl
 ap.add_argument("--tdim", type=int, default=64, help="token width")
 ap.add_argument("--rel", type=int, default=0, help="merger_relative_pe (octaves; 0: off)")
 ap.add_argument("--relh", type=int, default=0, help="merger_relative_hidden (0: Linear)")
-ap.add_argument("--rels", type=int, default=0, help="merger_relative_scaled (0/1)")
 ap.add_argument("--crop", type=int, default=0, help="merger_crop (crop side; 0: off)")
 ap.add_argument("--cropw", type=int, default=16, help="merger_crop_width")
 ap.add_argument("--coord", type=int, default=2, help="detokenizer.coord_channels")
@@ -66,7 +65,7 @@ D = a.data
 OUT = Path(a.out); OUT.mkdir(parents=True, exist_ok=True)
 cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw, max_tokens=a.maxtok,
                   merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=a.tdim,
-                  merger_relative_pe=a.rel, merger_relative_hidden=a.relh, merger_relative_scaled=bool(a.rels),
+                  merger_relative_pe=a.rel, merger_relative_hidden=a.relh,
                   merger_crop=a.crop, merger_crop_width=a.cropw)
 setok = SeTok(cfg)
 C = cluster_cache(setok, D, OUT, a.size, a.k, a.bw, a.maxtok)

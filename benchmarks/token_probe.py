@@ -1,6 +1,6 @@
 """How much of an object's shape its token carries: a linear-probe-style test on the shapes world.
 
-    python benchmarks/token_probe.py --data DATA [--size 224] [--rel 4] [--steps 700]
+    python benchmarks/token_probe.py --data DATA [--size 224] [--rel 4] [--relh 128] [--crop 16] [--steps 700]
 
 DATA is `setok data shapes --out DATA --n 2500 --size 64 --seed 0`. The frozen clustering
 (builtin encoder) is computed once and cached in --out; then a fresh merger and a 2-layer
@@ -33,6 +33,8 @@ ap.add_argument("--k", type=int, default=8)
 ap.add_argument("--bw", type=float, default=0.6)
 ap.add_argument("--maxtok", type=int, default=16)
 ap.add_argument("--rel", type=int, default=0, help="merger_relative_pe")
+ap.add_argument("--relh", type=int, default=0, help="merger_relative_hidden")
+ap.add_argument("--crop", type=int, default=0, help="merger_crop (the crop encoder reads the 64-px images)")
 ap.add_argument("--mdim", type=int, default=64)
 ap.add_argument("--mdepth", type=int, default=1)
 ap.add_argument("--steps", type=int, default=700)
@@ -44,7 +46,7 @@ OUT = Path(a.out)
 OUT.mkdir(parents=True, exist_ok=True)
 cfg = SeTokConfig(encoder="builtin", image_size=a.size, image_policy="squash", k=a.k, bandwidth=a.bw,
                   max_tokens=a.maxtok, merger_dim=a.mdim, merger_depth=a.mdepth, merger_cross_depth=1, token_dim=64,
-                  merger_relative_pe=a.rel)
+                  merger_relative_pe=a.rel, merger_relative_hidden=a.relh, merger_crop=a.crop)
 setok = SeTok(cfg)
 g = a.size // 14
 
@@ -81,7 +83,7 @@ def tokens(C, ii):
     l, nt = C["l"][ii], C["nt"][ii]
     K = int(nt.max())
     masks = F.one_hot(l.clamp_min(0), K).permute(0, 2, 1).float()
-    return setok.merger(C["f"][ii], masks, l, nt, (g, g), hard=True), K
+    return setok.merger(C["f"][ii], masks, l, nt, (g, g), hard=True, pixels=C["x"][ii] if a.crop else None), K
 
 
 gen = torch.Generator().manual_seed(0)
@@ -104,7 +106,7 @@ with torch.no_grad():
     y = y[y >= 0]
 conf = torch.zeros(len(SHAPES), len(SHAPES), dtype=torch.long)
 conf.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-res = dict(size=a.size, grid=g, rel=a.rel, steps=a.steps, tokens=int(y.numel()),
+res = dict(size=a.size, grid=g, rel=a.rel, relh=a.relh, crop=a.crop, steps=a.steps, tokens=int(y.numel()),
            shape_accuracy=round((pred == y).float().mean().item(), 4), train_s=round(time.time() - t0))
 print("rows: true shape, columns: predicted;", ", ".join(SHAPES))
 print(conf)

@@ -2,9 +2,11 @@
 
     X_i = PE(X) * M_i + X * M_i           (2-D sin-cos PE, after a Linear to the width d)
         [+ R_i * M_i with relative_pe > 0: Fourier features of each patch's offset from
-         the cluster's centroid, after a Linear to d; see ClusterMerger.relative]
+         the cluster's centroid, after a Linear (or an MLP) to d; see ClusterMerger.relative]
     L blocks of (2-head self-attention, FFN; pre-norm residual) within each cluster
     average pooling over the cluster      -> one vector per cluster
+        [+ CNN(crop_i) with crop > 0: the image and M_i resampled in the cluster's box;
+         see CropEncoder]
     L' blocks across the cluster tokens of an image
     LayerNorm, Linear to token_dim
 
@@ -198,18 +200,25 @@ class ClusterMerger(nn.Module):
     silhouette in its own frame and the pooled token can carry its shape (the paper's
     absolute PE alone: 23% of object shapes recoverable from the token on the shapes world,
     with relative_pe 4: 59%, benchmarks/token_probe.py). Off (0) by default, as in the paper.
+    relative_hidden = W > 0 makes that Linear an MLP (Linear, GELU, Linear) of hidden width W.
+
+    crop = S > 0 adds CropEncoder(S, crop_width, d) to each pooled cluster vector: the
+    object's outline at the image's resolution, which a frozen encoder that smooths within
+    its patches (the builtin one) and a 4-pixel patch grid cannot give. Tokens from
+    clustering masks alone cannot draw stars and crosses (benchmarks/token_probe.py names the
+    shape under 57% of the tokens with relative_pe 4, 93.5% with crop 16 as well). Off (0)
+    by default: the paper's merger sees the encoder features only.
     """
 
     def __init__(self, in_dim: int, dim: int = 256, token_dim: int = 256, depth: int = 2, cross_depth: int = 2,
                  heads: int = 2, mlp_ratio: float = 4.0, relative_pe: int = 0,
-                 relative_hidden: int = 0, relative_scaled: bool = False, crop: int = 0, crop_width: int = 16):
+                 relative_hidden: int = 0, crop: int = 0, crop_width: int = 16):
         super().__init__()
         self.crop = CropEncoder(crop, crop_width, dim) if crop > 0 else None
         self.dim = dim
         self.relative_pe = int(relative_pe)
         self.in_proj = nn.Linear(in_dim, dim)
-        self.relative_scaled = bool(relative_scaled)
-        rin = 4 * self.relative_pe * (2 if self.relative_scaled else 1)
+        rin = 4 * self.relative_pe
         if self.relative_pe <= 0:
             self.rel_proj = None
         elif relative_hidden > 0:
@@ -243,32 +252,17 @@ class ClusterMerger(nn.Module):
         w = weights.float()
         return pos, (w @ pos) / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
-    @staticmethod
-    def rms_radius(weights: Tensor, pos: Tensor, cen: Tensor) -> Tensor:
-        """weights (B, K, N), patch centres (N, 2), centroids (B, K, 2) -> (B, K) each
-        cluster's RMS distance of its patches from its centroid, in image sides."""
-        d2 = (pos.view(1, 1, -1, 2) - cen.unsqueeze(2)).square().sum(-1)
-        w = weights.float()
-        return ((w * d2).sum(-1) / w.sum(-1).clamp_min(1e-12)).sqrt()
-
-    def offset_features(self, off: Tensor, radius: Optional[Tensor] = None) -> Tensor:
-        """off (..., 2) patch offsets from their cluster's centroid, in image sides; radius
-        (...) that cluster's RMS radius (read with relative_scaled) -> embedded (..., d):
-        Fourier features of the offset and, with relative_scaled, also of the offset in
-        units of 4 radii (the same features for the same shape at any size), through
-        rel_proj (a Linear, or an MLP with relative_hidden > 0: joint functions of x and y)."""
-        f = relative_fourier(off, self.relative_pe)
-        if self.relative_scaled:
-            f = torch.cat([f, relative_fourier(off / (4.0 * radius.clamp_min(1e-3).unsqueeze(-1)),
-                                               self.relative_pe)], -1)
-        return self.rel_proj(f)
+    def offset_features(self, off: Tensor) -> Tensor:
+        """off (..., 2) patch offsets from their cluster's centroid, in image sides -> (..., d):
+        their Fourier features through rel_proj (a Linear, or an MLP with relative_hidden > 0:
+        joint functions of x and y, which pooled over the cluster make a learnt shape descriptor)."""
+        return self.rel_proj(relative_fourier(off, self.relative_pe))
 
     def relative(self, weights: Tensor, grid: tuple[int, int]) -> Tensor:
         """weights (B, K, N) -> R (B, K, N, d): the embedded offset of every patch from each
         cluster's weighted centroid."""
         pos, cen = self.centroids(weights, grid)
-        rad = self.rms_radius(weights, pos, cen).unsqueeze(-1).expand(weights.shape) if self.relative_scaled else None
-        return self.offset_features(pos.view(1, 1, -1, 2) - cen.unsqueeze(2), rad)
+        return self.offset_features(pos.view(1, 1, -1, 2) - cen.unsqueeze(2))
 
     def forward(self, x: Tensor, masks: Tensor, labels: Tensor, num_tokens: Tensor, grid: tuple[int, int],
                 hard: bool = True, pixels: Optional[Tensor] = None) -> Tensor:
@@ -302,10 +296,7 @@ class ClusterMerger(nn.Module):
             own = F.one_hot(lab, K).transpose(1, 2).float() * valid.unsqueeze(1)  # (B, K, N)
             pos, cen = self.centroids(own, grid)  # (N, 2), (B, K, 2)
             off = pos.view(1, N, 2) - cen.gather(1, lab.unsqueeze(-1).expand(B, N, 2))  # (B, N, 2)
-            rad = None
-            if self.relative_scaled:  # each patch's own cluster's radius
-                rad = self.rms_radius(own, pos, cen).gather(1, lab)  # (B, N)
-            e = e + self.offset_features(off, rad)
+            e = e + self.offset_features(off)
         # each patch's own mask value: 1 in the forward pass, carries the clustering gradient
         m = masks.gather(1, lab.unsqueeze(1)).squeeze(1) * valid.to(masks.dtype)  # (B, N)
         xm = e * m.unsqueeze(-1)  # X_i = (X + PE) * M_i on the cluster's own patches

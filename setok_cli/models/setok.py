@@ -94,11 +94,8 @@ class SeTokConfig:
     # added inside the cluster (ClusterMerger); lets tokens carry their region's shape. 0: the paper
     merger_relative_pe: int = 0
     # with merger_relative_pe: > 0 embeds the offsets by an MLP of this hidden width (joint
-    # functions of x and y; pooled, a learnt shape descriptor) instead of a Linear; and
-    # merger_relative_scaled also gives the offsets in units of the cluster's radius (the
-    # same shape reads the same at any size)
+    # functions of x and y; pooled, a learnt shape descriptor) instead of a Linear
     merger_relative_hidden: int = 0
-    merger_relative_scaled: bool = False
     # > 0: each cluster's crop (image + mask in the cluster's box, this many pixels a side)
     # through a small CNN of merger_crop_width channels, added to the pooled cluster
     # (merger.CropEncoder). 0: the paper
@@ -233,7 +230,7 @@ class SeTok(nn.Module):
             self.merger = ClusterMerger(D, config.merger_dim, config.token_dim, config.merger_depth,
                                         config.merger_cross_depth, config.merger_heads, config.mlp_ratio,
                                         config.merger_relative_pe, config.merger_relative_hidden,
-                                        config.merger_relative_scaled, config.merger_crop,
+                                        config.merger_crop,
                                         config.merger_crop_width)
 
     # ---- properties ------------------------------------------------------------------

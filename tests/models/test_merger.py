@@ -10,9 +10,8 @@ from setok_cli.models.merger import ClusterMerger, CropEncoder, relative_fourier
 
 def loop_oracle(m: ClusterMerger, x, labels, num_tokens, grid, pixels=None):
     """The paper's merger written plainly: one cluster at a time, one image at a time
-    (with relative_pe: plus each patch's offset from its cluster's mean position, and,
-    relative_scaled, that offset over 4 RMS radii; with a crop encoder: plus its CNN of the
-    cluster's crop, one cluster at a time)."""
+    (with relative_pe: plus each patch's offset from its cluster's mean position; with a
+    crop encoder: plus its CNN of the cluster's crop, one cluster at a time)."""
     e = m.embed(x, grid)
     B = x.shape[0]
     h, w = grid
@@ -26,11 +25,7 @@ def loop_oracle(m: ClusterMerger, x, labels, num_tokens, grid, pixels=None):
             if m.relative_pe:
                 xy = torch.stack([idx % w, idx // w], -1).float() + 0.5  # patch centres, in patches
                 off = (xy - xy.mean(0)) / max(h, w)
-                f = relative_fourier(off, m.relative_pe)
-                if m.relative_scaled:
-                    r = off.square().sum(-1).mean().sqrt().clamp_min(1e-3)
-                    f = torch.cat([f, relative_fourier(off / (4 * r), m.relative_pe)], -1)
-                z = z + m.rel_proj(f)
+                z = z + m.rel_proj(relative_fourier(off, m.relative_pe))
             for blk in m.blocks:
                 z = blk.dense(z)
             u = z[0].mean(0)
@@ -151,36 +146,20 @@ def test_relative_pe_sees_the_shape_not_the_place():
     assert torch.allclose(u[0], u[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("relative_pe,hidden,scaled", [(3, 16, False), (3, 0, True), (2, 8, True)])
-def test_relative_variants_packed_equal_loop_oracle(relative_pe, hidden, scaled):
-    """relative_hidden (an MLP over the offsets) and relative_scaled (offsets also in units
-    of the cluster's radius): packed == per-cluster loop == soft path with one-hot masks."""
+@pytest.mark.parametrize("relative_pe,hidden", [(3, 16), (2, 8)])
+def test_relative_mlp_packed_equals_loop_oracle(relative_pe, hidden):
+    """relative_hidden (an MLP over the offsets' Fourier features): packed == per-cluster
+    loop == soft path with one-hot masks."""
     torch.manual_seed(4)
     x, c, grid = make_batch(seed=4)
-    m = ClusterMerger(12, dim=32, token_dim=16, relative_pe=relative_pe, relative_hidden=hidden,
-                      relative_scaled=scaled).eval()
-    assert isinstance(m.rel_proj, torch.nn.Sequential) == (hidden > 0)
+    m = ClusterMerger(12, dim=32, token_dim=16, relative_pe=relative_pe, relative_hidden=hidden).eval()
+    assert isinstance(m.rel_proj, torch.nn.Sequential)
     with torch.no_grad():
         packed = m(x, c.masks, c.labels, c.num_tokens, grid, hard=True)
         soft = m(x, c.masks, c.labels, c.num_tokens, grid, hard=False)
         ref = loop_oracle(m, x, c.labels, c.num_tokens, grid)
     assert torch.allclose(packed, ref, atol=1e-5)
     assert torch.allclose(soft, ref, atol=1e-5)
-
-
-def test_relative_scaled_features_known_values():
-    """relative_scaled: the features are [Fourier(off), Fourier(off / (4 r))], so the second
-    half is the same for an offset and radius both doubled (a shape read at any size)."""
-    m = ClusterMerger(4, dim=8, token_dim=4, relative_pe=2, relative_scaled=True)
-    with torch.no_grad():
-        m.rel_proj.weight.copy_(torch.eye(8, 16))  # read out the image-side features
-    off, r = torch.tensor([[0.05, -0.1]]), torch.tensor([0.08])
-    with torch.no_grad():
-        assert torch.allclose(m.offset_features(off, r), relative_fourier(off, 2) + m.rel_proj.bias, atol=1e-6)
-        m.rel_proj.weight.copy_(torch.cat([torch.zeros(8, 8), torch.eye(8)], 1))  # the scaled ones
-        a = m.offset_features(off, r)
-        assert torch.allclose(a, relative_fourier(off / (4 * r), 2) + m.rel_proj.bias, atol=1e-6)
-        assert torch.allclose(m.offset_features(2 * off, 2 * r), a, atol=1e-6)
 
 
 @pytest.mark.parametrize("relative_pe", [0, 3])

@@ -213,7 +213,7 @@ def test_crop_encoder_tokenizer_round_trip_and_feature_cache(tmp_path, chelsea_p
     the same tokens as the image alone; cached features without the image are an error;
     the tokens depend on the pixels (the encoder features held fixed)."""
     m = SeTok(SeTokConfig(merger_dim=32, token_dim=8, image_size=112, merger_crop=8, merger_crop_width=4,
-                          merger_relative_pe=2, merger_relative_hidden=8, merger_relative_scaled=True))
+                          merger_relative_pe=2, merger_relative_hidden=8))
     assert m.merger.crop is not None and m.merger.crop.size == 8
     m.save_pretrained(tmp_path)
     m2 = SeTok.from_pretrained(tmp_path)

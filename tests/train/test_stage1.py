@@ -123,9 +123,11 @@ def test_clustering_grad_kl_only(mode):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in setok.cluster_head.parameters())
 
 
-def test_feature_cache_same_outputs_and_unique_keys(tmp_path):
-    """data.cache_features: a cached batch tokenizes exactly as a fresh one, the encoder runs
-    once per image, and concatenated data sets get distinct keys."""
+@pytest.mark.parametrize("crop", [0, 8])
+def test_feature_cache_same_outputs_and_unique_keys(tmp_path, crop):
+    """data.cache_features: a cached batch tokenizes exactly as a fresh one (with a crop
+    encoder too, which still reads the images), the encoder runs once per image, and
+    concatenated data sets get distinct keys."""
     from setok_cli.data.datasets import collate
     from setok_cli.models.setok import SeTok, SeTokConfig
     from setok_cli.train.recipe import LossRecipe
@@ -134,7 +136,7 @@ def test_feature_cache_same_outputs_and_unique_keys(tmp_path):
     from .helpers import make_pairs
     torch.manual_seed(0)
     setok = SeTok(SeTokConfig(encoder="builtin", image_size=56, k=4, max_tokens=6, merger_dim=16, merger_depth=1,
-                              merger_cross_depth=1, merger_heads=2, token_dim=16))
+                              merger_cross_depth=1, merger_heads=2, token_dim=16, merger_crop=crop, merger_crop_width=4))
     m = Stage1Model(setok, None, None, None, LossRecipe(), tokenizer_image_size=56, cache_features=True)
     calls = []
     setok.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
