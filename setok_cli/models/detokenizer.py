@@ -19,7 +19,6 @@ BERT-base shapes, so the paper model can be sized without any file on disk.
 from __future__ import annotations
 
 import dataclasses
-
 import inspect
 import math
 import json
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .position import mask_boxes  # noqa: F401  (the sprite canvas's boxes; re-exported)
 
 __all__ = ["MapperConfig", "DetokenizerConfig", "TokenMapper", "Detokenizer", "UNET_PRESETS", "VAE_PRESETS",
            "MAPPER_PRESETS", "bert_to_qformer_state_dict"]
@@ -319,24 +319,6 @@ def fourier_2d(dim: int, grid: int) -> Tensor:
 
 
 KINDS = ("mlp", "bilinear", "local", "sprite")
-
-
-def mask_boxes(masks: Tensor) -> Tensor:
-    """masks (B, K, H, W) -> (B, K, 3): the square box around each mask's pixels > 0.5,
-    centre (x, y) and half-side (the larger half-extent) in the [-1, 1] frame of the image;
-    NaN for a token with no such pixel."""
-    B, K, H, W = masks.shape
-    on = masks > 0.5
-    xs = (torch.arange(W, device=masks.device, dtype=torch.float32) + 0.5) / W * 2 - 1
-    ys = (torch.arange(H, device=masks.device, dtype=torch.float32) + 0.5) / H * 2 - 1
-    colon, rowon = on.any(2), on.any(3)  # (B, K, W), (B, K, H)
-    inf = torch.tensor(float("inf"), device=masks.device)
-    x0 = torch.where(colon, xs, inf).amin(-1) - 1.0 / W
-    x1 = torch.where(colon, xs, -inf).amax(-1) + 1.0 / W
-    y0 = torch.where(rowon, ys, inf).amin(-1) - 1.0 / H
-    y1 = torch.where(rowon, ys, -inf).amax(-1) + 1.0 / H
-    box = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, torch.maximum(x1 - x0, y1 - y0) / 2], -1)
-    return box.masked_fill(~on.flatten(2).any(-1, keepdim=True), float("nan"))
 
 
 class TokenCanvas(nn.Module):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .position import sincos_2d
+from .position import mask_boxes, sincos_2d
 
 MIN_BUCKET = 8  # clusters up to this size share one padded batch
 
@@ -157,7 +157,6 @@ class CropEncoder(nn.Module):
     def boxes(self, masks: Tensor) -> Tensor:
         """masks (B, K, h, w) -> (B, K, 3) square boxes (centre x, y, half-side) in the
         image's [-1, 1] frame, widened by `margin` patches; empty masks get the whole image."""
-        from .detokenizer import mask_boxes
         h = masks.shape[-2]
         box = mask_boxes(masks.detach())
         box = box + torch.tensor([0.0, 0.0, 2.0 * self.margin / h], device=box.device)
@@ -277,10 +276,9 @@ class ClusterMerger(nn.Module):
             u = self.pool_packed(e, masks, labels, grid)
         else:
             u = self.pool_soft(e, masks, grid)  # (B, K, d)
-        if self.crop is not None:
-            valid = torch.arange(K, device=x.device).view(1, K) < num_tokens.view(B, 1)
-            u = u + self.crop(pixels.to(e.device), masks.view(B, K, *grid), valid)
         token_mask = torch.arange(K, device=x.device).view(1, K) < num_tokens.view(B, 1)
+        if self.crop is not None:
+            u = u + self.crop(pixels.to(e.device), masks.view(B, K, *grid), token_mask)
         for blk in self.cross:
             u = blk.dense(u, token_mask)
         t = self.out(self.norm(u))

@@ -1,4 +1,5 @@
-"""2-D sin-cos position embeddings (MAE / the authors' `get_2d_sincos_pos_embed`).
+"""2-D sin-cos position embeddings (MAE / the authors' `get_2d_sincos_pos_embed`), and the
+square boxes around masks that the merger's crop encoder and the sprite canvas share.
 
 Half of the channels encode the row, half the column; each half is [sin, cos] of the
 position times geometrically spaced frequencies 1 / temperature ** (i / (dim/4)).
@@ -32,3 +33,21 @@ def sincos_2d(dim: int, h: int, w: int, temperature: float = 10000.0, *, device=
     out[..., 2 * q:3 * q] = torch.sin(ax).float()[None, :, :]
     out[..., 3 * q:4 * q] = torch.cos(ax).float()[None, :, :]
     return out.to(dtype)
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """masks (B, K, H, W) -> (B, K, 3): the square box around each mask's pixels > 0.5,
+    centre (x, y) and half-side (the larger half-extent) in the [-1, 1] frame of the image;
+    NaN for a token with no such pixel."""
+    B, K, H, W = masks.shape
+    on = masks > 0.5
+    xs = (torch.arange(W, device=masks.device, dtype=torch.float32) + 0.5) / W * 2 - 1
+    ys = (torch.arange(H, device=masks.device, dtype=torch.float32) + 0.5) / H * 2 - 1
+    colon, rowon = on.any(2), on.any(3)  # (B, K, W), (B, K, H)
+    inf = torch.tensor(float("inf"), device=masks.device)
+    x0 = torch.where(colon, xs, inf).amin(-1) - 1.0 / W
+    x1 = torch.where(colon, xs, -inf).amax(-1) + 1.0 / W
+    y0 = torch.where(rowon, ys, inf).amin(-1) - 1.0 / H
+    y1 = torch.where(rowon, ys, -inf).amax(-1) + 1.0 / H
+    box = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, torch.maximum(x1 - x0, y1 - y0) / 2], -1)
+    return box.masked_fill(~on.flatten(2).any(-1, keepdim=True), float("nan"))

@@ -230,8 +230,7 @@ class SeTok(nn.Module):
             self.merger = ClusterMerger(D, config.merger_dim, config.token_dim, config.merger_depth,
                                         config.merger_cross_depth, config.merger_heads, config.mlp_ratio,
                                         config.merger_relative_pe, config.merger_relative_hidden,
-                                        config.merger_crop,
-                                        config.merger_crop_width)
+                                        config.merger_crop, config.merger_crop_width)
 
     # ---- properties ------------------------------------------------------------------
     @property
