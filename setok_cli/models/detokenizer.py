@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .position import mask_boxes  # noqa: F401  (the sprite canvas's boxes; re-exported)
+from .position import mask_boxes
 
 __all__ = ["MapperConfig", "DetokenizerConfig", "TokenMapper", "Detokenizer", "UNET_PRESETS", "VAE_PRESETS",
            "MAPPER_PRESETS", "bert_to_qformer_state_dict"]

@@ -187,7 +187,7 @@ def test_crop_encoder_boxes_and_crops_known_values():
     h = w = 8
     enc = CropEncoder(4, 4, 8, margin=0.0)
     masks = torch.zeros(1, 2, h, w)
-    masks[0, 0, 2:4, 4:6] = 1  # cells x 4..5, y 2..3: centre x = (5 - 4) / 8 * 2 - 1 + ... in [-1, 1]
+    masks[0, 0, 2:4, 4:6] = 1  # cells x 4..5, y 2..3
     box = enc.boxes(masks)[0]
     assert torch.allclose(box[0], torch.tensor([0.25, -0.25, 0.25]))  # x 4..6 / 8, y 2..4 / 8 of the side
     assert torch.allclose(box[1], torch.tensor([0.0, 0.0, 1.0]))  # empty: the whole image
