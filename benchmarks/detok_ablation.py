@@ -49,6 +49,8 @@ ap.add_argument("--ctarget", default="clusters", help="canvas_mask_target: clust
 ap.add_argument("--cwin", type=int, default=16, help="canvas_window (kind sprite)")
 ap.add_argument("--place", type=float, default=1.0, help="canvas_place_weight (kind sprite)")
 ap.add_argument("--sil", type=float, default=0.0, help="canvas_silhouette_weight (kind sprite)")
+ap.add_argument("--skip", type=int, default=0, help="canvas_skip (0/1): x0 = canvas image + UNet residual")
+ap.add_argument("--truebox", type=int, default=1, help="canvas_true_boxes (0/1): teacher-forced boxes in training")
 ap.add_argument("--mlr", type=float, default=None, help="learning rate of the merger and the canvas (default: --lr)")
 ap.add_argument("--channels", default="32,64,64", help="UNet block widths")
 ap.add_argument("--res", type=int, default=32, help="UNet resolution")
@@ -77,7 +79,7 @@ dcfg = DetokenizerConfig(space="pixel", image_size=a.res, unet_preset="tiny", co
                          mapper=MapperConfig(token_dim=a.tdim, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
                                              num_queries=a.queries, output_dim=64, append_tokens=bool(a.append)), canvas_channels=a.canvas, canvas_recon_weight=a.crw, canvas_kind=a.ckind, canvas_hidden=a.chid, canvas_grid=a.cgrid, canvas_mask_weight=a.cmw, canvas_octaves=a.coct,
                          canvas_mask_target=a.ctarget, canvas_window=a.cwin,
-                         canvas_place_weight=a.place, canvas_silhouette_weight=a.sil,
+                         canvas_place_weight=a.place, canvas_silhouette_weight=a.sil, canvas_skip=bool(a.skip), canvas_true_boxes=bool(a.truebox),
                          prediction_type=a.pred, sample_steps=a.sample_steps, beta_schedule="squaredcos_cap_v2")
 det = Detokenizer(dcfg)
 params = list(setok.merger.parameters()) + list(det.parameters())

@@ -150,6 +150,9 @@ class DetokenizerConfig:
     # learns each shape in its own normalised frame whatever its place and size
     canvas_window: int = 16
     canvas_place_weight: float = 1.0
+    # False: training draws the canvas the UNet sees (and the canvas's image loss) in the
+    # boxes the tokens predict, as sampling does; the silhouettes still learn in the true boxes
+    canvas_true_boxes: bool = True
     # kind "sprite", > 0: each token's sprite alpha (its S x S weight logits) also learns its
     # own mask target, sampled in its true box (per-pixel BCE, this weight): the shape in the
     # sprite's normalised frame, learnt from the mask directly. Through the composed image
@@ -160,6 +163,11 @@ class DetokenizerConfig:
     # >= C) also learn the clean image at the canvas's grid (MSE, this weight): the
     # slot-attention autoencoder's own loss, a direct signal for where and what each token is
     canvas_recon_weight: float = 0.0
+    # prediction_type "sample" with canvas_recon_weight > 0: the UNet's x0 is the canvas's
+    # image estimate (its first C channels, upsampled) plus the UNet's output, a residual the
+    # UNet learns on top of the canvas (as DiffuseVAE refines a VAE's output): the decoder
+    # starts out as good as the canvas and spends its steps on what the canvas gets wrong
+    canvas_skip: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetokenizerConfig":
@@ -562,6 +570,9 @@ class Detokenizer(nn.Module):
         if c.canvas_recon_weight > 0 and c.canvas_channels < self._channels():
             raise UserError(f"detokenizer.canvas_recon_weight needs canvas_channels >= {self._channels()} "
                             f"(the image's channels), got {c.canvas_channels}")
+        if c.canvas_skip and (c.prediction_type != "sample" or c.canvas_recon_weight <= 0):
+            raise UserError("detokenizer.canvas_skip needs prediction_type 'sample' and canvas_recon_weight > 0 "
+                            "(the canvas's first channels are then an image estimate the UNet refines)")
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps,
                                              beta_schedule=c.beta_schedule, prediction_type=c.prediction_type)
 
@@ -572,17 +583,24 @@ class Detokenizer(nn.Module):
     def _unet(self, x: Tensor, t, cond: Tensor, cond_mask: Optional[Tensor] = None,
               canvas: Optional[Tensor] = None) -> Tensor:
         """The UNet on x (B, C, s, s), with the coordinate channels appended if configured;
-        cond_mask (B, L) bool marks the valid rows of cond; canvas (B, C', g, g) or None."""
+        cond_mask (B, L) bool marks the valid rows of cond; canvas (B, C', g, g) or None.
+        -> (B, C, s, s); with canvas_skip, the canvas's first C channels plus the UNet's output."""
+        up = None
         if canvas is not None:
-            x = torch.cat([x, F.interpolate(canvas.to(x.dtype), size=x.shape[-2:], mode="bilinear",
-                                            align_corners=False)], 1)
+            up = canvas.to(x.dtype)
+            if up.shape[-2:] != x.shape[-2:]:
+                up = F.interpolate(up, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = torch.cat([x, up], 1)
         if self.config.coord_channels:
             B, _, h, w = x.shape
             ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(B, 1, h, w)
             xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(B, 1, h, w)
             x = torch.cat([x, xs, ys], 1)
         extra = {} if cond_mask is None else {"encoder_attention_mask": cond_mask}
-        return self.unet(x, t, encoder_hidden_states=cond, **extra).sample
+        out = self.unet(x, t, encoder_hidden_states=cond, **extra).sample
+        if self.config.canvas_skip and up is not None:
+            out = out + up[:, :out.shape[1]].to(out.dtype)
+        return out
 
     def _sample_hw(self) -> int:
         return self.config.image_size // 8 if self.config.space == "latent" else self.config.image_size
@@ -628,8 +646,8 @@ class Detokenizer(nn.Module):
                     if bool(known.any()) else tokens.sum() * 0
                 if self.config.canvas_silhouette_weight > 0:
                     sil_loss = sprite_silhouette_loss(self.canvas, tokens, known, box, masks)
-            canvas, clog = self.canvas(tokens, token_mask, return_logits=True,
-                                       box=box if self.training else None)
+            draw = box if self.training and self.config.canvas_true_boxes else None
+            canvas, clog = self.canvas(tokens, token_mask, return_logits=True, box=draw)
         if self.training and self.config.cond_dropout > 0:
             drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.config.cond_dropout
             cond = cond.masked_fill(drop[:, None, None], 0.0)

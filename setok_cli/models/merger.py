@@ -184,8 +184,9 @@ class CropEncoder(nn.Module):
         x = self.crops(pixels, masks)  # (B, K, 4, S, S)
         if token_mask is None:
             return self.net(x.flatten(0, 1)).view(B, K, -1)
-        out = x.new_zeros(B, K, self.net[-1].out_features)
-        out[token_mask] = self.net(x[token_mask])
+        y = self.net(x[token_mask])  # (M, dim); its dtype follows autocast
+        out = y.new_zeros(B, K, y.shape[-1])
+        out[token_mask] = y
         return out
 
 

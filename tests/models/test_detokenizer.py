@@ -489,3 +489,50 @@ def test_sprite_silhouette_loss_teaches_shapes():
         loss = sprite_silhouette_loss(c, tok, known, box, masks)
         opt.zero_grad(); loss.backward(); opt.step()
     assert before < 0.6 and iou() > 0.8
+
+
+def test_canvas_skip_adds_the_canvas_image_to_the_unet_output():
+    """canvas_skip: x0 = the canvas's first C channels (upsampled) + the UNet's output. With
+    the UNet's last convolution zeroed, a sample is the canvas's image exactly; bad settings
+    are one UserError."""
+    torch.manual_seed(0)
+    kw = dict(canvas_channels=4, canvas_grid=8, canvas_hidden=16, canvas_recon_weight=1.0,
+              prediction_type="sample")
+    a = Detokenizer(_tiny(**kw)).eval()
+    b = Detokenizer(_tiny(canvas_skip=True, **kw)).eval()
+    b.load_state_dict(a.state_dict())
+    tok, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [True, False, False]])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        cond, cm, canvas = b.mapper(tok, mask), b.mapper.condition_mask(mask), b.canvas(tok, mask)
+        up = torch.nn.functional.interpolate(canvas[:, :3], size=(16, 16), mode="bilinear", align_corners=False)
+        assert torch.allclose(b._unet(x, t, cond, cm, canvas), a._unet(x, t, cond, cm, canvas) + up, atol=1e-6)
+        b.unet.conv_out.weight.zero_()
+        b.unet.conv_out.bias.zero_()
+        img = b.sample(tok, mask, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(img, ((up.clamp(-1, 1) + 1) / 2), atol=1e-5)
+    for bad in (dict(kw, prediction_type="epsilon"), dict(kw, canvas_recon_weight=0.0)):
+        with pytest.raises(UserError, match="canvas_skip"):
+            Detokenizer(_tiny(canvas_skip=True, **bad))
+
+
+@pytest.mark.parametrize("true_boxes", [True, False])
+def test_canvas_true_boxes_chooses_the_boxes_training_draws_in(true_boxes):
+    """Training draws the sprites in the masks' boxes (teacher forcing) or, with
+    canvas_true_boxes False, in the boxes the tokens predict (as sampling does)."""
+    import torch.nn.functional as F
+    from setok_cli.models.detokenizer import mask_boxes
+    torch.manual_seed(0)
+    B, K, g = 2, 3, 8
+    lab = torch.randint(0, K, (B, g, g), generator=torch.Generator().manual_seed(1))
+    masks = F.one_hot(lab, K).permute(0, 3, 1, 2).float()
+    tok, tm, img = torch.randn(B, K, 8), torch.ones(B, K, dtype=torch.bool), torch.rand(B, 3, 16, 16)
+    d = Detokenizer(_tiny(canvas_channels=4, canvas_grid=g, canvas_hidden=16, canvas_kind="sprite",
+                          canvas_window=4, canvas_true_boxes=true_boxes))
+    seen = []
+    d.canvas.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs.get("box")), with_kwargs=True)
+    d(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
+    if true_boxes:
+        assert torch.equal(seen[0], mask_boxes(masks))
+    else:
+        assert seen[0] is None

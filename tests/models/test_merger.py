@@ -224,3 +224,19 @@ def test_crop_encoder_sees_sub_patch_shape():
             ta = m(x, masks, lab, nt, (h, w), pixels=a if crop else None)
             tb = m(x, masks, lab, nt, (h, w), pixels=b if crop else None)
         assert torch.allclose(ta, tb) != bool(crop)
+
+
+def test_crop_merger_runs_under_bf16_autocast():
+    """train.mixed_precision bf16 on CPU: the packed merger with the crop encoder (which
+    writes the valid rows into a zero tensor) runs forward and backward under autocast and
+    stays close to float32."""
+    torch.manual_seed(3)
+    x, c, grid = make_batch()
+    m = ClusterMerger(12, dim=32, token_dim=16, relative_pe=3, crop=8, crop_width=4)
+    pixels = torch.rand(x.shape[0], 3, grid[0] * 4, grid[1] * 4)
+    ref = m(x, c.masks, c.labels, c.num_tokens, grid, hard=True, pixels=pixels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, c.masks, c.labels, c.num_tokens, grid, hard=True, pixels=pixels)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None for p in m.crop.parameters())
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
