@@ -192,6 +192,11 @@ def _coerce(value: Any, tp, path: str) -> Any:
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if isinstance(value, bool):  # YAML 1.1 reads unquoted no / off / yes / on as booleans
+                if path.endswith("mixed_precision") and not value:
+                    return "no"
+                raise UserError(f"recipe key {path!r} must be a string, got the YAML boolean {value!r}: "
+                                f"quote the value")
             return str(value)
         if origin is list:
             if isinstance(value, tuple):

@@ -65,3 +65,13 @@ def test_shipped_recipes_validate():
     for name in ["stage1.yaml", "tiny/stage1.yaml"]:
         if (root / name).exists():
             load_recipe(root / name)
+
+
+def test_unquoted_yaml_booleans_in_string_keys(tmp_path):
+    """`--set train.mixed_precision=no` (YAML 1.1 reads `no` as false) means "no"; any other
+    boolean for a string key is one clear error, not the string 'False'."""
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  mixed_precision: bf16\n")
+    assert load_recipe(p, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(UserError, match=r"'optim.schedule' must be a string.*quote"):
+        load_recipe(p, ["optim.schedule=off"])
