@@ -113,6 +113,18 @@ def build_scheduler(optimizer, recipe: Recipe):
     return get_constant_schedule_with_warmup(optimizer, warm)
 
 
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator
+    with another mixed precision. A second run in the same single process (a notebook, the
+    tests) with another `train.mixed_precision` starts from a fresh state; the process
+    group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, PartialState
+    st = AcceleratorState._shared_state
+    if st and str(st.get("_mixed_precision", mixed_precision)) != mixed_precision \
+            and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -167,6 +179,7 @@ class Trainer:
                 except ImportError:
                     raise UserError("train.tensorboard needs the tensorboard package "
                                     "(pip install 'setok[tensorboard]')") from None
+            _release_accelerator_state(r.train.mixed_precision)
             # on a machine without a GPU, `cpu=True` is what makes accelerate run several
             # processes (torchrun / accelerate launch) as MULTI_CPU over gloo
             accelerator = Accelerator(

@@ -98,3 +98,14 @@ def test_two_processes_keep_identical_replicas(data, tmp_path):
     assert g0["rows"] == g1["rows"] == 5 and (g0["offset"], g1["offset"]) == (0, 2)
     assert g0["values"] == g1["values"] == [0, 0, 1, 1, 1]
     assert g0["local_grad"] == 6 and g1["local_grad"] == 9     # d(sum)/d(local rows) = 1 each
+
+
+def test_runs_with_another_mixed_precision_in_one_process(data, tmp_path):
+    """accelerate keeps one state per process: a bf16 run, then a float32 one (as the tests
+    and a notebook do) both train, each with its own precision."""
+    for i, mp in enumerate(["bf16", "no"]):
+        r = toy_recipe(data, tmp_path / f"run{i}", max_steps=2, checkpoint_every=0, grad_accum=1,
+                       mixed_precision=mp)
+        t = Trainer(r, builder=toy_builder)
+        assert t.accelerator.mixed_precision == mp
+        t.train()
