@@ -15,9 +15,7 @@ features (B, h, w, D), logits (B, K, H, W), instances (B, H, W) int64 with 0 = b
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ._config import strict_from_dict
+from .hub import PretrainedModel, config_from_dict
 
 __all__ = ["MaskDecoderConfig", "MaskDecoder", "pairwise_bce_cost", "pairwise_dice_cost", "dice_loss",
            "hungarian_match", "instance_targets", "mask_losses", "mask_consistency_kl", "segment_miou"]
@@ -50,10 +48,11 @@ class MaskDecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskDecoderConfig":
-        return strict_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
-class MaskDecoder(nn.Module):
+class MaskDecoder(PretrainedModel, model_type="setok-mask-decoder", config_class=MaskDecoderConfig,
+                  part_name="mask decoder", subfolder="mask_decoder"):
     """Per-token mask logits at the image's resolution."""
 
     def __init__(self, config: MaskDecoderConfig):
@@ -90,23 +89,6 @@ class MaskDecoder(nn.Module):
         pix = self.pixel_embeddings(images, features)           # (B, E, H, W)
         tok = self.token_head(tokens.to(pix.dtype))              # (B, K, E)
         return torch.einsum("bke,behw->bkhw", tok, pix) / self.config.embed_dim ** 0.5
-
-    # -- persistence (config.json + model.safetensors, as every model of the package) --
-    def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(path / "model.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "MaskDecoder":
-        from safetensors.torch import load_file
-        path = Path(path)
-        model = cls(MaskDecoderConfig.from_dict(json.loads((path / "config.json").read_text())))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return model
 
 
 # ---- losses ----------------------------------------------------------------------
