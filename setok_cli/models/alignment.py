@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._config import strict_from_dict
+from .hub import PretrainedModel, config_from_dict
 
 from ..errors import UserError
 
@@ -56,7 +56,7 @@ class AlignmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlignmentConfig":
-        return strict_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
 # ---- text encoders -----------------------------------------------------------------
@@ -268,8 +268,12 @@ def token_phrase_loss(tokens: Tensor, token_mask: Tensor, phrases: Tensor, owner
     return (loss_p2i + loss_i2p) / 2
 
 
-class ConceptAlignment(nn.Module):
-    """Projects tokens and texts into one space and computes both alignment terms."""
+class ConceptAlignment(PretrainedModel, model_type="setok-alignment", config_class=AlignmentConfig,
+                       part_name="alignment heads", subfolder="alignment"):
+    """Projects tokens and texts into one space and computes both alignment terms.
+
+    Saved: the projections, the temperature and a trained text encoder; a pretrained,
+    frozen text encoder is named by config.text_encoder and loaded from there."""
 
     def __init__(self, config: AlignmentConfig, text_encoder: Optional[nn.Module] = None, load_weights: bool = True):
         super().__init__()
@@ -278,6 +282,12 @@ class ConceptAlignment(nn.Module):
         self.image_proj = nn.Sequential(nn.LayerNorm(c.token_dim), nn.Linear(c.token_dim, c.embed_dim))
         self.text_proj = nn.Linear(self.text_encoder.output_dim, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / c.init_temperature)))
+
+    def state_to_save(self) -> dict:
+        sd = self.state_dict()
+        if self.config.text_encoder != "builtin" and self.config.freeze_text:
+            sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
+        return sd
 
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()

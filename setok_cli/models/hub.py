@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,7 +47,7 @@ META_KEYS = ("model_type", "setok_version")
 # model_type -> (what it is, its subfolder in a training checkpoint)
 PARTS: dict[str, tuple[str, str]] = {}
 
-__all__ = ["PretrainedModel", "config_from_dict", "config_to_dict", "resolve_folder", "read_config", "PARTS",
+__all__ = ["PretrainedModel", "config_from_dict", "config_to_dict", "resolve_folder", "resolve_checkpoint", "read_config", "PARTS",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 
@@ -112,6 +113,18 @@ def resolve_folder(path: Union[str, os.PathLike], what: str) -> Path:
             pass
     raise UserError(f"{what} folder {s!r} not found (nothing is downloaded: give a local folder "
                     f"or a model id in the local Hugging Face cache)")
+
+
+def resolve_checkpoint(folder: Path) -> Path:
+    """A run folder (`checkpoints/step_*` inside) stands for its latest checkpoint; any
+    other folder for itself. A run folder without checkpoints is one UserError."""
+    ck = folder / "checkpoints"
+    if (folder / CONFIG_NAME).is_file() or not ck.is_dir():
+        return folder
+    steps = sorted(p for p in ck.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+    if not steps:
+        raise UserError(f"{folder}: a run folder without checkpoints yet ({ck} is empty)")
+    return steps[-1]
 
 
 def read_config(folder: Path) -> dict:
@@ -196,13 +209,10 @@ class PretrainedModel(nn.Module, PyTorchModelHubMixin, library_name="setok", tag
         """The folder holding this part (`path` itself, or its subfolder in a training
         checkpoint) and its config dict; a folder that holds another part is one line
         saying which part it holds and where this one is."""
-        folder = resolve_folder(path, cls.part_name)
+        folder = resolve_checkpoint(resolve_folder(path, cls.part_name))
         if not (folder / CONFIG_NAME).is_file() and cls.subfolder and (folder / cls.subfolder / CONFIG_NAME).is_file():
             folder = folder / cls.subfolder
         if not (folder / CONFIG_NAME).is_file():
-            if (folder / "checkpoints").is_dir():
-                raise UserError(f"{folder}: a run folder; give one of its checkpoints "
-                                f"({folder / 'checkpoints'}/step_...)")
             raise UserError(f"{folder}: no {CONFIG_NAME}; not a saved {cls.part_name}")
         d = read_config(folder)
         mt = d.get("model_type", cls._legacy_model_type(folder))
@@ -267,5 +277,5 @@ class PretrainedModel(nn.Module, PyTorchModelHubMixin, library_name="setok", tag
             if bad:
                 parts.append("shape mismatch in " + few([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                          for k in bad]))
-            raise UserError(f"{where}: weights do not match the config ({'; '.join(parts)})")
+            raise UserError(f"{where}: checkpoint does not match its config ({'; '.join(parts)})")
         self.load_state_dict(state, strict=False)

@@ -37,7 +37,6 @@ their straight-through gradient (the training forward is unchanged otherwise).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -49,11 +48,10 @@ from ..errors import UserError
 from .builtin_encoder import BuiltinEncoder
 from .clustering import MODES, cluster, split_connected
 from .encoders import load_encoder
+from .hub import CONFIG_NAME, WEIGHTS_NAME, PretrainedModel, config_from_dict  # noqa: F401 (re-exported)
 from .merger import ClusterMerger
 from .position import sincos_2d
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -140,11 +138,7 @@ class SeTokConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SeTokConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"model_type", "setok_version"})
-        if unknown:
-            raise UserError(f"unknown SeTok config key(s): {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,7 +204,8 @@ def _masked_spread(f: Tensor, valid: Tensor) -> Tensor:
     return var.mean(-1).sqrt()
 
 
-class SeTok(nn.Module):
+class SeTok(PretrainedModel, model_type="setok", config_class=SeTokConfig, part_name="SeTok tokenizer",
+            subfolder="setok"):
     def __init__(self, config: Optional[SeTokConfig] = None, encoder: Optional[nn.Module] = None, **overrides):
         super().__init__()
         config = config or SeTokConfig()
@@ -357,75 +352,17 @@ class SeTok(nn.Module):
         """Everything but the frozen encoder (which config.encoder names)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
-    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
-        """config.json + model.safetensors (the encoder is referenced by config.encoder,
-        resolved to an absolute path when it is a local folder). Written atomically."""
-        from safetensors.torch import save_file
+    def state_to_save(self) -> dict:
+        return self.trainable_state_dict()
 
-        from ..version import __version__
-
-        os.makedirs(path, exist_ok=True)
-        cfg = self.config.to_dict()
+    def config_to_save(self) -> dict:
+        """The config, with a local encoder folder made absolute (config.encoder names the
+        frozen encoder, whose weights are not saved)."""
+        cfg = super().config_to_save()
         enc = cfg["encoder"]
         if enc != "builtin" and os.path.isdir(os.path.expanduser(enc)):
             cfg["encoder"] = os.path.abspath(os.path.expanduser(enc))
-        cfg = {"model_type": "setok", "setok_version": __version__, **cfg}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        tmp_w = os.path.join(path, f".{WEIGHTS_NAME}.tmp")
-        save_file(state, tmp_w, metadata={"format": "pt"})
-        os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
-        tmp_c = os.path.join(path, f".{CONFIG_NAME}.tmp")
-        with open(tmp_c, "w") as fh:
-            json.dump(cfg, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp_c, os.path.join(path, CONFIG_NAME))
-
-    @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], **overrides) -> "SeTok":
-        """Load a saved tokenizer; `overrides` change config fields (e.g. mode, bandwidth)."""
-        from safetensors.torch import load_file
-
-        path = os.path.expanduser(str(path))
-        cfile = os.path.join(path, CONFIG_NAME)
-        if not os.path.isdir(path):
-            raise UserError(f"tokenizer folder {path!r} not found")
-        if not os.path.isfile(cfile) and os.path.isfile(os.path.join(path, "setok", CONFIG_NAME)):
-            # a stage-1 training checkpoint holds the tokenizer in its setok/ folder
-            path = os.path.join(path, "setok")
-            cfile = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfile):
-            raise UserError(f"{path}: no {CONFIG_NAME}; not a saved SeTok tokenizer")
-        try:
-            with open(cfile) as fh:
-                d = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{cfile}: unreadable ({e})") from None
-        if d.get("model_type", "setok") != "setok":
-            raise UserError(f"{path}: model_type is {d.get('model_type')!r}, not 'setok'")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        model = cls(SeTokConfig.from_dict(d))
-        wfile = os.path.join(path, WEIGHTS_NAME)
-        if not os.path.isfile(wfile):
-            raise UserError(f"{path}: no {WEIGHTS_NAME}")
-        try:
-            state = load_file(wfile)
-        except Exception as e:
-            raise UserError(f"{wfile}: unreadable ({e})") from None
-        own = model.trainable_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or bad:
-            parts = []
-            if missing:
-                parts.append(f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
-            if unexpected:
-                parts.append(f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}")
-            if bad:
-                parts.append(f"shape mismatch in {', '.join(bad[:3])}")
-            raise UserError(f"{path}: checkpoint does not match its config ({'; '.join(parts)})")
-        model.load_state_dict(state, strict=False)
-        return model
+        return cfg
 
 
 def load_tokenizer(model: Optional[str] = None, encoder: Optional[str] = None, **overrides) -> SeTok:

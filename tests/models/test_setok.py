@@ -65,7 +65,7 @@ def test_save_load_round_trip(tmp_path, chelsea_path, mode):
         for p in m.cluster_head.parameters():
             p.add_(0.01 * torch.randn_like(p))
     m.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "model.safetensors"]  # + the hub model card
     m2 = SeTok.from_pretrained(tmp_path)
     assert m2.config == m.config
     a, b = m.tokenize([chelsea_path]), m2.tokenize([chelsea_path])
@@ -78,7 +78,7 @@ def test_checkpoint_mismatch_and_bad_config(tmp_path):
     SeTok(SeTokConfig(merger_dim=64, token_dim=32)).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="does not match"):
         SeTok.from_pretrained(tmp_path, token_dim=16)
-    with pytest.raises(UserError, match="unknown SeTok config key"):
+    with pytest.raises(UserError, match="unknown SeTokConfig key.*did you mean 'bandwidth'"):
         SeTokConfig.from_dict({"bandwith": 1.0})
     with pytest.raises(UserError, match="not found"):
         SeTok.from_pretrained(tmp_path / "nope")
@@ -188,7 +188,7 @@ def test_shapes_world_fg_ari_floor(tmp_path, builtin_tokenizer):
     (seed 3, 64 px; 0.39 with the old mean-colour / box-context encoder and no
     connectivity step), floor with margin."""
     from setok_cli.data.shapes import generate
-    from setok_cli.eval.tasks import eval_tokenizer
+    from setok_cli.eval.harness import eval_tokenizer
 
     generate(tmp_path, n=24, size=64, seed=3, splits="0,0,1")
     r = eval_tokenizer(str(tmp_path / "test" / "objects.json"), tokenizer=builtin_tokenizer)
