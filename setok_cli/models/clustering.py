@@ -99,7 +99,10 @@ def nearest_seed_clusters(x: Tensor, score: Tensor, num_seeds: Tensor, bandwidth
     d2 = d2.masked_fill(~seed_ok.unsqueeze(1), math.inf)
     nearest = d2.detach().argmin(-1)  # (B, N), first minimum
     onehot = torch.nn.functional.one_hot(nearest, S).to(xf.dtype)  # (B, N, S)
-    soft = torch.softmax(-math.log(2.0) * d2 / (bandwidth * bandwidth), dim=-1)
+    logits = -math.log(2.0) * d2 / (bandwidth * bandwidth)
+    # an image with no seed (no valid patch) has a row of -inf, whose softmax is NaN
+    logits = logits.masked_fill(~seed_ok.any(1).view(B, 1, 1), 0.0)
+    soft = torch.softmax(logits, dim=-1)
     m = (onehot + (soft - soft.detach())) * valid.unsqueeze(-1).to(xf.dtype)
     masks = m.transpose(1, 2)  # (B, S, N)
     counts = (onehot * valid.unsqueeze(-1)).sum(1)  # (B, S)

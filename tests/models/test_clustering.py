@@ -1,4 +1,6 @@
 """Clustering modes (SPEC section 3) on top of the ops."""
+import math
+
 import pytest
 import torch
 
@@ -15,13 +17,18 @@ def blobs(B=2, per=(12, 9, 15), D=6, sep=4.0, seed=0):
 
 @pytest.mark.parametrize("mode", ["hard", "soft", "threshold", "fixed"])
 def test_modes_shapes_and_cover(mode):
-    x, _ = blobs()
+    x, truth = blobs()
     valid = torch.ones(2, x.shape[1], dtype=torch.bool)
-    valid[1, 30:] = False
+    valid[1, 30:] = False  # image 1 keeps blobs 0 and 1 and 9 of blob 2's 15 patches
     c = cluster(x, mode, k=4, bandwidth=0.5, max_tokens=6, min_scope=0.1 if mode == "soft" else 0.0,
                 threshold=0.1, min_clusters=3, valid=valid)
     B, K, N = c.masks.shape
-    assert K == int(c.num_tokens.max()) and (c.num_tokens <= 6).all()
+    # three far-apart blobs: one token each; fixed mode takes max_tokens seeds (two blobs split)
+    assert c.num_tokens.tolist() == ([6, 6] if mode == "fixed" else [3, 3]) and K == int(c.num_tokens.max())
+    if mode != "fixed":
+        for b in range(2):
+            owners = [c.labels[b][(truth == i) & valid[b]].unique().tolist() for i in range(3)]
+            assert sorted(o[0] for o in owners) == [0, 1, 2] and all(len(o) == 1 for o in owners)
     assert (c.labels[~valid] == -1).all() and (c.labels[valid] >= 0).all()
     assert (c.labels < c.num_tokens.view(B, 1)).all()
     assert (c.masks[:, :, ~valid[1]][1] == 0).all()
@@ -55,6 +62,20 @@ def test_remainder_becomes_a_token_and_max_tokens_holds():
     assert int(c.num_tokens[0]) == 5 and (c.seeds[0] >= 0).all()  # no remainder: no extra token
 
 
+@pytest.mark.parametrize("mode", ["hard", "soft", "threshold", "fixed"])
+def test_image_without_valid_patch_has_no_token_and_finite_masks(mode):
+    """An all-padding image in a batch: no token, zero masks (threshold / fixed gave NaN)."""
+    x, _ = blobs()
+    x = x.clone().requires_grad_(True)
+    valid = torch.ones(2, x.shape[1], dtype=torch.bool)
+    valid[1] = False
+    c = cluster(x, mode, k=4, bandwidth=0.5, max_tokens=4, threshold=0.1, min_clusters=3, valid=valid)
+    assert int(c.num_tokens[1]) == 0 and (c.labels[1] == -1).all() and (c.seeds[1] == -1).all()
+    assert torch.isfinite(c.masks).all() and (c.masks[1] == 0).all()
+    (c.masks * torch.randn_like(c.masks)).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all()
+
+
 def test_gradients_reach_features():
     x, _ = blobs(B=1)
     x = x.clone().requires_grad_(True)
@@ -67,7 +88,10 @@ def test_gradients_reach_features():
 
 def test_sincos_2d():
     pe = sincos_2d(16, 3, 5)
-    assert pe.shape == (3, 5, 16) and pe.abs().max() <= 1
+    assert pe.shape == (3, 5, 16)
+    # q = 4 frequencies per axis, omega_j = 10000^(-j/4): row 2, column 3
+    assert pe[2, 3, 0].item() == pytest.approx(math.sin(2.0)) and pe[2, 3, 5].item() == pytest.approx(math.cos(0.2))
+    assert pe[2, 3, 9].item() == pytest.approx(math.sin(0.3)) and pe[2, 3, 15].item() == pytest.approx(math.cos(3e-3))
     assert torch.allclose(pe[0, 0, :8], torch.tensor([0.0] * 4 + [1.0] * 4))
     assert sincos_2d(18, 2, 2)[..., 16:].abs().sum() == 0  # channels past 4 * (dim // 4) are zero
 
