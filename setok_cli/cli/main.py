@@ -44,7 +44,15 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            raise UserClickError(str(e)) from None
+            from ..data.worker_errors import worker_message
+            raise UserClickError(worker_message(str(e))) from None
+        except OSError as e:
+            # a folder that cannot be made or written, a full disk: the path and the reason
+            # (EPIPE to a closed pager is not the user's mistake: let click handle it)
+            if isinstance(e, BrokenPipeError):
+                raise
+            from ..files import os_error_message
+            raise UserClickError(os_error_message(e)) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import UserError
+from ..files import load_ids
 
 __all__ = ["load_records", "PairsDataset", "ObjectsDataset", "collate", "SeededSampler", "build_dataset",
            "FORMATS"]
@@ -77,19 +78,6 @@ def _read_rgb(path: str, size: Optional[int]) -> np.ndarray:
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
-def _read_ids(path: str, size: Optional[int]) -> np.ndarray:
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                im = im.convert("L")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.NEAREST)
-            return np.asarray(im).astype(np.int64)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read instance mask {path}: {e}") from None
-
-
 class _ImageRecords(Dataset):
     fmt = "pairs"
 
@@ -107,7 +95,7 @@ class _ImageRecords(Dataset):
             return self.cache[i]
         r = self.records[i]
         img = _read_rgb(r["image"], self.image_size)
-        ids = _read_ids(r["instances"], img.shape[0] if self.image_size else None) if r.get("instances") else None
+        ids = load_ids(r["instances"], img.shape[0] if self.image_size else None) if r.get("instances") else None
         if ids is not None and ids.shape != img.shape[:2]:
             raise UserError(f"instance mask {r['instances']} is {ids.shape} but its image is {img.shape[:2]}")
         if self.cache is not None:

@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..errors import UserError
+from ..files import atomic_write_text
 from ..models.alignment import AlignmentConfig
 from ..models.detokenizer import DetokenizerConfig
 from ..models.mask_decoder import MaskDecoderConfig
@@ -102,7 +103,7 @@ class OptimRecipe:
 class TrainRecipe:
     max_steps: int = 1000                       # optimizer steps
     grad_accum: int = 1
-    mixed_precision: str = "no"                 # "no" | "fp16" | "bf16"
+    mixed_precision: str = "auto"               # "auto" (bf16 where native, else fp32) | "no" | "fp16" | "bf16"
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 2
@@ -255,8 +256,8 @@ def _check_values(r: Recipe) -> None:
     need(r.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {r.train.grad_accum}")
     need(r.train.keep_last >= 1, f"train.keep_last must be >= 1, got {r.train.keep_last}")
     need(r.train.log_every >= 1, f"train.log_every must be >= 1, got {r.train.log_every}")
-    need(r.train.mixed_precision in ("no", "fp16", "bf16"),
-         f"train.mixed_precision must be 'no', 'fp16' or 'bf16', got {r.train.mixed_precision!r}")
+    need(r.train.mixed_precision in ("auto", "no", "fp16", "bf16"),
+         f"train.mixed_precision must be 'auto', 'no', 'fp16' or 'bf16', got {r.train.mixed_precision!r}")
     need(r.optim.schedule in ("cosine", "constant"),
          f"optim.schedule must be 'cosine' or 'constant', got {r.optim.schedule!r}")
     need(0 <= r.optim.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {r.optim.warmup_ratio}")
@@ -276,16 +277,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe (every default filled in) as YAML, atomically."""
-    import os
-    import tempfile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".recipe.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None))
 
 
 # ---- overrides -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import fnmatch
 import importlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import SeededSampler, collate
+from ..data.worker_errors import worker_message
 from ..errors import UserError
+from ..files import ensure_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .precision import Precision, resolve_precision
 from .recipe import Recipe, dump_recipe
 
 __all__ = ["Trainer", "run", "STAGES", "select_trainable", "build_optimizer", "build_scheduler", "TrainResult"]
@@ -168,6 +172,8 @@ class Trainer:
 
         self.recipe = r = recipe
         self.output_dir = Path(r.output_dir)
+        # before any long work: a folder that cannot be written fails now, not at the first checkpoint
+        ensure_dir(self.output_dir)
         if r.train.threads:
             torch.set_num_threads(r.train.threads)
         if accelerator is None:
@@ -179,18 +185,24 @@ class Trainer:
                 except ImportError:
                     raise UserError("train.tensorboard needs the tensorboard package "
                                     "(pip install 'setok[tensorboard]')") from None
-            _release_accelerator_state(r.train.mixed_precision)
+            self.precision = resolve_precision(r.train.mixed_precision)
+            _release_accelerator_state(self.precision.mixed_precision)
             # on a machine without a GPU, `cpu=True` is what makes accelerate run several
             # processes (torchrun / accelerate launch) as MULTI_CPU over gloo
             accelerator = Accelerator(
                 cpu=not torch.cuda.is_available(),
-                mixed_precision=r.train.mixed_precision, gradient_accumulation_steps=r.train.grad_accum,
+                mixed_precision=self.precision.mixed_precision, gradient_accumulation_steps=r.train.grad_accum,
                 log_with=log_with,
                 project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                     logging_dir=str(self.output_dir / "tensorboard")),
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        else:
+            self.precision = Precision(str(accelerator.mixed_precision), "the accelerator's")
         self.accelerator = acc = accelerator
         self.hooks = hooks or {}
+        acc.print(self.precision.line())
+        if self.precision.warning and acc.is_main_process:
+            print(f"warning: {self.precision.warning}", file=sys.stderr)
 
         # same seed everywhere: every replica starts from the same weights
         set_seed(r.seed)
@@ -284,7 +296,6 @@ class Trainer:
         """Train to `train.max_steps` (or `stop_after` optimizer steps from here, for tests)."""
         r, acc = self.recipe, self.accelerator
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_recipe(r, self.output_dir / "recipe.yaml")
         resumed = self.resume() if resume else False
         if resume and not resumed and acc.is_main_process:
@@ -303,7 +314,10 @@ class Trainer:
             while self.step < target:
                 grad_norm = None
                 for _ in range(r.train.grad_accum):
-                    batch = _to_device(next(batches), acc.device)
+                    try:
+                        batch = _to_device(next(batches), acc.device)
+                    except UserError as e:   # from a worker: its own line, not torch's traceback
+                        raise UserError(worker_message(str(e))) from None
                     with acc.accumulate(self.model):
                         out = self.model(batch)
                         loss = out["loss"]

@@ -66,6 +66,11 @@ def toy_builder(recipe, accelerator=None):
     return ToyStage(), build_dataset(recipe.data.train[0], "pairs", None, cache=True)
 
 
+def toy_builder_uncached(recipe, accelerator=None):
+    """As toy_builder, reading every image when it is needed (in the DataLoader's workers)."""
+    return ToyStage(), build_dataset(recipe.data.train[0], "pairs", None, cache=False)
+
+
 def toy_recipe(data_json: Path, out: Path, **train) -> object:
     t = dict(max_steps=6, checkpoint_every=3, keep_last=2, log_every=1, progress=False, grad_accum=2)
     t.update(train)

@@ -43,3 +43,21 @@ def test_bad_records_are_user_errors(tmp_path):
         PairsDataset(tmp_path / "c.json")[0]
     with pytest.raises(UserError, match="unknown data format"):
         build_dataset(tmp_path / "c.json", "edits")
+
+
+def test_rgb_instance_png_reads_as_load_ids(tmp_path):
+    """Training reads instance PNGs with the evaluation's reader (channel 0 of an RGB file),
+    not as luma: red ids 1, 2, 3 with green 5, 10, 15 have luma 3, 6, 10."""
+    import numpy as np
+    from PIL import Image
+
+    from setok_cli.files import load_ids
+
+    js = make_pairs(tmp_path / "d", n=1, size=12)
+    ids = np.zeros((12, 12), np.uint8)
+    ids[:4], ids[4:8], ids[8:, :6] = 1, 2, 3
+    rgb = np.stack([ids, 5 * ids, np.zeros_like(ids)], -1)
+    path = tmp_path / "d" / "images" / "0_ids.png"
+    Image.fromarray(rgb, "RGB").save(path)
+    got = PairsDataset(js)[0]["instances"].numpy()
+    assert np.array_equal(got, ids) and np.array_equal(got, load_ids(path))

@@ -63,8 +63,7 @@ def test_shipped_recipes_validate():
     from pathlib import Path
     root = Path(__file__).resolve().parents[2] / "recipes"
     for name in ["stage1.yaml", "tiny/stage1.yaml"]:
-        if (root / name).exists():
-            load_recipe(root / name)
+        assert load_recipe(root / name).stage == "stage1"
 
 
 def test_unquoted_yaml_booleans_in_string_keys(tmp_path):
@@ -75,3 +74,12 @@ def test_unquoted_yaml_booleans_in_string_keys(tmp_path):
     assert load_recipe(p, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(UserError, match=r"'optim.schedule' must be a string.*quote"):
         load_recipe(p, ["optim.schedule=off"])
+
+
+def test_mixed_precision_defaults_to_auto_and_is_checked(tmp_path):
+    assert recipe_from_dict({}).train.mixed_precision == "auto"
+    for name in ("stage1.yaml", "tiny/stage1.yaml"):   # shipped recipes choose per machine
+        from pathlib import Path
+        assert load_recipe(Path(__file__).resolve().parents[2] / "recipes" / name).train.mixed_precision == "auto"
+    with pytest.raises(UserError, match=r"train.mixed_precision must be 'auto', 'no', 'fp16' or 'bf16', got 'fp8'"):
+        recipe_from_dict({"train": {"mixed_precision": "fp8"}})

@@ -11,7 +11,9 @@ from setok_cli.data.datasets import SeededSampler
 from setok_cli.train.checkpoint import latest_checkpoint, list_checkpoints
 from setok_cli.train.trainer import Trainer
 
-from .helpers import flat_params, make_pairs, toy_builder, toy_recipe
+from setok_cli.data.datasets import build_dataset
+
+from .helpers import ToyStage, flat_params, make_pairs, toy_builder, toy_recipe
 
 HERE = Path(__file__).parent
 
@@ -109,3 +111,59 @@ def test_runs_with_another_mixed_precision_in_one_process(data, tmp_path):
         t = Trainer(r, builder=toy_builder)
         assert t.accelerator.mixed_precision == mp
         t.train()
+
+
+def test_precision_is_chosen_and_said(data, tmp_path, capsys):
+    """The default `auto` resolves to what this machine runs natively, in one printed line."""
+    from setok_cli.train.precision import resolve_precision
+
+    r = toy_recipe(data, tmp_path / "run", max_steps=1, checkpoint_every=0, grad_accum=1)
+    assert r.train.mixed_precision == "auto"
+    t = Trainer(r, builder=toy_builder)
+    expect = resolve_precision("auto")
+    assert t.accelerator.mixed_precision == expect.mixed_precision
+    assert expect.line() in capsys.readouterr().out.splitlines()
+
+
+def _missing_image_data(root: Path) -> Path:
+    js = make_pairs(root, n=4)
+    (root / "images" / "2.png").unlink()
+    return js
+
+
+def test_worker_user_error_is_its_own_line(tmp_path):
+    """A UserError raised in a DataLoader worker reaches the caller as its own message, not
+    torch's 'Caught UserError in DataLoader worker process 0 ... Original Traceback'."""
+    from setok_cli.errors import UserError
+
+    js = _missing_image_data(tmp_path / "d")
+    r = toy_recipe(js, tmp_path / "run", checkpoint_every=0, grad_accum=1)
+    r.data.num_workers = 1
+    with pytest.raises(UserError) as e:
+        Trainer(r, builder=lambda rec, acc: (ToyStage(), build_dataset(rec.data.train[0], "pairs"))).train()
+    assert str(e.value).startswith(f"cannot read image {tmp_path / 'd' / 'images' / '2.png'}")
+    assert "\n" not in str(e.value)
+
+
+def test_cli_worker_error_and_unwritable_output_are_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from setok_cli.cli.main import cli
+    from setok_cli.train import trainer
+
+    monkeypatch.setitem(trainer.STAGES, "toy", f"{toy_builder.__module__}:toy_builder_uncached")
+    js = _missing_image_data(tmp_path / "d")
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(f"stage: toy\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data: {{train: [{js}], batch_size: 4, num_workers: 1}}\n"
+                      "train: {max_steps: 2, progress: false, checkpoint_every: 0}\n")
+    res = CliRunner().invoke(cli, ["train", str(recipe)])
+    errors = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1, res.output
+    assert errors[0].startswith(f"error: cannot read image {tmp_path / 'd' / 'images' / '2.png'}")
+    assert "Traceback" not in res.output and "Caught" not in res.output
+
+    # an output_dir that cannot be made (/proc refuses even root) fails before any work
+    res = CliRunner().invoke(cli, ["train", str(recipe), "--output-dir", "/proc/setok-test/run"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: cannot create folder /proc/setok-test")

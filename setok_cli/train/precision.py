@@ -1,0 +1,98 @@
+"""What `train.mixed_precision` means on this machine.
+
+    resolve_precision("auto") -> Precision("bf16", "auto: CPU has amx_bf16", warning=None)
+
+bf16 autocast pays only where the hardware multiplies bf16 natively: a CUDA GPU with bf16
+(Ampere and later) or an x86 CPU with AMX-BF16 or AVX512-BF16. Elsewhere torch converts
+bf16 GEMMs through float32 in software, and a step of the tiny recipe on an AVX2 CPU takes
+about 10x longer than at float32. So `auto` (the default) picks bf16 only where it is
+native and float32 (`no`) everywhere else; an explicit `bf16` is kept but warned about.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+__all__ = ["Precision", "resolve_precision", "cpu_flags", "cpu_bf16_flag", "CHOICES"]
+
+CHOICES = ("auto", "no", "fp16", "bf16")
+# /proc/cpuinfo names of the x86 units that run bf16 matmuls natively, best first
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+_NO_UNITS = "CPU has no AVX512-BF16/AMX"
+
+
+@dataclass(frozen=True)
+class Precision:
+    mixed_precision: str        # what accelerate gets: "no" | "fp16" | "bf16"
+    why: str                    # shown after the choice, e.g. "auto: CPU has amx_bf16"
+    warning: Optional[str] = None
+
+    def line(self) -> str:
+        name = {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision)
+        return f"precision: {name} ({self.why})"
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> Optional[frozenset]:
+    """The CPU feature flags the Linux kernel lists, or None where there is no such file."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return frozenset()
+
+
+def cpu_bf16_flag(flags: Iterable[str]) -> Optional[str]:
+    """The first native-bf16 flag among `flags` (e.g. 'amx_bf16'), None if there is none."""
+    flags = set(flags)
+    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
+
+
+def _cpu_native(flags: Optional[Iterable[str]], capability: str) -> tuple[bool, str]:
+    """(native bf16, the reason in words) for a CPU."""
+    if flags is None:
+        # no /proc/cpuinfo (macOS, Windows): torch's own dispatch level is all we know, and
+        # even AVX512 does not imply the bf16 extension, so only float32 is sure to be fast
+        return False, f"CPU flags unreadable, torch kernels {capability}; bf16 may be slow here"
+    flag = cpu_bf16_flag(flags)
+    if flag:
+        return True, f"CPU has {flag}"
+    return False, f"{_NO_UNITS}; bf16 would be slow here"
+
+
+def resolve_precision(requested: str, *, cuda: Optional[bool] = None, cuda_bf16: Optional[bool] = None,
+                      flags: Optional[Iterable[str]] = ..., capability: Optional[str] = None) -> Precision:
+    """Turn a recipe's `train.mixed_precision` into accelerate's, with the reason.
+
+    The machine is probed unless given: `cuda` (a GPU will be used), `cuda_bf16`
+    (torch.cuda.is_bf16_supported()), `flags` (CPU flags; None: unreadable),
+    `capability` (torch.backends.cpu.get_cpu_capability())."""
+    import torch
+
+    if requested not in CHOICES:
+        raise ValueError(f"mixed precision must be one of {CHOICES}, got {requested!r}")
+    if requested in ("no", "fp16"):
+        return Precision(requested, f"train.mixed_precision: {requested}")
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_bf16_supported()
+        if requested == "bf16":
+            warn = None if cuda_bf16 else "train.mixed_precision bf16 on a GPU without bf16 support: expect it to fail or be slow"
+            return Precision("bf16", "train.mixed_precision: bf16", warn)
+        return Precision("bf16", "auto: GPU supports bf16") if cuda_bf16 else \
+            Precision("no", "auto: GPU has no bf16 support")
+    if flags is ...:
+        flags = cpu_flags()
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    native, why = _cpu_native(flags, capability)
+    if requested == "bf16":
+        warn = None if native else (f"train.mixed_precision bf16 but {why.split(';')[0]}: bf16 matmuls may be "
+                                    f"emulated and a step ~10x slower than at fp32 (use auto or no)")
+        return Precision("bf16", "train.mixed_precision: bf16", warn)
+    return Precision("bf16" if native else "no", f"auto: {why}")

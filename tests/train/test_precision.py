@@ -1,0 +1,53 @@
+"""`train.mixed_precision: auto`: bf16 only where the hardware runs it natively."""
+import pytest
+
+from setok_cli.train.precision import cpu_bf16_flag, cpu_flags, resolve_precision
+
+AVX2_LAPTOP = {"fpu", "sse4_2", "avx", "avx2", "fma"}
+SAPPHIRE_RAPIDS = AVX2_LAPTOP | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+COOPER_LAKE = AVX2_LAPTOP | {"avx512f", "avx512_bf16"}
+SKYLAKE_SERVER = AVX2_LAPTOP | {"avx512f", "avx512bw"}        # AVX512 but no bf16 extension
+
+
+@pytest.mark.parametrize("flags, expect, why", [
+    (SAPPHIRE_RAPIDS, "bf16", "auto: CPU has amx_bf16"),
+    (COOPER_LAKE, "bf16", "auto: CPU has avx512_bf16"),
+    (SKYLAKE_SERVER, "no", "auto: CPU has no AVX512-BF16/AMX; bf16 would be slow here"),
+    (AVX2_LAPTOP, "no", "auto: CPU has no AVX512-BF16/AMX; bf16 would be slow here"),
+])
+def test_auto_on_cpus(flags, expect, why):
+    p = resolve_precision("auto", cuda=False, flags=flags, capability="AVX2")
+    assert (p.mixed_precision, p.why, p.warning) == (expect, why, None)
+
+
+def test_auto_without_cpu_flags_is_fp32():
+    p = resolve_precision("auto", cuda=False, flags=None, capability="DEFAULT")
+    assert p.mixed_precision == "no" and "torch kernels DEFAULT" in p.why
+
+
+def test_auto_on_gpus():
+    assert resolve_precision("auto", cuda=True, cuda_bf16=True).line() == "precision: bf16 (auto: GPU supports bf16)"
+    assert resolve_precision("auto", cuda=True, cuda_bf16=False).line() == \
+        "precision: fp32 (auto: GPU has no bf16 support)"
+
+
+def test_explicit_choices_are_kept_and_slow_bf16_warned():
+    slow = resolve_precision("bf16", cuda=False, flags=AVX2_LAPTOP, capability="AVX2")
+    assert slow.mixed_precision == "bf16" and "~10x slower" in slow.warning and "\n" not in slow.warning
+    assert resolve_precision("bf16", cuda=False, flags=SAPPHIRE_RAPIDS, capability="AVX512").warning is None
+    p = resolve_precision("no", cuda=False, flags=SAPPHIRE_RAPIDS)
+    assert p.line() == "precision: fp32 (train.mixed_precision: no)" and p.warning is None
+    with pytest.raises(ValueError):
+        resolve_precision("fp8")
+
+
+def test_cpu_flags_reads_proc_cpuinfo_format(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n\n"
+                 "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n")
+    assert cpu_flags(str(f)) == {"fpu", "avx2", "avx512_bf16", "amx_bf16"}
+    assert cpu_bf16_flag(cpu_flags(str(f))) == "amx_bf16"
+    assert cpu_flags(str(tmp_path / "missing")) is None
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(str(arm)) == {"fp", "asimd", "bf16"} and cpu_bf16_flag(cpu_flags(str(arm))) is None
