@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .hub import PretrainedModel, config_from_dict
+from .position import coord_grid
 
 __all__ = ["MaskDecoderConfig", "MaskDecoder", "pairwise_bce_cost", "pairwise_dice_cost", "dice_loss",
            "hungarian_match", "instance_targets", "mask_losses", "mask_consistency_kl", "segment_miou"]
@@ -74,10 +75,8 @@ class MaskDecoder(PretrainedModel, model_type="setok-mask-decoder", config_class
         B, _, H, W = images.shape
         x = images
         if self.config.coord_channels:
-            ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)
-            xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)
-            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # (2, H, W)
-            x = torch.cat([x, grid.expand(B, -1, -1, -1)], dim=1)
+            # (y, x): the order the stem's first convolution was trained with
+            x = torch.cat([x, coord_grid(B, H, W, device=x.device, dtype=x.dtype).flip(1)], dim=1)
         x = self.stem(x)
         if self.feature_proj is not None and features is not None:
             f = self.feature_proj(features.to(x.dtype)).permute(0, 3, 1, 2)  # (B, C, h, w)

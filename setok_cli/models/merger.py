@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .position import mask_boxes, sincos_2d
+from .position import box_crops, mask_boxes, sincos_2d
 
 MIN_BUCKET = 8  # clusters up to this size share one padded batch
 
@@ -156,10 +156,12 @@ class CropEncoder(nn.Module):
 
     def boxes(self, masks: Tensor) -> Tensor:
         """masks (B, K, h, w) -> (B, K, 3) square boxes (centre x, y, half-side) in the
-        image's [-1, 1] frame, widened by `margin` patches; empty masks get the whole image."""
-        h = masks.shape[-2]
+        image's [-1, 1] frame, widened by at least `margin` patches on each axis (a patch spans
+        2 / w of the frame across and 2 / h down: the shorter side's patches are the wider);
+        empty masks get the whole image."""
+        h, w = masks.shape[-2:]
         box = mask_boxes(masks.detach())
-        box = box + torch.tensor([0.0, 0.0, 2.0 * self.margin / h], device=box.device)
+        box = box + torch.tensor([0.0, 0.0, 2.0 * self.margin / min(h, w)], device=box.device)
         whole = torch.tensor([0.0, 0.0, 1.0], device=box.device)
         return torch.where(torch.isfinite(box).all(-1, keepdim=True), box, whole)
 
@@ -168,14 +170,8 @@ class CropEncoder(nn.Module):
         B, K = masks.shape[:2]
         S = self.size
         box = self.boxes(masks)  # (B, K, 3)
-        c = (torch.arange(S, device=masks.device, dtype=torch.float32) + 0.5) / S * 2 - 1
-        uv = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2)
-        pts = box[:, :, None, None, :2] + uv * box[:, :, None, None, 2:]  # (B, K, S, S, 2)
-        rgb = F.grid_sample(pixels.float() * 2 - 1, pts.reshape(B, K * S, S, 2), mode="bilinear",
-                            padding_mode="border", align_corners=False)  # (B, 3, K*S, S)
-        rgb = rgb.view(B, 3, K, S, S).transpose(1, 2)
-        m = F.grid_sample(masks.float().reshape(B * K, 1, *masks.shape[-2:]), pts.reshape(B * K, S, S, 2),
-                          mode="bilinear", padding_mode="zeros", align_corners=False).view(B, K, 1, S, S)
+        rgb = box_crops(pixels.float() * 2 - 1, box, S, padding_mode="border")  # (B, K, 3, S, S)
+        m = box_crops(masks.reshape(B * K, 1, *masks.shape[-2:]), box.reshape(B * K, 1, 3), S).view(B, K, 1, S, S)
         return torch.cat([rgb, m], 2)
 
     def forward(self, pixels: Tensor, masks: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:

@@ -10,6 +10,17 @@ TINY_UNET = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_group
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], sample_size=16)
 
 
+def _crops(masks, box, size):
+    """masks (V, H, W), boxes (V, 3) -> (V, size, size): each mask sampled in its own box."""
+    from setok_cli.models.position import box_crops
+    return box_crops(masks[:, None], box[:, None], size)[:, 0, 0]
+
+
+def _silhouette(canvas, tokens, masks):
+    """The sprite canvas's silhouette loss, every token valid."""
+    return canvas.box_losses(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), masks, True)[2]
+
+
 def _tiny(**kw):
     return DetokenizerConfig(image_size=16, mapper=MapperConfig(token_dim=8, hidden_size=16, num_queries=4,
                                                                 intermediate_size=32, output_dim=16),
@@ -154,8 +165,8 @@ def test_append_tokens_and_canvas_ignore_padding(tmp_path):
 
 def test_canvas_softmax_weights_pick_a_token():
     """A token whose logit dominates everywhere paints the whole canvas with its features."""
-    from setok_cli.models.detokenizer import TokenCanvas
-    c = TokenCanvas(token_dim=2, channels=1, grid=3, hidden=4)
+    from setok_cli.models.detokenizer import make_canvas
+    c = make_canvas("mlp", token_dim=2, channels=1, grid=3, hidden=4)
     with torch.no_grad():
         for p in c.parameters():
             p.zero_()
@@ -190,9 +201,9 @@ def test_canvas_recon_weight_adds_the_canvas_mse():
 def test_bilinear_canvas_is_a_dot_product_over_cells():
     """kind 'bilinear': a_ip = <W_a t_i, E(p)> / sqrt(h), one feature vector per token; padded
     tokens are ignored; a token alone paints every cell with its own features."""
-    from setok_cli.models.detokenizer import TokenCanvas
+    from setok_cli.models.detokenizer import make_canvas
     torch.manual_seed(0)
-    c = TokenCanvas(token_dim=6, channels=3, grid=5, hidden=8, kind="bilinear")
+    c = make_canvas("bilinear", token_dim=6, channels=3, grid=5, hidden=8)
     tok = torch.randn(2, 4, 6)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool()
     out = c(tok, mask)
@@ -203,7 +214,7 @@ def test_bilinear_canvas_is_a_dot_product_over_cells():
     one = c(tok, torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]]).bool())
     assert torch.allclose(one, c.feat(tok[:, 0]).view(2, 3, 1, 1).expand(2, 3, 5, 5), atol=1e-5)
     with pytest.raises(UserError, match="canvas_kind"):
-        TokenCanvas(6, 3, kind="conv")
+        make_canvas("conv", 6, 3)
 
 
 def test_fourier_2d_spans_nyquist_to_one_period():
@@ -225,11 +236,11 @@ def test_local_canvas_moves_with_its_token():
     """kind 'local': the token's logit map is drawn around its centre c = tanh(W_c t), so
     moving the centre by two cells moves the map by two cells (translation-equivariant);
     padded tokens are ignored; a token alone owns every cell."""
-    from setok_cli.models.detokenizer import TokenCanvas
+    from setok_cli.models.detokenizer import make_canvas
     from setok_cli.models.merger import relative_fourier
     torch.manual_seed(0)
     g = 16
-    c = TokenCanvas(token_dim=6, channels=3, grid=g, hidden=16, kind="local", octaves=4)
+    c = make_canvas("local", token_dim=6, channels=3, grid=g, hidden=16, octaves=4)
     tok = torch.randn(1, 2, 6)
     mask = torch.tensor([[True, False]])
     cell = 2.0 / g
@@ -250,7 +261,7 @@ def test_local_canvas_moves_with_its_token():
     feats = c.mlp(c.tok(tok[0, :1]).unsqueeze(1) + c.off(relative_fourier((c.pe - c.centres(tok[0, :1])) / 2, 4)))
     assert torch.allclose(out[0], feats[0, :, 1:].T.reshape(3, g, g), atol=1e-5)
     with pytest.raises(UserError, match="canvas_octaves"):
-        TokenCanvas(6, 3, kind="local", octaves=0)
+        make_canvas("local", 6, 3, octaves=0)
 
 
 def test_canvas_mask_loss_known_values():
@@ -311,7 +322,7 @@ def test_instance_canvas_targets_give_each_object_to_its_majority_token():
 
 
 def test_mask_boxes_known_values():
-    from setok_cli.models.detokenizer import mask_boxes
+    from setok_cli.models.position import mask_boxes
     m = torch.zeros(1, 3, 8, 8)
     m[0, 0, 2:4, 4:8] = 1  # rows 2-3, columns 4-7: x in [0, 1], y in [-0.5, 0]
     m[0, 1] = 1  # the whole image
@@ -326,10 +337,10 @@ def test_sprite_canvas_draws_into_its_box():
     moving the box moves the drawing; outside the box the logit falls off; a token alone
     paints every cell with its own sprite's features; padded tokens are ignored."""
     import torch.nn.functional as F
-    from setok_cli.models.detokenizer import TokenCanvas
+    from setok_cli.models.detokenizer import make_canvas
     torch.manual_seed(0)
     g, S = 16, 4
-    c = TokenCanvas(token_dim=6, channels=2, grid=g, hidden=16, kind="sprite", window=S)
+    c = make_canvas("sprite", token_dim=6, channels=2, grid=g, hidden=16, window=S)
     tok = torch.randn(1, 2, 6)
     mask = torch.tensor([[True, False]])
     cell = 2.0 / g
@@ -356,14 +367,14 @@ def test_sprite_canvas_draws_into_its_box():
     pb = c.boxes(tok[0, :1]).detach().view(1, 1, 3)
     assert torch.allclose(c(tok, mask), c(tok, mask, box=torch.cat([pb, box[:, 1:]], 1)), atol=1e-6)
     with pytest.raises(UserError, match="canvas_window"):
-        TokenCanvas(6, 3, kind="sprite", window=1)
+        make_canvas("sprite", 6, 3, window=1)
 
 
 def test_sprite_place_loss_and_teacher_forcing():
     """Training with masks adds canvas_place_weight x smooth-L1 between the predicted and the
     masks' boxes and draws into the true boxes; in eval the predicted boxes are used."""
     import torch.nn.functional as F
-    from setok_cli.models.detokenizer import mask_boxes
+    from setok_cli.models.position import mask_boxes
     torch.manual_seed(0)
     B, K, g = 2, 3, 8
     lab = torch.randint(0, K, (B, g, g), generator=torch.Generator().manual_seed(1))
@@ -383,7 +394,7 @@ def test_sprite_place_loss_and_teacher_forcing():
 def test_box_crops_known_values():
     """A mask resampled on its own bounding square: a disc fills the crop as a disc, a
     square box inside a filled image is all ones, and rows are y (a top half stays on top)."""
-    from setok_cli.models.detokenizer import box_crops, mask_boxes
+    from setok_cli.models.position import mask_boxes
     H = 64
     yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(H) + 0.5, indexing="ij")
     disc = (((xx - 40) ** 2 + (yy - 20) ** 2) <= 10 ** 2).float()
@@ -395,7 +406,7 @@ def test_box_crops_known_values():
     box[1] = torch.tensor([(16 / H) * 2 - 1, (16 / H) * 2 - 1, 8 / H * 2])  # the whole square
     box[2] = torch.tensor([0.0, 0.0, 0.5])
     S = 16
-    crop = box_crops(m, box, S)
+    crop = _crops(m, box, S)
     c = (torch.arange(S) + 0.5) / S * 2 - 1
     v, u = torch.meshgrid(c, c, indexing="ij")
     ref = ((u ** 2 + v ** 2) <= 1.0).float()
@@ -412,10 +423,11 @@ def test_sprite_silhouette_loss_known_values_and_weight():
     the option needs the sprite kind."""
     import math
     import torch.nn.functional as F
-    from setok_cli.models.detokenizer import TokenCanvas, box_crops, mask_boxes, sprite_silhouette_loss
+    from setok_cli.models.detokenizer import make_canvas
+    from setok_cli.models.position import mask_boxes
     torch.manual_seed(0)
     S, T = 4, 6
-    c = TokenCanvas(token_dim=T, channels=3, grid=8, hidden=8, kind="sprite", window=S)
+    c = make_canvas("sprite", token_dim=T, channels=3, grid=8, hidden=8, window=S)
     masks = torch.zeros(1, 2, 16, 16)
     masks[0, 0, 2:10, 4:12] = 1
     masks[0, 0, 2:6, 4:8] = 0  # an L shape
@@ -426,8 +438,8 @@ def test_sprite_silhouette_loss_known_values_and_weight():
     with torch.no_grad():
         c.sprite[-1].weight.zero_()
         c.sprite[-1].bias.zero_()
-    assert math.isclose(sprite_silhouette_loss(c, tok, known, box, masks).item(), math.log(2), rel_tol=1e-5)
-    target = box_crops(masks[0], box[0], S)  # (2, S, S)
+    assert math.isclose(_silhouette(c, tok, masks).item(), math.log(2), rel_tol=1e-5)
+    target = _crops(masks[0], box[0], S)  # (2, S, S)
     assert target[0].min() < 0.1 and target[0].max() > 0.9  # the L is not a full square
     # one-hot tokens and a read-out that writes +-30 x (2 target - 1) into the alpha channel
     tok = torch.eye(T)[:2].view(1, 2, T)
@@ -439,7 +451,7 @@ def test_sprite_silhouette_loss_known_values_and_weight():
         alpha = 30 * (2 * target.round() - 1).view(2, S * S)  # (2, S*S)
         g = F.gelu(F.gelu(torch.ones(1))).item()
         c.sprite[-1].weight[: S * S, :2] = alpha.T / g
-    loss = sprite_silhouette_loss(c, tok, known, box, masks)
+    loss = _silhouette(c, tok, masks)
     soft = F.binary_cross_entropy(target.round(), target)  # what a perfect 0/1 drawing leaves on soft edge pixels
     assert loss.item() < soft.item() + 1e-3
     # in the detokenizer: + weight x the term
@@ -452,7 +464,7 @@ def test_sprite_silhouette_loss_known_values_and_weight():
     tok8, tm = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
     la = a(img, tok8, tm, generator=torch.Generator().manual_seed(0), masks=masks)
     lb = b(img, tok8, tm, generator=torch.Generator().manual_seed(0), masks=masks)
-    expect = sprite_silhouette_loss(b.canvas, tok8, known, box, masks)
+    expect = _silhouette(b.canvas, tok8, masks)
     assert torch.allclose(lb, la + 2.0 * expect, atol=1e-5)
     with pytest.raises(UserError, match="canvas_silhouette_weight"):
         Detokenizer(_tiny(canvas_channels=4, canvas_kind="bilinear", canvas_silhouette_weight=1.0))
@@ -462,7 +474,8 @@ def test_sprite_silhouette_loss_teaches_shapes():
     """Learning curve: four tokens, four masks (disc, square, triangle, cross) in boxes of
     different places and sizes; 150 Adam steps on the silhouette loss alone bring each
     token's sprite to its own shape (IoU > 0.8 with the crop), from chance at the start."""
-    from setok_cli.models.detokenizer import TokenCanvas, box_crops, mask_boxes, sprite_silhouette_loss
+    from setok_cli.models.detokenizer import make_canvas
+    from setok_cli.models.position import mask_boxes
     torch.manual_seed(0)
     H, S = 32, 8
     yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(H) + 0.5, indexing="ij")
@@ -476,8 +489,8 @@ def test_sprite_silhouette_loss_teaches_shapes():
     box = mask_boxes(masks)
     known = torch.ones(1, 4, dtype=torch.bool)
     tok = torch.randn(1, 4, 8)
-    c = TokenCanvas(token_dim=8, channels=3, grid=16, hidden=64, kind="sprite", window=S)
-    target = box_crops(masks[0], box[0], S) > 0.5
+    c = make_canvas("sprite", token_dim=8, channels=3, grid=16, hidden=64, window=S)
+    target = _crops(masks[0], box[0], S) > 0.5
 
     def iou():
         with torch.no_grad():
@@ -486,7 +499,7 @@ def test_sprite_silhouette_loss_teaches_shapes():
     before = iou()
     opt = torch.optim.Adam(c.parameters(), lr=3e-3)
     for _ in range(150):
-        loss = sprite_silhouette_loss(c, tok, known, box, masks)
+        loss = _silhouette(c, tok, masks)
         opt.zero_grad(); loss.backward(); opt.step()
     assert before < 0.6 and iou() > 0.8
 
@@ -516,23 +529,21 @@ def test_canvas_skip_adds_the_canvas_image_to_the_unet_output():
             Detokenizer(_tiny(canvas_skip=True, **bad))
 
 
-@pytest.mark.parametrize("true_boxes", [True, False])
-def test_canvas_true_boxes_chooses_the_boxes_training_draws_in(true_boxes):
-    """Training draws the sprites in the masks' boxes (teacher forcing) or, with
-    canvas_true_boxes False, in the boxes the tokens predict (as sampling does)."""
+def test_training_draws_the_sprites_in_the_true_boxes():
+    """Training draws the sprites in the masks' boxes (teacher forcing); eval in the
+    boxes the tokens predict, as sampling does."""
     import torch.nn.functional as F
-    from setok_cli.models.detokenizer import mask_boxes
+    from setok_cli.models.position import mask_boxes
     torch.manual_seed(0)
     B, K, g = 2, 3, 8
     lab = torch.randint(0, K, (B, g, g), generator=torch.Generator().manual_seed(1))
     masks = F.one_hot(lab, K).permute(0, 3, 1, 2).float()
     tok, tm, img = torch.randn(B, K, 8), torch.ones(B, K, dtype=torch.bool), torch.rand(B, 3, 16, 16)
     d = Detokenizer(_tiny(canvas_channels=4, canvas_grid=g, canvas_hidden=16, canvas_kind="sprite",
-                          canvas_window=4, canvas_true_boxes=true_boxes))
+                          canvas_window=4))
     seen = []
     d.canvas.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs.get("box")), with_kwargs=True)
     d(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
-    if true_boxes:
-        assert torch.equal(seen[0], mask_boxes(masks))
-    else:
-        assert seen[0] is None
+    d.eval()
+    d(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
+    assert torch.equal(seen[0], mask_boxes(masks)) and seen[1] is None
