@@ -5,7 +5,7 @@ diagnosis of its errors (objects split over several tokens vs objects merged).
         [--encoder builtin] [--mode hard] [--bandwidth B] [--k K] [--out /tmp/setok_bench]
 
 For each size it renders an n-image test split (seed fixed, so numbers are
-reproducible), runs `setok_cli.eval.tasks.eval_tokenizer`, and then, on the same
+reproducible), runs `setok_cli.eval.harness.eval_tokenizer`, and then, on the same
 tokenizations, counts per object:
 
     split   the object's patches fall in more than one token and its largest token holds
@@ -32,7 +32,7 @@ def diagnose(data: str, tok, batch_size: int = 16, limit: int | None = None) -> 
 
     from setok_cli.data import formats
     from setok_cli.eval import metrics as M
-    from setok_cli.eval.tasks import _np
+    from setok_cli.eval.harness import _np
 
     entries = formats.load(data, "objects")[:limit]
     n_obj = split = merged = merged_touch = touch_pairs = merged_pairs = merged_same = 0
@@ -84,7 +84,7 @@ def main():
     args = ap.parse_args()
 
     from setok_cli.data.shapes import generate
-    from setok_cli.eval.tasks import eval_tokenizer
+    from setok_cli.eval.harness import eval_tokenizer
     from setok_cli.models.setok import load_tokenizer
 
     over = {k: v for k, v in dict(encoder=args.encoder, mode=args.mode, bandwidth=args.bandwidth,

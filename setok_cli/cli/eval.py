@@ -1,11 +1,14 @@
-"""`setok eval TASK --data JSON [--pred JSON] [--json]`: score a model on SPEC data."""
+"""`setok eval TASK --data JSON [--pred JSON] [--json]`: score a model on SPEC data;
+`setok eval reconstruct --model CKPT --data pairs.json`: score a stage-1 checkpoint."""
 from __future__ import annotations
 
 import json
 
 import click
 
-from ..eval.tasks import TASKS
+from ..eval.harness import TASKS
+
+ALL_TASKS = TASKS + ("reconstruct",)
 
 
 def _fmt(v) -> str:
@@ -26,38 +29,57 @@ name its data entry by "index" instead of the matching keys:
   segment   {"image", "expression", "mask": png}
   generate  {"caption" or "prompt", "image": png}
   edit      {"source", "instruction", "image": png}
+
+reconstruct scores a stage-1 checkpoint (--model: checkpoints/step_* or its run
+folder) on a pairs.json with instances and scenes: reconstructions, the token
+canvas and the ceiling (object recall and precision), mask-decoder mIoU, FG-ARI /
+mBO trained vs untrained, image <-> caption retrieval R@1/R@5.
 """
 
 
 @click.command("eval", epilog=_EPILOG)
-@click.argument("task", type=click.Choice(TASKS))
+@click.argument("task", type=click.Choice(ALL_TASKS))
 @click.option("--data", "data", required=True, type=click.Path(),
-              help="SPEC data file (tokenizer: objects.json or pairs.json; vqa: instruct.json; caption and "
-                   "generate: pairs.json; segment: referring.json; edit: edits.json).")
-@click.option("--pred", "pred", type=click.Path(), help="Predictions JSON (every task but tokenizer).")
+              help="SPEC data file (tokenizer: objects.json or pairs.json; reconstruct, caption and generate: "
+                   "pairs.json; vqa: instruct.json; segment: referring.json; edit: edits.json).")
+@click.option("--pred", "pred", type=click.Path(), help="Predictions JSON (vqa, caption, segment, generate, edit).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--model", type=click.Path(), help="tokenizer: a saved SeTok directory.")
+@click.option("--model", type=click.Path(),
+              help="tokenizer: a saved SeTok folder; reconstruct: a stage-1 checkpoint or run folder.")
 @click.option("--encoder", help="tokenizer: encoder spec (builtin, or a local HF model).")
 @click.option("--mode", type=click.Choice(["hard", "soft", "threshold", "fixed"]), help="tokenizer: clustering mode.")
 @click.option("--k", type=int, help="tokenizer: KNN k of the density.")
 @click.option("--bandwidth", type=float, help="tokenizer: clustering bandwidth.")
 @click.option("--max-tokens", type=int, help="tokenizer: most tokens per image.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="tokenizer: images per batch.")
-@click.option("--limit", type=click.IntRange(1), help="Score only the first N entries (tokenizer).")
-def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_tokens, batch_size, limit):
-    """Score TASK (tokenizer, vqa, caption, segment, generate, edit) on --data."""
+@click.option("--batch-size", type=click.IntRange(1), help="tokenizer, reconstruct: images per batch [16, 25].")
+@click.option("--limit", type=click.IntRange(1), help="Score only the first N entries (tokenizer, reconstruct).")
+@click.option("--steps", type=click.IntRange(1), help="reconstruct: sampling steps (default: the detokenizer's).")
+@click.option("--seed", type=int, help="reconstruct: seed of the sampling noise [0].")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="reconstruct: write originals / reconstructions / canvas / segments of the first batch as a PNG.")
+@click.option("--threads", type=click.IntRange(1), help="reconstruct: CPU threads (default: torch's).")
+def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_tokens, batch_size, limit,
+             steps, seed, grid, threads):
+    """Score TASK (tokenizer, reconstruct, vqa, caption, segment, generate, edit) on --data."""
     from ..errors import UserError
-    from ..eval import tasks as T
+    from ..eval import harness as T
 
-    if task == "tokenizer":
+    tok_opts = dict(encoder=encoder, mode=mode, k=k, bandwidth=bandwidth, max_tokens=max_tokens)
+    rec_opts = dict(steps=steps, seed=seed, grid=grid, threads=threads)
+    if task != "reconstruct" and any(v is not None for v in rec_opts.values()):
+        raise UserError(f"--steps/--seed/--grid/--threads apply to the reconstruct task only, not {task}")
+    if task in ("tokenizer", "reconstruct"):
         if pred is not None:
-            raise UserError("--pred is not used by the tokenizer task (it runs the tokenizer itself)")
-        res = T.eval_tokenizer(data, model=model, encoder=encoder, mode=mode, k=k, bandwidth=bandwidth,
-                               max_tokens=max_tokens, batch_size=batch_size, limit=limit, progress=not as_json)
+            raise UserError(f"--pred is not used by the {task} task (it runs the model itself)")
+    elif any(v is not None for v in (model, batch_size, limit, *tok_opts.values())):
+        raise UserError(f"--model/--encoder/--mode/--k/--bandwidth/--max-tokens/--batch-size/--limit apply to the "
+                        f"tokenizer and reconstruct tasks only, not {task}")
+    if task == "tokenizer":
+        res = T.eval_tokenizer(data, model=model, batch_size=batch_size or 16, limit=limit,
+                               progress=not as_json, **tok_opts)
+    elif task == "reconstruct":
+        res = _reconstruct(data, model, as_json, batch_size, limit, tok_opts, **rec_opts)
     else:
-        if any(v is not None for v in (model, encoder, mode, k, bandwidth, max_tokens)):
-            raise UserError(f"--model/--encoder/--mode/--k/--bandwidth/--max-tokens apply to the tokenizer task only, "
-                            f"not {task}")
         res = getattr(T, f"eval_{task}")(data, pred)
     if as_json:
         click.echo(json.dumps(res))
@@ -72,3 +94,25 @@ def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_
         if key not in ("task",):
             table.add_row(key, _fmt(v))
     Console().print(table)
+
+
+def _reconstruct(data, model, as_json, batch_size, limit, tok_opts, steps, seed, grid, threads) -> dict:
+    from ..errors import UserError
+    from ..eval.reconstruct import evaluate_reconstruction, load_stage1, training_figures
+
+    if model is None:
+        raise UserError("reconstruct needs --model: a stage-1 checkpoint (checkpoints/step_*) or its run folder")
+    if any(v is not None for v in tok_opts.values()):
+        raise UserError("--encoder/--mode/--k/--bandwidth/--max-tokens apply to the tokenizer task only "
+                        "(reconstruct uses the checkpoint's settings)")
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+    parts = load_stage1(model)
+    res = {"checkpoint": str(parts.folder)}
+    res.update(evaluate_reconstruction(parts.setok, parts.detokenizer, parts.mask_decoder, parts.alignment, data,
+                                       limit=limit, steps=steps, seed=0 if seed is None else seed,
+                                       batch_size=batch_size or 25, image_size=parts.image_size, grid=grid,
+                                       progress=not as_json))
+    res.update(training_figures(parts.folder))
+    return res

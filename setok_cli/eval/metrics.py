@@ -9,6 +9,7 @@
     caption_facts(text) / scene_facts(objs)   the facts a caption states / a scene holds
     fact_scores(stated, truth)                recall/precision per fact type and overall
     l1(a, b)                                  mean absolute difference in [0, 1]
+    retrieval_recall(sim, q_keys, c_keys, k)  R@k: a query's top k hold a candidate of its key
 """
 from __future__ import annotations
 
@@ -122,6 +123,23 @@ def l1(a, b) -> float:
     if a.shape != b.shape:
         raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
     return float(np.abs(a - b).mean() / 255.0)
+
+
+def retrieval_recall(sim, query_keys, candidate_keys, k: int) -> float:
+    """R@k of a retrieval: the share of queries (rows of sim (Q, C)) whose k most similar
+    candidates include one with the query's own key. Keys (e.g. caption texts) make
+    duplicates fair: in a world of few colours and shapes two images often share a
+    caption, and retrieving the other one is not a mistake. Ties in similarity go to the
+    lower candidate index."""
+    sim = np.asarray(sim, np.float64)
+    q = np.asarray(query_keys, dtype=object)
+    c = np.asarray(candidate_keys, dtype=object)
+    if sim.shape != (len(q), len(c)):
+        raise ValueError(f"similarity {sim.shape} does not match {len(q)} queries x {len(c)} candidates")
+    if len(q) == 0:
+        return 0.0
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]       # (Q, k)
+    return float(np.mean([(c[row] == key).any() for row, key in zip(top, q)]))
 
 
 # ----------------------------------------------------------------------------- text

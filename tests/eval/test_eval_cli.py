@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from setok_cli.cli.main import cli
 from setok_cli.data import formats
-from setok_cli.eval.tasks import vqa_questions
+from setok_cli.eval.harness import vqa_questions
 
 
 def _run(*args):
@@ -29,7 +29,8 @@ def test_eval_vqa_table_and_json(world, tmp_path):
     (["segment", "--data", "{w}/referring.json"], "needs --pred"),
     (["tokenizer", "--data", "{w}/instruct.json"], "looks like instruct data"),
     (["tokenizer", "--data", "{w}/objects.json", "--pred", "x.json"], "--pred is not used"),
-    (["caption", "--data", "{w}/pairs.json", "--pred", "x.json", "--k", "3"], "tokenizer task only"),
+    (["caption", "--data", "{w}/pairs.json", "--pred", "x.json", "--k", "3"], "tokenizer and reconstruct tasks only"),
+    (["vqa", "--data", "{w}/instruct.json", "--pred", "x.json", "--steps", "3"], "reconstruct task only"),
 ])
 def test_eval_user_errors(world, args, message):
     r = _run(*[a.format(w=world) for a in args])

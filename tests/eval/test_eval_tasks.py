@@ -7,7 +7,7 @@ from PIL import Image
 
 from setok_cli.data import formats
 from setok_cli.errors import UserError
-from setok_cli.eval import tasks as T
+from setok_cli.eval import harness as T
 
 
 def _dump(path, obj):

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..data import formats
 from ..errors import UserError
+from ..files import load_ids
 from . import metrics as M
 
 TASKS = ("tokenizer", "vqa", "caption", "segment", "generate", "edit")
@@ -42,18 +43,6 @@ def load_image(path: str, mode: str = "RGB") -> np.ndarray:
         raise UserError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
-
-
-def load_ids(path: str) -> np.ndarray:
-    """An instance or mask PNG as a 2-D integer array (values kept, not converted)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(im)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read mask {path}: {e}") from None
-    return a[..., 0] if a.ndim == 3 else a
 
 
 def load_scene(path: str | None) -> dict | None:
