@@ -22,9 +22,9 @@ def _silhouette(canvas, tokens, masks):
 
 
 def _tiny(**kw):
-    return DetokenizerConfig(image_size=16, mapper=MapperConfig(token_dim=8, hidden_size=16, num_queries=4,
-                                                                intermediate_size=32, output_dim=16),
-                             unet=TINY_UNET, sample_steps=2, **kw)
+    kw = {"image_size": 16, "unet": TINY_UNET, "sample_steps": 2, **kw}
+    return DetokenizerConfig(mapper=MapperConfig(token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32,
+                                                 output_dim=16), **kw)
 
 
 def test_mapper_honours_token_mask():
@@ -547,3 +547,56 @@ def test_training_draws_the_sprites_in_the_true_boxes():
     d.eval()
     d(img, tok, tm, generator=torch.Generator().manual_seed(0), masks=masks)
     assert torch.equal(seen[0], mask_boxes(masks)) and seen[1] is None
+
+
+def test_a_vae_without_a_pretrained_folder_is_saved_with_the_detokenizer(tmp_path, monkeypatch):
+    """A latent-space detokenizer whose VAE comes from a preset (no pretrained folder)
+    keeps that VAE's weights through save and load; one from a folder is not copied."""
+    from setok_cli.models import detokenizer as det
+    monkeypatch.setitem(det.VAE_PRESETS, "test", dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32, norm_num_groups=4,
+        block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4))
+    torch.manual_seed(0)
+    d = Detokenizer(_tiny(space="latent", image_size=32, vae_preset="test",
+                          unet=dict(TINY_UNET, in_channels=4, out_channels=4, sample_size=4))).eval()
+    with torch.no_grad():
+        d.vae.decoder.conv_out.bias.fill_(0.25)  # unlike any fresh VAE
+    d.save_pretrained(tmp_path / "a")
+    e = Detokenizer.from_pretrained(tmp_path / "a")
+    assert torch.equal(e.vae.decoder.conv_out.bias, torch.full((3,), 0.25))
+    tok, mask = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(d.sample(tok, mask, generator=g()), e.sample(tok, mask, generator=g()))
+    d.config.vae_pretrained = "models/sd15"  # a VAE from a folder stays in that folder
+    assert not any(k.startswith("vae.") for k in d.state_to_save())
+
+
+def test_from_pretrained_errors_are_one_line(tmp_path):
+    """A folder without config.json or weights, an unreadable or wrong config, and weights
+    that do not fit the config: each a UserError naming the folder, never a traceback."""
+    import json
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    Detokenizer(_tiny()).save_pretrained(tmp_path / "d")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        Detokenizer.from_pretrained(tmp_path / "empty")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    for name, text in (("junk", "{not json"), ("typo", json.dumps(dict(cfg, sampler_steps=3))),
+                       ("bad", json.dumps(dict(cfg, space="voxel")))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        (tmp_path / name / "model.safetensors").write_bytes((tmp_path / "d" / "model.safetensors").read_bytes())
+        with pytest.raises(UserError, match=name):
+            Detokenizer.from_pretrained(tmp_path / name)
+    sd = load_file(str(tmp_path / "d" / "model.safetensors"))
+    sd["mapper.queries"] = torch.zeros(1, 5, 16)  # one query too many
+    save_file(sd, str(tmp_path / "d" / "model.safetensors"))
+    with pytest.raises(UserError, match=r"mapper\.queries"):
+        Detokenizer.from_pretrained(tmp_path / "d")
+    (tmp_path / "d" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no model.safetensors"):
+        Detokenizer.from_pretrained(tmp_path / "d")
+    with pytest.raises(UserError, match="unknown DetokenizerConfig"):
+        DetokenizerConfig.from_dict({"canvas_true_boxes": True})

@@ -89,6 +89,21 @@ def test_decoder_shapes_miou_and_roundtrip(tmp_path):
     assert sorted(per) == pytest.approx([0.5, 1.0])
 
 
+def test_stem_sees_y_then_x_coordinates():
+    """With coord_channels the stem's input is RGB, then y, then x, each from -1 at the first
+    pixel to 1 at the last (the order its convolution was trained with)."""
+    from setok_cli.models.position import coord_grid
+    dec = MaskDecoder(MaskDecoderConfig(num_convs=1))
+    seen = []
+    dec.stem.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    dec.pixel_embeddings(torch.zeros(2, 3, 3, 5))
+    x = seen[0]
+    assert x.shape == (2, 5, 3, 5)
+    assert torch.equal(x[0, 3, :, 0], torch.tensor([-1.0, 0.0, 1.0]))          # y down the rows
+    assert torch.equal(x[1, 4, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))  # x along the columns
+    assert torch.equal(coord_grid(1, 3, 5)[0], x[0, [4, 3]])                   # coord_grid is (x, y)
+
+
 def test_kl_region_averages_only_there():
     ids = _square_instances()
     M = torch.nn.functional.one_hot(ids, 3).permute(0, 3, 1, 2).float().requires_grad_(True)

@@ -203,6 +203,19 @@ def test_crop_encoder_boxes_and_crops_known_values():
     assert torch.allclose(crops[0, 0, 3], edge.view(4, 1) * edge.view(1, 4))
 
 
+def test_crop_encoder_margin_on_a_non_square_grid():
+    """On a tall 16 x 8 grid a patch spans 2/8 of the frame across and 2/16 down: a margin of
+    one patch must widen the half-side by 2/8 (the wider patches), so that the box still
+    holds one patch beside the cluster on both axes (2/16 left it half a patch short across)."""
+    masks = torch.zeros(1, 1, 16, 8)
+    masks[0, 0, 7:9, 3:5] = 1  # rows 7..8 of 16, columns 3..4 of 8: centred, 2 x 2 patches
+    box = CropEncoder(4, 4, 8, margin=1.0).boxes(masks)[0, 0]
+    # the mask's half-side is 2 columns of 8 = 0.25 of the frame's half-width 1 -> 0.5 with the margin
+    assert torch.allclose(box, torch.tensor([0.0, 0.0, 0.5]))
+    wide = CropEncoder(4, 4, 8, margin=1.0).boxes(masks.transpose(-1, -2))[0, 0]  # 8 x 16: the same box
+    assert torch.allclose(wide, torch.tensor([0.0, 0.0, 0.5]))
+
+
 def test_crop_encoder_sees_sub_patch_shape():
     """Two clusters with the same cells and features but different outlines inside those
     cells (a disc vs a square drawn in the pixels) give different tokens with a crop
