@@ -63,7 +63,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quietly(tmp)
-        raise UserError(f"cannot write {os_error_message(e, path)}") from None
+        # name the destination, not the temporary file the OS reports
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise

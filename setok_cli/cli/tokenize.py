@@ -45,6 +45,9 @@ def tokenize(images, model_dir, encoder, mode, k, bandwidth, max_tokens, min_sco
 
     if model_dir and encoder:
         raise UserError("give --model or --encoder, not both (a saved tokenizer names its encoder)")
+    if show_masks or write_json:
+        from ..files import ensure_dir
+        ensure_dir(out_dir)  # before the model loads: an unwritable --out fails at once
     out = Console(highlight=False, soft_wrap=True)  # resolves sys.stdout when printing
     err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
     model = load_tokenizer(model_dir, encoder, mode=mode, k=k, bandwidth=bandwidth, max_tokens=max_tokens,

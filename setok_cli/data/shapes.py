@@ -22,14 +22,13 @@ colour never touch, so a colour-connected region is always exactly one object.
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
 
 COLORS: dict[str, tuple[int, int, int]] = {
     # Saturated and well separated in hue, so every one stands off every background.
@@ -427,24 +426,6 @@ def sample_edit(scene: dict, rng: np.random.Generator, tries: int = 40) -> tuple
 
 # ----------------------------------------------------------------------------- I/O
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj, indent: int | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
-
-
 def png_bytes(arr: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -520,7 +501,7 @@ def write_split(root: Path, split: str, indices: Iterable[int], seed: int, size:
         scn = f"scenes/{s}.json"
         atomic_write_bytes(d / img, png_bytes(ex["render"].image))
         atomic_write_bytes(d / inst, png_bytes(ex["render"].instances))
-        atomic_write_json(d / scn, ex["scene"])
+        atomic_write_json(d / scn, ex["scene"], indent=None)
         lists["pairs"].append({"image": img, "caption": ex["caption"], "phrases": ex["phrases"],
                                "instances": inst, "scene": scn})
         lists["objects"].append({"image": img, "instances": inst, "scene": scn})
@@ -535,13 +516,13 @@ def write_split(root: Path, split: str, indices: Iterable[int], seed: int, size:
             e = ex["edit"]
             tgt, tscn = f"edits/{s}_0.png", f"edits/{s}_0.json"
             atomic_write_bytes(d / tgt, png_bytes(e["render"].image))
-            atomic_write_json(d / tscn, e["scene"])
+            atomic_write_json(d / tscn, e["scene"], indent=None)
             lists["edits"].append({"source": img, "target": tgt, "instruction": e["instruction"],
                                    "source_scene": scn, "target_scene": tscn, "edit": e["info"]})
         if advance is not None:
             advance()
     for k, v in lists.items():
-        atomic_write_json(d / f"{k}.json", v)
+        atomic_write_json(d / f"{k}.json", v, indent=None)
     return {k: len(v) for k, v in lists.items()}
 
 
@@ -559,7 +540,7 @@ def generate(out: str | Path, n: int = 1000, size: int = 64, seed: int = 0,
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_dir(root)  # before rendering: an unwritable --out fails at once
     counts = split_counts(n, sp)
     summary = {"generator": "setok data shapes", "version": 1, "n": n, "size": size, "seed": seed,
                "colors": COLORS, "shapes": list(SHAPES), "splits": {}}
@@ -582,5 +563,5 @@ def generate(out: str | Path, n: int = 1000, size: int = 64, seed: int = 0,
     finally:
         if bar is not None:
             bar.stop()
-    atomic_write_json(root / "dataset.json", summary, indent=2)
+    atomic_write_json(root / "dataset.json", summary)
     return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -20,6 +19,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_write, atomic_write_text, ensure_dir
 from ..images import expand_inputs, load_image
 
 
@@ -38,26 +38,6 @@ class ImageResult:
 class Failure:
     path: str
     message: str
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp_path) then rename onto `path` (same folder, so the rename is atomic)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _stems(paths: list[str]) -> list[str]:
@@ -88,10 +68,7 @@ def tokenize_files(inputs: Iterable[str], model, *, out_dir: Optional[str] = Non
             on_result(f)
     if (show_masks or write_json) and paths:
         out_dir = out_dir or "."
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create output folder {out_dir!r}: {e.strerror}") from None
+        ensure_dir(out_dir)
     stems = dict(zip(paths, _stems(paths)))
     mode, enc = model.config.mode, model.config.encoder
     results: list[ImageResult] = []
@@ -137,14 +114,7 @@ def tokenize_files(inputs: Iterable[str], model, *, out_dir: Optional[str] = Non
                 res.outputs.append(png)
             if write_json:
                 js = os.path.join(out_dir, f"{stem}_tokens.json")
-                payload = image_json(res, mode, enc)
-
-                def _dump(tmp, payload=payload):
-                    with open(tmp, "w") as fh:
-                        json.dump(payload, fh, separators=(",", ":"))
-                        fh.write("\n")
-
-                atomic_write(js, _dump)
+                atomic_write_text(js, json.dumps(image_json(res, mode, enc), separators=(",", ":")) + "\n")
                 res.outputs.append(js)
             results.append(res)
             if on_result:

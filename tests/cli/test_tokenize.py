@@ -53,7 +53,7 @@ def test_show_masks_and_json(chelsea_path, tmp_path):
     for t, s in enumerate(js["seeds"]):  # each seed lies in its own token's region
         if s >= 0:
             assert lab.flat[s] == t
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]  # no temporary files left
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
 
 
 def test_folder_glob_and_conversions(images, tmp_path):
@@ -95,6 +95,23 @@ def test_bad_inputs_reported_and_batch_continues(images, tmp_path):
     for p, why in zip(bad, ["no such file", "empty file", "not an image", "unreadable", "too small"]):
         assert any(str(p) in line and why in line and line.startswith("error:") for line in err.splitlines()), (p, err)
     assert "5 of 6 input(s) failed" in err
+
+
+def test_unwritable_outputs_are_one_line(images, tmp_path):
+    """An --out that cannot be made fails before the model is loaded; a write that fails
+    (here a folder where the JSON should go) is one line, and the files already written stay."""
+    res = CliRunner().invoke(cli, ["tokenize", str(images / "rgb.png"), "--json", "--out", "/proc/setok-x"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert stderr_of(res).strip().splitlines() == ["error: cannot create folder /proc/setok-x: No such file or directory"]
+    out = tmp_path / "o"
+    assert run(images / "rgb.png", "--show-masks", "--out", out).exit_code == 0
+    png = (out / "rgb_tokens.png").read_bytes()
+    (out / "rgb_tokens.json").mkdir()
+    res = CliRunner().invoke(cli, ["tokenize", str(images / "rgb.png"), "--show-masks", "--json", "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert [x for x in stderr_of(res).splitlines() if x.startswith("error:")] == \
+        [f"error: cannot write {out / 'rgb_tokens.json'}: Is a directory"]
+    assert (out / "rgb_tokens.png").read_bytes() == png and sorted(os.listdir(out)) == ["rgb_tokens.json", "rgb_tokens.png"]
 
 
 def test_user_errors_are_one_line(tmp_path):

@@ -26,3 +26,38 @@ def test_setok_data_shapes_user_errors(tmp_path):
     f.write_text("")
     r = CliRunner().invoke(cli, ["data", "shapes", "--out", str(f), "--n", "2"])
     assert r.exit_code == 2
+
+
+def _error_lines(output):
+    return [x for x in output.splitlines() if x.startswith("error:")]
+
+
+def test_setok_data_shapes_unwritable_out_is_one_line():
+    """/proc refuses new folders even to root: one `error:` line naming the folder, exit 2."""
+    r = CliRunner().invoke(cli, ["data", "shapes", "--out", "/proc/setok-x", "--n", "2"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines() == ["error: cannot create folder /proc/setok-x: No such file or directory"]
+
+
+def test_setok_data_shapes_failing_midway_keeps_what_was_written(tmp_path):
+    """A write that fails half-way (here a file where the instances folder should be) is one
+    line, and the data set already there is not lost: files are replaced atomically and the
+    JSON lists only after a split's images."""
+    out = tmp_path / "w"
+    args = ["data", "shapes", "--out", str(out), "--n", "10", "--seed", "1"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    blocker = out / "train" / "instances"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and blocker not in p.parents}
+    for p in blocker.iterdir():
+        p.unlink()
+    blocker.rmdir()
+    blocker.write_text("not a folder")
+    r = CliRunner().invoke(cli, [*args[:-1], "2"])      # another seed: every file would change
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert _error_lines(r.output) == [f"error: cannot create folder {blocker}: File exists"]
+    first = out / "train" / "images" / "000000.png"     # the one file written before the failure
+    assert [p for p, data in before.items() if p.read_bytes() != data] == [first]
+    from PIL import Image
+    with Image.open(first) as im:
+        assert im.size == (64, 64)                      # replaced whole, not half-written
+    assert not [p for p in out.rglob(".*")]             # no temporary file left behind
