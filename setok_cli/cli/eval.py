@@ -91,10 +91,20 @@ def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, v in res.items():
-        if key not in ("task",):
+        if key not in ("task", "per_shape"):
             table.add_row(key, _fmt(v))
-    Console().print(table)
-
+    console = Console()
+    console.print(table)
+    if res.get("per_shape"):
+        rows = res["per_shape"]
+        cols = list(next(iter(rows.values())))
+        shape_table = Table(title="objects right per shape")
+        shape_table.add_column("shape")
+        for c in cols:
+            shape_table.add_column(c, justify="right")
+        for shape, counts in rows.items():
+            shape_table.add_row(shape, *(str(counts[c]) for c in cols))
+        console.print(shape_table)
 
 def _reconstruct(data, model, as_json, batch_size, limit, tok_opts, steps, seed, grid, threads) -> dict:
     from ..errors import UserError

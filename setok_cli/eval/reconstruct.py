@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from . import metrics as M
 
-__all__ = ["Stage1Parts", "load_stage1", "evaluate_reconstruction", "SceneTally", "image_embeddings",
+__all__ = ["Stage1Parts", "load_stage1", "evaluate_reconstruction", "SceneTally", "per_shape", "image_embeddings",
            "retrieval_scores", "training_figures"]
 
 
@@ -114,24 +114,40 @@ def training_figures(folder: Path) -> dict:
 # ----------------------------------------------------------------------------- scoring pieces
 
 class SceneTally:
-    """Objects right / in the scenes / parsed, summed over images (`score_scene`'s counts)."""
+    """Objects right / in the scenes / parsed, summed over images (`score_scene`'s counts),
+    and per true shape: by_shape[shape] = [right, in the scenes]."""
 
     def __init__(self):
         self.correct = self.n_gt = self.n_pred = 0
+        self.by_shape: dict[str, list[int]] = {}
 
     def add(self, image: np.ndarray, scene: dict) -> None:
         """image (H, W, 3) uint8; scene a scene graph."""
-        from ..data.scene_parser import score_scene
+        from ..data.scene_parser import score_scene, scene_objects
         s = score_scene(image, scene)
         self.correct += s["correct"]
         self.n_gt += s["n_gt"]
         self.n_pred += s["n_pred"]
+        gt = scene_objects(scene)
+        right = {j for _, j in s["pairs"]}
+        for j, o in enumerate(gt):
+            row = self.by_shape.setdefault(o["shape"], [0, 0])
+            row[0] += j in right
+            row[1] += 1
 
     def recall(self) -> Optional[float]:
         return self.correct / self.n_gt if self.n_gt else None
 
     def precision(self) -> Optional[float]:
         return self.correct / self.n_pred if self.n_pred else None
+
+
+def per_shape(tallies: dict[str, SceneTally]) -> dict[str, dict[str, int]]:
+    """{shape: {"objects": n, name: objects right for each tally}} over the true shapes."""
+    first = next(iter(tallies.values()))
+    return {shape: {"objects": first.by_shape[shape][1],
+                    **{name: t.by_shape.get(shape, [0, 0])[0] for name, t in tallies.items()}}
+            for shape in sorted(first.by_shape)}
 
 
 def image_embeddings(alignment, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -277,6 +293,7 @@ def evaluate_reconstruction(setok, detokenizer=None, mask_decoder=None, alignmen
         result.update(ceiling_object_recall=ceil.recall(), ceiling_object_precision=ceil.precision(),
                       detok_resolution=c.image_size, sample_steps=steps or c.sample_steps, sampler=c.sampler,
                       guidance_scale=c.guidance_scale)
+        result["per_shape"] = per_shape({"recon": rec, **({"canvas": can} if with_canvas else {}), "ceiling": ceil})
     if mask_decoder is not None:
         result["mask_decoder_miou"] = float(np.mean(ious)) if ious else None
     if alignment is not None:

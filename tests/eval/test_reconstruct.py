@@ -43,6 +43,21 @@ def test_scene_tally_extra_object_costs_precision_not_recall(world):
     assert extra.recall() == 1.0 and extra.n_gt == n
     assert extra.precision() == pytest.approx(n / (n + 4))
     assert R.SceneTally().recall() is None and R.SceneTally().precision() is None
+    # per shape: every true object right in both; the counts are the scenes' own
+    want: dict = {}
+    for sc in scenes[:4]:
+        for o in sc["objects"]:
+            want[o["shape"]] = want.get(o["shape"], 0) + 1
+    assert R.per_shape({"exact": exact, "extra": extra}) == {
+        s: {"objects": k, "exact": k, "extra": k} for s, k in sorted(want.items())}
+
+
+def test_per_shape_counts_misses():
+    t, u = R.SceneTally(), R.SceneTally()
+    t.by_shape = {"star": [3, 5], "circle": [2, 2]}
+    u.by_shape = {"star": [1, 5]}          # a tally that got no circle right
+    assert R.per_shape({"a": t, "b": u}) == {"circle": {"objects": 2, "a": 2, "b": 0},
+                                             "star": {"objects": 5, "a": 3, "b": 1}}
 
 
 class ReplayDetokenizer:
@@ -186,6 +201,8 @@ def test_reconstruct_command_end_to_end(world, tiny_run, tmp_path):
     assert again["recon_object_recall"] == res["recon_object_recall"]
     r = _run("--model", str(tiny_run), "--data", str(world / "pairs.json"), "--limit", "2", "--threads", "1")
     assert r.exit_code == 0 and "recon_object_precision" in r.output and "i2t_r1" in r.output
+    assert "objects right per shape" in r.output
+    assert sum(v["objects"] for v in res["per_shape"].values()) == res["objects"]
 
 
 @pytest.mark.parametrize("args, message", [
