@@ -1,0 +1,64 @@
+"""Setokim (paper §2.2, Fig. 2): a causal LM that reads and writes SeTok tokens.
+
+    model = Setokim.from_config(SetokimConfig(lm="lmsys/vicuna-7b-v1.5", stage1="runs/stage1"))
+    tokens, mask = model.encode_images(pixel_values)                  # frozen SeTok, generation order
+    ids, labels, attn = collate_conversations([render_conversation(conv, model.text_tokenizer)], model.pad_id)
+    out = model(ids, labels, attn, tokens, mask)                      # out.loss, .text_loss, .visual_loss, .stop_loss
+    gen = model.generate(*prompt_batch(model, ["Generate an image: a red circle."], start_image=True))
+    pictures = decode_images(model, gen[0].images)                    # the stage-1 detokenizer
+
+Parts. `lm`: any Llama-family `AutoModelForCausalLM` (Vicuna-7B-v1.5 from a local folder
+or the HF cache; at tiny scale a LlamaConfig trained from scratch with the word-level
+tokenizer of `build_word_tokenizer`). `projector`: LLaVA-1.5's 2-layer GELU MLP, token
+width T -> hidden H. `visual_head`: `mse` (the paper: regression to the tokenizer's
+tokens) or `diffusion` (the authors' released code: MAR's per-token diffusion loss, an
+AdaLN MLP denoiser conditioned on the hidden state, DDIM with a few steps). `stop_head`:
+Linear(H, 1). `setok`, `detokenizer`, `mask_decoder`: the stage-1 checkpoint's parts
+(frozen; the SeTok trainable only with `freeze_tokenizer: false`). `[Img]` and `[/Img]`
+are added to the text tokenizer and the LM's embeddings are resized.
+
+Sequence. `<image>` becomes `[Img] v_1 .. v_K [/Img]` with K the image's own token count
+(splice.py: cumsum/scatter, no loop over images or tokens). Images the model reads carry
+no loss; for an image it writes, `[Img]` is a text target (the LM learns where an image
+starts), and the hidden state at `[Img]`, v_1, .., v_{K-1} predicts the next token through
+the visual head (teacher forcing: the target tokens are the inputs).
+
+How an image ends: a stop head, not `[/Img]` through the LM head. At each visual
+position (`[Img]` and v_1 .. v_K) the stop head answers "is this image complete?" with a
+BCE target 0 before v_K and 1 at v_K; at inference a probability above 0.5 (or
+`max_visual_tokens`) ends the image and `[/Img]` is fed as given. It keeps the image's
+length decision a binary question trained at every visual position, leaves the LM head's
+vocabulary distribution to text only (`[/Img]` is never sampled), and is one small
+module that stage III's LoRA leaves trainable like the other heads.
+
+Token order. An image's tokens are a set; the model writes them by their seed's position
+in raster order (row, then column, of the patch grid), tokens without a seed (the scope
+remainder) last, padding never (`token_order: raster`, heads.order_tokens). Training
+targets and the prompt's input images use the same order (`encode_images`); generated
+tokens are decoded as a set, so the detokenizer needs no order.
+
+Scale. Tokens are standardised per channel (`fit_token_stats`, saved with the heads)
+before the projector and both heads. `on_meta` builds the paper architecture without
+memory; `parameter_table` lists (part, parameters, trainable).
+
+Saving. `save_pretrained(folder)`: config.json + model.safetensors (projector, heads, token
+statistics), lm/ (the LM's own save_pretrained, resized embeddings included), tokenizer/,
+and the stage-1 parts in setok/, detokenizer/, mask_decoder/ (their own save_pretrained),
+so the folder is self-contained; `from_pretrained` reads it back (a run folder stands for
+its latest checkpoint).
+"""
+from .config import LM_PRESETS, DiffusionHeadConfig, SetokimConfig
+from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
+from .heads import DiffusionHead, MSEHead, Projector, order_tokens
+from .model import Setokim, SetokimOutput, parameter_table, stage1_folder
+from .splice import Spliced, splice
+from .text import (IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMG_END, IMG_START, TASK_PROMPTS, VICUNA_SYSTEM,
+                   build_word_tokenizer, collate_conversations, pack_token_sets, render_conversation,
+                   tokenize_with_images, world_texts)
+
+__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LM_PRESETS", "Setokim", "SetokimOutput", "parameter_table",
+           "stage1_folder", "Projector", "MSEHead", "DiffusionHead", "order_tokens", "Spliced", "splice",
+           "Generated", "generate", "prompt_batch", "sample_logits", "decode_images", "IMAGE_TOKEN",
+           "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",
+           "build_word_tokenizer", "collate_conversations", "pack_token_sets", "render_conversation",
+           "tokenize_with_images", "world_texts"]

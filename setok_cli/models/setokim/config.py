@@ -1,0 +1,92 @@
+"""Setokim's configuration: the LM, the stage-1 parts it reads and writes with, the heads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ...errors import UserError
+
+__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LM_PRESETS", "VISUAL_HEADS", "TOKEN_ORDERS"]
+
+VISUAL_HEADS = ("mse", "diffusion")
+TOKEN_ORDERS = ("raster", "given")
+
+# Llama-family shapes for sizing a model whose folder is not on disk (`setok train --dry-run`
+# of the paper recipe); matched by the start of the folder's / hub id's last name, lower case.
+LM_PRESETS: dict[str, dict] = {
+    "vicuna-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "vicuna-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
+@dataclass
+class DiffusionHeadConfig:
+    """MAR's per-token diffusion loss (Li et al. 2024, the authors' released code): a small
+    MLP denoiser with AdaLN conditioned on the LM's hidden state, trained on the noised
+    target token and sampled with a few DDIM steps."""
+    width: int = 256
+    depth: int = 3                    # residual AdaLN blocks
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"   # MAR's cosine schedule
+    prediction_type: str = "epsilon"  # "epsilon" | "sample" | "v_prediction"
+    sample_steps: int = 8             # DDIM steps when sampling (trailing spacing: the first step is pure noise)
+    batch_mul: int = 4                # MAR's diffusion_batch_mul: noise draws per target token
+    temperature: float = 1.0          # scale of the initial noise when sampling (0: deterministic)
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise UserError(f"diffusion.prediction_type must be 'epsilon', 'sample' or 'v_prediction', "
+                            f"got {self.prediction_type!r}")
+        for name in ("width", "depth", "num_train_timesteps", "sample_steps", "batch_mul"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise UserError(f"diffusion.{name} must be an integer >= 1, got {v!r}")
+        if not self.temperature >= 0:
+            raise UserError(f"diffusion.temperature must be >= 0, got {self.temperature!r}")
+
+
+@dataclass
+class SetokimConfig:
+    # the causal LM: a local folder or a model id in the local HF cache (any Llama-family
+    # AutoModelForCausalLM, e.g. Vicuna-7B-v1.5), or an inline LlamaConfig dict for a model
+    # trained from scratch (vocab_size is then the text tokenizer's)
+    lm: Union[str, dict] = field(default_factory=dict)
+    lm_dtype: Optional[str] = None          # "bfloat16" | "float16" | "float32"; None: as saved
+    # the text tokenizer's folder; None: the LM folder's own
+    text_tokenizer: Optional[str] = None
+    # the stage-1 checkpoint (or run folder: its latest checkpoint) whose SeTok tokenizes
+    # the images and whose detokenizer / mask decoder decode them
+    stage1: Optional[str] = None
+    freeze_tokenizer: bool = True
+    token_dim: Optional[int] = None         # T; taken from the SeTok (checked against it when set)
+    visual_head: str = "mse"                # "mse" (the paper) | "diffusion" (the authors' code)
+    mse_hidden: Optional[int] = None        # width of the MSE head's MLP; None: the LM's hidden size
+    diffusion: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)
+    token_order: str = "raster"             # see the package docstring
+    max_visual_tokens: int = 64             # tokens per generated image at most
+    max_length: int = 2048                  # spliced sequence length at most (longer ones are cut)
+    visual_loss_weight: float = 1.0
+    stop_loss_weight: float = 1.0
+    init_seed: int = 0                      # projector, heads and a from-scratch LM start from this seed
+
+    def __post_init__(self):
+        if not isinstance(self.lm, (str, dict)) or (isinstance(self.lm, str) and not self.lm.strip()):
+            raise UserError(f"lm must be a model folder / id or a LlamaConfig dict, got {self.lm!r}")
+        if self.lm_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise UserError(f"lm_dtype must be bfloat16, float16 or float32, got {self.lm_dtype!r}")
+        if self.visual_head not in VISUAL_HEADS:
+            raise UserError(f"visual_head must be one of {', '.join(VISUAL_HEADS)}, got {self.visual_head!r}")
+        if self.token_order not in TOKEN_ORDERS:
+            raise UserError(f"token_order must be one of {', '.join(TOKEN_ORDERS)}, got {self.token_order!r}")
+        if isinstance(self.diffusion, dict):
+            self.diffusion = DiffusionHeadConfig(**self.diffusion)
+        for name in ("max_visual_tokens", "max_length"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise UserError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.token_dim is not None and not (isinstance(self.token_dim, int) and self.token_dim >= 1):
+            raise UserError(f"token_dim must be a positive integer, got {self.token_dim!r}")

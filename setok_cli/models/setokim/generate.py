@@ -1,0 +1,187 @@
+"""Generation: text and images from one batched loop over steps, with the KV cache.
+
+Every row is in text mode or image mode at each step:
+- text: sample the next id from the LM head (temperature, top-p); `[Img]` switches the row
+  to image mode, `</s>` or `max_new_tokens` text ids end it;
+- image: the stop head decides (p > 0.5, or `max_visual_tokens` reached): stop feeds
+  `[/Img]` and returns to text; otherwise the visual head produces the next token
+  (regression, or DDIM sampling for the diffusion head) and its projection is fed back.
+A prompt that ends with `[Img]` starts in image mode (the way to ask for an image).
+With `use_cache=False` the whole sequence is re-run each step (the reference the cache
+is checked against, and the benchmark's baseline).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ...errors import UserError
+from .text import IMAGE_TOKEN, collate_conversations, pack_token_sets, render_conversation
+
+__all__ = ["Generated", "generate", "prompt_batch", "sample_logits", "decode_images"]
+
+
+@dataclass
+class Generated:
+    text: str                          # the answer, "<image>" where an image was produced
+    ids: list[int]                     # text ids produced ([Img] / [/Img] included)
+    images: list[Tensor] = field(default_factory=list)   # per produced image: tokens (K_i, T)
+
+
+def sample_logits(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """logits (B, V) -> ids (B,): greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sp, idx = probs.sort(-1, descending=True)
+        sp = torch.where(sp.cumsum(-1) - sp > top_p, torch.zeros_like(sp), sp)   # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sp)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prompt_batch(model, prompts: Sequence, images: Optional[Sequence[Sequence[Tensor]]] = None,
+                 start_image: bool = False):
+    """Prompts -> the tensors `generate` takes. A prompt is a string (one user turn) or a
+    LLaVA `conversations` list ending with a user turn; `images[i]` are prompt i's input
+    images as token sets (K_j, T) in generation order, one per `<image>`. start_image:
+    end each prompt with `[Img]` (ask for an image)."""
+    tok = model.text_tokenizer
+    rendered, sets = [], []
+    for i, p in enumerate(prompts):
+        conv = [{"from": "human", "value": p}] if isinstance(p, str) else list(p)
+        ids, labels = render_conversation(conv, tok, add_generation_prompt=True, where=f"prompt {i}")
+        if start_image:
+            ids, labels = ids + [model.img_start_id], labels + [-100]
+        imgs = list(images[i]) if images is not None else []
+        need = sum(str(t["value"]).count(IMAGE_TOKEN) for t in conv)
+        if need != len(imgs):
+            raise UserError(f"prompt {i}: {need} <image> mark(s) but {len(imgs)} image(s)")
+        rendered.append((ids, labels))
+        sets += imgs
+    input_ids, _, attention_mask = collate_conversations(rendered, model.pad_id, padding_side="left")
+    tokens, mask = pack_token_sets(sets, model.config.token_dim)
+    dev = model.device
+    return input_ids.to(dev), attention_mask.to(dev), tokens.to(dev), mask.to(dev)
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, image_tokens: Optional[Tensor] = None,
+             image_token_mask: Optional[Tensor] = None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, visual_steps: Optional[int] = None, visual_temperature: Optional[float] = None,
+             max_visual_tokens: Optional[int] = None, use_cache: bool = True,
+             generator: Optional[torch.Generator] = None) -> list[Generated]:
+    """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
+    placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
+    (`prompt_batch` makes all four) -> one Generated per row."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new_tokens,
+                         temperature, top_p, visual_steps, visual_temperature,
+                         max_visual_tokens or model.config.max_visual_tokens, use_cache, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
+              vsteps, vtemp, max_vis, use_cache, generator) -> list[Generated]:
+    from transformers import DynamicCache
+    sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
+    emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
+    attn, pos = sp.attention_mask, sp.position_ids
+    B, dev = emb.shape[0], emb.device
+    head_dtype = model.projector.net[0].weight.dtype
+    cache = {model.cache_kwarg: DynamicCache()} if use_cache else {}
+    out = model.hidden(emb, attn, pos, use_cache=use_cache, **cache)
+    h = out.last_hidden_state[:, -1]                                       # (B, H)
+    lm_head, table = model.lm.get_output_embeddings(), model.lm.get_input_embeddings()
+    s_id, e_id, eos = model.img_start_id, model.img_end_id, model.eos_id
+    image_mode = sp.ids[:, -1] == s_id
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    n_text = torch.zeros(B, dtype=torch.long, device=dev)
+    n_vis = torch.zeros(B, dtype=torch.long, device=dev)
+    rec_ids, rec_vis, rec_kind = [], [], []                                # per step: (B,), (B, T), (B,)
+    while not bool(done.all()):
+        logits = lm_head(h).float()
+        logits[:, e_id] = float("-inf")                                    # [/Img] is given, never sampled
+        tok = sample_logits(logits, temperature, top_p, generator)
+        hh = h.to(head_dtype)
+        stop = (model.stop_head(hh).squeeze(-1) > 0) | (n_vis >= max_vis)
+        vis = model.visual_head.sample(hh, steps=vsteps, temperature=vtemp, generator=generator).float()
+        text_rows = ~image_mode & ~done
+        emit_vis = image_mode & ~done & ~stop
+        end_img = image_mode & ~done & stop
+        next_id = torch.where(text_rows, tok, torch.where(end_img, torch.full_like(tok, e_id),
+                                                          torch.full_like(tok, model.pad_id)))
+        e = table(next_id)
+        e = torch.where(emit_vis.view(B, 1), model.projector(vis.to(head_dtype)).to(e.dtype), e)
+        # 0 nothing, 1 text id, 2 visual token
+        rec_kind.append(torch.where(emit_vis, 2, torch.where(text_rows | end_img, 1, 0)))
+        rec_ids.append(next_id)
+        rec_vis.append(model.denormalize(vis))
+        starts = text_rows & (tok == s_id)
+        n_vis = torch.where(emit_vis, n_vis + 1, torch.where(starts, 0, n_vis))
+        image_mode = (image_mode & ~end_img) | starts
+        n_text = n_text + text_rows.long()
+        done = done | (text_rows & ((tok == eos) | (n_text >= max_new)))
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        if use_cache:
+            out = model.hidden(e.unsqueeze(1), attn, pos[:, -1:], use_cache=True, **cache)   # the cache grows in place
+        else:
+            emb = torch.cat([emb, e.unsqueeze(1)], 1)
+            out = model.hidden(emb, attn, pos, use_cache=False)
+        h = out.last_hidden_state[:, -1]
+    return _collect(model, torch.stack(rec_kind, 1), torch.stack(rec_ids, 1), torch.stack(rec_vis, 1))
+
+
+def _collect(model, kind: Tensor, ids: Tensor, vis: Tensor) -> list[Generated]:
+    """Per row: the text ids and the visual tokens grouped by image."""
+    tok = model.text_tokenizer
+    res = []
+    for b in range(kind.shape[0]):
+        k, i = kind[b].tolist(), ids[b].tolist()
+        out_ids, images, current, pieces, words = [], [], [], [], []
+        for t, (kt, it) in enumerate(zip(k, i)):
+            if kt == 2:
+                current.append(vis[b, t])
+            elif kt == 1:
+                out_ids.append(it)
+                if it == model.img_end_id:
+                    images.append(torch.stack(current) if current else vis.new_zeros(0, vis.shape[-1]))
+                    current = []
+                    pieces.append(IMAGE_TOKEN)
+                elif it == model.img_start_id:
+                    if words:
+                        pieces.append(words)
+                    words = []
+                elif it != model.eos_id:
+                    words.append(it)
+        if current:                                   # an image cut off by the step limit
+            images.append(torch.stack(current))
+        if words:
+            pieces.append(words)
+        text = " ".join(p if isinstance(p, str) else tok.decode(p, skip_special_tokens=True) for p in pieces)
+        res.append(Generated(text=text.strip(), ids=out_ids, images=images))
+    return res
+
+
+@torch.no_grad()
+def decode_images(model, images: Sequence[Tensor], steps: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """Produced token sets [(K_i, T)] -> images (N, 3, S, S) in [0, 1] by the stage-1 detokenizer."""
+    if model.detokenizer is None:
+        raise UserError("this Setokim has no detokenizer (its stage-1 checkpoint saved none)")
+    if not images:
+        raise UserError("no images to decode")
+    tokens, mask = pack_token_sets([x.to(model.device) for x in images])
+    return model.detokenizer.sample(tokens, mask, steps=steps, generator=generator)

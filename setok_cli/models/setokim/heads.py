@@ -1,0 +1,159 @@
+"""Setokim's small parts: the input projector, the two visual heads, the token order.
+
+Shapes: tokens (N, T) or (B, K, T), hidden states (M, H), T the SeTok token width,
+H the LM's hidden size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DiffusionHeadConfig
+
+__all__ = ["Projector", "MSEHead", "DiffusionHead", "order_tokens"]
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's `mlp2x_gelu`: tokens (..., T) -> embeddings (..., H)."""
+
+    def __init__(self, token_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(token_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class MSEHead(nn.Module):
+    """The paper's regression head: hidden (M, H) -> token (M, T), trained with MSE."""
+
+    def __init__(self, hidden: int, token_dim: int, width: Optional[int] = None):
+        super().__init__()
+        w = width or hidden
+        self.net = nn.Sequential(nn.Linear(hidden, w), nn.GELU(), nn.Linear(w, token_dim))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+    def loss(self, h: Tensor, target: Tensor) -> Tensor:
+        """Mean squared error over every element; 0 (with gradients) when M = 0."""
+        d = self(h).float() - target.float()
+        return (d * d).sum() / max(d.numel(), 1)
+
+    def sample(self, h: Tensor, **_) -> Tensor:
+        return self(h)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class _AdaLNBlock(nn.Module):
+    """MAR's ResBlock: x + gate * MLP(modulate(LN(x), shift, scale)), all three from the condition."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+
+
+class DiffusionHead(nn.Module):
+    """MAR's per-token diffusion loss: a denoiser eps(x_t, t | h) over one token, with
+    diffusers' DDPM schedule for training and DDIM for few-step sampling.
+
+    The AdaLN modulations and the output layer start at zero (MAR's init), so the
+    untrained denoiser predicts 0 and the blocks start as the identity."""
+
+    def __init__(self, hidden: int, token_dim: int, config: DiffusionHeadConfig):
+        super().__init__()
+        from diffusers import DDPMScheduler
+        self.config = c = config
+        self.token_dim = token_dim
+        self.input_proj = nn.Linear(token_dim, c.width)
+        self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
+        self.cond_proj = nn.Linear(hidden, c.width)
+        self.blocks = nn.ModuleList(_AdaLNBlock(c.width) for _ in range(c.depth))
+        self.final_norm = nn.LayerNorm(c.width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(c.width, 2 * c.width))
+        self.out = nn.Linear(c.width, token_dim)
+        for m in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        self.train_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                                             prediction_type=c.prediction_type, clip_sample=False)
+
+    def denoise(self, x_t: Tensor, t: Tensor, h: Tensor) -> Tensor:
+        """x_t (M, T), t (M,) integer timesteps, h (M, H) -> the prediction (M, T)."""
+        from diffusers.models.embeddings import get_timestep_embedding
+        temb = get_timestep_embedding(t, self.config.width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        y = self.time_mlp(temb.to(h.dtype)) + self.cond_proj(h)
+        x = self.input_proj(x_t.to(h.dtype))
+        for b in self.blocks:
+            x = b(x, y)
+        shift, scale = self.final_ada(y).chunk(2, dim=-1)
+        return self.out(_modulate(self.final_norm(x), shift, scale))
+
+    def loss(self, h: Tensor, target: Tensor, noise: Optional[Tensor] = None, timesteps: Optional[Tensor] = None,
+             generator: Optional[torch.Generator] = None) -> Tensor:
+        """h (M, H), target (M, T) -> the diffusion loss (mean over M * batch_mul * T).
+        Each target is noised `batch_mul` times; `noise` (M * batch_mul, T) and
+        `timesteps` (M * batch_mul,) may be given (tests), else drawn."""
+        r = self.config.batch_mul
+        x0 = target.float().repeat_interleave(r, 0)
+        hh = h.repeat_interleave(r, 0)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.config.num_train_timesteps, (x0.shape[0],), generator=generator,
+                                      device=x0.device)
+        sched = self.train_scheduler
+        x_t = sched.add_noise(x0, noise, timesteps)
+        if self.config.prediction_type == "epsilon":
+            want = noise
+        elif self.config.prediction_type == "sample":
+            want = x0
+        else:
+            want = sched.get_velocity(x0, noise, timesteps)
+        d = self.denoise(x_t, timesteps, hh).float() - want
+        return (d * d).sum() / max(d.numel(), 1)
+
+    def sampling_scheduler(self, steps: int):
+        from diffusers import DDIMScheduler
+        s = DDIMScheduler.from_config(self.train_scheduler.config, timestep_spacing="trailing",
+                                      set_alpha_to_one=True, clip_sample=False)
+        s.set_timesteps(steps)
+        return s
+
+    @torch.no_grad()
+    def sample(self, h: Tensor, steps: Optional[int] = None, temperature: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """h (M, H) -> tokens (M, T): DDIM (eta 0) from noise scaled by `temperature`."""
+        temp = self.config.temperature if temperature is None else temperature
+        sched = self.sampling_scheduler(steps or self.config.sample_steps)
+        x = torch.randn((h.shape[0], self.token_dim), generator=generator, device=h.device) * temp
+        for t in sched.timesteps:
+            tt = torch.full((h.shape[0],), int(t), device=h.device, dtype=torch.long)
+            x = sched.step(self.denoise(x, tt, h).float(), t, x).prev_sample
+        return x
+
+
+def order_tokens(tokens: Tensor, token_mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+    """The generation order of an image's token set: by seed position in raster order
+    (seeds are flat patch indices row * w + col), tokens without a seed (the scope
+    remainder, seed -1) after them, padding last; ties keep the tokenizer's order.
+    tokens (B, K, T), token_mask (B, K), seeds (B, K) -> tokens, token_mask reordered."""
+    K = tokens.shape[1]
+    big = torch.iinfo(torch.int64).max // 4
+    key = torch.where(seeds >= 0, seeds.long(), torch.full_like(seeds, big, dtype=torch.long))
+    key = torch.where(token_mask, key, torch.full_like(key, 2 * big))
+    idx = key.argsort(dim=1, stable=True)                                   # (B, K)
+    out = tokens.gather(1, idx.unsqueeze(-1).expand(-1, K, tokens.shape[-1]))
+    return out, token_mask.gather(1, idx)

@@ -1,0 +1,386 @@
+"""Setokim: the LM, the projector, the visual and stop heads, and the stage-1 parts."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...errors import UserError
+from ..hub import CONFIG_NAME, PretrainedModel, resolve_checkpoint, resolve_folder
+from .config import LM_PRESETS, SetokimConfig
+from .heads import DiffusionHead, MSEHead, Projector, order_tokens
+from .splice import Spliced, splice
+from .text import IMG_END, IMG_START
+
+__all__ = ["Setokim", "SetokimOutput", "parameter_table", "stage1_folder"]
+
+STAGE1_PARTS = ("setok", "detokenizer", "mask_decoder")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class SetokimOutput:
+    loss: Tensor            # text + visual_loss_weight * visual + stop_loss_weight * stop
+    text_loss: Tensor
+    visual_loss: Tensor
+    stop_loss: Tensor
+    num_text: int           # counted text targets
+    num_visual: int         # counted visual targets
+
+
+def stage1_folder(path: Union[str, os.PathLike]) -> Path:
+    """A stage-1 run folder (its latest checkpoint) or checkpoint folder, or a bare SeTok
+    folder; one UserError line when it holds no SeTok."""
+    folder = resolve_checkpoint(resolve_folder(path, "stage-1 checkpoint"))
+    if (folder / "setok" / CONFIG_NAME).is_file() or (folder / CONFIG_NAME).is_file():
+        return folder
+    raise UserError(f"{folder}: not a stage-1 checkpoint (no setok/{CONFIG_NAME})")
+
+
+def load_stage1(folder: Path) -> dict[str, Optional[nn.Module]]:
+    """The SeTok and, where saved, the detokenizer and mask decoder of a stage-1 folder."""
+    from ..detokenizer import Detokenizer
+    from ..mask_decoder import MaskDecoder
+    from ..setok import SeTok
+    sub = folder / "setok"
+    parts: dict[str, Optional[nn.Module]] = {"setok": SeTok.from_pretrained(sub if sub.is_dir() else folder)}
+    d = folder / "detokenizer"
+    parts["detokenizer"] = Detokenizer.from_pretrained(d) if (d / CONFIG_NAME).is_file() else None
+    m = folder / "mask_decoder"
+    parts["mask_decoder"] = MaskDecoder.from_pretrained(m) if (m / CONFIG_NAME).is_file() else None
+    return parts
+
+
+def _lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):
+    """The LM's transformers config: inline dict (LlamaConfig), a folder's config.json,
+    or (meta only) a known architecture named by the id's last part."""
+    from transformers import AutoConfig, LlamaConfig
+    if isinstance(spec, dict):
+        d = dict(spec)
+        if text_vocab is not None:
+            if d.get("vocab_size", text_vocab) != text_vocab:
+                raise UserError(f"lm.vocab_size {d['vocab_size']} differs from the text tokenizer's {text_vocab}")
+            d["vocab_size"] = text_vocab
+        try:
+            return LlamaConfig(**d)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"lm: invalid LlamaConfig ({e})") from None
+    try:
+        folder = resolve_folder(spec, "language model")
+    except UserError:
+        key = next((k for k in LM_PRESETS if Path(spec).name.lower().startswith(k)), None)
+        if not meta or key is None:
+            raise
+        return LlamaConfig(**LM_PRESETS[key])
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: not a transformers model folder ({e})") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No transformers progress bars while a part is written or read (the CLI prints its own)."""
+    from transformers.utils import logging as tlog
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
+def _load_lm(spec: Union[str, dict], dtype: Optional[str], text_vocab: Optional[int], seed: int):
+    from transformers import AutoModelForCausalLM
+    kw = {"dtype": _DTYPES[dtype]} if dtype else {}
+    if isinstance(spec, dict):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lm = AutoModelForCausalLM.from_config(_lm_config(spec, text_vocab, False), **kw)
+        return lm
+    folder = resolve_folder(spec, "language model")
+    try:
+        with _quiet():
+            return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot load the language model ({e})") from None
+
+
+def _load_text_tokenizer(path: Union[str, os.PathLike]):
+    from transformers import AutoTokenizer
+    folder = resolve_folder(path, "text tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot load the text tokenizer ({e})") from None
+
+
+class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig, part_name="Setokim model",
+              subfolder="setokim"):
+    """See the package docstring. Build with `Setokim.from_config(config)` (loads the LM,
+    the text tokenizer and the stage-1 parts the config names), `Setokim.from_pretrained(folder)`
+    or `Setokim.on_meta(config)`; the constructor takes parts already built."""
+
+    # saved by their own save_pretrained in subfolders, not in model.safetensors
+    _unsaved_prefixes = ("lm.", "setok.", "detokenizer.", "mask_decoder.")
+
+    def __init__(self, config: SetokimConfig, *, lm: Optional[nn.Module] = None, text_tokenizer: Any = None,
+                 setok: Optional[nn.Module] = None, detokenizer: Optional[nn.Module] = None,
+                 mask_decoder: Optional[nn.Module] = None):
+        super().__init__()
+        if lm is None:
+            raise UserError("Setokim needs a language model: build it with Setokim.from_config(config)")
+        self.config = c = config
+        self.lm = lm
+        self.text_tokenizer = text_tokenizer
+        self.setok, self.detokenizer, self.mask_decoder = setok, detokenizer, mask_decoder
+        if setok is not None:
+            T = int(setok.config.token_dim)
+            if c.token_dim is not None and c.token_dim != T:
+                raise UserError(f"token_dim {c.token_dim} does not match the SeTok's token_dim {T}")
+            c.token_dim = T
+        if c.token_dim is None:
+            raise UserError("token_dim is unknown: give a stage-1 checkpoint (stage1) or token_dim")
+        self._add_image_tokens()
+        H = int(lm.config.hidden_size)
+        dev = lm.get_input_embeddings().weight.device
+        with torch.random.fork_rng(devices=[]), torch.device(dev):
+            torch.manual_seed(c.init_seed)
+            self.projector = Projector(c.token_dim, H)
+            self.visual_head = (MSEHead(H, c.token_dim, c.mse_hidden) if c.visual_head == "mse"
+                                else DiffusionHead(H, c.token_dim, c.diffusion))
+            self.stop_head = nn.Linear(H, 1)
+        # tokens are standardised per channel before the projector and the heads (the
+        # diffusion schedule assumes unit scale); `fit_token_stats` sets these from data
+        self.register_buffer("token_mean", torch.zeros(c.token_dim, device=dev))
+        self.register_buffer("token_std", torch.ones(c.token_dim, device=dev))
+        for part in (self.detokenizer, self.mask_decoder):
+            if part is not None:
+                part.requires_grad_(False)
+        if self.setok is not None and c.freeze_tokenizer:
+            self.setok.requires_grad_(False)
+        self.train(self.training)
+
+    def _add_image_tokens(self) -> None:
+        """[Img] and [/Img] into the text tokenizer (if missing) and the LM's embeddings.
+        Without a tokenizer (sizing on meta) they are the two ids after the LM's vocabulary."""
+        tok, emb = self.text_tokenizer, self.lm.get_input_embeddings()
+        if tok is None:
+            self.img_start_id, self.img_end_id = emb.num_embeddings, emb.num_embeddings + 1
+            self.pad_id = self.eos_id = 0
+            self.lm.resize_token_embeddings(emb.num_embeddings + 2, mean_resizing=False)
+            return
+        missing = [t for t in (IMG_START, IMG_END) if t not in tok.get_vocab()]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        if tok.pad_token_id is None:          # Llama / Vicuna ship no pad token: LLaVA pads with unk
+            tok.pad_token = tok.unk_token
+        self.img_start_id, self.img_end_id = tok.convert_tokens_to_ids([IMG_START, IMG_END])
+        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        if emb.num_embeddings < len(tok):
+            meta = emb.weight.device.type == "meta"
+            self.lm.resize_token_embeddings(len(tok), mean_resizing=not meta)
+        elif emb.num_embeddings > len(tok) and max(self.img_start_id, self.img_end_id) >= emb.num_embeddings:
+            raise UserError(f"the text tokenizer ({len(tok)} tokens) does not fit the LM ({emb.num_embeddings})")
+
+    # ---- building ----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: SetokimConfig) -> "Setokim":
+        """A fresh Setokim for training: the LM from its folder (or from scratch), the text
+        tokenizer, the stage-1 parts of `config.stage1`."""
+        if config.stage1 is None:
+            raise UserError("stage1: give the stage-1 checkpoint (or run folder) Setokim reads and writes with")
+        parts = load_stage1(stage1_folder(config.stage1))
+        tok_path = config.text_tokenizer or (config.lm if isinstance(config.lm, str) else None)
+        if tok_path is None:
+            raise UserError("text_tokenizer: an LM built from a config needs a text tokenizer folder")
+        tok = _load_text_tokenizer(tok_path)
+        vocab = len(tok) + sum(t not in tok.get_vocab() for t in (IMG_START, IMG_END))
+        lm = _load_lm(config.lm, config.lm_dtype, vocab, config.init_seed)
+        return cls(config, lm=lm, text_tokenizer=tok, **parts)
+
+    @classmethod
+    def on_meta(cls, config: SetokimConfig, **parts) -> "Setokim":
+        """The architecture on the meta device, for sizing (`setok train --dry-run`): no
+        weights are read; an LM folder that is not on disk may be a known architecture
+        (LM_PRESETS). `parts`: stage-1 modules already built (e.g. on meta)."""
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(_lm_config(config.lm, None, True))
+            return cls(config, lm=lm, **parts)
+
+    @classmethod
+    def _build_for_load(cls, config: SetokimConfig, folder: Path) -> "Setokim":
+        parts = load_stage1(folder) if (folder / "setok" / CONFIG_NAME).is_file() else {}
+        tok = _load_text_tokenizer(folder / "tokenizer")
+        lm = _load_lm(str(folder / "lm"), config.lm_dtype, None, config.init_seed)
+        return cls(config, lm=lm, text_tokenizer=tok, **parts)
+
+    # ---- saving ------------------------------------------------------------------------
+    def config_to_save(self) -> dict:
+        d = super().config_to_save()
+        if isinstance(d["lm"], dict):
+            d["lm"]["vocab_size"] = int(self.lm.config.vocab_size)
+        return d
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        d = Path(save_directory)
+        with _quiet():
+            self.lm.save_pretrained(d / "lm")
+        if self.text_tokenizer is not None:
+            self.text_tokenizer.save_pretrained(d / "tokenizer")
+        for name in STAGE1_PARTS:
+            part = getattr(self, name)
+            if part is not None:
+                part.save_pretrained(d / name)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+        """The whole folder (config.json, model.safetensors, lm/, tokenizer/, setok/,
+        detokenizer/, mask_decoder/) is written beside `save_directory` and renamed into
+        place, so a crash leaves the old folder or the new one, never a mix."""
+        from huggingface_hub import PyTorchModelHubMixin
+
+        from ...files import ensure_dir, os_error_message
+        dest = Path(save_directory)
+        ensure_dir(dest.parent if str(dest.parent) else Path("."))
+        old = None
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
+            PyTorchModelHubMixin.save_pretrained(self, tmp, **kwargs)
+            if dest.exists():
+                old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".old-{dest.name}-"))
+                os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise UserError(f"cannot write {os_error_message(e, dest)}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---- modes ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Setokim":
+        """The stage-1 parts stay in eval mode while frozen."""
+        super().train(mode)
+        for name in STAGE1_PARTS:
+            part = getattr(self, name, None)
+            if part is not None and not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
+    # ---- tokens -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.projector.net[0].weight.device
+
+    def normalize(self, tokens: Tensor) -> Tensor:
+        return (tokens - self.token_mean) / self.token_std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.token_std + self.token_mean
+
+    @torch.no_grad()
+    def fit_token_stats(self, tokens: Tensor, token_mask: Tensor, floor: float = 1e-3) -> None:
+        """Per-channel mean and std of the valid tokens: tokens (N, K, T), token_mask (N, K)."""
+        v = tokens[token_mask].float()
+        self.token_mean.copy_(v.mean(0))
+        self.token_std.copy_(v.std(0, unbiased=False).clamp_min(floor))
+
+    def encode_images(self, pixel_values: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Images through the SeTok, in generation order: pixel_values (N, 3, S, S) ->
+        tokens (N, K, T), token_mask (N, K)."""
+        if self.setok is None:
+            raise UserError("this Setokim has no SeTok (its stage-1 parts were not saved with it)")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_tokenizer):
+            out = self.setok(pixel_values, valid)
+        return self.order(out.tokens, out.token_mask, out.seeds)
+
+    def order(self, tokens: Tensor, token_mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+        if self.config.token_order == "given":
+            return tokens, token_mask
+        return order_tokens(tokens, token_mask, seeds)
+
+    # ---- forward ----------------------------------------------------------------------
+    def splice(self, input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional[Tensor],
+               image_token_mask: Optional[Tensor], padding_side: str = "right") -> Spliced:
+        return splice(input_ids, labels, attention_mask, image_token_mask, img_start_id=self.img_start_id,
+                      img_end_id=self.img_end_id, pad_id=self.pad_id, max_length=self.config.max_length,
+                      padding_side=padding_side)
+
+    def embed(self, sp: Spliced, image_tokens: Optional[Tensor], image_token_mask: Optional[Tensor]) -> Tensor:
+        """The spliced sequence's input embeddings (B, L, H): text ids through the LM's
+        table, visual tokens through the projector."""
+        emb = self.lm.get_input_embeddings()(sp.ids.clamp(min=0))
+        if sp.vis_dst.numel():
+            vis = self.projector(self.normalize(image_tokens[image_token_mask][sp.vis_src]).to(emb.dtype))
+            B, L, H = emb.shape
+            emb = emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
+        return emb
+
+    @property
+    def cache_kwarg(self) -> str:
+        """The decoder's name for the KV cache argument (`cache` from transformers 5.x on)."""
+        import inspect
+        return "cache" if "cache" in inspect.signature(self.lm.get_decoder().forward).parameters else "past_key_values"
+
+    def hidden(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, **kw):
+        """The LM's last hidden states (after its final norm: what its LM head reads)."""
+        return self.lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                     position_ids=position_ids, **kw)
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                image_tokens: Optional[Tensor] = None, image_token_mask: Optional[Tensor] = None) -> SetokimOutput:
+        """input_ids, labels, attention_mask (B, L0) from `collate_conversations`;
+        image_tokens (N, K, T), image_token_mask (N, K): the images of the batch in
+        reading order, in generation order within each (`encode_images` / `order`)."""
+        sp = self.splice(input_ids, labels, attention_mask, image_token_mask)
+        h = self.hidden(self.embed(sp, image_tokens, image_token_mask), sp.attention_mask, sp.position_ids,
+                        use_cache=False).last_hidden_state                  # (B, L, H)
+        lab = sp.labels[:, 1:]
+        sel = lab != -100
+        logits = self.lm.get_output_embeddings()(h[:, :-1][sel]).float()    # (n, V): only where counted
+        n_text = int(sel.sum())
+        text_loss = F.cross_entropy(logits, lab[sel], reduction="sum") / max(n_text, 1)
+        hf = h.reshape(-1, h.shape[-1])
+        if image_tokens is not None and image_token_mask is not None and image_token_mask.shape[0]:
+            target = self.normalize(image_tokens[image_token_mask][sp.pred_src].float())
+        else:
+            target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
+        hf = hf.to(self.projector.net[0].weight.dtype)     # an LM loaded in bf16 under fp32 heads
+        visual_loss = self.visual_head.loss(hf[sp.pred_pos], target)
+        stop_logits = self.stop_head(hf[sp.stop_pos]).squeeze(-1).float()
+        stop_loss = F.binary_cross_entropy_with_logits(stop_logits, sp.stop_target, reduction="sum") \
+            / max(sp.stop_pos.numel(), 1)
+        c = self.config
+        loss = text_loss + c.visual_loss_weight * visual_loss + c.stop_loss_weight * stop_loss
+        return SetokimOutput(loss, text_loss, visual_loss, stop_loss, n_text, int(sp.pred_pos.numel()))
+
+    def generate(self, *args, **kwargs):
+        """See `setokim.generate.generate`."""
+        from .generate import generate
+        return generate(self, *args, **kwargs)
+
+
+def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:
+    """(part, parameters, trainable) per part, then ("all", ...), for `setok train --dry-run`."""
+    rows = []
+    head = f"visual_head ({model.config.visual_head})"
+    for name, mod in [("lm", model.lm), ("projector", model.projector), (head, model.visual_head),
+                      ("stop_head", model.stop_head), ("setok", model.setok), ("detokenizer", model.detokenizer),
+                      ("mask_decoder", model.mask_decoder)]:
+        if mod is None:
+            continue
+        ps = list(mod.parameters())
+        rows.append((name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
+    rows.append(("all", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    return rows

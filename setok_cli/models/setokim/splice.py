@@ -1,0 +1,123 @@
+"""Splicing a variable number of visual tokens into the text, by index arithmetic.
+
+Each `<image>` placeholder of `input_ids` becomes `[Img] v_1 .. v_K [/Img]`, K the image's
+own number of tokens (its token_mask's count; padding tokens never enter). Positions come
+from a cumulative sum of per-position lengths (1 per text token, K + 2 per placeholder, 0
+per padding), so the whole batch is spliced with scatters and no Python loop over images
+or tokens (LLaVA's `prepare_inputs_labels_for_multimodal` loops over both).
+
+What each position of the spliced sequence learns (hidden state at p predicts p + 1):
+- text: cross-entropy against the next id where labels say so (answers only);
+- `[Img]` of an image to write: its label is `[Img]` (the LM learns where an image starts);
+- the `[Img]` position and v_1 .. v_{K-1} of an image to write predict the next visual
+  token (`pred_pos` -> target `pred_src`) and "continue" (stop target 0);
+- v_K predicts "stop" (stop target 1); `[/Img]` is then given, not predicted (label ignored);
+- images to read (in the prompt) carry no loss at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+__all__ = ["Spliced", "splice"]
+
+
+@dataclass
+class Spliced:
+    ids: Tensor             # (B, L) text ids, [Img] / [/Img] ids, -1 at visual positions, pad_id at padding
+    labels: Tensor          # (B, L) next-token targets at the position of the token (shift before use)
+    attention_mask: Tensor  # (B, L) long
+    position_ids: Tensor    # (B, L) long
+    vis_dst: Tensor         # (V,) flat positions b * L + p of the visual tokens
+    vis_src: Tensor         # (V,) their rows in the packed valid tokens image_tokens[image_token_mask]
+    pred_pos: Tensor        # (M,) flat positions whose hidden state predicts a visual token
+    pred_src: Tensor        # (M,) the packed row of that target token
+    stop_pos: Tensor        # (S,) flat positions of the stop decisions
+    stop_target: Tensor     # (S,) float, 1 where the image ends
+    image_start: Tensor     # (N,) flat position of each image's [Img]
+
+
+def splice(input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional[Tensor],
+           image_token_mask: Optional[Tensor], *, img_start_id: int, img_end_id: int, pad_id: int,
+           max_length: Optional[int] = None, padding_side: str = "right") -> Spliced:
+    """input_ids, labels, attention_mask (B, L0) with IMAGE_TOKEN_INDEX placeholders (a
+    placeholder's label is IMAGE_TOKEN_INDEX for an image to write, IGNORE_INDEX for one to
+    read); image_token_mask (N, K) bool, one row per placeholder in reading order (batch
+    row, then position). Sequences longer than `max_length` are cut at its end."""
+    dev = input_ids.device
+    B, L0 = input_ids.shape
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if labels is None:
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+    is_img = (input_ids == IMAGE_TOKEN_INDEX) & valid
+    N = 0 if image_token_mask is None else image_token_mask.shape[0]
+    if int(is_img.sum()) != N:
+        raise ValueError(f"{int(is_img.sum())} <image> placeholders in input_ids but {N} images given")
+    if N:
+        k = image_token_mask.sum(1)                                     # (N,)
+        img_of = (is_img.flatten().long().cumsum(0) - 1).clamp(min=0).view(B, L0)
+        rep = torch.where(is_img, k[img_of] + 2, torch.ones_like(input_ids)) * valid
+    else:
+        k = torch.zeros(0, dtype=torch.long, device=dev)
+        rep = valid.long()
+    end = rep.cumsum(1)
+    start = end - rep                                                    # (B, L0) new position of each old one
+    n = end[:, -1]                                                       # (B,) spliced lengths
+    L = int(n.max()) if B else 0
+    if max_length is not None:
+        L = min(L, int(max_length))
+    kept = n.clamp(max=L)
+    off = (L - kept) if padding_side == "left" else torch.zeros_like(kept)   # (B,) left-padding shift
+
+    ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
+    out_labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long, device=dev)
+
+    def put(rows: Tensor, pos: Tensor, id_vals: Tensor, label_vals: Tensor) -> None:
+        ok = pos < L
+        r, p = rows[ok], pos[ok] + off[rows[ok]]
+        ids[r, p] = id_vals[ok]
+        out_labels[r, p] = label_vals[ok]
+
+    tb, tl = (valid & ~is_img).nonzero(as_tuple=True)
+    put(tb, start[tb, tl], input_ids[tb, tl], labels[tb, tl])
+
+    pb, pl = is_img.nonzero(as_tuple=True)                               # (N,) row-major = image order
+    s = start[pb, pl]
+    writes = labels[pb, pl] == IMAGE_TOKEN_INDEX                         # (N,) images to write
+    put(pb, s, torch.full_like(s, img_start_id),
+        torch.where(writes, torch.full_like(s, img_start_id), torch.full_like(s, IGNORE_INDEX)))
+    put(pb, s + k + 1, torch.full_like(s, img_end_id), torch.full_like(s, IGNORE_INDEX))
+
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    if N:
+        ib, ir = image_token_mask.nonzero(as_tuple=True)                 # (V,) packed order
+        rank = (image_token_mask.long().cumsum(1) - 1)[ib, ir]
+        row = pb[ib]
+        pos = s[ib] + 1 + rank                                           # (V,) position of v_{rank+1}
+        src = torch.arange(ib.shape[0], device=dev)
+        ok = pos < L
+        flat = row * L + pos + off[row]
+        vis_dst, vis_src = flat[ok], src[ok]
+        ids.view(-1)[vis_dst] = -1
+        w = writes[ib] & ok                                              # targets inside the cut
+        pred_pos, pred_src = flat[w] - 1, src[w]
+        last = s + k                                                     # v_K: predicts the stop
+        wl = writes & (last + 1 < L)
+        end_pos = pb[wl] * L + last[wl] + off[pb[wl]]
+        stop_pos = torch.cat([pred_pos, end_pos])
+        stop_target = torch.cat([torch.zeros(pred_pos.shape[0], device=dev), torch.ones(end_pos.shape[0], device=dev)])
+        image_start = pb * L + s + off[pb]
+    else:
+        vis_dst = vis_src = pred_pos = pred_src = stop_pos = image_start = empty
+        stop_target = torch.zeros(0, device=dev)
+
+    ar = torch.arange(L, device=dev).view(1, L)
+    attn = ((ar >= off.view(B, 1)) & (ar < (off + kept).view(B, 1))).long()
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+    return Spliced(ids, out_labels, attn, position_ids, vis_dst, vis_src, pred_pos, pred_src, stop_pos, stop_target,
+                   image_start)
