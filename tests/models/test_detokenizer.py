@@ -62,19 +62,30 @@ def test_bert_init_mapping(tmp_path):
         TokenMapper(MapperConfig(init_from=str(tmp_path / "nope")))
 
 
-def test_loss_backward_sample_roundtrip(tmp_path):
+def test_loss_sample_roundtrip(tmp_path):
+    """eq. 3 on a known case: a UNet that predicts zero noise scores mean(eps^2), eps the
+    first draw from the generator; the loss reaches the mapper; a sample survives save/load
+    bit for bit."""
     torch.manual_seed(0)
     d = Detokenizer(_tiny())
     tok, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
-    loss = d(torch.rand(2, 3, 32, 32), tok, mask)
+    img = torch.rand(2, 3, 32, 32)
+    loss = d(img, tok, mask, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert loss.item() > 0 and d.mapper.queries.grad is not None
+    assert d.mapper.queries.grad.abs().sum() > 0
+    with torch.no_grad():
+        d.unet.conv_out.weight.zero_()
+        d.unet.conv_out.bias.zero_()
+    eps = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(d(img, tok, mask, generator=torch.Generator().manual_seed(0)), eps.square().mean())
+    torch.manual_seed(0)
+    d = Detokenizer(_tiny()).eval()
     g = torch.Generator().manual_seed(1)
-    img = d.sample(tok, mask, generator=g)
-    assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    out = d.sample(tok, mask, generator=g)
+    assert out.shape == (2, 3, 16, 16)
     d.save_pretrained(tmp_path)
     d2 = Detokenizer.from_pretrained(tmp_path)
-    assert torch.equal(d2.sample(tok, mask, generator=torch.Generator().manual_seed(1)), img)
+    assert torch.equal(d2.sample(tok, mask, generator=torch.Generator().manual_seed(1)), out)
 
 
 def test_unet_keys_are_strict():
@@ -114,7 +125,7 @@ def test_prediction_types_train_and_sample(kind, tmp_path):
     img = torch.rand(2, 3, 16, 16)
     loss = d(img, tok, mask)
     loss.backward()
-    assert torch.isfinite(loss) and d.mapper.queries.grad is not None
+    assert d.mapper.queries.grad.abs().sum() > 0
     if kind == "sample":   # the target is the clean image: predicting it exactly is a zero loss
         x0 = d.encode(img)
         d.unet.forward = lambda x, t, encoder_hidden_states: type("O", (), {"sample": x0})()
