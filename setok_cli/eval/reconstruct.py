@@ -101,8 +101,8 @@ def training_figures(folder: Path) -> dict:
         recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{log}: unreadable ({e})") from None
-    upto = [r for r in recs if r.get("step", 0) <= step]
-    if not upto:
+    upto = [r for r in recs if isinstance(r, dict) and r.get("step", 0) <= step]
+    if not upto or upto[-1].get("elapsed_s") is None:
         return {}
     out = {"train_steps": step, "train_wall_s": round(float(upto[-1]["elapsed_s"]), 1)}
     mem = [r["peak_mem_mb"] for r in upto if r.get("peak_mem_mb") is not None]

@@ -142,8 +142,9 @@ def test_training_figures_from_the_run_log(tmp_path):
     ck = tmp_path / "checkpoints" / "step_00000020"
     ck.mkdir(parents=True)
     (ck / "trainer_state.json").write_text(json.dumps({"step": 20}))
-    rows = [{"step": 10, "elapsed_s": 5.04, "peak_mem_mb": 100.0}, {"step": 20, "elapsed_s": 9.96, "peak_mem_mb": 150.0},
-            {"step": 30, "elapsed_s": 15.0, "peak_mem_mb": 999.0}]
+    rows = [{"step": 10, "elapsed_s": 5.04, "peak_mem_mb": 100.0},
+            {"step": 20, "elapsed_s": 9.96, "peak_mem_mb": 150.0},
+            {"step": 30, "elapsed_s": 15.0, "peak_mem_mb": 999.0}]   # after the checkpoint: not counted
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert R.training_figures(ck) == {"train_steps": 20, "train_wall_s": 10.0, "train_peak_mem_mb": 150.0}
     assert R.training_figures(tmp_path / "elsewhere") == {}
