@@ -193,17 +193,14 @@ class ClusterMerger(nn.Module):
     where p is the patch's centre and c_i the cluster's mask-weighted centroid, both in
     image sides. The absolute PE says where a cluster is; these say where each patch is
     *within* it, the same wherever the cluster sits, so the within-cluster blocks see its
-    silhouette in its own frame and the pooled token can carry its shape (the paper's
-    absolute PE alone: 23% of object shapes recoverable from the token on the shapes world,
-    with relative_pe 4: 59%, benchmarks/token_probe.py). Off (0) by default, as in the paper.
+    silhouette in its own frame and the pooled token can carry its shape (README, "Does the
+    token carry the shape?"). Off (0) by default, as in the paper.
     relative_hidden = W > 0 makes that Linear an MLP (Linear, GELU, Linear) of hidden width W.
 
     crop = S > 0 adds CropEncoder(S, crop_width, d) to each pooled cluster vector: the
     object's outline at the image's resolution, which a frozen encoder that smooths within
-    its patches (the builtin one) and a 4-pixel patch grid cannot give. Tokens from
-    clustering masks alone cannot draw stars and crosses (benchmarks/token_probe.py names the
-    shape under 57% of the tokens with relative_pe 4, 93.5% with crop 16 as well). Off (0)
-    by default: the paper's merger sees the encoder features only.
+    its patches (the builtin one) and a 4-pixel patch grid cannot give. Off (0) by default:
+    the paper's merger sees the encoder features only.
     """
 
     def __init__(self, in_dim: int, dim: int = 256, token_dim: int = 256, depth: int = 2, cross_depth: int = 2,
