@@ -51,7 +51,7 @@ mBO trained vs untrained, image <-> caption retrieval R@1/R@5.
 @click.option("--k", type=int, help="tokenizer: KNN k of the density.")
 @click.option("--bandwidth", type=float, help="tokenizer: clustering bandwidth.")
 @click.option("--max-tokens", type=int, help="tokenizer: most tokens per image.")
-@click.option("--batch-size", type=click.IntRange(1), help="tokenizer, reconstruct: images per batch [16, 25].")
+@click.option("--batch-size", type=click.IntRange(1), help="tokenizer, reconstruct: images per batch (default 16 and 25).")
 @click.option("--limit", type=click.IntRange(1), help="Score only the first N entries (tokenizer, reconstruct).")
 @click.option("--steps", type=click.IntRange(1), help="reconstruct: sampling steps (default: the detokenizer's).")
 @click.option("--seed", type=int, help="reconstruct: seed of the sampling noise [0].")
