@@ -1,0 +1,368 @@
+"""Setokim: splice, losses, heads, text, save/load, generation, meta sizing, bad inputs, learning."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from setok_cli.errors import UserError
+from setok_cli.models.setokim import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, DiffusionHead, DiffusionHeadConfig, MSEHead,
+                                      Setokim, SetokimConfig, build_word_tokenizer, collate_conversations,
+                                      decode_images, order_tokens, pack_token_sets, parameter_table, prompt_batch,
+                                      render_conversation, sample_logits, splice)
+
+P = IMAGE_TOKEN_INDEX
+TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, max_position_embeddings=256)
+TEXTS = ["A red circle and two blue squares.", "There are three objects in the image: a green star.",
+         "Make the red circle blue.", "Describe the image briefly.", "Generate an image: a red circle."]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny stage-1 checkpoint (SeTok with 8-wide tokens + a tiny detokenizer) and a word tokenizer."""
+    from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
+    from setok_cli.models.setok import SeTok, SeTokConfig
+    root = tmp_path_factory.mktemp("setokim")
+    ck = root / "stage1" / "checkpoints" / "step_00000010"          # a run folder: its latest checkpoint
+    SeTok(SeTokConfig(merger_dim=16, token_dim=8, image_size=112, max_tokens=8, merger_depth=1,
+                      merger_cross_depth=1)).save_pretrained(ck / "setok")
+    unet = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, sample_size=16,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    Detokenizer(DetokenizerConfig(image_size=16, unet=unet, sample_steps=2, mapper=MapperConfig(
+        token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32, output_dim=16))).save_pretrained(
+        ck / "detokenizer")
+    build_word_tokenizer(extra_texts=TEXTS).save_pretrained(root / "tok")
+    return root
+
+
+def make(folders, **kw) -> Setokim:
+    cfg = SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(folders / "tok"), stage1=str(folders / "stage1"),
+                        **kw)
+    return Setokim.from_config(cfg)
+
+
+def convs():
+    return [[{"from": "human", "value": "<image>\nDescribe the image briefly."},
+             {"from": "gpt", "value": "A red circle."}],
+            [{"from": "human", "value": "Generate an image: a red circle."}, {"from": "gpt", "value": "<image>"}]]
+
+
+def batch(model, seed=0, ks=(3, 2)):
+    g = torch.Generator().manual_seed(seed)
+    sets = [torch.randn(k, 8, generator=g) for k in ks]
+    ids, labels, attn = collate_conversations([render_conversation(c, model.text_tokenizer) for c in convs()],
+                                              model.pad_id)
+    tokens, mask = pack_token_sets(sets)
+    return ids, labels, attn, tokens, mask
+
+
+# ---- splice -------------------------------------------------------------------------
+
+def _two_rows():
+    # row 0 reads an image of K=2; row 1 reads one of K=3 and writes one of K=1; row 1 is 4 long
+    ids = torch.tensor([[1, 5, P, 6, 7], [1, P, 8, P, 0]])
+    labels = torch.tensor([[-100, -100, -100, 6, 7], [-100, -100, 8, P, -100]])
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    tmask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]).bool()
+    return ids, labels, attn, tmask
+
+
+def test_splice_positions_masks_labels():
+    ids, labels, attn, tmask = _two_rows()
+    sp = splice(ids, labels, attn, tmask, img_start_id=50, img_end_id=51, pad_id=0)
+    S, E, V = 50, 51, -1
+    assert sp.ids.tolist() == [[1, 5, S, V, V, E, 6, 7, 0, 0], [1, S, V, V, V, E, 8, S, V, E]]
+    assert sp.labels.tolist() == [[-100] * 6 + [6, 7, -100, -100],
+                                  [-100] * 6 + [8, S, -100, -100]]     # [Img] of the written image is a target
+    assert sp.attention_mask.tolist() == [[1] * 8 + [0, 0], [1] * 10]
+    assert sp.position_ids[1].tolist() == list(range(10))
+    assert sp.vis_dst.tolist() == [3, 4, 12, 13, 14, 18] and sp.vis_src.tolist() == list(range(6))
+    assert sp.pred_pos.tolist() == [17] and sp.pred_src.tolist() == [5]   # [Img] at 17 predicts v_1 (packed row 5)
+    assert sp.stop_pos.tolist() == [17, 18] and sp.stop_target.tolist() == [0.0, 1.0]
+    assert sp.image_start.tolist() == [2, 11, 17]
+
+
+def test_splice_left_padding_and_cut():
+    ids, labels, attn, tmask = _two_rows()
+    sp = splice(ids, labels, attn, tmask, img_start_id=50, img_end_id=51, pad_id=0, padding_side="left")
+    assert sp.ids[0].tolist() == [0, 0, 1, 5, 50, -1, -1, 51, 6, 7]
+    assert sp.attention_mask[0].tolist() == [0, 0] + [1] * 8
+    assert sp.position_ids[0, 2:].tolist() == list(range(8))
+    assert sp.vis_dst[:2].tolist() == [5, 6]
+    cut = splice(ids, labels, attn, tmask, img_start_id=50, img_end_id=51, pad_id=0, max_length=8)
+    assert cut.ids[1].tolist() == [1, 50, -1, -1, -1, 51, 8, 50]
+    assert cut.pred_pos.numel() == 0 and cut.stop_pos.numel() == 0     # the written image fell off the end
+    with pytest.raises(ValueError, match="1 <image> placeholders in input_ids but 3 images"):
+        splice(ids[:1], labels[:1], attn[:1], tmask, img_start_id=50, img_end_id=51, pad_id=0)
+
+
+def test_order_tokens_raster_then_remainder():
+    tokens = torch.arange(4.0).view(1, 4, 1)
+    seeds = torch.tensor([[5, -1, 2, 9]])
+    mask = torch.tensor([[True, True, True, False]])
+    t, m = order_tokens(tokens, mask, seeds)
+    assert t.view(-1).tolist() == [2.0, 0.0, 1.0, 3.0] and m.tolist() == [[True, True, True, False]]
+
+
+# ---- heads ---------------------------------------------------------------------------
+
+def test_mse_head_known_value():
+    head = MSEHead(2, 2, 2)
+    with torch.no_grad():
+        for lin in (head.net[0], head.net[2]):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+    gelu = [x * 0.5 * (1 + math.erf(x / math.sqrt(2))) for x in (1.0, 2.0)]
+    want = ((gelu[0] - 0.5) ** 2 + (gelu[1] + 1.0) ** 2) / 2
+    got = head.loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]]))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert head.loss(torch.zeros(0, 2), torch.zeros(0, 2)).item() == 0.0
+
+
+def _cosine_alphas_cumprod(T):
+    f = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
+    betas = [min(1 - f[i + 1] / f[i], 0.999) for i in range(T)]
+    return np.cumprod([1 - b for b in betas])
+
+
+def test_diffusion_loss_known_schedule():
+    torch.manual_seed(0)
+    head = DiffusionHead(6, 4, DiffusionHeadConfig(width=16, depth=2, batch_mul=2, num_train_timesteps=100))
+    h, x0 = torch.randn(3, 6), torch.randn(3, 4)
+    noise, t = torch.randn(6, 4), torch.tensor([0, 10, 50, 99, 3, 70])
+    # untrained: the zero-initialised output layer predicts eps = 0, so the loss is E[noise^2]
+    assert head.loss(h, x0, noise=noise, timesteps=t).item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+    seen = {}
+    real = head.denoise
+
+    def spy(x_t, tt, hh):
+        seen["x_t"] = x_t
+        return real(x_t, tt, hh)
+
+    head.denoise = spy
+    ac = torch.tensor(_cosine_alphas_cumprod(100), dtype=torch.float32)[t].view(-1, 1)
+    head.loss(h, x0, noise=torch.zeros(6, 4), timesteps=t)              # zero noise: x_t = sqrt(abar_t) x0
+    assert torch.allclose(seen["x_t"], ac.sqrt() * x0.repeat_interleave(2, 0), atol=1e-6)
+    head.loss(h, x0, noise=noise, timesteps=t)
+    want = ac.sqrt() * x0.repeat_interleave(2, 0) + (1 - ac).sqrt() * noise
+    assert torch.allclose(seen["x_t"], want, atol=1e-5)
+
+    # an oracle denoiser that knows x0: zero loss, and few-step DDIM lands on x0
+    abar = head.train_scheduler.alphas_cumprod
+
+    def oracle(x_t, tt, hh):
+        a = abar[tt].view(-1, 1)
+        return (x_t - a.sqrt() * target) / (1 - a).sqrt()
+
+    head.denoise = oracle
+    target = x0.repeat_interleave(2, 0)
+    assert head.loss(h, x0, noise=noise, timesteps=t).item() < 1e-9
+    target = x0
+    assert torch.allclose(head.sample(h, steps=3, generator=torch.Generator().manual_seed(1)), x0, atol=1e-4)
+
+
+def test_sample_logits_greedy_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    assert sample_logits(logits).item() == 0
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_logits(logits, 1.0, 0.6, g).item() for _ in range(300)}
+    assert draws == {0, 1}                                   # 0.2 lies outside the 0.6 nucleus
+    draws = {sample_logits(logits, 1.0, 1.0, g).item() for _ in range(300)}
+    assert draws == {0, 1, 2}
+
+
+# ---- text -----------------------------------------------------------------------------
+
+def test_word_tokenizer_from_world_files(tmp_path):
+    f = tmp_path / "pairs.json"
+    f.write_text(json.dumps([{"image": "a.png", "caption": "There are two objects: a purple hexagon, a red star."}]))
+    tok = build_word_tokenizer([f])
+    text = "There are two objects: a purple hexagon, a red star."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    assert tok("a zebra", add_special_tokens=False)["input_ids"][1] == tok.unk_token_id
+    tok.save_pretrained(tmp_path / "t")
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "t")(text)["input_ids"] == tok(text)["input_ids"]
+    with pytest.raises(UserError, match="not found"):
+        build_word_tokenizer([tmp_path / "nope.json"])
+
+
+def test_render_conversation_labels(folders):
+    tok = build_word_tokenizer(extra_texts=TEXTS)
+    conv = [{"from": "human", "value": "<image>\nMake the red circle blue."}, {"from": "gpt", "value": "<image>"},
+            {"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": "A red circle."}]
+    ids, labels = render_conversation(conv, tok)
+
+    def t(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    from setok_cli.models.setokim import VICUNA_SYSTEM
+    p1 = t(VICUNA_SYSTEM + " USER: ") + [P] + t("Make the red circle blue. ASSISTANT:")
+    p2 = t("USER: Describe the image briefly. ASSISTANT:")
+    eos = tok.eos_token_id
+    assert ids == [tok.bos_token_id] + p1 + [P, eos] + p2 + t("A red circle.") + [eos]
+    assert labels == [IGNORE_INDEX] * (1 + len(p1)) + [P, eos] + [IGNORE_INDEX] * len(p2) + t("A red circle.") + [eos]
+    assert "USER : Make" not in tok.decode([i for i in ids if i >= 0])   # spacing kept: "USER: Make"
+
+
+# ---- the model -----------------------------------------------------------------------
+
+def test_losses_match_hand_computed(folders):
+    torch.manual_seed(0)
+    m = make(folders)
+    ids, labels, attn, tokens, mask = batch(m)
+    out = m(ids, labels, attn, tokens, mask)
+    # oracles: the LM's own shifted cross-entropy on the spliced labels; MSE at the positions
+    # from [Img] on in the row that writes its image (row 1, image 1 with K = 2)
+    sp = m.splice(ids, labels, attn, mask)
+    emb = m.embed(sp, tokens, mask)
+    hf_loss = m.lm(inputs_embeds=emb, attention_mask=sp.attention_mask, position_ids=sp.position_ids,
+                   labels=sp.labels).loss
+    assert out.text_loss.item() == pytest.approx(hf_loss.item(), rel=1e-5)
+    h = m.hidden(emb, sp.attention_mask, sp.position_ids).last_hidden_state
+    s = int((sp.ids[1] == m.img_start_id).nonzero()[0])
+    assert torch.allclose(emb[1, s + 1], m.projector(tokens[1, 0]), atol=1e-6)   # the token is fed back as input
+    pred = m.visual_head(h[1, s:s + 2])
+    assert out.visual_loss.item() == pytest.approx(((pred - tokens[1, :2]) ** 2).mean().item(), rel=1e-5)
+    stop = m.stop_head(h[1, s:s + 3]).squeeze(-1)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(stop, torch.tensor([0.0, 0.0, 1.0]))
+    assert out.stop_loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.num_visual == 2
+    # [Img] and </s> are the written row's only text targets; the caption row's answer + </s>
+    n_caption = len(m.text_tokenizer("A red circle.", add_special_tokens=False)["input_ids"]) + 1
+    assert out.num_text == n_caption + 2
+
+
+def test_read_images_carry_no_visual_loss(folders):
+    m = make(folders)
+    ids, labels, attn, tokens, mask = batch(m)
+    out = m(ids[:1], labels[:1], attn[:1], tokens[:1], mask[:1])          # caption only
+    assert out.num_visual == 0 and out.visual_loss.item() == 0.0 and out.stop_loss.item() == 0.0
+    out.loss.backward()
+    assert m.visual_head.net[0].weight.grad is not None                   # connected (DDP needs every grad)
+    assert all(p.grad is None for p in m.setok.parameters())              # the stage-1 parts are frozen
+
+
+def test_save_load_identical(folders, tmp_path):
+    for head in ("mse", "diffusion"):
+        torch.manual_seed(1)
+        m = make(folders, visual_head=head)
+        m.fit_token_stats(torch.randn(4, 3, 8) * 2 + 1, torch.ones(4, 3, dtype=torch.bool))
+        ids, labels, attn, tokens, mask = batch(m)
+        run = tmp_path / head
+        m.save_pretrained(run / "checkpoints" / "step_00000005")
+        m.save_pretrained(run / "checkpoints" / "step_00000005")           # over an existing folder
+        assert {p.name for p in (run / "checkpoints" / "step_00000005").iterdir()} >= {
+            "config.json", "model.safetensors", "lm", "tokenizer", "setok", "detokenizer"}
+        m2 = Setokim.from_pretrained(run)                                 # the run folder: its latest checkpoint
+        m.eval()
+        torch.manual_seed(2)
+        a = m(ids, labels, attn, tokens, mask)
+        torch.manual_seed(2)
+        b = m2(ids, labels, attn, tokens, mask)
+        assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6, abs=1e-7)
+        assert torch.equal(m2.token_std, m.token_std) and m2.img_start_id == m.img_start_id
+        px = torch.rand(1, 3, 112, 112)
+        assert torch.equal(m.encode_images(px)[0], m2.encode_images(px)[0])
+
+
+def _generating_model(folders, head):
+    torch.manual_seed(3)
+    m = make(folders, visual_head=head, max_visual_tokens=3)
+    with torch.no_grad():
+        m.stop_head.bias.fill_(-5.0)                       # write the full 3 tokens, then text
+        m.lm.get_output_embeddings().weight[m.eos_id] = 0   # random weights: keep </s> from ending at once
+    return m
+
+
+@pytest.mark.parametrize("head", ["mse", "diffusion"])
+def test_kv_cache_equals_no_cache(folders, head):
+    m = _generating_model(folders, head)
+    g = torch.Generator().manual_seed(0)
+    sets = [torch.randn(2, 8, generator=g)]
+    args = prompt_batch(m, ["<image>\nMake the red circle blue.", "Generate an image: a red circle."],
+                        images=[sets, []], start_image=True)
+    kw = dict(max_new_tokens=4, visual_steps=2)
+    a = m.generate(*args, use_cache=True, generator=torch.Generator().manual_seed(5), **kw)
+    b = m.generate(*args, use_cache=False, generator=torch.Generator().manual_seed(5), **kw)
+    for x, y in zip(a, b):
+        assert x.ids == y.ids and x.text == y.text
+        assert len(x.images) == len(y.images) >= 1
+        assert all(torch.allclose(i, j, atol=1e-5) for i, j in zip(x.images, y.images))
+    assert [len(x.images[0]) for x in a] == [3, 3] and a[0].ids[0] == m.img_end_id
+    if head == "mse":                                      # left padding: a row alone = the row in a batch
+        alone = m.generate(*prompt_batch(m, ["Generate an image: a red circle."], start_image=True), **kw)
+        assert alone[0].ids == a[1].ids and torch.allclose(alone[0].images[0], a[1].images[0], atol=1e-5)
+    pics = decode_images(m, a[0].images, steps=1)
+    assert pics.shape == (1, 3, 16, 16) and 0 <= float(pics.min()) and float(pics.max()) <= 1
+
+
+def test_meta_vicuna_7b_parameter_count():
+    cfg = SetokimConfig(lm="lmsys/vicuna-7b-v1.5", token_dim=1152)     # not on disk: the known architecture
+    m = Setokim.on_meta(cfg)
+    rows = {r[0]: r[1:] for r in parameter_table(m)}
+    assert rows["lm"][0] == 6_738_415_616 + 2 * 2 * 4096                 # + [Img], [/Img] in embed and head
+    assert rows["projector"][0] == 1152 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert rows["stop_head"][0] == 4097
+    assert rows["all"][0] == sum(v[0] for k, v in rows.items() if k != "all")
+    assert m.img_start_id == 32000 and m.img_end_id == 32001
+
+
+def test_bad_inputs_one_line(folders, tmp_path):
+    m = make(folders)
+    cases = [
+        lambda: make(folders, token_dim=9),                                           # mismatched stage 1
+        lambda: Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(folders / "tok"),
+                                                  stage1=str(tmp_path / "missing"))),
+        lambda: Setokim.from_pretrained(tmp_path / "missing"),
+        lambda: Setokim.from_pretrained(folders / "stage1"),                          # a stage-1 run, not Setokim
+        lambda: Setokim.from_pretrained(folders / "tok"),                             # some other folder
+        lambda: prompt_batch(m, ["   "]),                                             # empty prompt
+        lambda: prompt_batch(m, ["<image>\nDescribe the image briefly."]),            # an <image> without image
+        lambda: SetokimConfig(visual_head="l1"),
+        lambda: m.generate(*prompt_batch(m, ["Describe the image briefly."]), max_new_tokens=0),
+    ]
+    for i, f in enumerate(cases):
+        with pytest.raises(UserError) as e:
+            f()
+        assert "\n" not in str(e.value) and str(e.value), i
+
+
+# ---- learning -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", ["mse", "diffusion"])
+def test_toy_task_lowers_text_and_visual_losses(folders, head):
+    """Four concepts, each a caption and a fixed token set (2-4 tokens): read -> caption and
+    caption -> write. 40 AdamW steps lower the text, visual and stop losses."""
+    torch.manual_seed(0)
+    m = make(folders, visual_head=head, diffusion=DiffusionHeadConfig(width=32, depth=2, batch_mul=4))
+    caps = ["A red circle.", "Two blue squares.", "A green star.", "Three objects."]
+    g = torch.Generator().manual_seed(0)
+    sets = [torch.randn(k, 8, generator=g) for k in (2, 3, 4, 3)]
+    rendered, images = [], []
+    for c, s in zip(caps, sets):
+        rendered.append(render_conversation([{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                                             {"from": "gpt", "value": c}], m.text_tokenizer))
+        rendered.append(render_conversation([{"from": "human", "value": f"Generate an image: {c}"},
+                                             {"from": "gpt", "value": "<image>"}], m.text_tokenizer))
+        images += [s, s]
+    ids, labels, attn = collate_conversations(rendered, m.pad_id)
+    tokens, mask = pack_token_sets(images)
+    m.fit_token_stats(tokens, mask)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    hist = []
+    m.train()
+    for _ in range(40):
+        out = m(ids, labels, attn, tokens, mask)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        hist.append((out.text_loss.item(), out.visual_loss.item(), out.stop_loss.item()))
+    first, last = np.mean(hist[:3], 0), np.mean(hist[-3:], 0)
+    assert last[0] < 0.5 * first[0]
+    assert last[1] < (0.5 if head == "mse" else 0.8) * first[1]
+    assert last[2] < 0.5 * first[2]
