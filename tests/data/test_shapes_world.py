@@ -34,19 +34,22 @@ def test_image_depends_on_seed_and_index_only():
 
 
 def test_world_content_rules():
-    shapes, colors, counts = set(), set(), set()
+    shapes, colors, counts = set(), set(), {}
     for i in range(60):
         ex = S.make_example(i, 0, 64)
         objs = ex["scene"]["objects"]
-        counts.add(len(objs))
-        assert 1 <= len(objs) <= S.MAX_OBJECTS
+        counts[len(objs)] = counts.get(len(objs), 0) + 1
+        inst = ex["render"].instances
         for o in objs:
             shapes.add(o["shape"])
             colors.add(o["color"])
-            assert o["area"] > 0
-        inst = ex["render"].instances
-        assert set(np.unique(inst)) <= set(range(len(objs) + 1))
-    assert len(shapes) >= 6 and len(colors) == 8 and len(counts) >= 5
+            ys, xs = np.nonzero(inst == o["id"])      # every object visible, as its record says
+            assert o["area"] == len(xs) >= 1
+            assert o["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert set(np.unique(inst).tolist()) == set(range(len(objs) + 1))
+    # seed 0: every object count from 1 to MAX_OBJECTS, all shapes and colours
+    assert counts == {1: 8, 2: 9, 3: 12, 4: 10, 5: 10, 6: 11} and S.MAX_OBJECTS == 6
+    assert shapes == set(S.SHAPES) and colors == set(S.COLORS)
 
 
 def test_masks_agree_with_pixels():

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from setok_cli.errors import UserError
 from setok_cli.models.builtin_encoder import BuiltinEncoder, rgb_to_lab
 from setok_cli.models.encoders import load_encoder
 
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
 
@@ -98,7 +98,7 @@ def test_builtin_encoder():
 
 
 def test_rgb_to_lab_matches_skimage():
-    color = pytest.importorskip("skimage.color")
+    from skimage import color
     rgb = torch.rand(1, 3, 5, 7)
     ref = color.rgb2lab(rgb[0].permute(1, 2, 0).double().numpy())
     ours = rgb_to_lab(rgb)[0].permute(1, 2, 0).double().numpy()
