@@ -122,7 +122,8 @@ def _reconstruct(data, model, as_json, batch_size, limit, tok_opts, steps, seed,
     res = {"checkpoint": str(parts.folder)}
     res.update(evaluate_reconstruction(parts.setok, parts.detokenizer, parts.mask_decoder, parts.alignment, data,
                                        limit=limit, steps=steps, seed=0 if seed is None else seed,
-                                       batch_size=batch_size or 25, image_size=parts.image_size, grid=grid,
+                                       batch_size=batch_size or 25, image_size=parts.image_size,
+                                       tokenizer_image_size=parts.tokenizer_image_size, grid=grid,
                                        progress=not as_json))
     res.update(training_figures(parts.folder))
     return res

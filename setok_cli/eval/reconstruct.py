@@ -2,7 +2,8 @@
 
     parts = load_stage1("runs/tiny-stage1")                 # a run folder, or checkpoints/step_*
     res = evaluate_reconstruction(parts.setok, parts.detokenizer, parts.mask_decoder, parts.alignment,
-                                  data="data/shapes/test/pairs.json", image_size=parts.image_size)
+                                  data="data/shapes/test/pairs.json", image_size=parts.image_size,
+                                  tokenizer_image_size=parts.tokenizer_image_size)
 
 What it measures, on a pairs file with instance PNGs and scene graphs (the shapes world):
 - reconstructions (tokens -> detokenizer samples, upsampled to the data's size), parsed by
@@ -49,6 +50,7 @@ class Stage1Parts:
     mask_decoder: Optional[torch.nn.Module]
     alignment: Optional[torch.nn.Module]
     image_size: Optional[int]          # the recipe's data.image_size (None: the data's own)
+    tokenizer_image_size: Optional[int] = None   # the recipe's model.tokenizer.image_size (as in training)
 
 
 def _read_recipe(folder: Path) -> dict:
@@ -86,7 +88,9 @@ def load_stage1(path) -> Stage1Parts:
         from ..models.alignment import ConceptAlignment
         align = ConceptAlignment.from_pretrained(folder / "alignment").eval()
     size = (recipe.get("data") or {}).get("image_size")
-    return Stage1Parts(folder, setok, detok, mdec, align, int(size) if size else None)
+    tok_size = ((recipe.get("model") or {}).get("tokenizer") or {}).get("image_size")
+    return Stage1Parts(folder, setok, detok, mdec, align, int(size) if size else None,
+                       int(tok_size) if tok_size else None)
 
 
 def training_figures(folder: Path) -> dict:
@@ -153,9 +157,7 @@ def per_shape(tallies: dict[str, SceneTally]) -> dict[str, dict[str, int]]:
 def image_embeddings(alignment, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """tokens (B, K, T), token_mask (B, K) -> (B, E): the image side of the alignment's
     image-caption InfoNCE (projected tokens, mean over the valid ones)."""
-    proj = alignment.image_proj(tokens)
-    m = token_mask.unsqueeze(-1).to(proj.dtype)
-    return (proj * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return alignment.encode_image(tokens, token_mask)
 
 
 def _text_key(s: str) -> str:
@@ -209,11 +211,13 @@ def _segments(logits: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
 
 def evaluate_reconstruction(setok, detokenizer=None, mask_decoder=None, alignment=None, data=None, *,
                             limit: Optional[int] = None, steps: Optional[int] = None, seed: int = 0,
-                            batch_size: int = 25, image_size: Optional[int] = None, grid=None,
+                            batch_size: int = 25, image_size: Optional[int] = None,
+                            tokenizer_image_size: Optional[int] = None, grid=None,
                             progress: bool = False) -> dict:
     """Score in-memory stage-1 parts on `data` (a pairs file with instances; scene graphs
     for the reconstructions). image_size: the size the images are read at (the recipe's
-    data.image_size); the tokenizer gets them at its own config.image_size. grid: a PNG
+    data.image_size); the tokenizer gets them at `tokenizer_image_size` (the recipe's
+    model.tokenizer.image_size, as in training), else at its own config.image_size. grid: a PNG
     path for originals / reconstructions / canvas / segments of the first batch."""
     from ..data.datasets import PairsDataset, collate
     from ..models.mask_decoder import segment_miou
@@ -231,7 +235,7 @@ def evaluate_reconstruction(setok, detokenizer=None, mask_decoder=None, alignmen
         if lack:
             raise UserError(f"{data}: entry {lack[0]} (and {len(lack) - 1} more) has no '{key}'; "
                             f"reconstruct needs instance PNGs and scene graphs (the shapes world's pairs.json)")
-    tok_size = setok.config.image_size or setok.image_size   # None in the config: the encoder's own
+    tok_size = tokenizer_image_size or setok.config.image_size or setok.image_size
     with_canvas = (detokenizer is not None and detokenizer.canvas is not None
                    and detokenizer.config.canvas_recon_weight > 0)
     g = torch.Generator().manual_seed(seed)

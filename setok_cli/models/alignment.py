@@ -292,6 +292,16 @@ class ConceptAlignment(PretrainedModel, model_type="setok-alignment", config_cla
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
 
+    @staticmethod
+    def _pool(proj: Tensor, token_mask: Tensor) -> Tensor:
+        m = token_mask.unsqueeze(-1).to(proj.dtype)
+        return (proj * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def encode_image(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        """tokens (B, K, T), token_mask (B, K) -> (B, E): the image side of the image-caption
+        InfoNCE (projected tokens, mean over the valid ones)."""
+        return self._pool(self.image_proj(tokens), token_mask)
+
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         return self.text_proj(self.text_encoder(texts))
 
@@ -299,8 +309,7 @@ class ConceptAlignment(PretrainedModel, model_type="setok-alignment", config_cla
                 phrases: Optional[Sequence[Sequence[str]]] = None) -> dict[str, Tensor]:
         """tokens (B, K, T), token_mask (B, K); captions: B strings; phrases: B lists of strings."""
         proj = self.image_proj(tokens)                                            # (B, K, E)
-        m = token_mask.unsqueeze(-1).to(proj.dtype)
-        pooled = (proj * m).sum(1) / m.sum(1).clamp_min(1.0)                     # (B, E)
+        pooled = self._pool(proj, token_mask)                                      # (B, E)
         scale = self.scale()
         out: dict[str, Tensor] = {}
         if captions is not None:
