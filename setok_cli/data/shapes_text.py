@@ -1,0 +1,177 @@
+"""The words of the shapes world: captions, questions, referring expressions and edit
+instructions for a scene graph (see `shapes_world` for the graph)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .shapes_world import COLOR_NAMES, MAX_OBJECTS, NUMBER_WORDS, PLURALS, REGIONS, SHAPES, _valid, sample_object
+
+# ----------------------------------------------------------------------------- language
+
+def phrase(o: dict) -> str:
+    return f"{o['color']} {o['shape']}"
+
+
+def count_phrase(k: int, color: str, shape: str) -> str:
+    if k == 1:
+        art = "an" if color[0] in "aeiou" else "a"
+        return f"{art} {color} {shape}"
+    return f"{NUMBER_WORDS[k]} {color} {PLURALS[shape]}"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption(scene: dict, rng: np.random.Generator) -> str:
+    groups: dict[tuple[str, str], int] = {}
+    for o in scene["objects"]:
+        groups[(o["color"], o["shape"])] = groups.get((o["color"], o["shape"]), 0) + 1
+    parts = [count_phrase(k, c, s) for (c, s), k in groups.items()]
+    n = len(scene["objects"])
+    noun = "object" if n == 1 else "objects"
+    t = int(rng.integers(3))
+    if t == 0:
+        return f"{NUMBER_WORDS[n].capitalize()} {noun}: {_join(parts)}."
+    if t == 1:
+        return f"A picture of {NUMBER_WORDS[n]} {noun}: {_join(parts)}."
+    return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {noun} in the image: {_join(parts)}."
+
+
+def referring_expression(objects: list[dict], i: int) -> str | None:
+    """A unique description of objects[i] (None if none of the templates is unique)."""
+    o = objects[i]
+    same = [j for j, p in enumerate(objects) if p["color"] == o["color"] and p["shape"] == o["shape"]]
+    if len(same) == 1:
+        by_shape = sum(p["shape"] == o["shape"] for p in objects)
+        by_color = sum(p["color"] == o["color"] for p in objects)
+        if by_color == 1 and by_shape > 1:
+            return f"the {o['color']} object"
+        if by_shape == 1 and by_color > 1:
+            return f"the {o['shape']}"
+        return f"the {phrase(o)}"
+    xs = [objects[j]["center"][0] for j in same]
+    ys = [objects[j]["center"][1] for j in same]
+    for vals, lo, hi in ((xs, "leftmost", "rightmost"), (ys, "topmost", "bottommost")):
+        srt = sorted(vals)
+        if srt[1] - srt[0] > 0.08 and objects[i]["center"][0 if vals is xs else 1] == srt[0]:
+            return f"the {lo} {phrase(o)}"
+        if srt[-1] - srt[-2] > 0.08 and objects[i]["center"][0 if vals is xs else 1] == srt[-1]:
+            return f"the {hi} {phrase(o)}"
+    return None
+
+
+def _relation(a: dict, b: dict, rng: np.random.Generator) -> tuple[str, bool] | None:
+    dx, dy = b["center"][0] - a["center"][0], b["center"][1] - a["center"][1]
+    opts = []
+    if abs(dx) > 0.08:
+        opts += [("to the left of", dx > 0), ("to the right of", dx < 0)]
+    if abs(dy) > 0.08:
+        opts += [("above", dy > 0), ("below", dy < 0)]
+    return opts[int(rng.integers(len(opts)))] if opts else None
+
+
+def questions(scene: dict, rng: np.random.Generator, k: int = 5) -> list[tuple[str, str, str]]:
+    """(type, question, answer) triples, one of each answerable type, shuffled, first k."""
+    objs = scene["objects"]
+    qs: list[tuple[str, str, str]] = []
+    shapes = [o["shape"] for o in objs]
+    colors = [o["color"] for o in objs]
+    uniq_shape = [o for o in objs if shapes.count(o["shape"]) == 1]
+    uniq_color = [o for o in objs if colors.count(o["color"]) == 1]
+    if uniq_shape:
+        o = uniq_shape[int(rng.integers(len(uniq_shape)))]
+        qs.append(("color", f"What color is the {o['shape']}?", o["color"]))
+    if uniq_color:
+        o = uniq_color[int(rng.integers(len(uniq_color)))]
+        qs.append(("shape", f"What shape is the {o['color']} object?", o["shape"]))
+    t = rng.random()  # the total count is uniform over 1..6; per-colour/shape counts skew to 1
+    if t < 0.5:
+        qs.append(("count", "How many objects are there?", str(len(objs))))
+    elif t < 0.75:
+        c = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))] if rng.random() < 0.3 else colors[int(rng.integers(len(objs)))]
+        qs.append(("count", f"How many {c} objects are there?", str(colors.count(c))))
+    else:
+        s = SHAPES[int(rng.integers(len(SHAPES)))] if rng.random() < 0.3 else shapes[int(rng.integers(len(objs)))]
+        qs.append(("count", f"How many {PLURALS[s]} are there?", str(shapes.count(s))))
+    if rng.random() < 0.5:
+        o = objs[int(rng.integers(len(objs)))]
+        c, s = o["color"], o["shape"]
+    else:
+        c = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+        s = SHAPES[int(rng.integers(len(SHAPES)))]
+    present = any(o["color"] == c and o["shape"] == s for o in objs)
+    qs.append(("exist", f"Is there {count_phrase(1, c, s)}?", "yes" if present else "no"))
+    names = [referring_expression(objs, i) for i in range(len(objs))]
+    pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j and names[i] and names[j]]
+    if pairs:
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        rel = _relation(objs[i], objs[j], rng)
+        if rel is not None:
+            q = f"Is {names[i]} {rel[0]} {names[j]}?"
+            qs.append(("relation", q[0].upper() + q[1:], "yes" if rel[1] else "no"))
+    order = rng.permutation(len(qs))
+    return [qs[i] for i in order[:k]]
+
+
+# ----------------------------------------------------------------------------- edits
+
+def region_name(center: list[float]) -> str:
+    return min(REGIONS, key=lambda k: (REGIONS[k][0] - center[0]) ** 2 + (REGIONS[k][1] - center[1]) ** 2)
+
+
+def sample_edit(scene: dict, rng: np.random.Generator, tries: int = 40) -> tuple[dict, str, dict] | None:
+    """One edit (recolor, remove, add, move) of a scene -> (target scene, instruction,
+    info). info = {"op", "object": source instance id or None, "preserved": target ids
+    of objects that are unchanged}. None if no valid edit was found."""
+    objs = scene["objects"]
+    ops = ["recolor", "move"] + (["remove"] if len(objs) > 1 else []) + (["add"] if len(objs) < MAX_OBJECTS else [])
+    for _ in range(tries):
+        op = ops[int(rng.integers(len(ops)))]
+        if op == "add":
+            region = list(REGIONS)[int(rng.integers(len(REGIONS)))]
+            new = sample_object(rng, center=REGIONS[region], jitter=0.05)
+            target = objs + [new]
+            if region_name(new["center"]) != region or not _valid(target):
+                continue
+            instr = f"Add {count_phrase(1, new['color'], new['shape'])} at the {region}." if region in (
+                "top", "bottom", "left", "right", "center") else \
+                f"Add {count_phrase(1, new['color'], new['shape'])} in the {region}."
+            return ({**scene, "objects": target}, instr,
+                    {"op": op, "object": None, "preserved": list(range(1, len(objs) + 1))})
+        i = int(rng.integers(len(objs)))
+        name = referring_expression(objs, i)
+        if name is None:
+            continue
+        rest = [k + 1 for k in range(len(objs)) if k != i]
+        if op == "remove":
+            target = objs[:i] + objs[i + 1:]
+            if not _valid(target):
+                continue
+            return ({**scene, "objects": target}, f"Remove {name}.",
+                    {"op": op, "object": i + 1, "preserved": list(range(1, len(target) + 1))})
+        if op == "recolor":
+            c = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+            if c == objs[i]["color"]:
+                continue
+            target = [dict(o) for o in objs]
+            target[i]["color"] = c
+            if not _valid(target):
+                continue
+            return ({**scene, "objects": target}, f"Make {name} {c}.",
+                    {"op": op, "object": i + 1, "preserved": rest})
+        if op == "move":
+            region = list(REGIONS)[int(rng.integers(len(REGIONS)))]
+            o = dict(objs[i])
+            r = o["size"]
+            c = np.clip(np.asarray(REGIONS[region]) + rng.uniform(-0.04, 0.04, 2), r, 1 - r)
+            if region_name(list(c)) != region or region_name(o["center"]) == region:
+                continue
+            o["center"] = [round(float(c[0]), 4), round(float(c[1]), 4)]
+            target = objs[:i] + [o] + objs[i + 1:]
+            if not _valid(target):
+                continue
+            where = "to the " + region if region != "center" else "to the center"
+            return ({**scene, "objects": target}, f"Move {name} {where}.",
+                    {"op": op, "object": i + 1, "preserved": rest})
+    return None
