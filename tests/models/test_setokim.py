@@ -19,6 +19,16 @@ TEXTS = ["A red circle and two blue squares.", "There are three objects in the i
          "Make the red circle blue.", "Describe the image briefly.", "Generate an image: a red circle."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: a second intra-op thread only adds sync cost (on a loaded
+    2-core machine a 96 x 32 matmul took 300 ms with 2 threads, 2 ms with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny stage-1 checkpoint (SeTok with 8-wide tokens + a tiny detokenizer) and a word tokenizer."""
@@ -272,10 +282,15 @@ def test_save_load_identical(folders, tmp_path):
 
 def _generating_model(folders, head):
     torch.manual_seed(3)
-    m = make(folders, visual_head=head, max_visual_tokens=3)
+    # x0-prediction: an untrained eps-predictor's DDIM samples blow up to ~1e5 (divided by
+    # sqrt(abar) at t = 999), where allclose would no longer tell two samples apart
+    m = make(folders, visual_head=head, max_visual_tokens=3, diffusion=DiffusionHeadConfig(prediction_type="sample"))
     with torch.no_grad():
         m.stop_head.bias.fill_(-5.0)                       # write the full 3 tokens, then text
         m.lm.get_output_embeddings().weight[m.eos_id] = 0   # random weights: keep </s> from ending at once
+        for p in m.visual_head.parameters():                # MAR's zero init ignores the hidden state
+            if not p.any():
+                p.normal_(0, 0.1)
     return m
 
 
@@ -292,7 +307,7 @@ def test_kv_cache_equals_no_cache(folders, head):
     for x, y in zip(a, b):
         assert x.ids == y.ids and x.text == y.text
         assert len(x.images) == len(y.images) >= 1
-        assert all(torch.allclose(i, j, atol=1e-5) for i, j in zip(x.images, y.images))
+        assert all(torch.allclose(i, j, rtol=0, atol=2e-5) for i, j in zip(x.images, y.images))   # a 1-position RoPE slip: 1e-4
     assert [len(x.images[0]) for x in a] == [3, 3] and a[0].ids[0] == m.img_end_id
     if head == "mse":                                      # left padding: a row alone = the row in a batch
         alone = m.generate(*prompt_batch(m, ["Generate an image: a red circle."], start_image=True), **kw)
