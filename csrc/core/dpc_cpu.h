@@ -17,6 +17,10 @@
 namespace setok {
 namespace core {
 
+// Columns are scanned in blocks of kBlock: a branch-free (vectorised) test finds the rare
+// blocks holding a candidate, which only then are looked at one by one.
+constexpr int64_t kBlock = 16;
+
 inline bool is_valid(const bool* valid, int64_t i) { return valid == nullptr || valid[i]; }
 
 inline int64_t count_valid(const bool* valid, int64_t N) {
@@ -26,15 +30,39 @@ inline int64_t count_valid(const bool* valid, int64_t N) {
   return c;
 }
 
-// In place: the Gram rows [r0, r1) become squared distances. sq holds the Gram diagonal
-// (copied before any row is rewritten). The diagonal becomes exactly 0.
+// sq_i = |x_i|^2 for the n rows of x (n, D), in kBlock lanes summed in a fixed order (the
+// same bits whichever thread or path computes it). The pipelines take the norms from here,
+// not from the Gram diagonal, so that a thread holding only some Gram rows needs no other
+// thread's rows.
+template <typename T>
+void squared_norms(const T* x, int64_t n, int64_t D, T* sq) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * D;
+    T lane[kBlock] = {};
+    int64_t c0 = 0;
+    for (; c0 + kBlock <= D; c0 += kBlock)
+#pragma omp simd
+      for (int64_t c = 0; c < kBlock; ++c) lane[c] += xi[c0 + c] * xi[c0 + c];
+    for (int64_t c = 0; c0 + c < D; ++c) lane[c] += xi[c0 + c] * xi[c0 + c];
+    T s = T(0);
+    for (int64_t c = 0; c < kBlock; ++c) s += lane[c];
+    sq[i] = s;
+  }
+}
+
+// In place: the Gram rows [r0, r1) become squared distances. sq holds the squared norms
+// (squared_norms). The diagonal becomes exactly 0.
 template <typename T>
 void sqdist_rows_from_gram(T* g, const T* sq, int64_t N, int64_t D, int64_t r0, int64_t r1) {
-  const T d = T(D);
+  const T d = T(D), inv_d = T(1) / d;
+  const bool mul = exact_reciprocal(D);
   for (int64_t i = r0; i < r1; ++i) {
     T* row = g + i * N;
     const T si = sq[i];
-    for (int64_t j = 0; j < N; ++j) row[j] = sqdist_from_gram(si, sq[j], row[j], d);
+    if (mul)
+      for (int64_t j = 0; j < N; ++j) row[j] = sqdist_times_d_from_gram(si, sq[j], row[j]) * inv_d;
+    else
+      for (int64_t j = 0; j < N; ++j) row[j] = sqdist_from_gram(si, sq[j], row[j], d);
     row[i] = T(0);
   }
 }
@@ -71,11 +99,60 @@ inline int64_t sorted_insert(T* buf, int32_t* idx, int64_t n, T v, int32_t j) {
   return n + 1;
 }
 
-// Columns are scanned in blocks of kBlock: a branch-free (vectorised) test finds the rare
-// blocks holding a candidate, which only then are looked at one by one.
-constexpr int64_t kBlock = 16;
 
 constexpr int64_t kSmallK = 64;  // up to this k the neighbours are kept in a sorted buffer
+
+// An upper bound on the k-th smallest of row[0..N) (k <= kBlock <= N): the k-th smallest of
+// the kBlock lane minima (lane c: the columns j = c mod kBlock), as k distinct columns lie at
+// or below it. On rows without structure it is about the (k+1)-th smallest value, so a scan
+// for values <= bound looks at a few blocks one by one where a running threshold looks at
+// most of them (a running k-th smallest is loose until many columns have been seen).
+template <typename T>
+T lane_bound(const T* row, int64_t N, int64_t k) {
+  T lane[kBlock];
+  for (int64_t c = 0; c < kBlock; ++c) lane[c] = std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + kBlock <= N; j += kBlock)
+#pragma omp simd
+    for (int64_t c = 0; c < kBlock; ++c) lane[c] = row[j + c] < lane[c] ? row[j + c] : lane[c];
+  for (int64_t c = 0; j + c < N; ++c) lane[c] = row[j + c] < lane[c] ? row[j + c] : lane[c];
+  // the k smallest lane minima by insertion (cheaper than std::nth_element at this size)
+  T buf[kBlock];
+  int64_t n = 0;
+  for (int64_t c = 0; c < kBlock; ++c) {
+    const T v = lane[c];
+    if (n == k && !(v < buf[k - 1])) continue;
+    int64_t p = n < k ? n++ : k - 1;
+    for (; p > 0 && buf[p - 1] > v; --p) buf[p] = buf[p - 1];
+    buf[p] = v;
+  }
+  return buf[k - 1];
+}
+
+// The k smallest of row[0..N) among the values <= bound into buf/idx, ascending, ties in
+// index order (the order a full sorted scan gives). Returns how many were found: k unless
+// the row holds NaN (callers then fall back to the full scan).
+template <typename T>
+int64_t smallest_up_to(const T* row, int64_t N, int64_t k, T bound, T* buf, int32_t* idx) {
+  int64_t filled = 0, j = 0;
+  auto take = [&](int64_t jj) {
+    const T v = row[jj];
+    if (!(v <= bound)) return;
+    if (filled < k)
+      filled = sorted_insert(buf, idx, filled, v, static_cast<int32_t>(jj));
+    else if (v < buf[k - 1])
+      sorted_insert(buf, idx, k - 1, v, static_cast<int32_t>(jj));
+  };
+  for (; j + kBlock <= N; j += kBlock) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t c = 0; c < kBlock; ++c) any |= row[j + c] <= bound;
+    if (any)
+      for (int64_t c = 0; c < kBlock; ++c) take(j + c);
+  }
+  for (; j < N; ++j) take(j);
+  return filled;
+}
 
 inline int64_t effective_k(int64_t k, int64_t n_valid) { return std::max<int64_t>(1, std::min(k, n_valid)); }
 
@@ -97,7 +174,9 @@ void knn_density_rows(const T* d2, const bool* valid, int64_t N, int64_t k, int6
     }
     const T* row = d2 + i * N;
     T sum = T(0);
-    if (k_eff <= kSmall) {
+    const bool by_bound = k_eff <= kBlock && valid == nullptr && N >= kBlock &&
+                          smallest_up_to(row, N, k_eff, lane_bound(row, N, k_eff), buf, ibuf) == k_eff;
+    if (k_eff <= kSmall && !by_bound) {
       // buf holds the k_eff smallest values seen so far, ascending
       int64_t filled = 0, j = 0;
       for (; j < N && filled < k_eff; ++j)
@@ -117,6 +196,8 @@ void knn_density_rows(const T* d2, const bool* valid, int64_t N, int64_t k, int6
       }
       for (; j < N; ++j)
         if (is_valid(valid, j)) offer(j);
+    }
+    if (k_eff <= kSmall) {
       for (int64_t t = 0; t < k_eff; ++t) sum += buf[t];
       if (knn != nullptr) {
         std::copy(ibuf, ibuf + k_eff, knn + (i - r0) * k_eff);
@@ -210,7 +291,8 @@ void delta_rows(const T* d2, const T* density, const bool* valid, int64_t N, T* 
 }
 
 // The scope-masking loop for one image (SPEC 2.3). `scope` is N values of scratch.
-// masks (T+1, N), seeds (T) and seed_d2 (T, N) are fully written. Returns num_clusters.
+// masks (T+1, N), seeds (T) and seed_d2 (T, N) are fully written (rows past the last
+// cluster zeroed once at the end, not before). Returns num_clusters.
 template <typename T>
 int64_t scope_loop(const T* d2, const T* score, const bool* valid, int64_t N, int64_t max_clusters,
                    double bandwidth, bool hard, double min_scope, bool has_threshold, double threshold,
@@ -220,9 +302,6 @@ int64_t scope_loop(const T* d2, const T* score, const bool* valid, int64_t N, in
   const T ms = T(min_scope);
   const T thr = T(threshold);
   for (int64_t i = 0; i < N; ++i) scope[i] = is_valid(valid, i) ? T(1) : T(0);
-  std::fill(masks, masks + (max_clusters + 1) * N, T(0));
-  std::fill(seed_d2, seed_d2 + max_clusters * N, T(0));
-  std::fill(seeds, seeds + max_clusters, int64_t(-1));
   int64_t n = 0;
   for (; n < max_clusters; ++n) {
     int64_t m = -1;
@@ -247,6 +326,9 @@ int64_t scope_loop(const T* d2, const T* score, const bool* valid, int64_t N, in
     seeds[n] = m;
   }
   std::copy(scope, scope + N, masks + n * N);
+  std::fill(masks + (n + 1) * N, masks + (max_clusters + 1) * N, T(0));
+  std::fill(seed_d2 + n * N, seed_d2 + max_clusters * N, T(0));
+  std::fill(seeds + n, seeds + max_clusters, int64_t(-1));
   return n;
 }
 

@@ -22,11 +22,19 @@ constexpr int64_t kDirectMaxD = 32;
 // dist(i, j)^2 = max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0) / D, evaluated in the same order as
 // the reference so both produce the same bits from the same Gram entries.
 template <typename T>
-SETOK_HD T sqdist_from_gram(T sq_i, T sq_j, T g_ij, T D) {
+SETOK_HD T sqdist_times_d_from_gram(T sq_i, T sq_j, T g_ij) {
   T v = (sq_i + sq_j) - T(2) * g_ij;
-  v = v > T(0) ? v : T(0);
-  return v / D;
+  return v > T(0) ? v : T(0);
 }
+
+template <typename T>
+SETOK_HD T sqdist_from_gram(T sq_i, T sq_j, T g_ij, T D) {
+  return sqdist_times_d_from_gram(sq_i, sq_j, g_ij) / D;
+}
+
+// For D a power of two, 1/D is exact and v * (1/D) is the same correctly rounded number as
+// v / D (both round the same real), so kernels may multiply instead of divide: same bits.
+inline bool exact_reciprocal(int64_t D) { return D > 0 && (D & (D - 1)) == 0; }
 
 // j is denser than i iff density_j > density_i, or they are equal and j < i.
 template <typename T>

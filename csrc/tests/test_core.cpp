@@ -57,6 +57,77 @@ static void test_sqdist(int N, int D) {
   }
 }
 
+// squared_norms against exact small-integer norms, float and double
+static void test_squared_norms() {
+  for (int D : {1, 15, 16, 17, 1024}) {
+    std::vector<float> xf(3 * D);
+    std::vector<double> xd(3 * D);
+    for (int i = 0; i < 3; ++i)
+      for (int c = 0; c < D; ++c) xf[i * D + c] = xd[i * D + c] = (c % 2 ? -1.0 : 1.0) * (i + 1);
+    std::vector<float> sf(3);
+    std::vector<double> sd(3);
+    squared_norms(xf.data(), 3, D, sf.data());
+    squared_norms(xd.data(), 3, D, sd.data());
+    for (int i = 0; i < 3; ++i) {
+      CHECK(sf[i] == float(D * (i + 1) * (i + 1)), "float norm D=%d row %d: %g", D, i, sf[i]);
+      CHECK(sd[i] == double(D * (i + 1) * (i + 1)), "double norm D=%d row %d: %g", D, i, sd[i]);
+    }
+  }
+}
+
+// For a power-of-two D the kernel multiplies by 1/D: the bits must be those of the division.
+static void test_sqdist_power_of_two_d() {
+  std::mt19937 g(11);
+  std::uniform_real_distribution<float> u(-3e3f, 3e3f);
+  const int N = 37;
+  for (int D : {64, 1024, 1 << 20}) {
+    std::vector<float> gram(N * N), sq(N);
+    for (auto& v : gram) v = u(g);
+    for (auto& v : sq) v = std::fabs(u(g)) * 1e-30f;  // small: some results are subnormal
+    for (int i = 0; i < N; ++i) sq[i] += (i % 3) * 2e3f;
+    std::vector<float> got = gram;
+    sqdist_rows_from_gram(got.data(), sq.data(), N, D, 0, N);
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < N; ++j) {
+        const float want = i == j ? 0.0f : sqdist_from_gram(sq[i], sq[j], gram[i * N + j], float(D));
+        CHECK(got[i * N + j] == want, "D=%d (%d,%d): %a vs %a", D, i, j, got[i * N + j], want);
+      }
+  }
+}
+
+// The k nearest of each row (indices, ascending by (distance, index)) against a stable sort,
+// on rows with many exact ties and on rows whose nearest all sit in one lane (columns
+// j = c mod kBlock), where the lane bound is loose. Both must give the full scan's answer.
+static void test_knn_lists(int N, int k, bool one_lane) {
+  std::mt19937 g(5 + N * 7 + k);
+  std::uniform_int_distribution<int> q(0, 6);
+  std::vector<float> d2(N * N);
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      float v = 0.25f * q(g) + 1.0f;  // 7 distinct values: ties everywhere
+      if (one_lane) v = (j % kBlock == i % kBlock) ? 0.5f + 0.01f * float(j % 5) : 3.0f;
+      d2[i * N + j] = i == j ? 0.0f : v;
+    }
+  const int64_t ke = effective_k(k, N);
+  std::vector<float> dens(N), kth(N);
+  std::vector<int32_t> knn(N * ke);
+  knn_density_rows(d2.data(), nullptr, N, k, N, dens.data(), 0, N, static_cast<float*>(nullptr), knn.data(),
+                   kth.data());
+  for (int i = 0; i < N; ++i) {
+    std::vector<int> order(N);
+    for (int j = 0; j < N; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return d2[i * N + a] < d2[i * N + b]; });
+    float s = 0;
+    for (int t = 0; t < ke; ++t) {
+      CHECK(knn[i * ke + t] == order[t], "N=%d k=%d row %d: neighbour %d is %d, want %d", N, k, i, t,
+            knn[i * ke + t], order[t]);
+      s += d2[i * N + order[t]];
+    }
+    CHECK(kth[i] == d2[i * N + order[ke - 1]], "N=%d k=%d row %d: k-th distance", N, k, i);
+    CHECK(dens[i] == density_from_sum(s, ke), "N=%d k=%d row %d: density", N, k, i);
+  }
+}
+
 static void test_density_delta(int N, int D, int k, bool with_padding) {
   auto x = random_x(N, D, 7 + N * k);
   std::vector<double> d2(N * N);
@@ -152,6 +223,11 @@ int main() {
     for (int k : {1, 5, 70})
       for (bool pad : {false, true}) test_density_delta(N, 4, k, pad);
   for (bool hard : {false, true}) test_scope(40, 3, 8, hard);
+  test_squared_norms();
+  test_sqdist_power_of_two_d();
+  for (int N : {16, 17, 40, 577})
+    for (int k : {1, 2, 5, 16, 17})
+      for (bool one_lane : {false, true}) test_knn_lists(N, k, one_lane);
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "all core tests passed", failures);
   return failures ? 1 : 0;
 }

@@ -9,6 +9,7 @@
 
 #include "core/dpc_cpu.h"
 #include "torch/common.h"
+#include "torch/profile.h"
 
 namespace setok {
 namespace {
@@ -94,9 +95,11 @@ void image_scope(const Plan& p, const scalar_t* d2, const bool* valid, int64_t N
 
 // The whole pipeline. With at least as many images as threads, each thread runs whole
 // images (its own N x N buffer, single-threaded GEMM): the distance matrix stays in cache
-// between passes and peak memory is threads x N^2, not B x N^2. With fewer images, one
-// batched GEMM uses every thread and the passes are split over rows.
+// between passes and peak memory is threads x N^2, not B x N^2. With fewer images, the
+// threads split the rows (Gram rows, distances, densities in one region); the delta pass
+// and the scope loops, cheap by then, follow.
 Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& p) {
+  PhaseClock clock;
   const Tensor x = x_in.detach();  // x may require grad; nothing here is differentiated
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const bool need_d2_rows = p.density || p.delta || p.scope;
@@ -113,6 +116,7 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
     o.num = at::empty({B}, x.options().dtype(at::kLong));
     o.seed_d2 = at::empty({B, p.T, N}, x.options());
   }
+  clock.lap("outputs");
   if (!need_d2_rows || B == 0 || N == 0) return o;
   const bool gram = D > core::kDirectMaxD;
   const int64_t threads = at::get_num_threads();
@@ -132,8 +136,7 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
           if (gram) {
             Tensor xb = x[b];
             at::mm_out(buf, xb, xb.t());  // single-threaded inside a parallel region
-            const scalar_t* g = buf.data_ptr<scalar_t>();
-            for (int64_t i = 0; i < N; ++i) sq[i] = g[i * N + i];
+            core::squared_norms(xp + b * N * D, N, D, sq.data());
           }
           scalar_t* d2 = buf.data_ptr<scalar_t>();
           image_after_gram<scalar_t>(p, xp + b * N * D, d2, sq.data(), vb, N, D, b, o, 0, N, scratch, nn);
@@ -141,12 +144,16 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
           if (p.scope) image_scope<scalar_t>(p, d2, vb, N, b, o, scope);
         }
       });
+      clock.lap("whole images");
       return;
     }
-    Tensor d2t = gram ? at::bmm(x, x.transpose(1, 2)) : at::empty({B, N, N}, x.options());
-    Tensor sqt = gram ? d2t.diagonal(0, 1, 2).contiguous() : Tensor();
+    // Fewer images than threads: one parallel region over all rows, in which each thread
+    // computes its own rows of the Gram matrix (a single-threaded GEMM each, the same flops
+    // as one batched GEMM) and turns them into distances and densities while they are in
+    // cache. No thread waits for another until the region ends: at B=1 a second region
+    // (or a barrier) costs about as much as the passes, and under load a time slice.
+    Tensor d2t = at::empty({B, N, N}, x.options());
     scalar_t* d2 = d2t.data_ptr<scalar_t>();
-    const scalar_t* sq = gram ? sqt.data_ptr<scalar_t>() : nullptr;
     // neighbour lists of every row: (B, N, k) indices and (B, N) k-th distances
     std::vector<int64_t> k_eff(B);
     for (int64_t b = 0; b < B; ++b) k_eff[b] = core::effective_k(p.k, core::count_valid(valid_ptr(valid, b, N), N));
@@ -158,21 +165,38 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
       if (use_knn) nn = {knn_idx.data() + r * kmax, kth.data() + r, k_eff[r / N]};
       return nn;
     };
+    clock.lap("setup");
     at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(p.k > 64 ? N : 0);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / N, i = r % N;
-        image_after_gram<scalar_t>(p, xp + b * N * D, d2 + b * N * N, gram ? const_cast<scalar_t*>(sq) + b * N : nullptr,
-                                   valid_ptr(valid, b, N), N, D, b, o, i, i + 1, scratch, knn_of(r));
+      std::vector<scalar_t> scratch(p.k > 64 ? N : 0), sq(gram ? N : 0);
+      for (int64_t r = begin; r < end;) {
+        const int64_t b = r / N, i0 = r % N, i1 = std::min(N, i0 + (end - r));
+        if (gram) {
+          Tensor xb = x[b];
+          Tensor rows = d2t[b].narrow(0, i0, i1 - i0);
+          at::mm_out(rows, xb.narrow(0, i0, i1 - i0), xb.t());
+          core::squared_norms(xp + b * N * D, N, D, sq.data());
+        }
+        // one call per run of rows where the neighbour lists have the buffer's stride
+        // (knn_of); row by row for an image with fewer valid points than k
+        const int64_t step = (!use_knn || k_eff[b] == kmax) ? i1 - i0 : 1;
+        for (int64_t i = i0; i < i1; i += step)
+          image_after_gram<scalar_t>(p, xp + b * N * D, d2 + b * N * N, sq.data(), valid_ptr(valid, b, N), N, D, b,
+                                     o, i, i + step, scratch, knn_of(b * N + i));
+        r += i1 - i0;
       }
     });
+    clock.lap("distances+density");
     if (p.delta) {
-      at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
+      // with the neighbour lists most rows take O(k): a small batch runs inline, as waking
+      // the other threads costs more than the pass (and under load, a scheduler time slice)
+      const int64_t grain = use_knn ? std::max<int64_t>(row_grain(N), 4096) : row_grain(N);
+      at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / N, i = r % N;
           image_tail<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, i, i + 1, knn_of(r));
         }
       });
+      clock.lap("delta");
     }
     if (p.scope) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -180,6 +204,7 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
         for (int64_t b = begin; b < end; ++b)
           image_scope<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, scope);
       });
+      clock.lap("scope");
     }
   });
   return o;

@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "torch/profile.h"
+
 #ifndef SETOK_GIT_REV
 #define SETOK_GIT_REV "unknown"
 #endif
@@ -83,4 +85,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 #endif
     return d;
   });
+  mod.def("_set_profile", [](bool on) { setok::profile_on().store(on); },
+          "Record the per-phase wall-clock split of each CPU pipeline call (benchmarks only).");
+  mod.def("_last_profile", []() {
+    py::list out;
+    for (const auto& e : setok::profile_log()) out.append(py::make_tuple(e.first, e.second));
+    return out;
+  }, "[(phase, ms), ...] of the last profiled CPU pipeline call.");
 }
