@@ -109,6 +109,20 @@ def test_splice_left_padding_and_cut():
         splice(ids[:1], labels[:1], attn[:1], tmask, img_start_id=50, img_end_id=51, pad_id=0)
 
 
+def test_image_token_sets_in_seed_order(folders):
+    m = make(folders)
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, :] = (30, 30, 30)
+    img[4:24, 40:60] = (220, 30, 30)            # top right, seeded before ...
+    img[40:60, 4:24] = (30, 30, 220)            # ... bottom left in raster order
+    sets = m.image_token_sets([img])
+    out = m.setok.tokenize([img])
+    n = int(out.num_tokens[0])
+    seeds = out.seeds[0, :n].tolist()
+    order = sorted(range(n), key=lambda i: (seeds[i] < 0, seeds[i] if seeds[i] >= 0 else 0, i))
+    assert n >= 2 and len(sets) == 1 and torch.equal(sets[0], out.tokens[0, order])
+
+
 def test_order_tokens_raster_then_remainder():
     tokens = torch.arange(4.0).view(1, 4, 1)
     seeds = torch.tensor([[5, -1, 2, 9]])
@@ -189,7 +203,15 @@ def test_sample_logits_greedy_and_top_p():
 def test_word_tokenizer_from_world_files(tmp_path):
     f = tmp_path / "pairs.json"
     f.write_text(json.dumps([{"image": "a.png", "caption": "There are two objects: a purple hexagon, a red star."}]))
-    tok = build_word_tokenizer([f])
+    (tmp_path / "edits.json").write_text(json.dumps([{"source": "a.png", "target": "b.png",
+                                                      "instruction": "Remove the cyan ellipse."}]))
+    (tmp_path / "instruct.json").write_text(json.dumps([{"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nHow many octagons?"}, {"from": "gpt", "value": "7"}]}]))
+    (tmp_path / "referring.json").write_text(json.dumps([{"image": "a.png", "expression": "the leftmost kite",
+                                                          "mask": "m.png"}]))
+    tok = build_word_tokenizer([f] + [tmp_path / f"{n}.json" for n in ("edits", "instruct", "referring")])
+    for w in ("cyan", "octagons", "7", "leftmost", "Remove"):
+        assert "▁" + w in tok.get_vocab(), w
     text = "There are two objects: a purple hexagon, a red star."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids and tok.decode(ids) == text
@@ -339,6 +361,7 @@ def test_bad_inputs_one_line(folders, tmp_path):
         lambda: prompt_batch(m, ["   "]),                                             # empty prompt
         lambda: prompt_batch(m, ["<image>\nDescribe the image briefly."]),            # an <image> without image
         lambda: SetokimConfig(visual_head="l1"),
+        lambda: Setokim.from_config(SetokimConfig(text_tokenizer=str(folders / "tok"), stage1=str(folders / "stage1"))),
         lambda: m.generate(*prompt_batch(m, ["Describe the image briefly."]), max_new_tokens=0),
     ]
     for i, f in enumerate(cases):

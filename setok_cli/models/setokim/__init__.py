@@ -45,7 +45,8 @@ Saving. `save_pretrained(folder)`: config.json + model.safetensors (projector, h
 statistics), lm/ (the LM's own save_pretrained, resized embeddings included), tokenizer/,
 and the stage-1 parts in setok/, detokenizer/, mask_decoder/ (their own save_pretrained),
 so the folder is self-contained; `from_pretrained` reads it back (a run folder stands for
-its latest checkpoint).
+its latest checkpoint). config.json keeps the `lm`, `text_tokenizer` and `stage1` it was
+built from as a record; loading reads the folder's own copies.
 """
 from .config import LM_PRESETS, DiffusionHeadConfig, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits

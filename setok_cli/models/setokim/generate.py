@@ -114,7 +114,10 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         tok = sample_logits(logits, temperature, top_p, generator)
         hh = h.to(head_dtype)
         stop = (model.stop_head(hh).squeeze(-1) > 0) | (n_vis >= max_vis)
-        vis = model.visual_head.sample(hh, steps=vsteps, temperature=vtemp, generator=generator).float()
+        if bool((image_mode & ~done).any()):
+            vis = model.visual_head.sample(hh, steps=vsteps, temperature=vtemp, generator=generator).float()
+        else:                                                              # text only: no sampling cost
+            vis = hh.new_zeros(B, int(model.config.token_dim), dtype=torch.float32)
         text_rows = ~image_mode & ~done
         emit_vis = image_mode & ~done & ~stop
         end_img = image_mode & ~done & stop

@@ -64,6 +64,8 @@ def _lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):
     or (meta only) a known architecture named by the id's last part."""
     from transformers import AutoConfig, LlamaConfig
     if isinstance(spec, dict):
+        if not spec:      # LlamaConfig's defaults are a 7B model: never built by omission
+            raise UserError("lm: give a model folder / id, or a LlamaConfig dict with its sizes")
         d = dict(spec)
         if text_vocab is not None:
             if d.get("vocab_size", text_vocab) != text_vocab:
@@ -304,6 +306,16 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_tokenizer):
             out = self.setok(pixel_values, valid)
         return self.order(out.tokens, out.token_mask, out.seeds)
+
+    @torch.no_grad()
+    def image_token_sets(self, images) -> list[Tensor]:
+        """Paths / PIL images / arrays of any size -> [tokens (K_i, T)] in generation order
+        (SeTok.tokenize's resize and padding), what `prompt_batch` takes."""
+        if self.setok is None:
+            raise UserError("this Setokim has no SeTok (its stage-1 parts were not saved with it)")
+        out = self.setok.tokenize(images)
+        tokens, mask = self.order(out.tokens, out.token_mask, out.seeds)
+        return [t[m] for t, m in zip(tokens, mask)]
 
     def order(self, tokens: Tensor, token_mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
         if self.config.token_order == "given":
