@@ -351,7 +351,11 @@ def test_meta_vicuna_7b_parameter_count():
 
 def test_bad_inputs_one_line(folders, tmp_path):
     m = make(folders)
+    broken = tmp_path / "broken"
+    m.save_pretrained(broken)
+    (broken / "lm" / "model.safetensors").unlink()                                  # a half-copied checkpoint
     cases = [
+        lambda: Setokim.from_pretrained(broken),
         lambda: make(folders, token_dim=9),                                           # mismatched stage 1
         lambda: Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(folders / "tok"),
                                                   stage1=str(tmp_path / "missing"))),

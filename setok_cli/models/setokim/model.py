@@ -36,6 +36,11 @@ class SetokimOutput:
     num_visual: int         # counted visual targets
 
 
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
 def stage1_folder(path: Union[str, os.PathLike]) -> Path:
     """A stage-1 run folder (its latest checkpoint) or checkpoint folder, or a bare SeTok
     folder; one UserError line when it holds no SeTok."""
@@ -74,7 +79,7 @@ def _lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):
         try:
             return LlamaConfig(**d)
         except (TypeError, ValueError) as e:
-            raise UserError(f"lm: invalid LlamaConfig ({e})") from None
+            raise UserError(f"lm: invalid LlamaConfig ({_first_line(e)})") from None
     try:
         folder = resolve_folder(spec, "language model")
     except UserError:
@@ -84,8 +89,8 @@ def _lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):
         return LlamaConfig(**LM_PRESETS[key])
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: not a transformers model folder ({e})") from None
+    except Exception as e:
+        raise UserError(f"{folder}: not a transformers model folder ({_first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -113,8 +118,8 @@ def _load_lm(spec: Union[str, dict], dtype: Optional[str], text_vocab: Optional[
     try:
         with _quiet():
             return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: cannot load the language model ({e})") from None
+    except Exception as e:
+        raise UserError(f"{folder}: cannot load the language model ({_first_line(e)})") from None
 
 
 def _load_text_tokenizer(path: Union[str, os.PathLike]):
@@ -122,8 +127,8 @@ def _load_text_tokenizer(path: Union[str, os.PathLike]):
     folder = resolve_folder(path, "text tokenizer")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: cannot load the text tokenizer ({e})") from None
+    except Exception as e:
+        raise UserError(f"{folder}: cannot load the text tokenizer ({_first_line(e)})") from None
 
 
 class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig, part_name="Setokim model",
@@ -255,7 +260,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         from ...files import ensure_dir, os_error_message
         dest = Path(save_directory)
         ensure_dir(dest.parent if str(dest.parent) else Path("."))
-        old = None
+        old = tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
             PyTorchModelHubMixin.save_pretrained(self, tmp, **kwargs)
@@ -266,7 +271,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         except OSError as e:
             raise UserError(f"cannot write {os_error_message(e, dest)}") from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
 
