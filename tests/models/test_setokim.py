@@ -300,6 +300,10 @@ def test_save_load_identical(folders, tmp_path):
         assert torch.equal(m2.token_std, m.token_std) and m2.img_start_id == m.img_start_id
         px = torch.rand(1, 3, 112, 112)
         assert torch.equal(m.encode_images(px)[0], m2.encode_images(px)[0])
+    m.save_pretrained(tmp_path / "light", save_stage1=False)            # stage 1 by reference
+    assert not (tmp_path / "light" / "setok").exists()
+    m3 = Setokim.from_pretrained(tmp_path / "light")
+    assert torch.equal(m3.encode_images(px)[0], m.encode_images(px)[0]) and m3.detokenizer is not None
 
 
 def _generating_model(folders, head):

@@ -227,7 +227,12 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
 
     @classmethod
     def _build_for_load(cls, config: SetokimConfig, folder: Path) -> "Setokim":
-        parts = load_stage1(folder) if (folder / "setok" / CONFIG_NAME).is_file() else {}
+        if (folder / "setok" / CONFIG_NAME).is_file():
+            parts = load_stage1(folder)
+        elif config.stage1 is not None:          # saved with save_stage1=False: the reference
+            parts = load_stage1(stage1_folder(config.stage1))
+        else:
+            parts = {}
         tok = _load_text_tokenizer(folder / "tokenizer")
         lm = _load_lm(str(folder / "lm"), config.lm_dtype, None, config.init_seed)
         return cls(config, lm=lm, text_tokenizer=tok, **parts)
@@ -246,15 +251,20 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             self.lm.save_pretrained(d / "lm")
         if self.text_tokenizer is not None:
             self.text_tokenizer.save_pretrained(d / "tokenizer")
-        for name in STAGE1_PARTS:
+        for name in STAGE1_PARTS if self._save_stage1 else ():
             part = getattr(self, name)
             if part is not None:
                 part.save_pretrained(d / name)
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+    _save_stage1 = True
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], save_stage1: bool = True,
+                        **kwargs: Any) -> None:
         """The whole folder (config.json, model.safetensors, lm/, tokenizer/, setok/,
         detokenizer/, mask_decoder/) is written beside `save_directory` and renamed into
-        place, so a crash leaves the old folder or the new one, never a mix."""
+        place, so a crash leaves the old folder or the new one, never a mix.
+        save_stage1=False leaves the (frozen, at paper scale multi-GB) stage-1 parts out:
+        loading then reads them from config.stage1, the reference."""
         from huggingface_hub import PyTorchModelHubMixin
 
         from ...files import ensure_dir, os_error_message
@@ -263,7 +273,11 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         old = tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
-            PyTorchModelHubMixin.save_pretrained(self, tmp, **kwargs)
+            self._save_stage1 = save_stage1
+            try:
+                PyTorchModelHubMixin.save_pretrained(self, tmp, **kwargs)
+            finally:
+                del self._save_stage1
             if dest.exists():
                 old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".old-{dest.name}-"))
                 os.replace(dest, old / "x")
