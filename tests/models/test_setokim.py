@@ -269,6 +269,26 @@ def test_losses_match_hand_computed(folders):
     assert out.num_text == n_caption + 2
 
 
+def test_collate_and_padding_do_not_leak(folders):
+    m = make(folders)
+    g = torch.Generator().manual_seed(0)
+    sets = [torch.randn(3, 8, generator=g), torch.randn(2, 8, generator=g)]
+    samples = [{"conversations": c, "images": [s]} for c, s in zip(convs(), sets)]
+    b = m.collate(samples)
+    assert torch.equal(b["input_ids"], batch(m)[0]) and b["image_token_mask"].sum(1).tolist() == [3, 2]
+    sp = m.splice(b["input_ids"], b["labels"], b["attention_mask"], b["image_token_mask"])
+    h = m.hidden(m.embed(sp, b["image_tokens"], b["image_token_mask"]), sp.attention_mask,
+                 sp.position_ids).last_hidden_state
+    for i in range(2):                                     # each row alone = the row in the padded batch
+        one = m.collate(samples[i:i + 1])
+        s1 = m.splice(one["input_ids"], one["labels"], one["attention_mask"], one["image_token_mask"])
+        h1 = m.hidden(m.embed(s1, one["image_tokens"], one["image_token_mask"]), s1.attention_mask,
+                      s1.position_ids).last_hidden_state[0]
+        assert torch.allclose(h[i, : h1.shape[0]], h1, atol=1e-5)
+    with pytest.raises(UserError, match="sample 7: 1 <image> mark"):
+        m.collate([{"id": 7, "conversations": convs()[0], "images": []}])
+
+
 def test_read_images_carry_no_visual_loss(folders):
     m = make(folders)
     ids, labels, attn, tokens, mask = batch(m)

@@ -2,8 +2,8 @@
 
     model = Setokim.from_config(SetokimConfig(lm="lmsys/vicuna-7b-v1.5", stage1="runs/stage1"))
     tokens, mask = model.encode_images(pixel_values)                  # frozen SeTok, generation order
-    ids, labels, attn = collate_conversations([render_conversation(conv, model.text_tokenizer)], model.pad_id)
-    out = model(ids, labels, attn, tokens, mask)                      # out.loss, .text_loss, .visual_loss, .stop_loss
+    batch = model.collate([{"conversations": conv, "images": [tokens[0][mask[0]]]}])   # Vicuna v1, padded
+    out = model(**batch)                                              # out.loss, .text_loss, .visual_loss, .stop_loss
     gen = model.generate(*prompt_batch(model, ["Generate an image: a red circle."], start_image=True))
     pictures = decode_images(model, gen[0].images)                    # the stage-1 detokenizer
 

@@ -342,6 +342,25 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             return tokens, token_mask
         return order_tokens(tokens, token_mask, seeds)
 
+    def collate(self, samples) -> dict:
+        """Training samples -> `forward`'s keyword arguments. A sample is
+        {"conversations": LLaVA turns, "images": [tokens (K_i, T)] in reading order (ordered
+        as `encode_images` / `image_token_sets` give them), "id"?: for messages}."""
+        from .text import IMAGE_TOKEN, collate_conversations, pack_token_sets, render_conversation
+        rendered, sets = [], []
+        for i, s in enumerate(samples):
+            where = f"sample {s.get('id', i)}"
+            rendered.append(render_conversation(s["conversations"], self.text_tokenizer, where=where))
+            imgs = list(s.get("images") or [])
+            need = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in s["conversations"])
+            if need != len(imgs):
+                raise UserError(f"{where}: {need} <image> mark(s) but {len(imgs)} image(s)")
+            sets += imgs
+        input_ids, labels, attention_mask = collate_conversations(rendered, self.pad_id)
+        tokens, mask = pack_token_sets(sets, self.config.token_dim)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "image_tokens": tokens, "image_token_mask": mask}
+
     # ---- forward ----------------------------------------------------------------------
     def splice(self, input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional[Tensor],
                image_token_mask: Optional[Tensor], padding_side: str = "right") -> Spliced:
