@@ -1,7 +1,6 @@
 """Setokim: the LM, the projector, the visual and stop heads, and the stage-1 parts."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -14,16 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import UserError
-from ..hub import CONFIG_NAME, PretrainedModel, resolve_checkpoint, resolve_folder
-from .config import LM_PRESETS, SetokimConfig
+from ..hub import CONFIG_NAME, PretrainedModel
+from .config import SetokimConfig
 from .heads import DiffusionHead, MSEHead, Projector, order_tokens
+from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
 from .splice import Spliced, splice
 from .text import IMG_END, IMG_START
 
-__all__ = ["Setokim", "SetokimOutput", "parameter_table", "stage1_folder"]
-
-STAGE1_PARTS = ("setok", "detokenizer", "mask_decoder")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+__all__ = ["Setokim", "SetokimOutput", "parameter_table"]
 
 
 @dataclass
@@ -34,101 +31,6 @@ class SetokimOutput:
     stop_loss: Tensor
     num_text: int           # counted text targets
     num_visual: int         # counted visual targets
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def stage1_folder(path: Union[str, os.PathLike]) -> Path:
-    """A stage-1 run folder (its latest checkpoint) or checkpoint folder, or a bare SeTok
-    folder; one UserError line when it holds no SeTok."""
-    folder = resolve_checkpoint(resolve_folder(path, "stage-1 checkpoint"))
-    if (folder / "setok" / CONFIG_NAME).is_file() or (folder / CONFIG_NAME).is_file():
-        return folder
-    raise UserError(f"{folder}: not a stage-1 checkpoint (no setok/{CONFIG_NAME})")
-
-
-def load_stage1(folder: Path) -> dict[str, Optional[nn.Module]]:
-    """The SeTok and, where saved, the detokenizer and mask decoder of a stage-1 folder."""
-    from ..detokenizer import Detokenizer
-    from ..mask_decoder import MaskDecoder
-    from ..setok import SeTok
-    sub = folder / "setok"
-    parts: dict[str, Optional[nn.Module]] = {"setok": SeTok.from_pretrained(sub if sub.is_dir() else folder)}
-    d = folder / "detokenizer"
-    parts["detokenizer"] = Detokenizer.from_pretrained(d) if (d / CONFIG_NAME).is_file() else None
-    m = folder / "mask_decoder"
-    parts["mask_decoder"] = MaskDecoder.from_pretrained(m) if (m / CONFIG_NAME).is_file() else None
-    return parts
-
-
-def _lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):
-    """The LM's transformers config: inline dict (LlamaConfig), a folder's config.json,
-    or (meta only) a known architecture named by the id's last part."""
-    from transformers import AutoConfig, LlamaConfig
-    if isinstance(spec, dict):
-        if not spec:      # LlamaConfig's defaults are a 7B model: never built by omission
-            raise UserError("lm: give a model folder / id, or a LlamaConfig dict with its sizes")
-        d = dict(spec)
-        if text_vocab is not None:
-            if d.get("vocab_size", text_vocab) != text_vocab:
-                raise UserError(f"lm.vocab_size {d['vocab_size']} differs from the text tokenizer's {text_vocab}")
-            d["vocab_size"] = text_vocab
-        try:
-            return LlamaConfig(**d)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"lm: invalid LlamaConfig ({_first_line(e)})") from None
-    try:
-        folder = resolve_folder(spec, "language model")
-    except UserError:
-        key = next((k for k in LM_PRESETS if Path(spec).name.lower().startswith(k)), None)
-        if not meta or key is None:
-            raise
-        return LlamaConfig(**LM_PRESETS[key])
-    try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise UserError(f"{folder}: not a transformers model folder ({_first_line(e)})") from None
-
-
-@contextlib.contextmanager
-def _quiet():
-    """No transformers progress bars while a part is written or read (the CLI prints its own)."""
-    from transformers.utils import logging as tlog
-    was = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tlog.enable_progress_bar()
-
-
-def _load_lm(spec: Union[str, dict], dtype: Optional[str], text_vocab: Optional[int], seed: int):
-    from transformers import AutoModelForCausalLM
-    kw = {"dtype": _DTYPES[dtype]} if dtype else {}
-    if isinstance(spec, dict):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            lm = AutoModelForCausalLM.from_config(_lm_config(spec, text_vocab, False), **kw)
-        return lm
-    folder = resolve_folder(spec, "language model")
-    try:
-        with _quiet():
-            return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kw)
-    except Exception as e:
-        raise UserError(f"{folder}: cannot load the language model ({_first_line(e)})") from None
-
-
-def _load_text_tokenizer(path: Union[str, os.PathLike]):
-    from transformers import AutoTokenizer
-    folder = resolve_folder(path, "text tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise UserError(f"{folder}: cannot load the text tokenizer ({_first_line(e)})") from None
 
 
 class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig, part_name="Setokim model",
@@ -210,9 +112,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         tok_path = config.text_tokenizer or (config.lm if isinstance(config.lm, str) else None)
         if tok_path is None:
             raise UserError("text_tokenizer: an LM built from a config needs a text tokenizer folder")
-        tok = _load_text_tokenizer(tok_path)
+        tok = load_text_tokenizer(tok_path)
         vocab = len(tok) + sum(t not in tok.get_vocab() for t in (IMG_START, IMG_END))
-        lm = _load_lm(config.lm, config.lm_dtype, vocab, config.init_seed)
+        lm = load_lm(config.lm, config.lm_dtype, vocab, config.init_seed)
         return cls(config, lm=lm, text_tokenizer=tok, **parts)
 
     @classmethod
@@ -222,7 +124,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         (LM_PRESETS). `parts`: stage-1 modules already built (e.g. on meta)."""
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(_lm_config(config.lm, None, True))
+            lm = AutoModelForCausalLM.from_config(lm_config(config.lm, None, True))
             return cls(config, lm=lm, **parts)
 
     @classmethod
@@ -233,8 +135,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             parts = load_stage1(stage1_folder(config.stage1))
         else:
             parts = {}
-        tok = _load_text_tokenizer(folder / "tokenizer")
-        lm = _load_lm(str(folder / "lm"), config.lm_dtype, None, config.init_seed)
+        tok = load_text_tokenizer(folder / "tokenizer")
+        lm = load_lm(str(folder / "lm"), config.lm_dtype, None, config.init_seed)
         return cls(config, lm=lm, text_tokenizer=tok, **parts)
 
     # ---- saving ------------------------------------------------------------------------
@@ -247,7 +149,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
     def _save_pretrained(self, save_directory: Path) -> None:
         super()._save_pretrained(save_directory)
         d = Path(save_directory)
-        with _quiet():
+        with quiet():
             self.lm.save_pretrained(d / "lm")
         if self.text_tokenizer is not None:
             self.text_tokenizer.save_pretrained(d / "tokenizer")
