@@ -27,9 +27,8 @@ def train(recipe, overrides, resume, output_dir, print_recipe, dry_run):
         from rich.console import Console
         from rich.table import Table
 
-        from ..train.stage1 import meta_stage1_model, parameter_report
-        from ..train.trainer import select_trainable
-        model = meta_stage1_model(r)
+        from ..train.trainer import meta_model, select_trainable
+        model, parameter_report = meta_model(r)
         select_trainable(model, r.train.trainable, r.train.frozen)
         table = Table(title=f"{recipe} on the meta device")
         table.add_column("part")

@@ -42,7 +42,21 @@ from .recipe import Recipe, dump_recipe
 __all__ = ["Trainer", "run", "STAGES", "select_trainable", "build_optimizer", "build_scheduler", "TrainResult"]
 
 # stage name -> "module:builder"; builder(recipe, accelerator) -> (model, dataset)
-STAGES = {"stage1": "setok_cli.train.stage1:build_stage1"}
+STAGES = {"stage1": "setok_cli.train.stage1:build_stage1", "stage2": "setok_cli.train.stage2:build_stage2"}
+
+
+# stage name -> "module:meta builder:parameter report", for `setok train --dry-run`
+META = {"stage1": "setok_cli.train.stage1:meta_stage1_model:parameter_report",
+        "stage2": "setok_cli.train.stage2:meta_stage2_model:parameter_report"}
+
+
+def meta_model(recipe: Recipe):
+    """The recipe's model on the meta device and the function that tabulates its parts."""
+    if recipe.stage not in META:
+        raise UserError(f"unknown stage {recipe.stage!r}; choose from {sorted(META)}")
+    mod, build, report = META[recipe.stage].split(":")
+    m = importlib.import_module(mod)
+    return getattr(m, build)(recipe), getattr(m, report)
 
 
 @dataclass
@@ -238,7 +252,8 @@ class Trainer:
     # -- data --
     def _loader(self) -> DataLoader:
         r = self.recipe
-        return DataLoader(self.dataset, batch_size=r.data.batch_size, sampler=self.sampler, collate_fn=collate,
+        return DataLoader(self.dataset, batch_size=r.data.batch_size, sampler=self.sampler,
+                          collate_fn=getattr(self.dataset, "collate", collate),
                           num_workers=r.data.num_workers, drop_last=True,
                           generator=torch.Generator().manual_seed(r.seed),
                           persistent_workers=False, pin_memory=torch.cuda.is_available())

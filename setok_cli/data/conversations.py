@@ -1,0 +1,138 @@
+"""Setokim's training data (stages II and III): SPEC files as LLaVA conversations with images.
+
+    ConversationDataset("data/shapes/train/pairs.json", task="caption", image_size=64)
+    MixtureDataset([(caption_set, 1.0), (generate_set, 1.0), (edit_set, 0.5)], seed=0)
+    collate_conversations_batch(items) -> {"index", "conversations", "pixel_values", "image_keys", "image_counts"}
+
+Tasks, one conversation per entry (the prompts are `TASK_PROMPTS`, shared with the
+inference pipelines so that training and inference ask the same way):
+
+    caption   pairs     USER: <image>\\nDescribe the image briefly.  ASSISTANT: {caption}
+    generate  pairs     USER: Generate an image: {caption}           ASSISTANT: <image>
+    edit      edits     USER: <image>\\n{instruction}                 ASSISTANT: <image>   (source, then target)
+    instruct  instruct  the entry's own `conversations`, its image at the `<image>` mark
+
+An item's images are in reading order: an `<image>` in a user turn is an input, one in an
+assistant turn an output the model must write (its tokens are the visual targets).
+Images are read at `image_size` and keyed by (path, size), so the frozen tokenizer's tokens
+can be cached per image across tasks (the caption and generate tasks share images).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from ..models.setokim.text import IMAGE_TOKEN, TASK_PROMPTS
+from .datasets import _read_rgb
+from .formats import load
+
+__all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "collate_conversations_batch",
+           "task_conversation"]
+
+# task -> the SPEC kind of the file it reads
+CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "edit": "edits", "instruct": "instruct"}
+
+
+def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
+    """One SPEC entry -> (LLaVA conversations, image paths in reading order)."""
+    if task == "caption":
+        return ([{"from": "human", "value": TASK_PROMPTS["caption"]}, {"from": "gpt", "value": entry["caption"]}],
+                [entry["image"]])
+    if task == "generate":
+        return ([{"from": "human", "value": TASK_PROMPTS["generate"].format(caption=entry["caption"])},
+                 {"from": "gpt", "value": IMAGE_TOKEN}], [entry["image"]])
+    if task == "edit":
+        return ([{"from": "human", "value": TASK_PROMPTS["edit"].format(instruction=entry["instruction"])},
+                 {"from": "gpt", "value": IMAGE_TOKEN}], [entry["source"], entry["target"]])
+    if task == "instruct":
+        conv = entry["conversations"]
+        marks = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in conv)
+        if marks != 1:
+            raise UserError(f"instruct entry {entry.get('id', '?')}: {marks} '<image>' marks, expected 1")
+        return list(conv), [entry["image"]]
+    raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
+
+
+class ConversationDataset(Dataset):
+    """One SPEC file read as one task. Items: {"index", "conversations", "pixel_values":
+    [(3, S, S) float in [0, 1]], "image_keys": [str]}."""
+
+    def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None):
+        if task not in CONVERSATION_TASKS:
+            raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
+        self.path, self.task, self.image_size = str(path), task, image_size
+        self.entries = load(path, CONVERSATION_TASKS[task])
+        if not self.entries:
+            raise UserError(f"{path}: no entries")
+        self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
+        self.index_offset = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        conv, paths = self.items[i]
+        pix = [torch.from_numpy(_read_rgb(p, self.image_size)).permute(2, 0, 1).float() / 255.0 for p in paths]
+        keys = [f"{Path(p).resolve()}@{self.image_size}" for p in paths]
+        return {"index": self.index_offset + i, "conversations": conv, "pixel_values": pix, "image_keys": keys,
+                "task": self.task}
+
+
+class MixtureDataset(Dataset):
+    """The weighted union of data sets: set j contributes round(w_j * len_j) items per
+    epoch (whole copies, then a seeded subset for the fraction), fixed by `seed`, so the
+    trainer's seeded sampler shuffles it and resumes it exactly like any data set."""
+
+    def __init__(self, parts: Sequence[tuple[Dataset, float]], seed: int = 0):
+        if not parts:
+            raise UserError("data.mixture is empty: list at least one {task, path, weight}")
+        g = torch.Generator().manual_seed(seed)
+        self.sets, owner, local = [], [], []
+        for j, (ds, w) in enumerate(parts):
+            if not (isinstance(w, (int, float)) and w >= 0 and math.isfinite(w)):
+                raise UserError(f"data.mixture[{j}].weight must be a number >= 0, got {w!r}")
+            n = len(ds)
+            count = int(round(w * n))
+            whole, frac = divmod(count, n)
+            idx = torch.arange(n).repeat(whole)
+            if frac:
+                idx = torch.cat([idx, torch.randperm(n, generator=g)[:frac].sort().values])
+            self.sets.append(ds)
+            owner.append(torch.full((len(idx),), j, dtype=torch.long))
+            local.append(idx)
+        self.owner, self.local = torch.cat(owner), torch.cat(local)
+        if len(self.owner) == 0:
+            raise UserError("data.mixture: every weight is 0")
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.sets[int(self.owner[i])][int(self.local[i])]
+
+    @staticmethod
+    def collate(items: Sequence[dict]) -> dict:
+        return collate_conversations_batch(items)
+
+    def counts(self) -> list[int]:
+        """Items per epoch from each set."""
+        return torch.bincount(self.owner, minlength=len(self.sets)).tolist()
+
+
+def collate_conversations_batch(items: Sequence[dict]) -> dict:
+    """Items -> {"index" (B,), "conversations": B lists, "pixel_values" (N, 3, S, S) every
+    image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B}."""
+    pix = [p for it in items for p in it["pixel_values"]]
+    if pix and any(p.shape != pix[0].shape for p in pix):
+        raise UserError("images of one batch differ in size: set data.image_size")
+    return {"index": torch.tensor([it["index"] for it in items]),
+            "conversations": [it["conversations"] for it in items],
+            "pixel_values": torch.stack(pix) if pix else torch.zeros(0, 3, 1, 1),
+            "image_keys": [k for it in items for k in it["image_keys"]],
+            "image_counts": torch.tensor([len(it["pixel_values"]) for it in items]),
+            "task": [it["task"] for it in items]}

@@ -1,0 +1,205 @@
+"""Stage II of the paper (§2.2, appendix D): Setokim learns to read and write SeTok tokens.
+
+    batch (conversations + their images) -> frozen SeTok -> token sets (cached per image)
+      -> Setokim: [Img] v_1 .. v_K [/Img] spliced into the Vicuna-v1 conversation
+      -> L = CE(text, [Img]) + w_vis * L_visual (mse | diffusion, teacher forced) + w_stop * BCE(stop)
+
+The data is a mixture (`data.mixture`: [{task, path, weight}]) of image -> caption
+(text loss), caption -> image (visual loss) and source + instruction -> target (visual
+loss), all SPEC files (see `setok_cli.data.conversations`). The tokenizer is frozen by
+default, so each image's tokens are computed once and cached by (path, size); the cache
+is rebuilt after a resume (it is a pure function of the frozen tokenizer).
+
+A checkpoint's `setokim/` folder is a complete `Setokim.from_pretrained` folder (LM, text
+tokenizer, projector and heads, and the stage-1 parts it decodes with), which every task
+command reads; a run folder stands for its latest checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..models.setokim import Setokim, SetokimConfig, parameter_table
+from ..models.setokim.text import collate_conversations, pack_token_sets, render_conversation
+from .recipe import Recipe
+
+__all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_model", "parameter_report",
+           "tokenizer_image_size"]
+
+
+def tokenizer_image_size(stage1: Optional[str]) -> Optional[int]:
+    """The size stage-1 training fed its tokenizer (the checkpoint's recipe
+    model.tokenizer.image_size), so stage 2 tokenizes images exactly as stage 1 did."""
+    if stage1 is None:
+        return None
+    import yaml
+
+    from ..models.setokim.model import stage1_folder
+    f = stage1_folder(stage1) / "recipe.yaml"
+    if not f.is_file():
+        return None
+    try:
+        d = yaml.safe_load(f.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{f}: unreadable ({e})") from None
+    size = ((d.get("model") or {}).get("tokenizer") or {}).get("image_size")
+    return int(size) if size else None
+
+
+class Stage2Model(nn.Module):
+    """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}."""
+
+    def __init__(self, setokim: Setokim, image_size: Optional[int] = None, cache_tokens: bool = True):
+        super().__init__()
+        self.setokim = setokim
+        self.image_size = image_size      # the tokenizer's input size (None: the images as read)
+        self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
+        self._cache: dict[str, Tensor] = {}
+
+    # ---- image tokens ----------------------------------------------------------------
+    def _encode(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        x = pixel_values.to(self.setokim.device)
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return self.setokim.encode_images(x)
+
+    def image_tokens(self, pixel_values: Tensor, keys: list[str]) -> tuple[Tensor, Tensor]:
+        """pixel_values (N, 3, S, S), keys: N cache keys -> tokens (N, K, T), token_mask (N, K)
+        in generation order. With a frozen tokenizer each image is tokenized once."""
+        if not self.cache_tokens:
+            return self._encode(pixel_values)
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            with torch.no_grad():
+                tok, mask = self._encode(pixel_values[todo])
+            for j, i in enumerate(todo):
+                self._cache[keys[i]] = tok[j, mask[j]].detach()
+        return pack_token_sets([self._cache[k] for k in keys], int(self.setokim.config.token_dim))
+
+    @torch.no_grad()
+    def fit_token_stats(self, dataset, limit: int = 256) -> int:
+        """Standardise the tokens per channel with the statistics of the first `limit`
+        images of the data (the same images on every process). Returns how many."""
+        pix, keys = [], []
+        for i in range(len(dataset)):
+            it = dataset[i]
+            pix += it["pixel_values"]
+            keys += it["image_keys"]
+            if len(pix) >= limit:
+                break
+        tokens, mask = self.image_tokens(torch.stack(pix[:limit]), keys[:limit])
+        self.setokim.fit_token_stats(tokens, mask)
+        return int(min(len(pix), limit))
+
+    # ---- the step --------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        m = self.setokim
+        rendered = [render_conversation(c, m.text_tokenizer, where=f"item {int(i)}")
+                    for c, i in zip(batch["conversations"], batch["index"])]
+        input_ids, labels, attn = collate_conversations(rendered, m.pad_id)
+        dev = m.device
+        if batch["pixel_values"].shape[0]:
+            tokens, tmask = self.image_tokens(batch["pixel_values"], batch["image_keys"])
+            tokens, tmask = tokens.to(dev), tmask.to(dev)
+        else:
+            tokens = tmask = None
+        out = m(input_ids.to(dev), labels.to(dev), attn.to(dev), tokens, tmask)
+        return {"loss": out.loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
+                "stop": out.stop_loss.detach(),
+                "visual_tokens": torch.tensor(float(out.num_visual) / max(len(rendered), 1))}
+
+    def save_parts(self, folder: str | Path) -> None:
+        """setokim/: the whole Setokim folder (what `setok caption/generate/edit --model` read)."""
+        self.setokim.save_pretrained(Path(folder) / "setokim")
+
+
+def _setokim_config(recipe: Recipe) -> SetokimConfig:
+    c = recipe.model.setokim
+    if c is None:
+        raise UserError("model.setokim is missing: stage2 needs the Setokim section (lm, stage1, visual_head)")
+    return copy.deepcopy(c)
+
+
+def build_stage2_model(recipe: Recipe) -> Stage2Model:
+    """The stage-2 model of a recipe: the LM (from its folder, or from scratch with the
+    tiny word-level tokenizer built from the data's text), the stage-1 parts, fresh heads."""
+    cfg = _setokim_config(recipe)
+    if cfg.text_tokenizer is None and isinstance(cfg.lm, dict):
+        # a from-scratch LM: a word-level tokenizer of the training data's text (the same on
+        # every process: it depends on the data files only), saved with each checkpoint
+        import tempfile
+
+        from ..models.setokim.text import build_word_tokenizer
+        tok = build_word_tokenizer([m["path"] for m in recipe.data.mixture])
+        cfg.text_tokenizer = tempfile.mkdtemp(prefix="setok-text-tokenizer-")
+        tok.save_pretrained(cfg.text_tokenizer)
+    setokim = Setokim.from_config(cfg)
+    setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
+    return Stage2Model(setokim, tokenizer_image_size(cfg.stage1))
+
+
+def _mixture(recipe: Recipe):
+    from ..data.conversations import CONVERSATION_TASKS, ConversationDataset, MixtureDataset
+    parts = []
+    if not recipe.data.mixture:
+        raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct, path, weight}]")
+    for j, m in enumerate(recipe.data.mixture):
+        if not isinstance(m, dict) or set(m) - {"task", "path", "weight"} or not {"task", "path"} <= set(m):
+            raise UserError(f"data.mixture[{j}] must be {{task, path, weight}}, got {m!r}")
+        if m["task"] not in CONVERSATION_TASKS:
+            raise UserError(f"data.mixture[{j}].task {m['task']!r}: choose from {', '.join(CONVERSATION_TASKS)}")
+        parts.append((ConversationDataset(m["path"], m["task"], recipe.data.image_size), m.get("weight", 1.0)))
+    offset = 0
+    for ds, _ in parts:
+        ds.index_offset = offset
+        offset += len(ds)
+    return MixtureDataset(parts, seed=recipe.seed)
+
+
+def build_stage2(recipe: Recipe, accelerator=None):
+    """The stage builder of the trainer: -> (model, dataset)."""
+    dataset = _mixture(recipe)
+    model = build_stage2_model(recipe)
+    model.fit_token_stats(dataset)
+    return model, dataset
+
+
+def meta_stage2_model(recipe: Recipe) -> Stage2Model:
+    """The recipe's Setokim on the meta device (`setok train --dry-run`): the LM from its
+    config or a known architecture (Vicuna-7B), the SeTok from the stage-1 checkpoint's
+    config when it is on disk, else from `model.tokenizer.config` (the paper recipe names
+    the stage-1 tokenizer's shape there, so it can be sized before stage 1 has run)."""
+    from ..models.setok import SeTokConfig
+    from ..models.setokim.model import stage1_folder
+    from .stage1 import _encoder_architecture
+    cfg = _setokim_config(recipe)
+    tok_cfg = None
+    if cfg.stage1 is not None:
+        try:
+            folder = stage1_folder(cfg.stage1)
+        except UserError:
+            folder = None
+        if folder is not None:
+            from ..models.hub import read_config
+            from ..models.setok import SeTok
+            tok_cfg = SeTokConfig.from_dict(read_config(SeTok.locate(folder)[0]))
+    if tok_cfg is None and recipe.model.tokenizer.config:
+        tok_cfg = SeTokConfig.from_dict(dict(recipe.model.tokenizer.config))
+    if tok_cfg is None:
+        return Stage2Model(Setokim.on_meta(cfg))
+    from ..models.setok import SeTok
+    enc = None if tok_cfg.encoder == "builtin" else _encoder_architecture(tok_cfg.encoder)
+    with torch.device("meta"):
+        setok = SeTok(tok_cfg, encoder=enc) if enc is not None else SeTok(tok_cfg)
+    return Stage2Model(Setokim.on_meta(cfg, setok=setok))
+
+
+def parameter_report(model) -> dict[str, dict[str, int]]:
+    m = model.setokim if isinstance(model, Stage2Model) else model
+    return {name: {"total": total, "trainable": train} for name, total, train in parameter_table(m)}

@@ -1,0 +1,133 @@
+"""Stage II: the mixture data, the token cache, the tiny recipe end to end, exact resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from setok_cli.errors import UserError
+from setok_cli.train.recipe import load_recipe
+from setok_cli.train.trainer import Trainer
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny shapes world and a tiny stage-1 run folder (random parts, the tiny recipe's
+    tokenizer settings at 112 px so that it is quick)."""
+    from setok_cli.data.shapes import generate
+    from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
+    from setok_cli.models.setok import SeTok, SeTokConfig
+    root = tmp_path_factory.mktemp("stage2")
+    generate(root / "shapes", n=30, size=32, seed=0)
+    ck = root / "stage1" / "checkpoints" / "step_00000010"
+    SeTok(SeTokConfig(image_size=112, image_policy="squash", max_tokens=8, merger_dim=16, token_dim=8,
+                      merger_depth=1, merger_cross_depth=1)).save_pretrained(ck / "setok")
+    unet = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, sample_size=16,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    Detokenizer(DetokenizerConfig(image_size=16, unet=unet, sample_steps=2, mapper=MapperConfig(
+        token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32, output_dim=16))).save_pretrained(
+        ck / "detokenizer")
+    (ck / "recipe.yaml").write_text("model:\n  tokenizer:\n    image_size: 112\n")
+    return root
+
+
+def _recipe(world, out, *extra):
+    tr = world / "shapes" / "train"
+    return load_recipe(RECIPES / "tiny" / "stage2.yaml", [
+        f"model.setokim.stage1={world / 'stage1'}", f"output_dir={out}",
+        "model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+        "num_key_value_heads: 2, max_position_embeddings: 256}",
+        f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}, weight: 1.0}}, "
+        f"{{task: generate, path: {tr / 'pairs.json'}, weight: 0.5}}, "
+        f"{{task: edit, path: {tr / 'edits.json'}, weight: 1.0}}]",
+        "data.image_size=32", "data.batch_size=6", "train.log_every=1", "train.progress=false",
+        "train.threads=1", "optim.warmup_steps=2", "optim.lr=3e-3", *extra])
+
+
+def test_mixture_weights_and_items(world):
+    from setok_cli.data.conversations import ConversationDataset, MixtureDataset
+    tr = world / "shapes" / "train"
+    cap = ConversationDataset(tr / "pairs.json", "caption", 32)
+    edit = ConversationDataset(tr / "edits.json", "edit", 32)
+    mix = MixtureDataset([(cap, 1.5), (edit, 0.5)], seed=0)
+    n_cap, n_edit = len(cap), len(edit)
+    assert mix.counts() == [round(1.5 * n_cap), round(0.5 * n_edit)]
+    # weight 1.5: every item once, half of them twice; the same subset for the same seed
+    assert torch.bincount(mix.local[mix.owner == 0], minlength=n_cap).tolist().count(2) == round(0.5 * n_cap)
+    assert torch.equal(MixtureDataset([(cap, 1.5), (edit, 0.5)], seed=0).local, mix.local)
+    it = edit[0]
+    assert [t["from"] for t in it["conversations"]] == ["human", "gpt"]
+    assert it["conversations"][1]["value"] == "<image>" and len(it["pixel_values"]) == 2   # source, target
+    assert it["conversations"][0]["value"].endswith(edit.entries[0]["instruction"])
+    b = mix.collate([cap[0], edit[0]])
+    assert b["pixel_values"].shape == (3, 3, 32, 32) and b["image_counts"].tolist() == [1, 2]
+    with pytest.raises(UserError, match="weight must be a number >= 0"):
+        MixtureDataset([(cap, -1)])
+
+
+def test_token_cache_equals_fresh_tokens(world, tmp_path):
+    from setok_cli.train.stage2 import build_stage2
+    r = _recipe(world, tmp_path / "run")
+    model, data = build_stage2(r)
+    assert model.image_size == 112                        # read from the stage-1 checkpoint's recipe
+    b = data.collate([data[i] for i in range(4)])
+    tok_cached, mask_cached = model.image_tokens(b["pixel_values"], b["image_keys"])
+    model.cache_tokens = False
+    tok_fresh, mask_fresh = model.image_tokens(b["pixel_values"], b["image_keys"])
+    assert torch.equal(mask_cached, mask_fresh)
+    assert torch.allclose(tok_cached[mask_cached], tok_fresh[mask_fresh], atol=1e-6)
+    # standardised tokens: the fitted statistics make the first images' tokens zero-mean
+    sm = model.setokim
+    assert not torch.equal(sm.token_std, torch.ones_like(sm.token_std))
+
+
+def test_tiny_stage2_lowers_losses_and_resumes_exactly(world, tmp_path):
+    out = tmp_path / "run"
+    res = Trainer(_recipe(world, out, "train.max_steps=24", "train.checkpoint_every=12")).train()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 24
+    for term in ("text", "visual", "stop"):
+        first = sum(x[term] for x in log[:4]) / 4
+        last = sum(x[term] for x in log[-4:]) / 4
+        assert last < first, (term, first, last)
+    ck = res.last_checkpoint
+    assert (ck / "setokim" / "config.json").is_file() and (ck / "setokim" / "lm").is_dir()
+    from setok_cli.models.setokim import Setokim
+    m = Setokim.from_pretrained(out)                      # the run folder: its latest checkpoint
+    assert m.config.visual_head == "mse" and m.setok is not None and m.detokenizer is not None
+
+    # resume: 12 steps + 12 resumed == the 24 above, bit for bit on the CPU
+    out2 = tmp_path / "run2"
+    Trainer(_recipe(world, out2, "train.max_steps=24", "train.checkpoint_every=12")).train(stop_after=12)
+    Trainer(_recipe(world, out2, "train.max_steps=24", "train.checkpoint_every=12")).train(resume=True)
+    log2 = {x["step"]: x["loss"] for x in map(json.loads, (out2 / "log.jsonl").read_text().splitlines())}
+    assert [log2[s] for s in range(13, 25)] == [x["loss"] for x in log][12:]
+
+
+def test_dry_run_of_the_tiny_recipe_lists_the_parts(world):
+    from setok_cli.train.trainer import meta_model
+    r = _recipe(world, world / "unused")
+    model, report = meta_model(r)
+    rep = report(model)
+    assert {"lm", "projector", "all"} <= set(rep)
+    assert rep["all"]["total"] == sum(v["total"] for k, v in rep.items() if k != "all")
+
+
+def test_paper_recipe_on_meta_has_vicunas_parameter_count():
+    """recipes/stage2.yaml sized without any file: Vicuna-7B (6,738,415,616) plus the rows of
+    [Img] and [/Img] in its embedding and LM head, a 4096 -> 4096 -> 4096 projector, the
+    frozen SeTok of the stage-1 recipe (SigLIP so400m 428,225,600 + merger 71,142,400)."""
+    from setok_cli.train.trainer import meta_model, select_trainable
+    r = load_recipe(RECIPES / "stage2.yaml", ["model.setokim.stage1=/nonexistent/stage1"])
+    model, report = meta_model(r)
+    select_trainable(model, r.train.trainable, r.train.frozen)
+    rep = report(model)
+    assert rep["lm"]["total"] == 6_738_415_616 + 2 * 2 * 4096
+    assert rep["projector"]["total"] == 2 * (4096 * 4096 + 4096)
+    assert rep["setok"] == {"total": 428_225_600 + 71_142_400, "trainable": 0}
+    assert rep["all"]["trainable"] == rep["all"]["total"] - rep["setok"]["total"]
