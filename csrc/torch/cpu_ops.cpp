@@ -185,7 +185,7 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
         r += i1 - i0;
       }
     });
-    clock.lap("distances+density");
+    clock.lap("gram rows+distances+density");
     if (p.delta) {
       // with the neighbour lists most rows take O(k): a small batch runs inline, as waking
       // the other threads costs more than the pass (and under load, a scheduler time slice)

@@ -141,6 +141,38 @@ def bench_shape(B: int, N: int, D: int, k: int = 5, max_clusters: int = 64, roun
     return res
 
 
+def profile_phases(B: int, N: int, D: int, k: int = 5, max_clusters: int = 64, rounds: int = 9) -> dict:
+    """Where the cpu pipeline's time goes at one shape: medians (ms) of each phase the C++
+    side records (csrc/torch/profile.h), of the whole `ops.dpc_cluster` call, and of the
+    GEMM floor, interleaved round by round. `other` is the call minus its phases: the
+    Python wrapper, argument checks and dispatch."""
+    from ..errors import UserError
+    from ..ops._ext import _C
+
+    if _C is None:
+        raise UserError("--profile needs the compiled ops (pip install --no-build-isolation -e .)")
+    g = torch.Generator(device="cpu").manual_seed(B * 1000003 + N * 101 + D)
+    x = torch.randn(B, N, D, generator=g)
+    phases: dict[str, list[float]] = {}
+    total, floor, other = [], [], []
+    _C._set_profile(True)
+    try:
+        pipeline(x, "cpu", k, max_clusters)  # warm-up
+        for _ in range(rounds):
+            floor.append(_time_once(lambda: torch.bmm(x, x.transpose(1, 2)), x.device))
+            t = _time_once(lambda: pipeline(x, "cpu", k, max_clusters), x.device)
+            log = _C._last_profile()
+            total.append(t)
+            other.append(t - sum(ms for _, ms in log))
+            for name, ms in log:
+                phases.setdefault(name, []).append(ms)
+    finally:
+        _C._set_profile(False)
+    med = statistics.median
+    return {"B": B, "N": N, "D": D, "gemm_ms": med(floor), "cpu_ms": med(total),
+            "phases_ms": {**{name: med(v) for name, v in phases.items()}, "other": med(other)}}
+
+
 def run(quick: bool = False, rounds: Optional[int] = None, shapes=None, progress=None) -> dict:
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
     rounds = rounds or (3 if quick else 9)

@@ -10,7 +10,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--quick", is_flag=True, help="Two small shapes, three rounds.")
 @click.option("--rounds", type=click.IntRange(1, 100), default=None, help="Timed rounds per contender.")
-def bench_kernels(as_json: bool, quick: bool, rounds):
+@click.option("--profile", is_flag=True, help="Instead: the cpu pipeline's time split into its phases, per shape.")
+def bench_kernels(as_json: bool, quick: bool, rounds, profile: bool):
     """Time density + delta + score + scope loop per backend, as medians, vs one x @ x^T."""
     from rich.console import Console
     from rich.table import Table
@@ -21,6 +22,24 @@ def bench_kernels(as_json: bool, quick: bool, rounds):
 
     def fmt(v, nd=2):
         return "-" if v is None else f"{v:.{nd}f}"
+
+    if profile:
+        import torch
+
+        rows = [kernels.profile_phases(B, N, D, rounds=rounds or 9)
+                for (B, N, D) in (kernels.QUICK_SHAPES if quick else kernels.SHAPES)]
+        if as_json:
+            click.echo(json.dumps({"threads": torch.get_num_threads(), "shapes": rows}))
+            return
+        table = Table(title=f"cpu pipeline by phase (ms, medians of {rounds or 9}), {torch.get_num_threads()} threads")
+        for col in ["B", "N", "D", "GEMM floor", "cpu", "cpu / GEMM", "phases"]:
+            table.add_column(col, justify="right" if col != "phases" else "left")
+        for r in rows:
+            split = "  ".join(f"{k} {v:.3f}" for k, v in r["phases_ms"].items())
+            table.add_row(str(r["B"]), str(r["N"]), str(r["D"]), fmt(r["gemm_ms"], 3), fmt(r["cpu_ms"], 3),
+                          fmt(r["cpu_ms"] / r["gemm_ms"]) + "x", split)
+        console.print(table)
+        return
 
     with console.status("benchmarking...") as status:
         def progress(row):
