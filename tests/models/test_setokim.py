@@ -289,6 +289,17 @@ def test_collate_and_padding_do_not_leak(folders):
         m.collate([{"id": 7, "conversations": convs()[0], "images": []}])
 
 
+def test_bf16_lm_under_fp32_heads(folders):
+    m = make(folders, lm_dtype="bfloat16", visual_head="diffusion")
+    assert m.lm.dtype == torch.bfloat16 and m.head_dtype == torch.float32
+    out = m(*batch(m))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and m.projector.net[0].weight.grad is not None
+    g = m.generate(*prompt_batch(m, ["Generate an image: a red circle."], start_image=True), max_new_tokens=2,
+                   max_visual_tokens=2)
+    assert g[0].images[0].dtype == torch.float32
+
+
 def test_read_images_carry_no_visual_loss(folders):
     m = make(folders)
     ids, labels, attn, tokens, mask = batch(m)

@@ -97,7 +97,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
     attn, pos = sp.attention_mask, sp.position_ids
     B, dev = emb.shape[0], emb.device
-    head_dtype = model.projector.net[0].weight.dtype
+    head_dtype = model.head_dtype
     cache = {model.cache_kwarg: DynamicCache()} if use_cache else {}
     out = model.hidden(emb, attn, pos, use_cache=use_cache, **cache)
     h = out.last_hidden_state[:, -1]                                       # (B, H)

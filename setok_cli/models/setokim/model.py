@@ -207,6 +207,11 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
     def device(self) -> torch.device:
         return self.projector.net[0].weight.device
 
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """The projector's and heads' dtype (they stay float32 under an LM loaded in bf16)."""
+        return self.projector.net[0].weight.dtype
+
     def normalize(self, tokens: Tensor) -> Tensor:
         return (tokens - self.token_mean) / self.token_std
 
@@ -275,7 +280,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         table, visual tokens through the projector."""
         emb = self.lm.get_input_embeddings()(sp.ids.clamp(min=0))
         if sp.vis_dst.numel():
-            vis = self.projector(self.normalize(image_tokens[image_token_mask][sp.vis_src]).to(emb.dtype))
+            vis = self.projector(self.normalize(image_tokens[image_token_mask][sp.vis_src]).to(self.head_dtype))
             B, L, H = emb.shape
             emb = emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
         return emb
@@ -309,7 +314,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             target = self.normalize(image_tokens[image_token_mask][sp.pred_src].float())
         else:
             target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
-        hf = hf.to(self.projector.net[0].weight.dtype)     # an LM loaded in bf16 under fp32 heads
+        hf = hf.to(self.head_dtype)                         # an LM loaded in bf16 under fp32 heads
         visual_loss = self.visual_head.loss(hf[sp.pred_pos], target)
         stop_logits = self.stop_head(hf[sp.stop_pos]).squeeze(-1).float()
         stop_loss = F.binary_cross_entropy_with_logits(stop_logits, sp.stop_target, reduction="sum") \
