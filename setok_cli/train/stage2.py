@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -29,58 +27,40 @@ from ..models.setokim import Setokim, SetokimConfig, parameter_table
 from ..models.setokim.text import collate_conversations, pack_token_sets, render_conversation
 from .recipe import Recipe
 
-__all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_model", "parameter_report",
-           "tokenizer_image_size"]
-
-
-def tokenizer_image_size(stage1: Optional[str]) -> Optional[int]:
-    """The size stage-1 training fed its tokenizer (the checkpoint's recipe
-    model.tokenizer.image_size), so stage 2 tokenizes images exactly as stage 1 did."""
-    if stage1 is None:
-        return None
-    import yaml
-
-    from ..models.setokim.model import stage1_folder
-    f = stage1_folder(stage1) / "recipe.yaml"
-    if not f.is_file():
-        return None
-    try:
-        d = yaml.safe_load(f.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{f}: unreadable ({e})") from None
-    size = ((d.get("model") or {}).get("tokenizer") or {}).get("image_size")
-    return int(size) if size else None
+__all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_model", "parameter_report"]
 
 
 class Stage2Model(nn.Module):
     """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}."""
 
-    def __init__(self, setokim: Setokim, image_size: Optional[int] = None, cache_tokens: bool = True):
+    def __init__(self, setokim: Setokim, cache_tokens: bool = True):
         super().__init__()
         self.setokim = setokim
-        self.image_size = image_size      # the tokenizer's input size (None: the images as read)
         self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
         self._cache: dict[str, Tensor] = {}
 
     # ---- image tokens ----------------------------------------------------------------
-    def _encode(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        x = pixel_values.to(self.setokim.device)
-        if self.image_size and x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        return self.setokim.encode_images(x)
+    def _encode(self, pixel_values: Tensor) -> list[Tensor]:
+        """The inference pipelines' path (SeTok.tokenize: its own resize and padding), so a
+        user's image is tokenized exactly as the training images were."""
+        arrays = [(x.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy() for x in pixel_values]
+        return self.setokim.image_token_sets(arrays)
 
     def image_tokens(self, pixel_values: Tensor, keys: list[str]) -> tuple[Tensor, Tensor]:
-        """pixel_values (N, 3, S, S), keys: N cache keys -> tokens (N, K, T), token_mask (N, K)
-        in generation order. With a frozen tokenizer each image is tokenized once."""
+        """pixel_values (N, 3, S, S) in [0, 1], keys: N cache keys -> tokens (N, K, T),
+        token_mask (N, K) in generation order. With a frozen tokenizer each image is
+        tokenized once."""
+        T = int(self.setokim.config.token_dim)
         if not self.cache_tokens:
-            return self._encode(pixel_values)
+            if not self.setokim.config.freeze_tokenizer:
+                raise UserError("freeze_tokenizer: false is not supported by stage 2 yet (the tokens are "
+                                "computed without gradients)")
+            return pack_token_sets(self._encode(pixel_values), T)
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
-            with torch.no_grad():
-                tok, mask = self._encode(pixel_values[todo])
-            for j, i in enumerate(todo):
-                self._cache[keys[i]] = tok[j, mask[j]].detach()
-        return pack_token_sets([self._cache[k] for k in keys], int(self.setokim.config.token_dim))
+            for i, t in zip(todo, self._encode(pixel_values[todo])):
+                self._cache[keys[i]] = t.detach()
+        return pack_token_sets([self._cache[k] for k in keys], T)
 
     @torch.no_grad()
     def fit_token_stats(self, dataset, limit: int = 256) -> int:
@@ -141,7 +121,7 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
         tok.save_pretrained(cfg.text_tokenizer)
     setokim = Setokim.from_config(cfg)
     setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
-    return Stage2Model(setokim, tokenizer_image_size(cfg.stage1))
+    return Stage2Model(setokim)
 
 
 def _mixture(recipe: Recipe):
