@@ -17,6 +17,9 @@ COMMANDS = {
     "eval": "setok_cli.cli.eval:eval_cmd",
     "bench-kernels": "setok_cli.cli.bench:bench_kernels",
     "env": "setok_cli.cli.env:env",
+    "caption": "setok_cli.cli.setokim:caption_cmd",
+    "generate": "setok_cli.cli.setokim:generate_cmd",
+    "edit": "setok_cli.cli.setokim:edit_cmd",
 }
 
 

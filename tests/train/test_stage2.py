@@ -14,31 +14,10 @@ from setok_cli.train.trainer import Trainer
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny shapes world and a tiny stage-1 run folder (random parts, the tiny recipe's
-    tokenizer settings at 112 px so that it is quick)."""
-    from setok_cli.data.shapes import generate
-    from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
-    from setok_cli.models.setok import SeTok, SeTokConfig
-    root = tmp_path_factory.mktemp("stage2")
-    generate(root / "shapes", n=30, size=32, seed=0)
-    ck = root / "stage1" / "checkpoints" / "step_00000010"
-    SeTok(SeTokConfig(image_size=112, image_policy="squash", max_tokens=8, merger_dim=16, token_dim=8,
-                      merger_depth=1, merger_cross_depth=1)).save_pretrained(ck / "setok")
-    unet = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, sample_size=16,
-                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
-    Detokenizer(DetokenizerConfig(image_size=16, unet=unet, sample_steps=2, mapper=MapperConfig(
-        token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32, output_dim=16))).save_pretrained(
-        ck / "detokenizer")
-    return root
-
-
-def _recipe(world, out, *extra):
-    tr = world / "shapes" / "train"
+def _recipe(stage2_world, out, *extra):
+    tr = stage2_world / "shapes" / "train"
     return load_recipe(RECIPES / "tiny" / "stage2.yaml", [
-        f"model.setokim.stage1={world / 'stage1'}", f"output_dir={out}",
+        f"model.setokim.stage1={stage2_world / 'stage1'}", f"output_dir={out}",
         "model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
         "num_key_value_heads: 2, max_position_embeddings: 256}",
         f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}, weight: 1.0}}, "
@@ -48,9 +27,9 @@ def _recipe(world, out, *extra):
         "train.threads=1", "optim.warmup_steps=2", "optim.lr=3e-3", *extra])
 
 
-def test_mixture_weights_and_items(world):
+def test_mixture_weights_and_items(stage2_world):
     from setok_cli.data.conversations import ConversationDataset, MixtureDataset
-    tr = world / "shapes" / "train"
+    tr = stage2_world / "shapes" / "train"
     cap = ConversationDataset(tr / "pairs.json", "caption", 32)
     edit = ConversationDataset(tr / "edits.json", "edit", 32)
     mix = MixtureDataset([(cap, 1.5), (edit, 0.5)], seed=0)
@@ -69,9 +48,9 @@ def test_mixture_weights_and_items(world):
         MixtureDataset([(cap, -1)])
 
 
-def test_token_cache_equals_fresh_tokens(world, tmp_path):
+def test_token_cache_equals_fresh_tokens(stage2_world, tmp_path):
     from setok_cli.train.stage2 import build_stage2
-    r = _recipe(world, tmp_path / "run")
+    r = _recipe(stage2_world, tmp_path / "run")
     model, data = build_stage2(r)
     b = data.collate([data[i] for i in range(4)])
     tok_cached, mask_cached = model.image_tokens(b["pixel_values"], b["image_keys"])
@@ -84,9 +63,9 @@ def test_token_cache_equals_fresh_tokens(world, tmp_path):
     assert not torch.equal(sm.token_std, torch.ones_like(sm.token_std))
 
 
-def test_tiny_stage2_lowers_losses_and_resumes_exactly(world, tmp_path):
+def test_tiny_stage2_lowers_losses_and_resumes_exactly(stage2_world, tmp_path):
     out = tmp_path / "run"
-    res = Trainer(_recipe(world, out, "train.max_steps=24", "train.checkpoint_every=12")).train()
+    res = Trainer(_recipe(stage2_world, out, "train.max_steps=24", "train.checkpoint_every=12")).train()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 24
     for term in ("text", "visual", "stop"):
@@ -101,15 +80,15 @@ def test_tiny_stage2_lowers_losses_and_resumes_exactly(world, tmp_path):
 
     # resume: 12 steps + 12 resumed == the 24 above, bit for bit on the CPU
     out2 = tmp_path / "run2"
-    Trainer(_recipe(world, out2, "train.max_steps=24", "train.checkpoint_every=12")).train(stop_after=12)
-    Trainer(_recipe(world, out2, "train.max_steps=24", "train.checkpoint_every=12")).train(resume=True)
+    Trainer(_recipe(stage2_world, out2, "train.max_steps=24", "train.checkpoint_every=12")).train(stop_after=12)
+    Trainer(_recipe(stage2_world, out2, "train.max_steps=24", "train.checkpoint_every=12")).train(resume=True)
     log2 = {x["step"]: x["loss"] for x in map(json.loads, (out2 / "log.jsonl").read_text().splitlines())}
     assert [log2[s] for s in range(13, 25)] == [x["loss"] for x in log][12:]
 
 
-def test_dry_run_of_the_tiny_recipe_lists_the_parts(world):
+def test_dry_run_of_the_tiny_recipe_lists_the_parts(stage2_world):
     from setok_cli.train.trainer import meta_model
-    r = _recipe(world, world / "unused")
+    r = _recipe(stage2_world, stage2_world / "unused")
     model, report = meta_model(r)
     rep = report(model)
     assert {"lm", "projector", "all"} <= set(rep)

@@ -1,0 +1,158 @@
+"""`setok caption`, `setok generate`, `setok edit`: Setokim's stage-II tasks from the terminal."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+
+def _sampling_options(f):
+    opts = [
+        click.option("--model", "model_path", required=True, metavar="RUN",
+                     help="A stage-2/3 run folder (its latest checkpoint), a checkpoint, or a Setokim folder."),
+        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Text sampling temperature (0: greedy)."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="Nucleus sampling mass for text."),
+        click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(min=1),
+                     help="Most text tokens per answer."),
+        click.option("--visual-steps", type=click.IntRange(min=1),
+                     help="DDIM steps of the diffusion visual head (default: its config)."),
+        click.option("--visual-temperature", type=click.FloatRange(min=0),
+                     help="Noise scale of the diffusion visual head (default: its config)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed."),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _file_options(f):
+    f = click.option("--limit", type=click.IntRange(min=1), help="Only the first N entries of --data.")(f)
+    f = click.option("--pred-out", type=click.Path(dir_okay=False),
+                     help="With --data: where to write the predictions JSON for `setok eval`.")(f)
+    f = click.option("--data", type=click.Path(), help="Run over a SPEC data file instead of the arguments.")(f)
+    return f
+
+
+def _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed):
+    import torch
+
+    from ..tasks.setokim import Sampling
+    if threads:
+        torch.set_num_threads(threads)
+    return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, visual_steps=visual_steps,
+                    visual_temperature=visual_temperature, seed=seed)
+
+
+def _run_file(model, task, data, pred_out, opts, batch_size, size, limit):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..tasks.setokim import count_entries, run_file
+    if not pred_out:
+        raise UserError("--data needs --pred-out FILE (where the predictions JSON goes)")
+    total = count_entries(task, data, limit)
+    err = Console(file=sys.stderr)
+    with Progress(TextColumn(task), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        t = bar.add_task(task, total=total)
+        preds = run_file(model, task, data, pred_out, opts, batch_size, size, limit,
+                         on_batch=lambda n: bar.advance(t, n))
+    click.echo(f"{len(preds)} prediction(s) -> {pred_out}   (score: setok eval {task} --data {data} "
+               f"--pred {pred_out})")
+
+
+def _need_inputs(args, data, what):
+    if data and args:
+        raise UserError(f"give {what} or --data, not both")
+    if not data and not args:
+        raise UserError(f"give {what} or --data FILE")
+
+
+@click.command("caption")
+@click.argument("images", nargs=-1)
+@_sampling_options
+@_file_options
+def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
+                batch_size, threads, data, pred_out, limit):
+    """Print a caption for each IMAGE."""
+    _need_inputs(images, data, "IMAGE...")
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    from ..images import load_image
+    from ..tasks.setokim import caption, load_setokim
+    pics = [load_image(p) for p in images]            # every image readable before the model loads
+    model = load_setokim(model_path)
+    if data:
+        return _run_file(model, "caption", data, pred_out, opts, batch_size, None, limit)
+    for start in range(0, len(pics), batch_size):
+        for path, text in zip(images[start:start + batch_size], caption(model, pics[start:start + batch_size], opts)):
+            click.echo(f"{path}: {text}")
+
+
+@click.command("generate")
+@click.argument("prompt", required=False)
+@_sampling_options
+@_file_options
+@click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
+@click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
+def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
+                 batch_size, threads, data, pred_out, limit, out_dir, num_images, size):
+    """Write --num-images images for PROMPT into --out."""
+    _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
+    if prompt is not None and not prompt.strip():
+        raise UserError("empty prompt")
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    from ..files import ensure_dir
+    from ..tasks.setokim import generate, load_setokim, save_png
+    if not data:
+        ensure_dir(out_dir)
+    model = load_setokim(model_path)
+    if data:
+        return _run_file(model, "generate", data, pred_out, opts, batch_size, size, limit)
+    stem = "_".join(prompt.lower().split())[:40].strip("_") or "image"
+    for j, im in enumerate(generate(model, [prompt], num_images, opts, size)[0]):
+        path = Path(out_dir) / f"{stem}_{seed + j}.png"
+        save_png(path, im)
+        click.echo(str(path))
+
+
+@click.command("edit")
+@click.argument("image", required=False)
+@click.option("--instruction", help="What to change, e.g. \"make the red circle blue\".")
+@_sampling_options
+@_file_options
+@click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
+@click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
+def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
+             seed, batch_size, threads, data, pred_out, limit, out_dir, size):
+    """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
+    _need_inputs([image] if image is not None else [], data, "IMAGE")
+    if not data and (instruction is None or not instruction.strip()):
+        raise UserError("empty instruction: give --instruction \"...\"")
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    import numpy as np
+
+    from ..files import ensure_dir
+    from ..images import load_image
+    from ..tasks.setokim import edit, load_setokim, save_png, side_by_side
+    src = None if data else load_image(image)
+    if not data:
+        ensure_dir(out_dir)
+    model = load_setokim(model_path)
+    if data:
+        return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
+    out = edit(model, [src], [instruction], opts, size)[0]
+    stem = Path(image).stem
+    edited = Path(out_dir) / f"{stem}_edited.png"
+    save_png(edited, out)
+    src_arr = np.asarray(src.resize((out.shape[1], out.shape[0])))
+    pair = Path(out_dir) / f"{stem}_edit.png"
+    save_png(pair, side_by_side(src_arr, out))
+    click.echo(f"{edited}\n{pair}")

@@ -1,0 +1,214 @@
+"""Setokim's stage-II pipelines: caption, generate, edit (library calls behind the commands).
+
+    model = load_setokim("runs/tiny-stage2")                   # run folder, checkpoint or setokim/ folder
+    caption(model, ["a.png", "b.png"])                          # -> ["a red circle and ...", ...]
+    generate(model, ["two red circles"], num_images=2, opts)   # -> [[image (S, S, 3) uint8, ...]]
+    edit(model, ["a.png"], ["make the red circle blue"])        # -> [image (S, S, 3) uint8]
+
+Each runs in batches with the KV cache and asks the way stage-II training asked
+(`TASK_PROMPTS`): the caption prompt and the image; "Generate an image: ..." then `[Img]`
+(the model writes the image's tokens until its stop head ends it); the source image and
+the instruction then `[Img]`. Images come back from the stage-1 detokenizer the checkpoint
+holds, resized to `size` (None: the detokenizer's own resolution).
+
+Over a data file (`run_file`), each writes the prediction JSON that `setok eval` reads:
+caption `{"image", "caption"}`, generate `{"caption", "image": png}`, edit `{"source",
+"instruction", "image": png}`; PNGs go to `<pred_out stem>_images/`, every file written
+atomically.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..files import atomic_write, atomic_write_json, ensure_dir
+
+__all__ = ["Sampling", "load_setokim", "caption", "generate", "edit", "run_file", "side_by_side", "TASKS"]
+
+TASKS = ("caption", "generate", "edit")
+
+
+@dataclass
+class Sampling:
+    """Sampling settings (temperature 0: greedy text; visual_temperature 0: the diffusion
+    head's deterministic sample; both unused by parts that do not sample)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    visual_steps: Optional[int] = None          # the diffusion head's DDIM steps (None: its config)
+    visual_temperature: Optional[float] = None  # the diffusion head's noise scale (None: its config)
+    decode_steps: Optional[int] = None          # the detokenizer's sampling steps (None: its config)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
+            raise UserError("sampling: temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
+
+
+def load_setokim(path):
+    """A Setokim from a stage-2/3 run folder (its latest checkpoint), a checkpoint folder,
+    or a saved Setokim folder; eval mode. A folder without one is one UserError line."""
+    from ..models.setokim import Setokim
+    model = Setokim.from_pretrained(path)
+    if model.setok is None:
+        raise UserError(f"{path}: this Setokim has no SeTok saved with it (setok/), so it cannot read images")
+    return model.eval()
+
+
+def _kw(opts: Sampling, generator: torch.Generator) -> dict:
+    return dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                visual_steps=opts.visual_steps, visual_temperature=opts.visual_temperature, generator=generator)
+
+
+def _decode(model, token_sets: list[torch.Tensor], opts: Sampling, generator: torch.Generator,
+            size: Optional[int]) -> list[np.ndarray]:
+    """Produced token sets -> images (S, S, 3) uint8 through the stage-1 detokenizer.
+    An empty set (the model stopped at once) decodes as the detokenizer's image of nothing."""
+    from ..models.setokim import decode_images
+    if not token_sets:
+        return []
+    T = int(model.config.token_dim)
+    sets = [t if t.shape[0] else torch.zeros(1, T) for t in token_sets]
+    x = decode_images(model, sets, steps=opts.decode_steps, generator=generator)        # (N, 3, s, s)
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return [(im.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for im in x]
+
+
+def _check_texts(texts: Sequence[str], what: str) -> None:
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise UserError(f"empty {what}" + (f" (item {i})" if len(texts) > 1 else ""))
+
+
+@torch.no_grad()
+def caption(model, images: Sequence, opts: Optional[Sampling] = None) -> list[str]:
+    """Images (paths, PIL images or uint8 arrays) -> one caption each."""
+    from ..models.setokim import TASK_PROMPTS, prompt_batch
+    opts = opts or Sampling()
+    sets = model.image_token_sets(list(images))
+    args = prompt_batch(model, [TASK_PROMPTS["caption"]] * len(sets), [[s] for s in sets])
+    g = torch.Generator().manual_seed(opts.seed)
+    return [o.text for o in model.generate(*args, **_kw(opts, g))]
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[Sampling] = None,
+             size: Optional[int] = None) -> list[list[np.ndarray]]:
+    """Prompts (captions) -> `num_images` images each. Image j of a prompt is drawn with
+    seed + j, so a prompt's images do not depend on the batch it ran in."""
+    from ..models.setokim import TASK_PROMPTS, prompt_batch
+    opts = opts or Sampling()
+    _check_texts(prompts, "prompt")
+    if num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {num_images}")
+    out: list[list[np.ndarray]] = [[] for _ in prompts]
+    texts = [TASK_PROMPTS["generate"].format(caption=p.strip()) for p in prompts]
+    for j in range(num_images):
+        g = torch.Generator().manual_seed(opts.seed + j)
+        gen = model.generate(*prompt_batch(model, texts, start_image=True), **_kw(opts, g))
+        imgs = _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
+        for i, im in enumerate(imgs):
+            out[i].append(im)
+    return out
+
+
+def _empty(model) -> torch.Tensor:
+    return torch.zeros(0, int(model.config.token_dim))
+
+
+@torch.no_grad()
+def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sampling] = None,
+         size: Optional[int] = None) -> list[np.ndarray]:
+    """Source images + instructions -> the edited images."""
+    from ..models.setokim import TASK_PROMPTS, prompt_batch
+    opts = opts or Sampling()
+    _check_texts(instructions, "instruction")
+    if len(images) != len(instructions):
+        raise UserError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
+    sets = model.image_token_sets(list(images))
+    texts = [TASK_PROMPTS["edit"].format(instruction=t.strip()) for t in instructions]
+    g = torch.Generator().manual_seed(opts.seed)
+    gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets], start_image=True), **_kw(opts, g))
+    return _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
+
+
+def side_by_side(source: np.ndarray, edited: np.ndarray, gap: int = 4) -> np.ndarray:
+    """source | edited, both at the larger height (nearest), on a white gap."""
+    from PIL import Image
+    h = max(source.shape[0], edited.shape[0])
+
+    def fit(a):
+        return np.asarray(Image.fromarray(a).resize((round(a.shape[1] * h / a.shape[0]), h), Image.NEAREST))
+    a, b = fit(source), fit(edited)
+    return np.concatenate([a, np.full((h, gap, 3), 255, np.uint8), b], axis=1)
+
+
+def save_png(path, image: np.ndarray) -> None:
+    from PIL import Image
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+# ---- over a data file -------------------------------------------------------------------
+
+def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling] = None,
+             batch_size: int = 16, size: Optional[int] = None, limit: Optional[int] = None,
+             on_batch: Optional[Callable[[int], None]] = None) -> list[dict]:
+    """Run `task` over a SPEC data file and write the prediction JSON `setok eval` reads.
+    caption/generate read pairs (generate once per distinct caption), edit reads edits."""
+    from ..data.formats import load
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    opts = opts or Sampling()
+    entries = load(data, "edits" if task == "edit" else "pairs")
+    if task == "generate":                       # one image per distinct prompt
+        seen, uniq = set(), []
+        for e in entries:
+            if e["caption"] not in seen:
+                seen.add(e["caption"])
+                uniq.append(e)
+        entries = uniq
+    entries = entries[:limit] if limit else entries
+    out_path = Path(pred_out)
+    img_dir = out_path.parent / f"{out_path.stem}_images"
+    ensure_dir(out_path.parent)
+    if task != "caption":
+        ensure_dir(img_dir)
+    preds: list[dict] = []
+    rel = lambda p: os.path.relpath(p, out_path.parent)               # noqa: E731 (paths relative to the JSON)
+    for start in range(0, len(entries), batch_size):
+        chunk = entries[start:start + batch_size]
+        if task == "caption":
+            for e, text in zip(chunk, caption(model, [e["image"] for e in chunk], opts)):
+                preds.append({"image": rel(e["image"]), "caption": text})
+        elif task == "generate":
+            imgs = generate(model, [e["caption"] for e in chunk], 1, opts, size)
+            for k, (e, ims) in enumerate(zip(chunk, imgs)):
+                png = img_dir / f"{start + k:06d}.png"
+                save_png(png, ims[0])
+                preds.append({"caption": e["caption"], "image": rel(png)})
+        else:
+            imgs = edit(model, [e["source"] for e in chunk], [e["instruction"] for e in chunk], opts, size)
+            for k, (e, im) in enumerate(zip(chunk, imgs)):
+                png = img_dir / f"{start + k:06d}.png"
+                save_png(png, im)
+                preds.append({"source": rel(e["source"]), "instruction": e["instruction"], "image": rel(png)})
+        if on_batch is not None:
+            on_batch(len(chunk))
+    atomic_write_json(out_path, preds)
+    return preds
+
+
+def count_entries(task: str, data: str, limit: Optional[int] = None) -> int:
+    """How many items `run_file` will process (for a progress bar)."""
+    from ..data.formats import load
+    entries = load(data, "edits" if task == "edit" else "pairs", check_files=False)
+    n = len({e["caption"] for e in entries}) if task == "generate" else len(entries)
+    return min(n, limit) if limit else n

@@ -1,0 +1,98 @@
+"""`setok caption / generate / edit` on a tiny stage-2 run trained by `setok train`, on good and bad inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from setok_cli.cli.main import cli
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _run(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run(stage2_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmd") / "run"
+    tr = stage2_world / "shapes" / "train"
+    res = _run(["train", RECIPES / "tiny" / "stage2.yaml",
+                "--set", f"model.setokim.stage1={stage2_world / 'stage1'}", "--output-dir", out,
+                "--set", "model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                         "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}",
+                "--set", f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}}}, "
+                         f"{{task: generate, path: {tr / 'pairs.json'}}}, {{task: edit, path: {tr / 'edits.json'}}}]",
+                "--set", "data.image_size=32", "--set", "data.batch_size=6", "--set", "train.max_steps=6",
+                "--set", "train.checkpoint_every=6", "--set", "train.progress=false", "--set", "train.threads=1",
+                "--set", "model.setokim.max_visual_tokens=4"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_caption_prints_one_line_per_image(run, stage2_world):
+    imgs = sorted((stage2_world / "shapes" / "test" / "images").glob("*.png"))[:3]
+    res = _run(["caption", *imgs, "--model", run, "--max-new-tokens", "5", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [str(p) for p in imgs]
+
+
+def test_generate_writes_images_and_edit_its_pair(run, stage2_world, tmp_path):
+    res = _run(["generate", "two red circles", "--model", run, "--out", tmp_path, "--num-images", "2",
+                "--size", "24", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    pngs = sorted(tmp_path.glob("two_red_circles_*.png"))
+    assert [p.name for p in pngs] == ["two_red_circles_0.png", "two_red_circles_1.png"]
+    assert np.asarray(Image.open(pngs[0])).shape == (24, 24, 3)
+    src = sorted((stage2_world / "shapes" / "test" / "images").glob("*.png"))[0]
+    res = _run(["edit", src, "--instruction", "make the red circle blue", "--model", run, "--out", tmp_path,
+                "--size", "24", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert np.asarray(Image.open(tmp_path / f"{src.stem}_edited.png")).shape == (24, 24, 3)
+    assert np.asarray(Image.open(tmp_path / f"{src.stem}_edit.png")).shape == (24, 24 + 4 + 24, 3)
+
+
+@pytest.mark.parametrize("task,kind", [("caption", "pairs"), ("generate", "pairs"), ("edit", "edits")])
+def test_data_file_predictions_are_what_eval_reads(run, stage2_world, tmp_path, task, kind):
+    data = stage2_world / "shapes" / "test" / f"{kind}.json"
+    pred = tmp_path / "pred.json"
+    res = _run([task, "--data", data, "--pred-out", pred, "--model", run, "--limit", "2", "--threads", "1",
+                "--max-new-tokens", "4"] + (["--size", "32"] if task != "caption" else []))
+    assert res.exit_code == 0, res.output
+    preds = json.loads(pred.read_text())
+    assert len(preds) == 2
+    ev = _run(["eval", task, "--data", data, "--pred", pred, "--json"])
+    assert ev.exit_code == 0, ev.output
+    scores = json.loads(ev.output)
+    entries = json.loads(data.read_text())
+    # every entry but the predicted ones is missing (generate: the entries of the two captions)
+    covered = sum(e["caption"] in {p["caption"] for p in preds} for e in entries) if task == "generate" else 2
+    assert scores["missing"] == len(entries) - covered
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["caption", "{img}", "--model", "{nope}"], "not found"),
+    (["caption", "{missing}", "--model", "{run}"], "no such file"),
+    (["generate", "  ", "--model", "{run}"], "empty prompt"),
+    (["edit", "{img}", "--instruction", " ", "--model", "{run}"], "empty instruction"),
+    (["edit", "{img}", "--model", "{run}"], "empty instruction"),
+    (["caption", "--data", "{pairs}", "--model", "{run}"], "--pred-out"),
+    (["caption", "--model", "{run}"], "give IMAGE"),
+    (["generate", "a red circle", "--model", "{stage1}"], "holds"),
+])
+def test_bad_inputs_are_one_line(run, stage2_world, tmp_path, args, msg):
+    img = sorted((stage2_world / "shapes" / "test" / "images").glob("*.png"))[0]
+    fill = {"img": img, "nope": tmp_path / "nope", "run": run, "missing": tmp_path / "missing.png",
+            "pairs": stage2_world / "shapes" / "test" / "pairs.json",
+            "stage1": stage2_world / "stage1" / "checkpoints" / "step_00000010" / "setok"}
+    res = _run([a.format(**fill) for a in args])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], res.output
+    assert "Traceback" not in res.output
