@@ -126,8 +126,10 @@ class DiffusionHead(nn.Module):
 
     def sampling_scheduler(self, steps: int):
         from diffusers import DDIMScheduler
-        s = DDIMScheduler.from_config(self.train_scheduler.config, timestep_spacing="trailing",
-                                      set_alpha_to_one=True, clip_sample=False)
+        c = self.config
+        spacing = c.timestep_spacing or ("leading" if c.prediction_type == "epsilon" else "trailing")
+        s = DDIMScheduler.from_config(self.train_scheduler.config, timestep_spacing=spacing, set_alpha_to_one=True,
+                                      clip_sample=False)
         s.set_timesteps(steps)
         return s
 
