@@ -393,6 +393,10 @@ def test_kv_cache_equals_no_cache(folders, head):
     if head == "mse":                                      # left padding: a row alone = the row in a batch
         alone = m.generate(*prompt_batch(m, ["Generate an image: a red circle."], start_image=True), **kw)
         assert alone[0].ids == a[1].ids and torch.allclose(alone[0].images[0], a[1].images[0], atol=1e-5)
+    with torch.no_grad():
+        m.stop_head.bias.fill_(5.0)                         # stop at once: still one token per image
+    one = m.generate(*args, **kw)
+    assert [len(x.images[0]) for x in one] == [1, 1]
     pics = decode_images(m, a[0].images, steps=1)
     assert pics.shape == (1, 3, 16, 16) and 0 <= float(pics.min()) and float(pics.max()) <= 1
 

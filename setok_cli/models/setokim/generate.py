@@ -113,11 +113,13 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         logits[:, e_id] = float("-inf")                                    # [/Img] is given, never sampled
         tok = sample_logits(logits, temperature, top_p, generator)
         hh = h.to(head_dtype)
-        stop = (model.stop_head(hh).squeeze(-1) > 0) | (n_vis >= max_vis)
-        if bool((image_mode & ~done).any()):
-            vis = model.visual_head.sample(hh, steps=vsteps, temperature=vtemp, generator=generator).float()
-        else:                                                              # text only: no sampling cost
-            vis = hh.new_zeros(B, int(model.config.token_dim), dtype=torch.float32)
+        # an image has at least one token (the stop head is trained to continue at [Img])
+        stop = ((model.stop_head(hh).squeeze(-1) > 0) & (n_vis > 0)) | (n_vis >= max_vis)
+        vis = hh.new_zeros(B, int(model.config.token_dim), dtype=torch.float32)
+        rows = (image_mode & ~done).nonzero().squeeze(-1)                  # sample only where an image is open
+        if rows.numel():
+            vis[rows] = model.visual_head.sample(hh[rows], steps=vsteps, temperature=vtemp,
+                                                 generator=generator).float()
         text_rows = ~image_mode & ~done
         emit_vis = image_mode & ~done & ~stop
         end_img = image_mode & ~done & stop
