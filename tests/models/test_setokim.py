@@ -430,6 +430,8 @@ def test_bad_inputs_one_line(folders, tmp_path):
         lambda: SetokimConfig(visual_head="l1"),
         lambda: Setokim.from_config(SetokimConfig(text_tokenizer=str(folders / "tok"), stage1=str(folders / "stage1"))),
         lambda: m.generate(*prompt_batch(m, ["Describe the image briefly."]), max_new_tokens=0),
+        lambda: m.generate(*prompt_batch(m, ["Describe the image briefly."]), top_p=0),
+        lambda: m.generate(*prompt_batch(m, ["Describe the image briefly."]), visual_steps=0),
     ]
     for i, f in enumerate(cases):
         with pytest.raises(UserError) as e:

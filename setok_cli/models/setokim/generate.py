@@ -80,6 +80,15 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     (`prompt_batch` makes all four) -> one Generated per row."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    for name, v in (("visual_steps", visual_steps), ("max_visual_tokens", max_visual_tokens)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be >= 1, got {v}")
+    if visual_temperature is not None and not visual_temperature >= 0:
+        raise UserError(f"visual_temperature must be >= 0, got {visual_temperature}")
     was_training = model.training
     model.eval()
     try:
