@@ -98,6 +98,8 @@ def render_conversation(conversations: Sequence[dict], tokenizer, *, system: str
 def collate_conversations(rendered: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
                           padding_side: str = "right") -> tuple[Tensor, Tensor, Tensor]:
     """[(ids, labels)] -> input_ids (B, L), labels (B, L), attention_mask (B, L), padded."""
+    if not rendered:
+        raise UserError("no conversations to collate")
     L = max(len(i) for i, _ in rendered)
     B = len(rendered)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
