@@ -12,7 +12,8 @@ or the HF cache; at tiny scale a LlamaConfig trained from scratch with the word-
 tokenizer of `build_word_tokenizer`). `projector`: LLaVA-1.5's 2-layer GELU MLP, token
 width T -> hidden H. `visual_head`: `mse` (the paper: regression to the tokenizer's
 tokens) or `diffusion` (the authors' released code: MAR's per-token diffusion loss, an
-AdaLN MLP denoiser conditioned on the hidden state, DDIM with a few steps). `stop_head`:
+AdaLN MLP denoiser conditioned on the hidden state, DDIM with a few steps; it predicts v
+by default, see DiffusionHeadConfig.prediction_type for why not MAR's eps). `stop_head`:
 Linear(H, 1). `setok`, `detokenizer`, `mask_decoder`: the stage-1 checkpoint's parts
 (frozen; the SeTok trainable only with `freeze_tokenizer: false`). `[Img]` and `[/Img]`
 are added to the text tokenizer and the LM's embeddings are resized.
@@ -25,8 +26,8 @@ the visual head (teacher forcing: the target tokens are the inputs).
 
 How an image ends: a stop head, not `[/Img]` through the LM head. At each visual
 position (`[Img]` and v_1 .. v_K) the stop head answers "is this image complete?" with a
-BCE target 0 before v_K and 1 at v_K; at inference a probability above 0.5 (or
-`max_visual_tokens`) ends the image and `[/Img]` is fed as given. It keeps the image's
+BCE target 0 before v_K and 1 at v_K; at inference a probability above 0.5 after at least
+one token (or `max_visual_tokens`) ends the image and `[/Img]` is fed as given. It keeps the image's
 length decision a binary question trained at every visual position, leaves the LM head's
 vocabulary distribution to text only (`[/Img]` is never sampled), and is one small
 module that stage III's LoRA leaves trainable like the other heads.

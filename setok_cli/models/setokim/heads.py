@@ -65,8 +65,9 @@ class _AdaLNBlock(nn.Module):
 
 
 class DiffusionHead(nn.Module):
-    """MAR's per-token diffusion loss: a denoiser eps(x_t, t | h) over one token, with
-    diffusers' DDPM schedule for training and DDIM for few-step sampling.
+    """MAR's per-token diffusion loss: a denoiser f(x_t, t | h) over one token (predicting
+    v, x0 or eps: config.prediction_type), with diffusers' DDPM schedule for training and
+    DDIM for few-step sampling.
 
     The AdaLN modulations and the output layer start at zero (MAR's init), so the
     untrained denoiser predicts 0 and the blocks start as the identity."""
