@@ -331,6 +331,11 @@ def test_read_images_carry_no_visual_loss(folders):
     out.loss.backward()
     assert m.visual_head.net[0].weight.grad is not None                   # connected (DDP needs every grad)
     assert all(p.grad is None for p in m.setok.parameters())              # the stage-1 parts are frozen
+    m.zero_grad(set_to_none=True)
+    text = m.collate([{"conversations": [{"from": "human", "value": "Describe the image briefly."},
+                                         {"from": "gpt", "value": "A red circle."}]}])
+    m(**text).loss.backward()                                             # no image in the batch at all
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)   # DDP: every trainable grad
 
 
 def test_save_load_identical(folders, tmp_path):

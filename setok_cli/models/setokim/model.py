@@ -280,10 +280,12 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         table, visual tokens through the projector."""
         emb = self.lm.get_input_embeddings()(sp.ids.clamp(min=0))
         if sp.vis_dst.numel():
-            vis = self.projector(self.normalize(image_tokens[image_token_mask][sp.vis_src]).to(self.head_dtype))
-            B, L, H = emb.shape
-            emb = emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
-        return emb
+            src = image_tokens[image_token_mask][sp.vis_src]
+        else:   # no image: the projector still runs, on nothing (LLaVA's [0:0]), so DDP sees its grads
+            src = emb.new_zeros(0, int(self.config.token_dim))
+        vis = self.projector(self.normalize(src).to(self.head_dtype))
+        B, L, H = emb.shape
+        return emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
 
     @property
     def cache_kwarg(self) -> str:
