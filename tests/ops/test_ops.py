@@ -486,3 +486,30 @@ def test_ties_at_the_kth_distance(k):
     ref = ops.dpc_cluster(x, k, 1.0, 6, hard=True, backend="reference")
     cpu = ops.dpc_cluster(x, k, 1.0, 6, hard=True, backend="cpu")
     _agree(ref, cpu, rtol=0, atol=0)
+
+
+def test_profile_names_the_path_taken():
+    """The phase log (bench-kernels --profile) shows which path ran: one image with spare
+    threads takes the single parallel region (no separate GEMM phase), as many images as
+    threads take whole images; with profiling off nothing is recorded."""
+    from setok_cli.bench.kernels import profile_phases
+    from setok_cli.ops._ext import _C
+
+    prev = torch.get_num_threads()
+    x1, x2 = torch.randn(1, 64, 48), torch.randn(2, 64, 48)
+    try:
+        torch.set_num_threads(2)
+        _C._set_profile(True)
+        ops.dpc_cluster(x1, 5, 1.0, 8, backend="cpu")
+        assert [n for n, _ in _C._last_profile()] == ["outputs", "setup", "gram rows+distances+density", "delta",
+                                                      "scope"]
+        ops.dpc_cluster(x2, 5, 1.0, 8, backend="cpu")
+        assert [n for n, _ in _C._last_profile()] == ["outputs", "whole images"]
+        _C._set_profile(False)
+        ops.dpc_cluster(x1, 5, 1.0, 8, backend="cpu")
+        assert [n for n, _ in _C._last_profile()] == ["outputs", "whole images"]  # the last profiled call
+        r = profile_phases(1, 64, 48, rounds=2)
+        assert set(r["phases_ms"]) == {"outputs", "setup", "gram rows+distances+density", "delta", "scope", "other"}
+    finally:
+        _C._set_profile(False)
+        torch.set_num_threads(prev)
