@@ -53,44 +53,22 @@ class Stage1Parts:
     tokenizer_image_size: Optional[int] = None   # the recipe's model.tokenizer.image_size (as in training)
 
 
-def _read_recipe(folder: Path) -> dict:
-    f = folder / "recipe.yaml"
-    if not f.is_file():
-        return {}
-    import yaml
-    try:
-        d = yaml.safe_load(f.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{f}: unreadable ({e})") from None
-    return d if isinstance(d, dict) else {}
-
-
 def load_stage1(path) -> Stage1Parts:
     """The parts of a stage-1 training checkpoint (setok/, detokenizer/, mask_decoder/,
     alignment/, recipe.yaml), or of a run folder's latest checkpoint."""
-    from ..models.hub import resolve_checkpoint, resolve_folder
-    from ..models.setok import SeTok
+    from ..models.stage1 import load_stage1 as load_parts
+    from ..models.stage1 import stage1_folder, stage1_recipe
 
-    folder = resolve_checkpoint(resolve_folder(path, "stage-1 checkpoint"))
+    folder = stage1_folder(path)
     if not (folder / "setok").is_dir():
         raise UserError(f"{folder}: not a stage-1 checkpoint (no setok/ folder); give a run folder or one of "
                         f"its checkpoints/step_* folders")
-    recipe = _read_recipe(folder)
-    setok = SeTok.from_pretrained(folder / "setok").eval()
-    detok = mdec = align = None
-    if (folder / "detokenizer").is_dir():
-        from ..models.detokenizer import Detokenizer
-        detok = Detokenizer.from_pretrained(folder / "detokenizer").eval()
-    if (folder / "mask_decoder").is_dir():
-        from ..models.mask_decoder import MaskDecoder
-        mdec = MaskDecoder.from_pretrained(folder / "mask_decoder").eval()
-    if (folder / "alignment").is_dir():
-        from ..models.alignment import ConceptAlignment
-        align = ConceptAlignment.from_pretrained(folder / "alignment").eval()
+    parts = load_parts(folder)
+    recipe = stage1_recipe(folder)
     size = (recipe.get("data") or {}).get("image_size")
     tok_size = ((recipe.get("model") or {}).get("tokenizer") or {}).get("image_size")
-    return Stage1Parts(folder, setok, detok, mdec, align, int(size) if size else None,
-                       int(tok_size) if tok_size else None)
+    return Stage1Parts(folder, parts["setok"], parts["detokenizer"], parts["mask_decoder"], parts["alignment"],
+                       int(size) if size else None, int(tok_size) if tok_size else None)
 
 
 def training_figures(folder: Path) -> dict:

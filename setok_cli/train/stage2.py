@@ -156,7 +156,7 @@ def meta_stage2_model(recipe: Recipe) -> Stage2Model:
     config when it is on disk, else from `model.tokenizer.config` (the paper recipe names
     the stage-1 tokenizer's shape there, so it can be sized before stage 1 has run)."""
     from ..models.setok import SeTokConfig
-    from ..models.setokim.model import stage1_folder
+    from ..models.stage1 import stage1_folder
     from .stage1 import _encoder_architecture
     cfg = _setokim_config(recipe)
     tok_cfg = None

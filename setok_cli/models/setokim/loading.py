@@ -10,13 +10,15 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from ..hub import CONFIG_NAME, resolve_checkpoint, resolve_folder
+from ..hub import resolve_folder
+from ..stage1 import load_stage1 as _load_stage1
+from ..stage1 import stage1_folder  # noqa: F401 (re-exported)
 from .config import LM_PRESETS
 
 __all__ = ["stage1_folder", "load_stage1", "lm_config", "load_lm", "load_text_tokenizer", "quiet", "first_line",
            "STAGE1_PARTS"]
 
-STAGE1_PARTS = ("setok", "detokenizer", "mask_decoder")
+STAGE1_PARTS = ("setok", "detokenizer", "mask_decoder")   # what Setokim reads and writes with
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -25,27 +27,9 @@ def first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def stage1_folder(path: Union[str, os.PathLike]) -> Path:
-    """A stage-1 run folder (its latest checkpoint) or checkpoint folder, or a bare SeTok
-    folder; one UserError line when it holds no SeTok."""
-    folder = resolve_checkpoint(resolve_folder(path, "stage-1 checkpoint"))
-    if (folder / "setok" / CONFIG_NAME).is_file() or (folder / CONFIG_NAME).is_file():
-        return folder
-    raise UserError(f"{folder}: not a stage-1 checkpoint (no setok/{CONFIG_NAME})")
-
-
 def load_stage1(folder: Path) -> dict[str, Optional[nn.Module]]:
     """The SeTok and, where saved, the detokenizer and mask decoder of a stage-1 folder."""
-    from ..detokenizer import Detokenizer
-    from ..mask_decoder import MaskDecoder
-    from ..setok import SeTok
-    sub = folder / "setok"
-    parts: dict[str, Optional[nn.Module]] = {"setok": SeTok.from_pretrained(sub if sub.is_dir() else folder)}
-    d = folder / "detokenizer"
-    parts["detokenizer"] = Detokenizer.from_pretrained(d) if (d / CONFIG_NAME).is_file() else None
-    m = folder / "mask_decoder"
-    parts["mask_decoder"] = MaskDecoder.from_pretrained(m) if (m / CONFIG_NAME).is_file() else None
-    return parts
+    return _load_stage1(folder, STAGE1_PARTS)
 
 
 def lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):
