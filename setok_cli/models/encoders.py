@@ -36,16 +36,21 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """transformers prints a load report for every ignored key (e.g. CLIP's text tower)."""
+def quiet_transformers():
+    """transformers quiet while a part is read or written: no load report for every
+    ignored key (e.g. CLIP's text tower), no progress bars (the CLI prints its own)."""
     from transformers.utils import logging as hf_logging
 
     prev = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(prev)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class HFVisionEncoder(nn.Module):
@@ -198,7 +203,7 @@ def load_encoder(spec: str = "builtin", *, layer: Optional[int] = None, image_si
         raise UserError(f"encoder {spec!r} has model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
     cls = getattr(transformers, adapter.model_class)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = cls.from_pretrained(path, local_files_only=True, **({"dtype": dtype} if dtype else {}))
     except Exception as e:
         raise UserError(f"cannot load encoder {spec!r} as {adapter.model_class}: {e}") from None

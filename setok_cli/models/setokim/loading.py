@@ -1,7 +1,6 @@
 """Reading Setokim's parts: the LM, its text tokenizer, the stage-1 checkpoint."""
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
+from ..encoders import quiet_transformers as quiet  # noqa: F401 (re-exported)
 from ..hub import resolve_folder
 from ..stage1 import load_stage1 as _load_stage1
 from ..stage1 import stage1_folder  # noqa: F401 (re-exported)
@@ -59,19 +59,6 @@ def lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:
         raise UserError(f"{folder}: not a transformers model folder ({first_line(e)})") from None
-
-
-@contextlib.contextmanager
-def quiet():
-    """No transformers progress bars while a part is written or read (the CLI prints its own)."""
-    from transformers.utils import logging as tlog
-    was = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tlog.enable_progress_bar()
 
 
 def load_lm(spec: Union[str, dict], dtype: Optional[str], text_vocab: Optional[int], seed: int):

@@ -16,7 +16,6 @@ training and inference cut the text the same way.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -132,15 +131,9 @@ def pack_token_sets(sets: Sequence[Tensor], token_dim: Optional[int] = None) -> 
 def world_texts(files: Iterable[Union[str, Path]]) -> Iterable[str]:
     """Every text of SPEC-format JSON lists: captions, phrases, instructions, referring
     expressions, conversation turns."""
+    from ...data.formats import read_json_list
     for f in files:
-        try:
-            data = json.loads(Path(f).read_text())
-        except FileNotFoundError:
-            raise UserError(f"{f}: not found") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{f}: unreadable ({e})") from None
-        if not isinstance(data, list):
-            raise UserError(f"{f}: not a JSON list")
+        data = read_json_list(f)
         for e in data:
             if not isinstance(e, dict):
                 continue
