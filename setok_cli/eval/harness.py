@@ -88,6 +88,15 @@ def read_predictions(path, required: dict[str, str], alternatives: dict[str, tup
     return out
 
 
+def _align_by_image_and_text(pred, entries: list[dict], image: str, text: str, png: str,
+                             descs: tuple[str, str, str]) -> list[dict | None]:
+    """Predictions {image (file name) or "image_key", text, png} aligned to the data
+    entries by (image file name, text); segment and edit are keyed this way."""
+    preds = read_predictions(pred, {"image_key": descs[0], text: descs[1], png: descs[2]},
+                             {"image_key": (image,)}, paths=(image, png), match_keys=("image_key", text))
+    return _index(preds, [(_name(e[image]), e[text]) for e in entries], lambda p: (_name(p["image_key"]), p[text]))
+
+
 def _index(preds: list[dict], keys: list, pred_key_of) -> list[dict | None]:
     """Align predictions to data entries (whose match keys are `keys`): by "index" or by
     `pred_key_of(prediction)`. Returns, per data entry, its prediction or None."""
@@ -299,12 +308,8 @@ def eval_segment(data: str, pred: str) -> dict:
     precision at IoU 0.5. Predicted masks: PNG, foreground = value > 127 (or > 0 for a
     0/1 mask), resized to the reference mask by nearest neighbour if needed."""
     entries = formats.load(data, "referring", check_files=False)
-    preds = read_predictions(pred, {"image_key": "the image", "expression": "the referring expression",
-                                    "mask": "the predicted mask PNG"},
-                             {"image_key": ("image",)}, paths=("image", "mask"),
-                             match_keys=("image_key", "expression"))
-    aligned = _index(preds, [(_name(e["image"]), e["expression"]) for e in entries],
-                     lambda p: (_name(p["image_key"]), p["expression"]))
+    aligned = _align_by_image_and_text(pred, entries, "image", "expression", "mask",
+                                       ("the image", "the referring expression", "the predicted mask PNG"))
     ious, inter, union, missing = [], 0, 0, 0
     for e, p in zip(entries, aligned):
         gt = _binary(load_ids(e["mask"]))
@@ -373,12 +378,8 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
     from ..data.scene_parser import parse_scene
 
     entries = formats.load(data, "edits", check_files=False)
-    preds = read_predictions(pred, {"image_key": "the source image", "instruction": "the instruction",
-                                    "image": "the edited PNG"},
-                             {"image_key": ("source",)}, paths=("image", "source"),
-                             match_keys=("image_key", "instruction"))
-    aligned = _index(preds, [(_name(e["source"]), e["instruction"]) for e in entries],
-                     lambda p: (_name(p["image_key"]), p["instruction"]))
+    aligned = _align_by_image_and_text(pred, entries, "source", "instruction", "image",
+                                       ("the source image", "the instruction", "the edited PNG"))
     l1s, kept, keep_total = [], 0, 0
 
     def truth(e):

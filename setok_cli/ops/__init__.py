@@ -121,17 +121,21 @@ def _prep(x: Tensor) -> Tensor:
     return x.to(reference.compute_dtype(x)).contiguous()
 
 
+def _knn_op(name: str, x: Tensor, k: int, valid: Optional[Tensor], backend: Optional[str]):
+    """An op of (x, k, valid): checked, then the reference or the compiled kernel."""
+    _check_x(x)
+    _check_k(k)
+    _check_bn("valid", valid, x, "bool")
+    if _backend(backend, x) == "reference":
+        return getattr(reference, name)(x, k, valid)
+    return getattr(torch.ops.setok, name)(_prep(x), k, valid)
+
+
 # ---- public ops ----------------------------------------------------------------------
 
 def knn_density(x: Tensor, k: int, valid: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """density_i = exp(-mean_{j in KNN(i)} dist(i, j)^2); KNN includes i. x: (B, N, D) -> (B, N)."""
-    _check_x(x)
-    _check_k(k)
-    _check_bn("valid", valid, x, "bool")
-    be = _backend(backend, x)
-    if be == "reference":
-        return reference.knn_density(x, k, valid)
-    return torch.ops.setok.knn_density(_prep(x), k, valid)
+    return _knn_op("knn_density", x, k, valid, backend)
 
 
 def delta_distance(x: Tensor, density: Tensor, valid: Optional[Tensor] = None, *,
@@ -148,13 +152,7 @@ def delta_distance(x: Tensor, density: Tensor, valid: Optional[Tensor] = None, *
 
 def dpc_scores(x: Tensor, k: int, valid: Optional[Tensor] = None, *, backend: Optional[str] = None):
     """density, delta, parent and the seed score density * delta, from one distance matrix."""
-    _check_x(x)
-    _check_k(k)
-    _check_bn("valid", valid, x, "bool")
-    be = _backend(backend, x)
-    if be == "reference":
-        return reference.dpc_scores(x, k, valid)
-    return torch.ops.setok.dpc_scores(_prep(x), k, valid)
+    return _knn_op("dpc_scores", x, k, valid, backend)
 
 
 def scope_cluster(x: Tensor, score: Tensor, bandwidth: float, max_clusters: int, hard: bool = True,
