@@ -155,3 +155,26 @@ def test_exif_orientation_and_modes(tmp_path):
     assert np.asarray(to_rgb(rgba)).min() == 255  # transparent -> white background
     cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))
     assert tuple(np.asarray(to_rgb(cmyk))[0, 0]) == (255, 0, 0)
+
+
+def test_model_folder_of_another_part_says_which(tmp_path, chelsea_path):
+    """--model given a checkpoint's detokenizer folder: one line naming the part it holds and
+    the tokenizer's folder (it used to list thirty unknown config keys)."""
+    from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
+    from setok_cli.models.setok import SeTok, SeTokConfig
+    ck = tmp_path / "checkpoints" / "step_00000001"
+    SeTok(SeTokConfig(merger_dim=16, token_dim=8)).save_pretrained(ck / "setok")
+    unet = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, sample_size=16,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    Detokenizer(DetokenizerConfig(image_size=16, unet=unet, mapper=MapperConfig(
+        token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32, output_dim=16))).save_pretrained(
+        ck / "detokenizer")
+    res = CliRunner().invoke(cli, ["tokenize", chelsea_path, "--model", str(ck / "detokenizer")])
+    assert res.exit_code == 2
+    assert res.output.strip() == (f"error: {ck / 'detokenizer'} holds the detokenizer, not the SeTok tokenizer; "
+                                  f"the SeTok tokenizer of that checkpoint is {ck / 'setok'}")
+    # the checkpoint folder itself, and its run folder, find the tokenizer
+    for model in (ck, tmp_path):
+        res = CliRunner().invoke(cli, ["tokenize", chelsea_path, "--model", str(model)])
+        assert res.exit_code == 0, res.output
