@@ -108,3 +108,30 @@ def test_paper_recipe_on_meta_has_vicunas_parameter_count():
     assert rep["projector"]["total"] == 2 * (4096 * 4096 + 4096)
     assert rep["setok"] == {"total": 428_225_600 + 71_142_400, "trainable": 0}
     assert rep["all"]["trainable"] == rep["all"]["total"] - rep["setok"]["total"]
+
+
+def test_ddp_two_processes_train_stage2(stage2_world, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo, CPU) runs the stage-2 recipe (with its batches that
+    may hold no image to write) and writes one checkpoint that loads. Replica equality under
+    DDP is test_trainer's (the trainer is the same for every stage)."""
+    import os
+    import subprocess
+    import sys
+    tr = stage2_world / "shapes" / "train"
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "setok_cli.cli.main",
+           "train", str(RECIPES / "tiny" / "stage2.yaml"), "--output-dir", str(out),
+           "--set", f"model.setokim.stage1={stage2_world / 'stage1'}",
+           "--set", "model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                    "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}",
+           "--set", f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}}}, "
+                    f"{{task: edit, path: {tr / 'edits.json'}}}]",
+           "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "train.max_steps=4",
+           "--set", "train.checkpoint_every=4", "--set", "train.progress=false", "--set", "train.threads=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train on 2 process(es)" in proc.stdout
+    from setok_cli.models.setokim import Setokim
+    m = Setokim.from_pretrained(out)
+    assert (out / "checkpoints" / "step_00000004" / "setokim").is_dir() and m.config.visual_head == "mse"
