@@ -161,20 +161,14 @@ def save_png(path, image: np.ndarray) -> None:
 def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling] = None,
              batch_size: int = 16, size: Optional[int] = None, limit: Optional[int] = None,
              on_batch: Optional[Callable[[int], None]] = None) -> list[dict]:
-    """Run `task` over a SPEC data file and write the prediction JSON `setok eval` reads.
-    caption/generate read pairs (generate once per distinct caption), edit reads edits."""
+    """Run `task` over a SPEC data file and write the prediction JSON `setok eval` reads
+    (each prediction names its data entry by "index": captions repeat in the world).
+    caption/generate read pairs, edit reads edits."""
     from ..data.formats import load
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     opts = opts or Sampling()
     entries = load(data, "edits" if task == "edit" else "pairs")
-    if task == "generate":                       # one image per distinct prompt
-        seen, uniq = set(), []
-        for e in entries:
-            if e["caption"] not in seen:
-                seen.add(e["caption"])
-                uniq.append(e)
-        entries = uniq
     entries = entries[:limit] if limit else entries
     out_path = Path(pred_out)
     img_dir = out_path.parent / f"{out_path.stem}_images"
@@ -186,20 +180,21 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
     for start in range(0, len(entries), batch_size):
         chunk = entries[start:start + batch_size]
         if task == "caption":
-            for e, text in zip(chunk, caption(model, [e["image"] for e in chunk], opts)):
-                preds.append({"image": rel(e["image"]), "caption": text})
+            for k, (e, text) in enumerate(zip(chunk, caption(model, [e["image"] for e in chunk], opts))):
+                preds.append({"index": start + k, "image": rel(e["image"]), "caption": text})
         elif task == "generate":
             imgs = generate(model, [e["caption"] for e in chunk], 1, opts, size)
             for k, (e, ims) in enumerate(zip(chunk, imgs)):
                 png = img_dir / f"{start + k:06d}.png"
                 save_png(png, ims[0])
-                preds.append({"caption": e["caption"], "image": rel(png)})
+                preds.append({"index": start + k, "caption": e["caption"], "image": rel(png)})
         else:
             imgs = edit(model, [e["source"] for e in chunk], [e["instruction"] for e in chunk], opts, size)
             for k, (e, im) in enumerate(zip(chunk, imgs)):
                 png = img_dir / f"{start + k:06d}.png"
                 save_png(png, im)
-                preds.append({"source": rel(e["source"]), "instruction": e["instruction"], "image": rel(png)})
+                preds.append({"index": start + k, "source": rel(e["source"]), "instruction": e["instruction"],
+                              "image": rel(png)})
         if on_batch is not None:
             on_batch(len(chunk))
     atomic_write_json(out_path, preds)
@@ -209,6 +204,5 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
 def count_entries(task: str, data: str, limit: Optional[int] = None) -> int:
     """How many items `run_file` will process (for a progress bar)."""
     from ..data.formats import load
-    entries = load(data, "edits" if task == "edit" else "pairs", check_files=False)
-    n = len({e["caption"] for e in entries}) if task == "generate" else len(entries)
+    n = len(load(data, "edits" if task == "edit" else "pairs", check_files=False))
     return min(n, limit) if limit else n
