@@ -50,30 +50,38 @@ void squared_norms(const T* x, int64_t n, int64_t D, T* sq) {
   }
 }
 
-// In place: the Gram rows [r0, r1) become squared distances. sq holds the squared norms
-// (squared_norms). The diagonal becomes exactly 0.
+// In place: the Gram rows [r0, r1), columns [c0, c1) (c1 < 0: N), become squared
+// distances. sq holds the squared norms (squared_norms). The diagonal becomes exactly 0.
+// The formula is symmetric in (i, j) bit for bit ((sq_i + sq_j) commutes), so the
+// pipelines compute only the blocks on and below the diagonal and mirror them
+// (mirror_upper_rows).
 template <typename T>
-void sqdist_rows_from_gram(T* g, const T* sq, int64_t N, int64_t D, int64_t r0, int64_t r1) {
+void sqdist_rows_from_gram(T* g, const T* sq, int64_t N, int64_t D, int64_t r0, int64_t r1, int64_t c0 = 0,
+                           int64_t c1 = -1) {
+  if (c1 < 0) c1 = N;
   const T d = T(D), inv_d = T(1) / d;
   const bool mul = exact_reciprocal(D);
   for (int64_t i = r0; i < r1; ++i) {
     T* row = g + i * N;
     const T si = sq[i];
     if (mul)
-      for (int64_t j = 0; j < N; ++j) row[j] = sqdist_times_d_from_gram(si, sq[j], row[j]) * inv_d;
+      for (int64_t j = c0; j < c1; ++j) row[j] = sqdist_times_d_from_gram(si, sq[j], row[j]) * inv_d;
     else
-      for (int64_t j = 0; j < N; ++j) row[j] = sqdist_from_gram(si, sq[j], row[j], d);
-    row[i] = T(0);
+      for (int64_t j = c0; j < c1; ++j) row[j] = sqdist_from_gram(si, sq[j], row[j], d);
+    if (i >= c0 && i < c1) row[i] = T(0);
   }
 }
 
-// Squared distances from differences (small D): exact zeros for duplicate points.
+// Squared distances from differences (small D), rows [r0, r1), columns [c0, c1) (c1 < 0:
+// N): exact zeros for duplicate points, and symmetric bit for bit ((a - b)^2 == (b - a)^2).
 template <typename T>
-void sqdist_rows_direct(const T* x, T* d2, int64_t N, int64_t D, int64_t r0, int64_t r1) {
+void sqdist_rows_direct(const T* x, T* d2, int64_t N, int64_t D, int64_t r0, int64_t r1, int64_t c0 = 0,
+                        int64_t c1 = -1) {
+  if (c1 < 0) c1 = N;
   const T d = T(D);
   for (int64_t i = r0; i < r1; ++i) {
     const T* xi = x + i * D;
-    for (int64_t j = 0; j < N; ++j) {
+    for (int64_t j = c0; j < c1; ++j) {
       const T* xj = x + j * D;
       T s = T(0);
       for (int64_t c = 0; c < D; ++c) {
@@ -81,6 +89,20 @@ void sqdist_rows_direct(const T* x, T* d2, int64_t N, int64_t D, int64_t r0, int
         s += diff * diff;
       }
       d2[i * N + j] = s / d;
+    }
+  }
+}
+
+// Rows [r0, r1) of the symmetric (N, N) matrix d2 above the diagonal, from its lower part:
+// d2[i, j] = d2[j, i] for j > i. Tiles of kBlock source rows keep the reads (a short
+// segment of each source row) in a few cache lines that every row of the range reuses.
+template <typename T>
+void mirror_upper_rows(T* d2, int64_t N, int64_t r0, int64_t r1) {
+  for (int64_t j0 = r0 + 1; j0 < N; j0 += kBlock) {
+    const int64_t j1 = std::min(j0 + kBlock, N);
+    for (int64_t i = r0; i < std::min(r1, j1 - 1); ++i) {
+      T* row = d2 + i * N;
+      for (int64_t j = std::max(j0, i + 1); j < j1; ++j) row[j] = d2[j * N + i];
     }
   }
 }

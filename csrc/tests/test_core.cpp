@@ -57,6 +57,51 @@ static void test_sqdist(int N, int D) {
   }
 }
 
+// The pipelines' triangle: column panels of width w, each from its diagonal downwards
+// (columns [i0, i1), rows [i0, N)), then rows [i0, i1) above the diagonal mirrored. Cells
+// above the panels start as NaN, so a kernel writing outside its range or a mirror that
+// misses a cell shows; the result must be exactly symmetric, its lower part bit-equal to the
+// full-matrix kernels', and (direct differences being symmetric) the direct one all equal.
+static void test_triangle(int N, int D, int w) {
+  auto x = random_x(N, D, 7 + N + D);
+  std::vector<double> full_direct(N * N), full_gram(N * N), gram(N * N), sq(N);
+  sqdist_rows_direct(x.data(), full_direct.data(), N, D, 0, N);
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      double s = 0;
+      for (int c = 0; c < D; ++c) s += x[i * D + c] * x[j * D + c];
+      gram[i * N + j] = s;
+    }
+  squared_norms(x.data(), N, D, sq.data());
+  full_gram = gram;
+  sqdist_rows_from_gram(full_gram.data(), sq.data(), N, D, 0, N);
+  const double nan = std::nan("");
+  std::vector<double> tri_direct(N * N, nan), tri_gram(N * N, nan);
+  for (int i0 = 0; i0 < N; i0 += w) {
+    const int i1 = std::min(N, i0 + w);
+    sqdist_rows_direct(x.data(), tri_direct.data(), N, D, i0, N, i0, i1);
+    for (int i = i0; i < N; ++i)
+      for (int j = i0; j < i1; ++j) tri_gram[i * N + j] = gram[i * N + j];
+    sqdist_rows_from_gram(tri_gram.data(), sq.data(), N, D, i0, N, i0, i1);
+  }
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      const bool computed = j / w * w <= i;  // in panel j / w, which starts at its diagonal
+      CHECK(std::isnan(tri_direct[i * N + j]) != computed && std::isnan(tri_gram[i * N + j]) != computed,
+            "N=%d w=%d: cell (%d,%d) written outside its panel or not written", N, w, i, j);
+    }
+  for (int i0 = 0; i0 < N; i0 += w) {
+    mirror_upper_rows(tri_direct.data(), N, i0, std::min(N, i0 + w));
+    mirror_upper_rows(tri_gram.data(), N, i0, std::min(N, i0 + w));
+  }
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      CHECK(tri_direct[i * N + j] == full_direct[i * N + j], "N=%d w=%d direct (%d,%d)", N, w, i, j);
+      CHECK(tri_gram[i * N + j] == tri_gram[j * N + i], "N=%d w=%d gram not symmetric (%d,%d)", N, w, i, j);
+      if (j <= i) CHECK(tri_gram[i * N + j] == full_gram[i * N + j], "N=%d w=%d gram (%d,%d)", N, w, i, j);
+    }
+}
+
 // squared_norms against exact small-integer norms, float and double
 static void test_squared_norms() {
   for (int D : {1, 15, 16, 17, 1024}) {
@@ -223,6 +268,8 @@ int main() {
     for (int k : {1, 5, 70})
       for (bool pad : {false, true}) test_density_delta(N, 4, k, pad);
   for (bool hard : {false, true}) test_scope(40, 3, 8, hard);
+  for (int N : {1, 2, 7, 33, 40})
+    for (int w : {1, 5, 16, 17, 96}) test_triangle(N, 40, w);
   test_squared_norms();
   test_sqdist_power_of_two_d();
   for (int N : {16, 17, 40, 577})

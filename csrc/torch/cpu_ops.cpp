@@ -5,6 +5,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "core/dpc_cpu.h"
@@ -40,10 +45,9 @@ struct Out {
   Tensor density, delta, parent, score, masks, seeds, num, seed_d2;
 };
 
-// Everything after the distance matrix, for one image whose Gram matrix (or nothing,
-// for the direct path) is in `d2` (N, N). Rows are finalized and their k nearest summed
-// in the same sweep, while each row is hot in cache.
-// Neighbour lists handed from the density sweep to the delta sweep (rows x k_eff).
+// Neighbour lists handed from the density sweep to the delta sweep: rows x k_eff, written
+// and read per panel (a panel's rows start at its first row's slot of a buffer whose rows
+// hold kmax >= k_eff entries, so panels never overlap).
 template <typename scalar_t>
 struct Knn {
   int32_t* idx = nullptr;
@@ -51,53 +55,118 @@ struct Knn {
   int64_t k_eff = 0;
 };
 
+// The distance matrix is built in column panels of kPanel columns: panel I is the columns
+// [i0, i1) from the diagonal downwards only (about half the GEMM flops of x x^T), and the
+// rows [i0, i1) above the diagonal are then mirrored from it, so the matrix is exactly
+// symmetric. Column panels of 96 ran fastest of row and column panels of 64-144 and of one
+// full GEMM (MKL, single-threaded, N=576, D=1024 and 64; with AVX-512 and held to AVX2,
+// there within 5% of the best); direct differences (small D) gain the most.
+constexpr int64_t kPanel = 96;
+
+struct Panels {
+  int64_t n;  // number of panels
+  int64_t begin(int64_t I) const { return I * kPanel; }
+  int64_t end(int64_t I, int64_t N) const { return std::min(N, (I + 1) * kPanel); }
+};
+
+Panels panels_of(int64_t N) { return {(N + kPanel - 1) / kPanel}; }
+
+// Below this many distance entries (B x N x N) a call runs on the calling thread: waking a
+// second thread costs more than the work, and under load a scheduler time slice (ms).
+constexpr int64_t kMinParallelEntries = 16384;
+
+// One image: its features and its (N, N) distance buffer, as tensors (for the GEMM) and
+// pointers.
 template <typename scalar_t>
-void image_after_gram(const Plan& p, const scalar_t* x, scalar_t* d2, scalar_t* sq, const bool* valid, int64_t N,
-                      int64_t D, int64_t b, Out& o, int64_t r0, int64_t r1, std::vector<scalar_t>& scratch,
-                      Knn<scalar_t> nn) {
-  const int64_t nv = core::count_valid(valid, N);
-  for (int64_t i = r0; i < r1; ++i) {
-    if (D <= core::kDirectMaxD)
-      core::sqdist_rows_direct(x, d2, N, D, i, i + 1);
-    else
-      core::sqdist_rows_from_gram(d2, sq, N, D, i, i + 1);
-    if (p.density)
-      core::knn_density_rows(d2, valid, N, p.k, nv, o.density.data_ptr<scalar_t>() + b * N, i, i + 1,
-                             scratch.data(), nn.idx ? nn.idx + (i - r0) * nn.k_eff : nullptr,
-                             nn.idx ? nn.kth + (i - r0) : nullptr);
+struct Image {
+  Tensor xb, d2t;  // (N, D), (N, N)
+  const scalar_t* x;
+  scalar_t* d2;
+  scalar_t* sq;  // (N) squared norms
+  const bool* valid;
+  int64_t b;
+};
+
+// Panel I of the Gram matrix (one single-threaded GEMM into the distance buffer) or of the
+// direct differences, turned into squared distances while in cache. Needs the squared norms
+// of rows [i0, N).
+template <typename scalar_t>
+void gram_panel(const Image<scalar_t>& im, int64_t N, int64_t D, const Panels& pn, int64_t I) {
+  const int64_t i0 = pn.begin(I), i1 = pn.end(I, N);  // rows [i0, N) x columns [i0, i1)
+  if (D <= core::kDirectMaxD) {
+    core::sqdist_rows_direct(im.x, im.d2, N, D, i0, N, i0, i1);
+    return;
+  }
+  Tensor out = im.d2t.narrow(0, i0, N - i0).narrow(1, i0, i1 - i0);  // strides (N, 1): GEMM writes in place
+  at::mm_out(out, im.xb.narrow(0, i0, N - i0), im.xb.narrow(0, i0, i1 - i0).t());
+  core::sqdist_rows_from_gram(im.d2, im.sq, N, D, i0, N, i0, i1);
+}
+
+// Rows [i0, i1) of panel I (needs panels 0..I): above the diagonal from panel I, then
+// densities and neighbour lists (nn: the panel's slots).
+template <typename scalar_t>
+void panel_rows(const Plan& p, const Image<scalar_t>& im, int64_t N, Out& o, const Panels& pn, int64_t I,
+                std::vector<scalar_t>& scratch, Knn<scalar_t> nn) {
+  const int64_t i0 = pn.begin(I), i1 = pn.end(I, N);
+  core::mirror_upper_rows(im.d2, N, i0, i1);
+  if (p.density)
+    core::knn_density_rows(im.d2, im.valid, N, p.k, core::count_valid(im.valid, N),
+                           o.density.data_ptr<scalar_t>() + im.b * N, i0, i1, scratch.data(), nn.idx, nn.kth);
+}
+
+// Delta, parent and score of the rows of panel I (needs every density of the image).
+template <typename scalar_t>
+void panel_delta(const Plan& p, const Image<scalar_t>& im, int64_t N, Out& o, const Panels& pn, int64_t I,
+                 Knn<scalar_t> nn) {
+  const int64_t i0 = pn.begin(I), i1 = pn.end(I, N), b = im.b;
+  const scalar_t* den = (p.density_in ? *p.density_in : o.density).template data_ptr<scalar_t>() + b * N;
+  scalar_t* dl = o.delta.data_ptr<scalar_t>() + b * N;
+  core::delta_rows(im.d2, den, im.valid, N, dl, o.parent.data_ptr<int64_t>() + b * N, i0, i1, nn.idx, nn.kth,
+                   nn.k_eff);
+  if (o.score.defined()) {
+    scalar_t* sc = o.score.data_ptr<scalar_t>() + b * N;
+    for (int64_t i = i0; i < i1; ++i) sc[i] = den[i] * dl[i];
   }
 }
 
 template <typename scalar_t>
-void image_tail(const Plan& p, const scalar_t* d2, const bool* valid, int64_t N, int64_t b, Out& o, int64_t r0,
-                int64_t r1, Knn<scalar_t> nn) {
-  if (p.delta) {
-    const scalar_t* den = (p.density_in ? *p.density_in : o.density).template data_ptr<scalar_t>() + b * N;
-    scalar_t* dl = o.delta.data_ptr<scalar_t>() + b * N;
-    core::delta_rows(d2, den, valid, N, dl, o.parent.data_ptr<int64_t>() + b * N, r0, r1, nn.idx, nn.kth, nn.k_eff);
-    if (o.score.defined()) {
-      scalar_t* sc = o.score.data_ptr<scalar_t>() + b * N;
-      for (int64_t i = r0; i < r1; ++i) sc[i] = den[i] * dl[i];
-    }
-  }
-}
-
-template <typename scalar_t>
-void image_scope(const Plan& p, const scalar_t* d2, const bool* valid, int64_t N, int64_t b, Out& o,
-                 std::vector<scalar_t>& scope) {
-  const int64_t T = p.T;
+void image_scope(const Plan& p, const Image<scalar_t>& im, int64_t N, Out& o, std::vector<scalar_t>& scope) {
+  const int64_t T = p.T, b = im.b;
   const scalar_t* sc = (p.score_in ? *p.score_in : o.score).template data_ptr<scalar_t>() + b * N;
   o.num.data_ptr<int64_t>()[b] = core::scope_loop(
-      d2, sc, valid, N, T, p.bandwidth, p.hard, p.min_scope, p.threshold.has_value(), p.threshold.value_or(0.0),
-      o.masks.data_ptr<scalar_t>() + b * (T + 1) * N, o.seeds.data_ptr<int64_t>() + b * T,
+      im.d2, sc, im.valid, N, T, p.bandwidth, p.hard, p.min_scope, p.threshold.has_value(),
+      p.threshold.value_or(0.0), o.masks.data_ptr<scalar_t>() + b * (T + 1) * N, o.seeds.data_ptr<int64_t>() + b * T,
       o.seed_d2.data_ptr<scalar_t>() + b * T * N, scope.data());
 }
 
+// Waits (yielding the core) until `ready` holds; gives up if another task failed, so an
+// exception never leaves a thread waiting for work that will not come. Adds the time
+// waited to *waited_ns when profiling (non-null).
+template <typename F>
+void wait_until(F ready, const std::atomic<bool>& failed, int64_t* waited_ns) {
+  if (ready()) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!ready()) {
+    if (failed.load(std::memory_order_relaxed)) throw std::runtime_error("setok: a pipeline task failed");
+    std::this_thread::yield();
+  }
+  if (waited_ns != nullptr)
+    *waited_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Task kinds of the region, in list order (names for the profile).
+enum TaskKind { kNorms, kPanels, kRows, kDelta, kScope, kWaitKind, kKinds };
+constexpr const char* kKindNames[kKinds] = {"norms", "gram panels", "rows+density", "delta", "scope", "wait"};
+
 // The whole pipeline. With at least as many images as threads, each thread runs whole
-// images (its own N x N buffer, single-threaded GEMM): the distance matrix stays in cache
-// between passes and peak memory is threads x N^2, not B x N^2. With fewer images, the
-// threads split the rows (Gram rows, distances, densities in one region); the delta pass
-// and the scope loops, cheap by then, follow.
+// images (its own N x N buffer): the distance matrix stays in cache between passes and
+// peak memory is threads x N^2, not B x N^2. With fewer images, one parallel region runs a
+// list of tasks that the threads claim in order from a shared counter: squared norms, Gram
+// panels, mirrored rows + densities, delta, scope loop (per image and panel). A task waits
+// only for tasks listed before it (claimed by threads that are running), so the list
+// cannot deadlock, whatever the number of threads that join; a thread that starts late
+// (descheduled under load) simply finds less left to do. One region, no barrier: at B=1 a
+// second region costs about as much as the passes, and under load a time slice.
 Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& p) {
   PhaseClock clock;
   const Tensor x = x_in.detach();  // x may require grad; nothing here is differentiated
@@ -120,92 +189,140 @@ Out run_pipeline(const Tensor& x_in, const optional<Tensor>& valid, const Plan& 
   if (!need_d2_rows || B == 0 || N == 0) return o;
   const bool gram = D > core::kDirectMaxD;
   const int64_t threads = at::get_num_threads();
+  const int64_t kmax = std::min<int64_t>(p.k, N);
   // the density sweep keeps each row's neighbours so the delta sweep rarely scans a row
   const bool use_knn = p.density && p.delta && p.k <= core::kSmallK;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "setok_pipeline_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* const xp = x.data_ptr<scalar_t>();
     if (B >= threads) {
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      const Panels pn = panels_of(N);
+      const int64_t nb = pn.n;
+      at::parallel_for(0, B, std::max<int64_t>(1, kMinParallelEntries / (N * N)), [&](int64_t begin, int64_t end) {
         Tensor buf = at::empty({N, N}, x.options());
-        std::vector<scalar_t> sq(N), scratch(p.k > 64 ? N : 0), scope(N), kth(use_knn ? N : 0);
-        std::vector<int32_t> knn_idx(use_knn ? N * std::min<int64_t>(p.k, N) : 0);
+        std::vector<scalar_t> sq(N), scratch(p.k > core::kSmallK ? N : 0), scope(N), kth(use_knn ? N : 0);
+        std::vector<int32_t> knn_idx(use_knn ? N * kmax : 0);
         for (int64_t b = begin; b < end; ++b) {
-          const bool* vb = valid_ptr(valid, b, N);
-          Knn<scalar_t> nn;
-          if (use_knn) nn = {knn_idx.data(), kth.data(), core::effective_k(p.k, core::count_valid(vb, N))};
-          if (gram) {
-            Tensor xb = x[b];
-            at::mm_out(buf, xb, xb.t());  // single-threaded inside a parallel region
-            core::squared_norms(xp + b * N * D, N, D, sq.data());
-          }
-          scalar_t* d2 = buf.data_ptr<scalar_t>();
-          image_after_gram<scalar_t>(p, xp + b * N * D, d2, sq.data(), vb, N, D, b, o, 0, N, scratch, nn);
-          image_tail<scalar_t>(p, d2, vb, N, b, o, 0, N, nn);
-          if (p.scope) image_scope<scalar_t>(p, d2, vb, N, b, o, scope);
+          const Image<scalar_t> im{x[b], buf, xp + b * N * D, buf.data_ptr<scalar_t>(), sq.data(),
+                                   valid_ptr(valid, b, N), b};
+          const int64_t k_eff = core::effective_k(p.k, core::count_valid(im.valid, N));
+          auto nn = [&](int64_t I) {
+            Knn<scalar_t> r;
+            if (use_knn) r = {knn_idx.data() + pn.begin(I) * kmax, kth.data() + pn.begin(I), k_eff};
+            return r;
+          };
+          if (gram) core::squared_norms(im.x, N, D, sq.data());
+          for (int64_t I = 0; I < nb; ++I) gram_panel(im, N, D, pn, I);
+          for (int64_t I = 0; I < nb; ++I) panel_rows(p, im, N, o, pn, I, scratch, nn(I));
+          if (p.delta)
+            for (int64_t I = 0; I < nb; ++I) panel_delta(p, im, N, o, pn, I, nn(I));
+          if (p.scope) image_scope(p, im, N, o, scope);
         }
       });
       clock.lap("whole images");
       return;
     }
-    // Fewer images than threads: one parallel region over all rows, in which each thread
-    // computes its own rows of the Gram matrix (a single-threaded GEMM each, the same flops
-    // as one batched GEMM) and turns them into distances and densities while they are in
-    // cache. No thread waits for another until the region ends: at B=1 a second region
-    // (or a barrier) costs about as much as the passes, and under load a time slice.
+    const Panels pn = panels_of(N);
+    const int64_t nb = pn.n;
     Tensor d2t = at::empty({B, N, N}, x.options());
-    scalar_t* d2 = d2t.data_ptr<scalar_t>();
-    // neighbour lists of every row: (B, N, k) indices and (B, N) k-th distances
-    std::vector<int64_t> k_eff(B);
-    for (int64_t b = 0; b < B; ++b) k_eff[b] = core::effective_k(p.k, core::count_valid(valid_ptr(valid, b, N), N));
-    const int64_t kmax = std::min<int64_t>(p.k, N);
+    std::vector<scalar_t> sq(gram ? B * N : 0), kth(use_knn ? B * N : 0);
     std::vector<int32_t> knn_idx(use_knn ? B * N * kmax : 0);
-    std::vector<scalar_t> kth(use_knn ? B * N : 0);
-    auto knn_of = [&](int64_t r) {
-      Knn<scalar_t> nn;
-      if (use_knn) nn = {knn_idx.data() + r * kmax, kth.data() + r, k_eff[r / N]};
-      return nn;
+    std::vector<Image<scalar_t>> ims;
+    std::vector<int64_t> k_eff(B);
+    for (int64_t b = 0; b < B; ++b) {
+      ims.push_back({x[b], d2t[b], xp + b * N * D, d2t.data_ptr<scalar_t>() + b * N * N,
+                     gram ? sq.data() + b * N : nullptr, valid_ptr(valid, b, N), b});
+      k_eff[b] = core::effective_k(p.k, core::count_valid(ims[b].valid, N));
+    }
+    auto nn = [&](int64_t b, int64_t I) {
+      Knn<scalar_t> r;
+      if (use_knn) r = {knn_idx.data() + (b * N + pn.begin(I)) * kmax, kth.data() + b * N + pn.begin(I), k_eff[b]};
+      return r;
+    };
+    // the task list, stage by stage, each stage by panel then image (the longest panels,
+    // the first ones, go first)
+    const int64_t per = B * nb;
+    const int64_t n_norms = gram ? per : 0, n_delta = p.delta ? per : 0, n_scope = p.scope ? B : 0;
+    const int64_t total = n_norms + 2 * per + n_delta + n_scope;
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> failed{false};
+    std::vector<std::atomic<int64_t>> norms_done(B), rows_done(B), delta_done(B);
+    std::vector<std::atomic<bool>> panel_done(per);
+    for (int64_t b = 0; b < B; ++b) norms_done[b] = rows_done[b] = delta_done[b] = 0;
+    for (auto& f : panel_done) f = false;
+    // returns the task's kind; waits add to *w (profiling) or are not timed (nullptr)
+    auto run_task = [&](int64_t t, std::vector<scalar_t>& scratch, std::vector<scalar_t>& scope,
+                        int64_t* w) -> TaskKind {
+      if (t < n_norms) {
+        const int64_t I = t / B, b = t % B, i0 = pn.begin(I), i1 = pn.end(I, N);
+        core::squared_norms(ims[b].x + i0 * D, i1 - i0, D, ims[b].sq + i0);
+        norms_done[b].fetch_add(1, std::memory_order_acq_rel);
+        return kNorms;
+      }
+      t -= n_norms;
+      if (t < per) {
+        const int64_t I = t / B, b = t % B;
+        if (gram) wait_until([&] { return norms_done[b].load(std::memory_order_acquire) == nb; }, failed, w);
+        gram_panel(ims[b], N, D, pn, I);
+        panel_done[b * nb + I].store(true, std::memory_order_release);
+        return kPanels;
+      }
+      t -= per;
+      if (t < per) {
+        const int64_t I = t / B, b = t % B;
+        for (int64_t J = 0; J <= I; ++J)
+          wait_until([&] { return panel_done[b * nb + J].load(std::memory_order_acquire); }, failed, w);
+        panel_rows(p, ims[b], N, o, pn, I, scratch, nn(b, I));
+        rows_done[b].fetch_add(1, std::memory_order_acq_rel);
+        return kRows;
+      }
+      t -= per;
+      if (t < n_delta) {
+        const int64_t I = t / B, b = t % B;
+        wait_until([&] { return rows_done[b].load(std::memory_order_acquire) == nb; }, failed, w);
+        panel_delta(p, ims[b], N, o, pn, I, nn(b, I));
+        delta_done[b].fetch_add(1, std::memory_order_acq_rel);
+        return kDelta;
+      }
+      t -= n_delta;
+      const int64_t b = t;
+      auto& before = p.delta ? delta_done : rows_done;
+      wait_until([&] { return before[b].load(std::memory_order_acquire) == nb; }, failed, w);
+      scope.resize(N);
+      image_scope(p, ims[b], N, o, scope);
+      return kScope;
     };
     clock.lap("setup");
-    at::parallel_for(0, B * N, row_grain(N), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(p.k > 64 ? N : 0), sq(gram ? N : 0);
-      for (int64_t r = begin; r < end;) {
-        const int64_t b = r / N, i0 = r % N, i1 = std::min(N, i0 + (end - r));
-        if (gram) {
-          Tensor xb = x[b];
-          Tensor rows = d2t[b].narrow(0, i0, i1 - i0);
-          at::mm_out(rows, xb.narrow(0, i0, i1 - i0), xb.t());
-          core::squared_norms(xp + b * N * D, N, D, sq.data());
+    const bool prof = clock.on();
+    std::array<std::atomic<int64_t>, kKinds> kind_ns;
+    for (auto& v : kind_ns) v = 0;
+    auto worker = [&](int64_t, int64_t) {
+      std::vector<scalar_t> scratch(p.k > core::kSmallK ? N : 0), scope;
+      try {
+        for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+          if (!prof) {
+            run_task(t, scratch, scope, nullptr);
+            continue;
+          }
+          int64_t waited = 0;
+          const auto t0 = std::chrono::steady_clock::now();
+          const TaskKind kind = run_task(t, scratch, scope, &waited);
+          const int64_t ns =
+              std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+          kind_ns[kind] += ns - waited;
+          kind_ns[kWaitKind] += waited;
         }
-        // one call per run of rows where the neighbour lists have the buffer's stride
-        // (knn_of); row by row for an image with fewer valid points than k
-        const int64_t step = (!use_knn || k_eff[b] == kmax) ? i1 - i0 : 1;
-        for (int64_t i = i0; i < i1; i += step)
-          image_after_gram<scalar_t>(p, xp + b * N * D, d2 + b * N * N, sq.data(), valid_ptr(valid, b, N), N, D, b,
-                                     o, i, i + step, scratch, knn_of(b * N + i));
-        r += i1 - i0;
+      } catch (...) {
+        failed = true;
+        throw;
       }
-    });
-    clock.lap("gram rows+distances+density");
-    if (p.delta) {
-      // with the neighbour lists most rows take O(k): a small batch runs inline, as waking
-      // the other threads costs more than the pass (and under load, a scheduler time slice)
-      const int64_t grain = use_knn ? std::max<int64_t>(row_grain(N), 4096) : row_grain(N);
-      at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / N, i = r % N;
-          image_tail<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, i, i + 1, knn_of(r));
-        }
-      });
-      clock.lap("delta");
-    }
-    if (p.scope) {
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scope(N);
-        for (int64_t b = begin; b < end; ++b)
-          image_scope<scalar_t>(p, d2 + b * N * N, valid_ptr(valid, b, N), N, b, o, scope);
-      });
-      clock.lap("scope");
-    }
+    };
+    if (B * N * N < kMinParallelEntries)
+      worker(0, 1);
+    else
+      at::parallel_for(0, threads, 1, worker);
+    if (prof)
+      for (int k = 0; k < kKinds; ++k) profile_tasks().emplace_back(kKindNames[k], kind_ns[k].load() * 1e-6);
+    clock.lap("task region");
   });
   return o;
 }

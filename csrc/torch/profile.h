@@ -22,14 +22,24 @@ inline std::vector<std::pair<const char*, double>>& profile_log() {
   return log;
 }
 
+// (task kind, thread-milliseconds summed over the threads) of the last profiled call's task
+// region, time spent waiting for other tasks counted apart as "wait"; empty when the call
+// ran no task region
+inline std::vector<std::pair<const char*, double>>& profile_tasks() {
+  static std::vector<std::pair<const char*, double>> log;
+  return log;
+}
+
 class PhaseClock {
  public:
   PhaseClock() : on_(profile_on().load(std::memory_order_relaxed)) {
     if (on_) {
       profile_log().clear();
+      profile_tasks().clear();
       t_ = std::chrono::steady_clock::now();
     }
   }
+  bool on() const { return on_; }
   // Ends the phase that began at the previous lap (or at construction).
   void lap(const char* name) {
     if (!on_) return;

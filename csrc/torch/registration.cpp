@@ -92,4 +92,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     for (const auto& e : setok::profile_log()) out.append(py::make_tuple(e.first, e.second));
     return out;
   }, "[(phase, ms), ...] of the last profiled CPU pipeline call.");
+  mod.def("_last_profile_tasks", []() {
+    py::list out;
+    for (const auto& e : setok::profile_tasks()) out.append(py::make_tuple(e.first, e.second));
+    return out;
+  }, "[(task kind, thread-ms), ...] of the last profiled call's task region (wait counted apart).");
 }

@@ -145,7 +145,9 @@ def profile_phases(B: int, N: int, D: int, k: int = 5, max_clusters: int = 64, r
     """Where the cpu pipeline's time goes at one shape: medians (ms) of each phase the C++
     side records (csrc/torch/profile.h), of the whole `ops.dpc_cluster` call, and of the
     GEMM floor, interleaved round by round. `other` is the call minus its phases: the
-    Python wrapper, argument checks and dispatch."""
+    Python wrapper, argument checks and dispatch. `tasks_ms`: for a call that runs the task
+    region (fewer images than threads), the medians of the thread-time each kind of task
+    took, summed over the threads, and of the time threads waited for another's task."""
     from ..errors import UserError
     from ..ops._ext import _C
 
@@ -154,6 +156,7 @@ def profile_phases(B: int, N: int, D: int, k: int = 5, max_clusters: int = 64, r
     g = torch.Generator(device="cpu").manual_seed(B * 1000003 + N * 101 + D)
     x = torch.randn(B, N, D, generator=g)
     phases: dict[str, list[float]] = {}
+    tasks: dict[str, list[float]] = {}
     total, floor, other = [], [], []
     _C._set_profile(True)
     try:
@@ -166,11 +169,14 @@ def profile_phases(B: int, N: int, D: int, k: int = 5, max_clusters: int = 64, r
             other.append(t - sum(ms for _, ms in log))
             for name, ms in log:
                 phases.setdefault(name, []).append(ms)
+            for name, ms in _C._last_profile_tasks():
+                tasks.setdefault(name, []).append(ms)
     finally:
         _C._set_profile(False)
     med = statistics.median
     return {"B": B, "N": N, "D": D, "gemm_ms": med(floor), "cpu_ms": med(total),
-            "phases_ms": {**{name: med(v) for name, v in phases.items()}, "other": med(other)}}
+            "phases_ms": {**{name: med(v) for name, v in phases.items()}, "other": med(other)},
+            "tasks_ms": {name: med(v) for name, v in tasks.items()}}
 
 
 def run(quick: bool = False, rounds: Optional[int] = None, shapes=None, progress=None) -> dict:

@@ -36,6 +36,8 @@ def bench_kernels(as_json: bool, quick: bool, rounds, profile: bool):
             table.add_column(col, justify="right" if col != "phases" else "left")
         for r in rows:
             split = "  ".join(f"{k} {v:.3f}" for k, v in r["phases_ms"].items())
+            if r["tasks_ms"]:
+                split += "  | in the region, thread-ms: " + "  ".join(f"{k} {v:.3f}" for k, v in r["tasks_ms"].items())
             table.add_row(str(r["B"]), str(r["N"]), str(r["D"]), fmt(r["gemm_ms"], 3), fmt(r["cpu_ms"], 3),
                           fmt(r["cpu_ms"] / r["gemm_ms"]) + "x", split)
         console.print(table)

@@ -101,13 +101,13 @@ def test_cpu_matches_reference(N, D, hard):
 @pytest.mark.parametrize("D", [3, 1024])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("hard", [True, False])
-def test_cpu_row_split_matches_whole_images(B, D, hard):
-    """With fewer images than threads the threads split the rows (each computes its own Gram
-    rows, distances and densities); with more, each thread runs whole images. Both paths
-    against the reference and each other, with runs of rows that cross images and an image
-    with fewer valid points than k (its neighbour lists are shorter than the buffer's)."""
-    g = torch.Generator().manual_seed(B * 7 + D)
-    N = 131
+@pytest.mark.parametrize("N", [131, 300])
+def test_cpu_row_split_matches_whole_images(B, D, hard, N):
+    """With fewer images than threads the threads share one list of tasks (Gram panels, rows,
+    delta, scope per image and panel); with more, each thread runs whole images. Both paths
+    against the reference and each other, with panels of 96 that do not divide N and an
+    image with fewer valid points than k (its neighbour lists are shorter than the buffer's)."""
+    g = torch.Generator().manual_seed(B * 7 + D + N)
     x = torch.randn(B, N, D, generator=g)
     valid = torch.ones(B, N, dtype=torch.bool)
     if B > 1:
@@ -501,15 +501,19 @@ def test_profile_names_the_path_taken():
         torch.set_num_threads(2)
         _C._set_profile(True)
         ops.dpc_cluster(x1, 5, 1.0, 8, backend="cpu")
-        assert [n for n, _ in _C._last_profile()] == ["outputs", "setup", "gram rows+distances+density", "delta",
-                                                      "scope"]
+        assert [n for n, _ in _C._last_profile()] == ["outputs", "setup", "task region"]
+        kinds = dict(_C._last_profile_tasks())
+        assert list(kinds) == ["norms", "gram panels", "rows+density", "delta", "scope", "wait"]
+        assert all(kinds[k] > 0 for k in ["norms", "gram panels", "rows+density", "delta", "scope"])
         ops.dpc_cluster(x2, 5, 1.0, 8, backend="cpu")
         assert [n for n, _ in _C._last_profile()] == ["outputs", "whole images"]
+        assert _C._last_profile_tasks() == []
         _C._set_profile(False)
         ops.dpc_cluster(x1, 5, 1.0, 8, backend="cpu")
         assert [n for n, _ in _C._last_profile()] == ["outputs", "whole images"]  # the last profiled call
         r = profile_phases(1, 64, 48, rounds=2)
-        assert set(r["phases_ms"]) == {"outputs", "setup", "gram rows+distances+density", "delta", "scope", "other"}
+        assert set(r["phases_ms"]) == {"outputs", "setup", "task region", "other"}
+        assert set(r["tasks_ms"]) == {"norms", "gram panels", "rows+density", "delta", "scope", "wait"}
     finally:
         _C._set_profile(False)
         torch.set_num_threads(prev)
