@@ -11,8 +11,15 @@ import click
 @click.option("--quick", is_flag=True, help="Two small shapes, three rounds.")
 @click.option("--rounds", type=click.IntRange(1, 100), default=None, help="Timed rounds per contender.")
 @click.option("--profile", is_flag=True, help="Instead: the cpu pipeline's time split into its phases, per shape.")
-def bench_kernels(as_json: bool, quick: bool, rounds, profile: bool):
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="Torch threads (default: torch's). With 1, the ratios measure work alone, free of the "
+                   "scheduling delays that other jobs on the machine add to every multi-threaded call.")
+def bench_kernels(as_json: bool, quick: bool, rounds, profile: bool, threads):
     """Time density + delta + score + scope loop per backend, as medians, vs one x @ x^T."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from rich.console import Console
     from rich.table import Table
 

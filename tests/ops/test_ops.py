@@ -517,3 +517,27 @@ def test_profile_names_the_path_taken():
     finally:
         _C._set_profile(False)
         torch.set_num_threads(prev)
+
+
+def test_bench_kernels_threads_option():
+    """`setok bench-kernels --threads 1` runs the pipeline on one thread: one image then takes
+    the whole-image path (no task region), which the profile shows."""
+    import json
+
+    from click.testing import CliRunner
+
+    from setok_cli.cli.main import cli
+
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        res = CliRunner().invoke(cli, ["bench-kernels", "--profile", "--quick", "--rounds", "1", "--threads", "1",
+                                       "--json"])
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out["threads"] == 1
+        one = out["shapes"][0]
+        assert (one["B"], one["N"]) == (1, 576)
+        assert set(one["phases_ms"]) == {"outputs", "whole images", "other"} and one["tasks_ms"] == {}
+    finally:
+        torch.set_num_threads(prev)
