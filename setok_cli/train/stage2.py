@@ -117,9 +117,12 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
 
         from ..models.setokim.text import build_word_tokenizer
         tok = build_word_tokenizer([m["path"] for m in recipe.data.mixture])
-        cfg.text_tokenizer = tempfile.mkdtemp(prefix="setok-text-tokenizer-")
-        tok.save_pretrained(cfg.text_tokenizer)
-    setokim = Setokim.from_config(cfg)
+        with tempfile.TemporaryDirectory(prefix="setok-text-tokenizer-") as folder:
+            tok.save_pretrained(folder)
+            cfg.text_tokenizer = folder
+            setokim = Setokim.from_config(cfg)        # reads the tokenizer into memory
+    else:
+        setokim = Setokim.from_config(cfg)
     setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
     return Stage2Model(setokim)
 
