@@ -24,22 +24,34 @@ def builtin_tokenizer():
     return load_tokenizer().eval()
 
 
-@pytest.fixture(scope="session")
-def stage2_world(tmp_path_factory):
-    """A tiny shapes world and a tiny stage-1 run folder (random parts, the tiny recipe's
-    tokenizer settings at 112 px so that it is quick)."""
-    from setok_cli.data.shapes import generate
+def _write_tiny_stage1(ck, **setok):
+    """A tiny stage-1 checkpoint at `ck`: a SeTok with 8-wide tokens (SeTokConfig overrides in
+    `setok`) and a tiny detokenizer, random weights."""
     from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
     from setok_cli.models.setok import SeTok, SeTokConfig
-    root = tmp_path_factory.mktemp("stage2")
-    generate(root / "shapes", n=30, size=32, seed=0)
-    ck = root / "stage1" / "checkpoints" / "step_00000010"
-    SeTok(SeTokConfig(image_size=112, image_policy="squash", max_tokens=8, merger_dim=16, token_dim=8,
-                      merger_depth=1, merger_cross_depth=1)).save_pretrained(ck / "setok")
+    cfg = dict(image_size=112, max_tokens=8, merger_dim=16, token_dim=8, merger_depth=1, merger_cross_depth=1)
+    SeTok(SeTokConfig(**{**cfg, **setok})).save_pretrained(ck / "setok")
     unet = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, sample_size=16,
                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
     Detokenizer(DetokenizerConfig(image_size=16, unet=unet, sample_steps=2, mapper=MapperConfig(
         token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32, output_dim=16))).save_pretrained(
         ck / "detokenizer")
+    return ck
+
+
+@pytest.fixture(scope="session")
+def write_tiny_stage1():
+    """The function that writes a tiny stage-1 checkpoint folder (see _write_tiny_stage1)."""
+    return _write_tiny_stage1
+
+
+@pytest.fixture(scope="session")
+def stage2_world(tmp_path_factory):
+    """A tiny shapes world and a tiny stage-1 run folder (random parts, the tiny recipe's
+    tokenizer settings at 112 px so that it is quick)."""
+    from setok_cli.data.shapes import generate
+    root = tmp_path_factory.mktemp("stage2")
+    generate(root / "shapes", n=30, size=32, seed=0)
+    _write_tiny_stage1(root / "stage1" / "checkpoints" / "step_00000010", image_policy="squash")
     return root

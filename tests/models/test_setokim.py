@@ -30,20 +30,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, write_tiny_stage1):
     """A tiny stage-1 checkpoint (SeTok with 8-wide tokens + a tiny detokenizer) and a word tokenizer."""
-    from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
-    from setok_cli.models.setok import SeTok, SeTokConfig
     root = tmp_path_factory.mktemp("setokim")
-    ck = root / "stage1" / "checkpoints" / "step_00000010"          # a run folder: its latest checkpoint
-    SeTok(SeTokConfig(merger_dim=16, token_dim=8, image_size=112, max_tokens=8, merger_depth=1,
-                      merger_cross_depth=1)).save_pretrained(ck / "setok")
-    unet = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, sample_size=16,
-                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
-    Detokenizer(DetokenizerConfig(image_size=16, unet=unet, sample_steps=2, mapper=MapperConfig(
-        token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32, output_dim=16))).save_pretrained(
-        ck / "detokenizer")
+    write_tiny_stage1(root / "stage1" / "checkpoints" / "step_00000010")   # a run folder: its latest checkpoint
     build_word_tokenizer(extra_texts=TEXTS).save_pretrained(root / "tok")
     return root
 
