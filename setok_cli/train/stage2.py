@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..models.setokim import Setokim, SetokimConfig, parameter_table
-from ..models.setokim.text import collate_conversations, pack_token_sets, render_conversation
+from ..models.setokim.text import pack_token_sets
 from .recipe import Recipe
 
 __all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_model", "parameter_report"]
@@ -46,21 +46,23 @@ class Stage2Model(nn.Module):
         arrays = [(x.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy() for x in pixel_values]
         return self.setokim.image_token_sets(arrays)
 
-    def image_tokens(self, pixel_values: Tensor, keys: list[str]) -> tuple[Tensor, Tensor]:
-        """pixel_values (N, 3, S, S) in [0, 1], keys: N cache keys -> tokens (N, K, T),
-        token_mask (N, K) in generation order. With a frozen tokenizer each image is
-        tokenized once."""
-        T = int(self.setokim.config.token_dim)
+    def image_token_sets(self, pixel_values: Tensor, keys: list[str]) -> list[Tensor]:
+        """pixel_values (N, 3, S, S) in [0, 1], keys: N cache keys -> N token sets (K_i, T) in
+        generation order. With a frozen tokenizer each image is tokenized once."""
         if not self.cache_tokens:
             if not self.setokim.config.freeze_tokenizer:
                 raise UserError("freeze_tokenizer: false is not supported by stage 2 yet (the tokens are "
                                 "computed without gradients)")
-            return pack_token_sets(self._encode(pixel_values), T)
+            return self._encode(pixel_values)
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
             for i, t in zip(todo, self._encode(pixel_values[todo])):
                 self._cache[keys[i]] = t.detach()
-        return pack_token_sets([self._cache[k] for k in keys], T)
+        return [self._cache[k] for k in keys]
+
+    def image_tokens(self, pixel_values: Tensor, keys: list[str]) -> tuple[Tensor, Tensor]:
+        """As image_token_sets, packed: tokens (N, K, T), token_mask (N, K)."""
+        return pack_token_sets(self.image_token_sets(pixel_values, keys), int(self.setokim.config.token_dim))
 
     @torch.no_grad()
     def fit_token_stats(self, dataset, limit: int = 256) -> int:
@@ -80,19 +82,15 @@ class Stage2Model(nn.Module):
     # ---- the step --------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Tensor]:
         m = self.setokim
-        rendered = [render_conversation(c, m.text_tokenizer, where=f"item {int(i)}")
-                    for c, i in zip(batch["conversations"], batch["index"])]
-        input_ids, labels, attn = collate_conversations(rendered, m.pad_id)
-        dev = m.device
-        if batch["pixel_values"].shape[0]:
-            tokens, tmask = self.image_tokens(batch["pixel_values"], batch["image_keys"])
-            tokens, tmask = tokens.to(dev), tmask.to(dev)
-        else:
-            tokens = tmask = None
-        out = m(input_ids.to(dev), labels.to(dev), attn.to(dev), tokens, tmask)
+        sets = self.image_token_sets(batch["pixel_values"], batch["image_keys"])
+        per_item = torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()
+        samples = [{"id": int(i), "conversations": c, "images": sets[a:b]}
+                   for i, c, a, b in zip(batch["index"], batch["conversations"], [0] + per_item[:-1], per_item)]
+        kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
+        out = m(**kw)
         return {"loss": out.loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
                 "stop": out.stop_loss.detach(),
-                "visual_tokens": torch.tensor(float(out.num_visual) / max(len(rendered), 1))}
+                "visual_tokens": torch.tensor(float(out.num_visual) / max(len(samples), 1))}
 
     def save_parts(self, folder: str | Path) -> None:
         """setokim/: the whole Setokim folder (what `setok caption/generate/edit --model` read)."""
