@@ -70,7 +70,8 @@ def _kw(opts: Sampling, generator: torch.Generator) -> dict:
 def _decode(model, token_sets: list[torch.Tensor], opts: Sampling, generator: torch.Generator,
             size: Optional[int]) -> list[np.ndarray]:
     """Produced token sets -> images (S, S, 3) uint8 through the stage-1 detokenizer.
-    An empty set (the model stopped at once) decodes as the detokenizer's image of nothing."""
+    Generation gives every image at least one token; a row that produced no image at all
+    (it never reached `[Img]`) is decoded from one zero token, so each entry gets a picture."""
     from ..models.setokim import decode_images
     if not token_sets:
         return []
