@@ -26,8 +26,10 @@ def builtin_tokenizer():
 
 def _write_tiny_stage1(ck, **setok):
     """A tiny stage-1 checkpoint at `ck`: a SeTok with 8-wide tokens (SeTokConfig overrides in
-    `setok`) and a tiny detokenizer, random weights."""
+    `setok`), a tiny detokenizer and a tiny mask decoder (reading the builtin encoder's 16
+    feature channels), random weights."""
     from setok_cli.models.detokenizer import Detokenizer, DetokenizerConfig, MapperConfig
+    from setok_cli.models.mask_decoder import MaskDecoder, MaskDecoderConfig
     from setok_cli.models.setok import SeTok, SeTokConfig
     cfg = dict(image_size=112, max_tokens=8, merger_dim=16, token_dim=8, merger_depth=1, merger_cross_depth=1)
     SeTok(SeTokConfig(**{**cfg, **setok})).save_pretrained(ck / "setok")
@@ -37,6 +39,8 @@ def _write_tiny_stage1(ck, **setok):
     Detokenizer(DetokenizerConfig(image_size=16, unet=unet, sample_steps=2, mapper=MapperConfig(
         token_dim=8, hidden_size=16, num_queries=4, intermediate_size=32, output_dim=16))).save_pretrained(
         ck / "detokenizer")
+    MaskDecoder(MaskDecoderConfig(token_dim=8, feature_dim=16, embed_dim=8, pixel_channels=8, num_convs=1)
+                ).save_pretrained(ck / "mask_decoder")
     return ck
 
 

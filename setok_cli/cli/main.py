@@ -20,6 +20,10 @@ COMMANDS = {
     "caption": "setok_cli.cli.setokim:caption_cmd",
     "generate": "setok_cli.cli.setokim:generate_cmd",
     "edit": "setok_cli.cli.setokim:edit_cmd",
+    "ask": "setok_cli.cli.setokim:ask_cmd",
+    "segment": "setok_cli.cli.setokim:segment_cmd",
+    "chat": "setok_cli.cli.setokim:chat_cmd",
+    "export": "setok_cli.cli.setokim:export_cmd",
 }
 
 

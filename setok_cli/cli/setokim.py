@@ -1,4 +1,5 @@
-"""`setok caption`, `setok generate`, `setok edit`: Setokim's stage-II tasks from the terminal."""
+"""Setokim's tasks from the terminal: `setok caption`, `generate`, `edit` (stage II), `ask`,
+`segment`, `chat` (stage III), and `setok export` (LoRA merged into a plain folder)."""
 from __future__ import annotations
 
 import sys
@@ -50,7 +51,7 @@ def _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_tem
                     visual_temperature=visual_temperature, seed=seed)
 
 
-def _run_file(model, task, data, pred_out, opts, batch_size, size, limit):
+def _run_file(model, task, data, pred_out, opts, batch_size, size, limit, **kw):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -63,7 +64,7 @@ def _run_file(model, task, data, pred_out, opts, batch_size, size, limit):
                   transient=True) as bar:
         t = bar.add_task(task, total=total)
         preds = run_file(model, task, data, pred_out, opts, batch_size, size, limit,
-                         on_batch=lambda n: bar.advance(t, n))
+                         on_batch=lambda n: bar.advance(t, n), **kw)
     click.echo(f"{len(preds)} prediction(s) -> {pred_out}   (score: setok eval {task} --data {data} "
                f"--pred {pred_out})")
 
@@ -156,3 +157,127 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
     pair = Path(out_dir) / f"{stem}_edit.png"
     save_png(pair, side_by_side(src_arr, out))
     click.echo(f"{edited}\n{pair}")
+
+
+@click.command("ask")
+@click.argument("image", required=False)
+@click.argument("question", required=False)
+@_sampling_options
+@_file_options
+def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
+            batch_size, threads, data, pred_out, limit):
+    """Answer QUESTION about IMAGE (or every question of --data, an instruct JSON)."""
+    _need_inputs([image] if image is not None else [], data, "IMAGE \"QUESTION\"")
+    if not data and (question is None or not question.strip()):
+        raise UserError("empty question: give IMAGE \"QUESTION\"")
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    from ..images import load_image
+    from ..tasks.setokim import ask, load_setokim
+    pic = None if data else load_image(image)
+    model = load_setokim(model_path)
+    if data:
+        return _run_file(model, "vqa", data, pred_out, opts, batch_size, None, limit)
+    click.echo(ask(model, [pic], [question], opts)[0])
+
+
+@click.command("segment")
+@click.argument("image", required=False)
+@click.option("--query", help="The referring expression, e.g. \"the leftmost red circle\".")
+@_sampling_options
+@_file_options
+@click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
+@click.option("--snap/--no-snap", default=False, show_default=True,
+              help="Replace the written token by the input image's nearest token before decoding the mask.")
+def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
+                seed, batch_size, threads, data, pred_out, limit, out_dir, snap):
+    """Segment what --query refers to in IMAGE; writes <stem>_mask.png and <stem>_overlay.png."""
+    _need_inputs([image] if image is not None else [], data, "IMAGE")
+    if not data and (query is None or not query.strip()):
+        raise UserError("empty query: give --query \"...\"")
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    import numpy as np
+
+    from ..files import ensure_dir
+    from ..images import load_image
+    from ..tasks.setokim import load_setokim, overlay, save_png, segment
+    pic = None if data else load_image(image)
+    if not data:
+        ensure_dir(out_dir)
+    model = load_setokim(model_path)
+    if data:
+        return _run_file(model, "segment", data, pred_out, opts, batch_size, None, limit, snap_to_input=snap)
+    res = segment(model, [pic], [query], opts, snap_to_input=snap)[0]
+    stem = Path(image).stem
+    mask_path, over_path = Path(out_dir) / f"{stem}_mask.png", Path(out_dir) / f"{stem}_overlay.png"
+    save_png(mask_path, res.mask.astype(np.uint8) * 255)
+    save_png(over_path, overlay(np.asarray(pic), res.mask))
+    if not res.produced:
+        click.echo("warning: the model wrote no visual token; the mask is empty", err=True)
+    click.echo(f"{mask_path}\n{over_path}   ({int(res.mask.sum())} of {res.mask.size} pixels)")
+
+
+@click.command("chat")
+@click.argument("image", required=False)
+@_sampling_options
+@click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR",
+              help="Folder for the images the model writes.")
+@click.option("--size", type=click.IntRange(min=8), help="Side of written images (default: the detokenizer's).")
+def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
+             batch_size, threads, out_dir, size):
+    """Talk with the model about IMAGE (optional). Commands: /image PATH, /reset, /quit."""
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    from ..images import load_image
+    from ..tasks.chat import ChatSession
+    from ..tasks.setokim import load_setokim
+    pic = load_image(image) if image else None
+    model = load_setokim(model_path)
+    chat = ChatSession(model, pic, opts, out_dir, size)
+    if pic is not None:
+        click.echo(f"[{image}: {int(chat.pending[0].shape[0])} tokens]", err=True)
+    click.echo("type a message; /image PATH attaches an image, /reset clears, /quit or Ctrl-D ends", err=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            click.echo("[history cleared]")
+            continue
+        try:
+            if line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                n = chat.attach(load_image(path))
+                click.echo(f"[{path}: {n} tokens, for your next message]")
+                continue
+            r = chat.reply(line)
+        except UserError as e:                        # a bad image or message: say so, keep talking
+            click.echo(f"error: {e}", err=True)
+            continue
+        click.echo(f"setokim> {r.text}")
+        for p in r.images:
+            click.echo(f"[image: {p}]")
+
+
+@click.command("export")
+@click.argument("model_path", metavar="RUN")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Where the merged Setokim folder goes.")
+@click.option("--no-stage1", is_flag=True, help="Leave the stage-1 parts out (read from their recorded path).")
+def export_cmd(model_path, out_dir, no_stage1):
+    """Write RUN's Setokim as one plain folder: LoRA adapters merged (merge_and_unload)."""
+    from ..models.setokim import Setokim
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise UserError(f"{out_dir} exists and is not empty: choose a new folder")
+    model = Setokim.from_pretrained(model_path)
+    size = model.adapter_size()
+    if model.has_lora:
+        model.merge_lora()
+    model.save_pretrained(out_dir, save_stage1=not no_stage1)
+    note = (f"LoRA merged ({size['parameters']:,} adapter parameters, {size['bytes'] / 2**20:.2f} MiB)"
+            if size["parameters"] else "no LoRA adapters")
+    click.echo(f"{out_dir}   ({note})")

@@ -11,6 +11,11 @@ inference pipelines so that training and inference ask the same way):
     generate  pairs     USER: Generate an image: {caption}           ASSISTANT: <image>
     edit      edits     USER: <image>\\n{instruction}                 ASSISTANT: <image>   (source, then target)
     instruct  instruct  the entry's own `conversations`, its image at the `<image>` mark
+    chat      instruct  the entries of one image as one multi-turn conversation (the image
+                        in the first turn, then each entry's turns in file order)
+    segment   referring USER: <image>\nSegment {expression}.           ASSISTANT: <image>   (one token:
+                        the source's token whose decoded mask fits the referred mask best,
+                        chosen by the stage model; the item carries the mask)
 
 An item's images are in reading order: an `<image>` in a user turn is an input, one in an
 assistant turn an output the model must write (its tokens are the visual targets).
@@ -35,7 +40,8 @@ __all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "colla
            "task_conversation"]
 
 # task -> the SPEC kind of the file it reads
-CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "edit": "edits", "instruct": "instruct"}
+CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "edit": "edits", "instruct": "instruct",
+                      "chat": "instruct", "segment": "referring"}
 
 
 def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
@@ -49,6 +55,9 @@ def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
     if task == "edit":
         return ([{"from": "human", "value": TASK_PROMPTS["edit"].format(instruction=entry["instruction"])},
                  {"from": "gpt", "value": IMAGE_TOKEN}], [entry["source"], entry["target"]])
+    if task == "segment":
+        return ([{"from": "human", "value": TASK_PROMPTS["segment"].format(expression=entry["expression"])},
+                 {"from": "gpt", "value": IMAGE_TOKEN}], [entry["image"]])
     if task == "instruct":
         conv = entry["conversations"]
         marks = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in conv)
@@ -56,6 +65,40 @@ def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
             raise UserError(f"instruct entry {entry.get('id', '?')}: {marks} '<image>' marks, expected 1")
         return list(conv), [entry["image"]]
     raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
+
+
+def group_by_image(entries: Sequence[dict]) -> list[list[dict]]:
+    """Instruct entries -> groups of the entries of one image, in order of first appearance."""
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(e["image"], []).append(e)
+    return list(groups.values())
+
+
+def chat_conversation(group: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """Entries of one image -> one multi-turn conversation (the `<image>` mark only in the
+    first user turn) and its image."""
+    conv: list[dict] = []
+    for e in group:
+        turns, _ = task_conversation("instruct", e)
+        for t in turns:
+            v = str(t["value"])
+            if t["from"] in ("human", "user"):
+                v = v.replace(IMAGE_TOKEN, "").strip() if conv else v
+            conv.append({"from": t["from"], "value": v})
+    return conv, [group[0]["image"]]
+
+
+def _read_mask(path: str, shape) -> "np.ndarray":
+    """A 0/255 mask PNG -> (H, W) bool at `shape` (nearest)."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("L")
+        H, W = int(shape[0]), int(shape[1])
+        if im.size != (W, H):
+            im = im.resize((W, H), Image.Resampling.NEAREST)
+        return np.asarray(im) > 127
 
 
 class ConversationDataset(Dataset):
@@ -69,7 +112,11 @@ class ConversationDataset(Dataset):
         self.entries = load(path, CONVERSATION_TASKS[task])
         if not self.entries:
             raise UserError(f"{path}: no entries")
-        self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
+        if task == "chat":
+            self.entries = group_by_image(self.entries)
+            self.items = [chat_conversation(g) for g in self.entries]
+        else:
+            self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
         self.index_offset = 0
 
     def __len__(self) -> int:
@@ -79,8 +126,13 @@ class ConversationDataset(Dataset):
         conv, paths = self.items[i]
         pix = [torch.from_numpy(_read_rgb(p, self.image_size)).permute(2, 0, 1).float() / 255.0 for p in paths]
         keys = [f"{Path(p).resolve()}@{self.image_size}" for p in paths]
-        return {"index": self.index_offset + i, "conversations": conv, "pixel_values": pix, "image_keys": keys,
-                "task": self.task}
+        item = {"index": self.index_offset + i, "conversations": conv, "pixel_values": pix, "image_keys": keys,
+                "task": self.task, "segment": None}
+        if self.task == "segment":
+            e = self.entries[i]
+            item["segment"] = {"mask": torch.from_numpy(_read_mask(e["mask"], pix[0].shape[-2:])),
+                               "key": f"{Path(e['mask']).resolve()}@{self.image_size}"}
+        return item
 
 
 class MixtureDataset(Dataset):
@@ -126,7 +178,8 @@ class MixtureDataset(Dataset):
 
 def collate_conversations_batch(items: Sequence[dict]) -> dict:
     """Items -> {"index" (B,), "conversations": B lists, "pixel_values" (N, 3, S, S) every
-    image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B}."""
+    image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B,
+    "segment": B x (None | {"mask": (S, S) bool, "key"})}."""
     pix = [p for it in items for p in it["pixel_values"]]
     if pix and any(p.shape != pix[0].shape for p in pix):
         raise UserError("images of one batch differ in size: set data.image_size")
@@ -135,4 +188,5 @@ def collate_conversations_batch(items: Sequence[dict]) -> dict:
             "pixel_values": torch.stack(pix) if pix else torch.zeros(0, 3, 1, 1),
             "image_keys": [k for it in items for k in it["image_keys"]],
             "image_counts": torch.tensor([len(it["pixel_values"]) for it in items]),
-            "task": [it["task"] for it in items]}
+            "task": [it["task"] for it in items],
+            "segment": [it.get("segment") for it in items]}

@@ -1,9 +1,11 @@
-"""Setokim's stage-II pipelines: caption, generate, edit (library calls behind the commands).
+"""Setokim's pipelines: caption, generate, edit, ask, segment (library calls behind the commands).
 
     model = load_setokim("runs/tiny-stage2")                   # run folder, checkpoint or setokim/ folder
     caption(model, ["a.png", "b.png"])                          # -> ["a red circle and ...", ...]
     generate(model, ["two red circles"], num_images=2, opts)   # -> [[image (S, S, 3) uint8, ...]]
     edit(model, ["a.png"], ["make the red circle blue"])        # -> [image (S, S, 3) uint8]
+    ask(model, ["a.png"], ["How many objects are there?"])      # -> ["3"]
+    segment(model, ["a.png"], ["the red circle"])               # -> [Segmented(mask (H, W) bool, ...)]
 
 Each runs in batches with the KV cache and asks the way stage-II training asked
 (`TASK_PROMPTS`): the caption prompt and the image; "Generate an image: ..." then `[Img]`
@@ -11,9 +13,15 @@ Each runs in batches with the KV cache and asks the way stage-II training asked
 the instruction then `[Img]`. Images come back from the stage-1 detokenizer the checkpoint
 holds, resized to `size` (None: the detokenizer's own resolution).
 
+Questions are asked as "<image>\n{question}" and segmentation as "<image>\nSegment
+{query}." then `[Img]`: the one visual token written is decoded by the stage-1 mask
+decoder over the input image (models/setokim/regions.py), optionally snapped first to the
+nearest token of the input image.
+
 Over a data file (`run_file`), each writes the prediction JSON that `setok eval` reads:
 caption `{"image", "caption"}`, generate `{"caption", "image": png}`, edit `{"source",
-"instruction", "image": png}`; PNGs go to `<pred_out stem>_images/`, every file written
+"instruction", "image": png}`, vqa `{"question_id", "answer"}`, segment `{"image",
+"expression", "mask": png}`; PNGs go to `<pred_out stem>_images/`, every file written
 atomically.
 """
 from __future__ import annotations
@@ -30,9 +38,11 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_json, ensure_dir
 
-__all__ = ["Sampling", "load_setokim", "caption", "generate", "edit", "run_file", "side_by_side", "TASKS"]
+__all__ = ["Sampling", "load_setokim", "caption", "generate", "edit", "ask", "segment", "Segmented", "overlay",
+           "run_file", "side_by_side", "TASKS"]
 
-TASKS = ("caption", "generate", "edit")
+TASKS = ("caption", "generate", "edit", "vqa", "segment")
+_KIND = {"caption": "pairs", "generate": "pairs", "edit": "edits", "vqa": "instruct", "segment": "referring"}
 
 
 @dataclass
@@ -141,6 +151,69 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
     return _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
 
 
+@torch.no_grad()
+def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampling] = None) -> list[str]:
+    """Images + questions (one each) -> answers."""
+    from ..models.setokim import TASK_PROMPTS, prompt_batch
+    opts = opts or Sampling()
+    _check_texts(questions, "question")
+    if len(images) != len(questions):
+        raise UserError(f"{len(images)} image(s) but {len(questions)} question(s)")
+    sets = model.image_token_sets(list(images))
+    texts = [TASK_PROMPTS["ask"].format(question=q.replace("<image>", " ").strip()) for q in questions]
+    g = torch.Generator().manual_seed(opts.seed)
+    return [o.text for o in model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **_kw(opts, g))]
+
+
+@dataclass
+class Segmented:
+    mask: np.ndarray            # (H, W) bool on the input image's own pixels
+    probs: np.ndarray           # (H, W) float mask probability
+    produced: bool              # the model wrote a visual token (else: no mask, all False)
+
+
+@torch.no_grad()
+def segment(model, images: Sequence, queries: Sequence[str], opts: Optional[Sampling] = None,
+            snap_to_input: bool = False, threshold: float = 0.5) -> list[Segmented]:
+    """Images + referring expressions -> one mask each: the prompt, `[Img]`, one visual
+    token, the mask decoder (see the module docstring)."""
+    from ..models.setokim import TASK_PROMPTS, prompt_batch
+    from ..models.setokim.regions import read_images, region_probs, snap, to_original
+    opts = opts or Sampling()
+    _check_texts(queries, "query")
+    if len(images) != len(queries):
+        raise UserError(f"{len(images)} image(s) but {len(queries)} quer(ies)")
+    if model.mask_decoder is None:
+        raise UserError("this Setokim has no mask decoder (its stage-1 checkpoint saved none): it cannot segment")
+    seen = read_images(model, list(images))
+    sets = seen.token_sets(model)
+    texts = [TASK_PROMPTS["segment"].format(expression=q.strip().rstrip(".")) for q in queries]
+    g = torch.Generator().manual_seed(opts.seed)
+    gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets], start_image=True),
+                         **{**_kw(opts, g), "max_visual_tokens": 1})
+    produced = [bool(o.images and o.images[0].shape[0]) for o in gen]
+    T = int(model.config.token_dim)
+    first = torch.stack([o.images[0][0] if p else torch.zeros(T) for o, p in zip(gen, produced)]).to(model.device)
+    if snap_to_input:
+        first = snap(model, first, sets)
+    probs = region_probs(model, seen, first.unsqueeze(1))[:, 0]                    # (N, S, S)
+    out = []
+    for i, p in enumerate(produced):
+        pr = to_original(probs[i:i + 1], seen, i)[0].cpu().numpy()
+        out.append(Segmented(mask=(pr > threshold) & p, probs=pr if p else np.zeros_like(pr), produced=p))
+    return out
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
+    """image (H, W, 3) uint8 with the mask tinted and its outline drawn."""
+    out = image.astype(np.float32).copy()
+    m = mask.astype(bool)
+    out[m] = (1 - alpha) * out[m] + alpha * np.asarray(color, np.float32)
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    out[edge] = color
+    return out.round().astype(np.uint8)
+
+
 def side_by_side(source: np.ndarray, edited: np.ndarray, gap: int = 4) -> np.ndarray:
     """source | edited, both at the larger height (nearest), on a white gap."""
     from PIL import Image
@@ -161,20 +234,23 @@ def save_png(path, image: np.ndarray) -> None:
 
 def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling] = None,
              batch_size: int = 16, size: Optional[int] = None, limit: Optional[int] = None,
-             on_batch: Optional[Callable[[int], None]] = None) -> list[dict]:
+             on_batch: Optional[Callable[[int], None]] = None, snap_to_input: bool = False) -> list[dict]:
     """Run `task` over a SPEC data file and write the prediction JSON `setok eval` reads
     (each prediction names its data entry by "index": captions repeat in the world).
-    caption/generate read pairs, edit reads edits."""
+    caption/generate read pairs, edit reads edits, vqa reads instruct (every question of
+    every entry), segment reads referring."""
     from ..data.formats import load
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     opts = opts or Sampling()
-    entries = load(data, "edits" if task == "edit" else "pairs")
+    entries = load(data, _KIND[task])
+    if task == "vqa":
+        entries = _questions(entries)
     entries = entries[:limit] if limit else entries
     out_path = Path(pred_out)
     img_dir = out_path.parent / f"{out_path.stem}_images"
     ensure_dir(out_path.parent)
-    if task != "caption":
+    if task not in ("caption", "vqa"):
         ensure_dir(img_dir)
     preds: list[dict] = []
     rel = lambda p: os.path.relpath(p, out_path.parent)               # noqa: E731 (paths relative to the JSON)
@@ -183,6 +259,17 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
         if task == "caption":
             for k, (e, text) in enumerate(zip(chunk, caption(model, [e["image"] for e in chunk], opts))):
                 preds.append({"index": start + k, "image": rel(e["image"]), "caption": text})
+        elif task == "vqa":
+            for e, a in zip(chunk, ask(model, [e["image"] for e in chunk], [e["question"] for e in chunk], opts)):
+                preds.append({"question_id": e["id"], "question": e["question"], "answer": a})
+        elif task == "segment":
+            segs = segment(model, [e["image"] for e in chunk], [e["expression"] for e in chunk], opts,
+                           snap_to_input=snap_to_input)
+            for k, (e, sg) in enumerate(zip(chunk, segs)):
+                png = img_dir / f"{start + k:06d}.png"
+                save_png(png, sg.mask.astype(np.uint8) * 255)
+                preds.append({"index": start + k, "image": rel(e["image"]), "expression": e["expression"],
+                              "mask": rel(png)})
         elif task == "generate":
             imgs = generate(model, [e["caption"] for e in chunk], 1, opts, size)
             for k, (e, ims) in enumerate(zip(chunk, imgs)):
@@ -202,8 +289,16 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
     return preds
 
 
+def _questions(entries: list[dict]) -> list[dict]:
+    """Instruct entries -> one item per question {"id", "image", "question"} (multi-turn
+    entries: each turn asked on its own, ids "<id>/<turn>", as `setok eval vqa` counts them)."""
+    from ..eval.harness import vqa_questions
+    return [{**q, "image": entries[q["entry"]]["image"]} for q in vqa_questions(entries)]
+
+
 def count_entries(task: str, data: str, limit: Optional[int] = None) -> int:
     """How many items `run_file` will process (for a progress bar)."""
     from ..data.formats import load
-    n = len(load(data, "edits" if task == "edit" else "pairs", check_files=False))
+    entries = load(data, _KIND.get(task, "pairs"), check_files=False)
+    n = len(_questions(entries)) if task == "vqa" else len(entries)
     return min(n, limit) if limit else n

@@ -29,7 +29,7 @@ from ..files import atomic_write_text
 from ..models.alignment import AlignmentConfig
 from ..models.detokenizer import DetokenizerConfig
 from ..models.mask_decoder import MaskDecoderConfig
-from ..models.setokim.config import SetokimConfig
+from ..models.setokim.config import LoraSpec, SetokimConfig
 
 __all__ = ["Recipe", "ModelRecipe", "TokenizerRecipe", "LossRecipe", "DataRecipe", "OptimRecipe", "TrainRecipe",
            "load_recipe", "recipe_from_dict", "recipe_to_dict", "dump_recipe", "apply_overrides"]
@@ -48,7 +48,9 @@ class ModelRecipe:
     detokenizer: Optional[DetokenizerConfig] = field(default_factory=DetokenizerConfig)
     mask_decoder: Optional[MaskDecoderConfig] = field(default_factory=MaskDecoderConfig)
     alignment: Optional[AlignmentConfig] = field(default_factory=AlignmentConfig)
-    setokim: Optional[SetokimConfig] = None        # stages II and III: the MLLM over SeTok tokens
+    setokim: Optional[SetokimConfig] = None        # stage II: the MLLM over SeTok tokens
+    setokim_from: Optional[str] = None             # stage III: the stage-2 run / checkpoint / Setokim folder to tune
+    lora: Optional[LoraSpec] = None                # stage III: LoRA adapters on the LM (peft)
 
 
 @dataclass
@@ -77,9 +79,13 @@ class LossRecipe:
 @dataclass
 class DataRecipe:
     train: list = field(default_factory=list)   # SPEC-format JSON files (concatenated)
-    # stages II / III: [{task: caption | generate | edit | instruct, path: JSON, weight: 1.0}], a
+    # stages II / III: [{task: caption | generate | edit | instruct | chat | segment, path: JSON,
+    # weight: 1.0}], a
     # weighted union (weight w: round(w * len) items of that file per epoch)
     mixture: list = field(default_factory=list)
+    # stage II with a from-scratch LM: more SPEC files whose words the word-level text
+    # tokenizer must know (the later stages' data: questions, referring expressions)
+    vocab_files: list = field(default_factory=list)
     format: str = "pairs"                       # "pairs" | "objects"
     image_size: Optional[int] = None            # resize on load (None: as stored)
     batch_size: int = 16                        # per process

@@ -38,13 +38,17 @@ class Stage2Model(nn.Module):
         self.setokim = setokim
         self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
         self._cache: dict[str, Tensor] = {}
+        self._regions: dict[str, Tensor] = {}
 
     # ---- image tokens ----------------------------------------------------------------
+    @staticmethod
+    def _arrays(pixel_values: Tensor) -> list:
+        return [(x.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy() for x in pixel_values]
+
     def _encode(self, pixel_values: Tensor) -> list[Tensor]:
         """The inference pipelines' path (SeTok.tokenize: its own resize and padding), so a
         user's image is tokenized exactly as the training images were."""
-        arrays = [(x.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy() for x in pixel_values]
-        return self.setokim.image_token_sets(arrays)
+        return self.setokim.image_token_sets(self._arrays(pixel_values))
 
     def image_token_sets(self, pixel_values: Tensor, keys: list[str]) -> list[Tensor]:
         """pixel_values (N, 3, S, S) in [0, 1], keys: N cache keys -> N token sets (K_i, T) in
@@ -79,13 +83,34 @@ class Stage2Model(nn.Module):
         self.setokim.fit_token_stats(tokens, mask)
         return int(min(len(pix), limit))
 
+    @torch.no_grad()
+    def region_targets(self, batch: dict) -> dict[int, Tensor]:
+        """Segment items -> {item: target token set (1, T)}: the item's image's SeTok token
+        whose decoded mask fits the referred mask best (`regions.best_region_tokens`),
+        computed once per (mask, size) with the frozen tokenizer and mask decoder."""
+        from ..models.setokim.regions import best_region_tokens, read_images
+        segs = batch.get("segment") or []
+        if not any(s is not None for s in segs):
+            return {}
+        first = [0] + torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()[:-1]
+        todo = [b for b, s in enumerate(segs) if s is not None and s["key"] not in self._regions]
+        if todo:
+            pix = batch["pixel_values"][[first[b] for b in todo]]
+            seen = read_images(self.setokim, self._arrays(pix))
+            toks, _ = best_region_tokens(self.setokim, seen, [segs[b]["mask"].cpu() for b in todo])
+            for b, t in zip(todo, toks):
+                self._regions[segs[b]["key"]] = t.detach().unsqueeze(0)
+        return {b: self._regions[s["key"]] for b, s in enumerate(segs) if s is not None}
+
     # ---- the step --------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Tensor]:
         m = self.setokim
         sets = self.image_token_sets(batch["pixel_values"], batch["image_keys"])
+        regions = self.region_targets(batch)
         per_item = torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()
-        samples = [{"id": int(i), "conversations": c, "images": sets[a:b]}
-                   for i, c, a, b in zip(batch["index"], batch["conversations"], [0] + per_item[:-1], per_item)]
+        samples = [{"id": int(i), "conversations": c, "images": sets[a:b] + ([regions[j]] if j in regions else [])}
+                   for j, (i, c, a, b) in enumerate(zip(batch["index"], batch["conversations"],
+                                                        [0] + per_item[:-1], per_item))]
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
         out = m(**kw)
         return {"loss": out.loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
@@ -114,7 +139,7 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
         import tempfile
 
         from ..models.setokim.text import build_word_tokenizer
-        tok = build_word_tokenizer([m["path"] for m in recipe.data.mixture])
+        tok = build_word_tokenizer([m["path"] for m in recipe.data.mixture] + list(recipe.data.vocab_files))
         with tempfile.TemporaryDirectory(prefix="setok-text-tokenizer-") as folder:
             tok.save_pretrained(folder)
             cfg.text_tokenizer = folder
@@ -129,7 +154,8 @@ def _mixture(recipe: Recipe):
     from ..data.conversations import CONVERSATION_TASKS, ConversationDataset, MixtureDataset
     parts = []
     if not recipe.data.mixture:
-        raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct, path, weight}]")
+        raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct|chat|segment, "
+                        "path, weight}]")
     for j, m in enumerate(recipe.data.mixture):
         if not isinstance(m, dict) or set(m) - {"task", "path", "weight"} or not {"task", "path"} <= set(m):
             raise UserError(f"data.mixture[{j}] must be {{task, path, weight}}, got {m!r}")

@@ -42,12 +42,14 @@ from .recipe import Recipe, dump_recipe
 __all__ = ["Trainer", "run", "STAGES", "select_trainable", "build_optimizer", "build_scheduler", "TrainResult"]
 
 # stage name -> "module:builder"; builder(recipe, accelerator) -> (model, dataset)
-STAGES = {"stage1": "setok_cli.train.stage1:build_stage1", "stage2": "setok_cli.train.stage2:build_stage2"}
+STAGES = {"stage1": "setok_cli.train.stage1:build_stage1", "stage2": "setok_cli.train.stage2:build_stage2",
+          "stage3": "setok_cli.train.stage3:build_stage3"}
 
 
 # stage name -> "module:meta builder:parameter report", for `setok train --dry-run`
 META = {"stage1": "setok_cli.train.stage1:meta_stage1_model:parameter_report",
-        "stage2": "setok_cli.train.stage2:meta_stage2_model:parameter_report"}
+        "stage2": "setok_cli.train.stage2:meta_stage2_model:parameter_report",
+        "stage3": "setok_cli.train.stage3:meta_stage3_model:parameter_report"}
 
 
 def meta_model(recipe: Recipe):

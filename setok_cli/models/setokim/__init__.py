@@ -49,7 +49,7 @@ so the folder is self-contained; `from_pretrained` reads it back (a run folder s
 its latest checkpoint). config.json keeps the `lm`, `text_tokenizer` and `stage1` it was
 built from as a record; loading reads the folder's own copies.
 """
-from .config import LM_PRESETS, DiffusionHeadConfig, SetokimConfig
+from .config import LM_PRESETS, DiffusionHeadConfig, LoraSpec, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
 from .heads import DiffusionHead, MSEHead, Projector, order_tokens
 from .loading import load_stage1, stage1_folder
@@ -59,7 +59,7 @@ from .text import (IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMG_END, IMG_ST
                    build_word_tokenizer, collate_conversations, pack_token_sets, render_conversation,
                    tokenize_with_images, world_texts)
 
-__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LM_PRESETS", "Setokim", "SetokimOutput", "parameter_table",
+__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim", "SetokimOutput", "parameter_table",
            "stage1_folder", "load_stage1", "Projector", "MSEHead", "DiffusionHead", "order_tokens", "Spliced", "splice",
            "Generated", "generate", "prompt_batch", "sample_logits", "decode_images", "IMAGE_TOKEN",
            "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",

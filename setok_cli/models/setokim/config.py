@@ -6,7 +6,8 @@ from typing import Optional, Union
 
 from ...errors import UserError
 
-__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LM_PRESETS", "VISUAL_HEADS", "TOKEN_ORDERS"]
+__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "VISUAL_HEADS", "TOKEN_ORDERS",
+           "LLAMA_LINEARS"]
 
 VISUAL_HEADS = ("mse", "diffusion")
 TOKEN_ORDERS = ("raster", "given")
@@ -61,6 +62,35 @@ class DiffusionHeadConfig:
             raise UserError(f"diffusion.temperature must be >= 0, got {self.temperature!r}")
 
 
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSpec:
+    """LoRA on the LM (stage III, `peft`): W + (alpha / r) B A on `target_modules` (names of
+    the LM's linear layers; every linear of a Llama block by default, as LLaVA-1.5's
+    `--lora_enable`). The paper names no rank; LLaVA-1.5 uses r 128, alpha 256."""
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: list(LLAMA_LINEARS))
+
+    def __post_init__(self):
+        for name in ("r", "alpha"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise UserError(f"lora.{name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise UserError(f"lora.target_modules must list module names, got {self.target_modules!r}")
+
+    def peft_config(self):
+        from peft import LoraConfig
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=float(self.dropout),
+                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
 @dataclass
 class SetokimConfig:
     # the causal LM: a local folder or a model id in the local HF cache (any Llama-family
@@ -84,6 +114,7 @@ class SetokimConfig:
     visual_loss_weight: float = 1.0
     stop_loss_weight: float = 1.0
     init_seed: int = 0                      # projector, heads and a from-scratch LM start from this seed
+    lora: Optional[LoraSpec] = None         # stage III: LoRA adapters on the LM (its base weights frozen)
 
     def __post_init__(self):
         if not isinstance(self.lm, (str, dict)) or (isinstance(self.lm, str) and not self.lm.strip()):
@@ -96,6 +127,8 @@ class SetokimConfig:
             raise UserError(f"token_order must be one of {', '.join(TOKEN_ORDERS)}, got {self.token_order!r}")
         if isinstance(self.diffusion, dict):
             self.diffusion = DiffusionHeadConfig(**self.diffusion)
+        if isinstance(self.lora, dict):
+            self.lora = LoraSpec(**self.lora)
         for name in ("max_visual_tokens", "max_length"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):

@@ -20,7 +20,17 @@ from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_to
 from .splice import Spliced, splice
 from .text import IMG_END, IMG_START
 
-__all__ = ["Setokim", "SetokimOutput", "parameter_table"]
+__all__ = ["Setokim", "SetokimOutput", "parameter_table", "is_peft", "ADAPTER_DIR"]
+
+ADAPTER_DIR = "adapter"
+
+
+def is_peft(module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(module, PeftModel)
 
 
 @dataclass
@@ -60,6 +70,11 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         if c.token_dim is None:
             raise UserError("token_dim is unknown: give a stage-1 checkpoint (stage1) or token_dim")
         self._add_image_tokens()
+        if c.lora is not None and not is_peft(self.lm):
+            spec, c.lora = c.lora, None
+            self.add_lora(spec)
+        elif c.lora is None and is_peft(self.lm):
+            raise UserError("the LM carries LoRA adapters but the config has no `lora`")
         H = int(lm.config.hidden_size)
         dev = lm.get_input_embeddings().weight.device
         with torch.random.fork_rng(devices=[]), torch.device(dev):
@@ -137,7 +152,56 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             parts = {}
         tok = load_text_tokenizer(folder / "tokenizer")
         lm = load_lm(str(folder / "lm"), config.lm_dtype, None, config.init_seed)
+        if config.lora is not None:
+            if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
+                raise UserError(f"{folder}: its config has `lora` but there is no {ADAPTER_DIR}/adapter_config.json")
+            import warnings
+
+            from peft import PeftModel
+            with quiet(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                lm = PeftModel.from_pretrained(lm, str(folder / ADAPTER_DIR), is_trainable=False)
         return cls(config, lm=lm, text_tokenizer=tok, **parts)
+
+    # ---- LoRA (stage III) -------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return is_peft(self.lm)
+
+    def add_lora(self, spec) -> "Setokim":
+        """Wrap the LM in fresh LoRA adapters (`peft`; B = 0, so the outputs are unchanged
+        until they train). spec: a LoraSpec or its dict."""
+        from .config import LoraSpec
+        if self.has_lora:
+            raise UserError("this Setokim already has LoRA adapters (merge them first: `setok export`)")
+        spec = LoraSpec(**spec) if isinstance(spec, dict) else spec
+        from peft import get_peft_model
+        names = {n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules() if isinstance(m, nn.Linear)}
+        missing = [t for t in spec.target_modules if t not in names]
+        if missing:
+            raise UserError(f"lora.target_modules {missing} are not linear layers of the LM "
+                            f"(it has {', '.join(sorted(names))})")
+        import warnings
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)     # peft's own call of a renamed transformers API
+            torch.manual_seed(self.config.init_seed)
+            self.lm = get_peft_model(self.lm, spec.peft_config())
+        self.config.lora = spec
+        return self
+
+    def merge_lora(self) -> "Setokim":
+        """Fold the adapters into the LM's weights (`merge_and_unload`): a plain LM again,
+        whose outputs equal the adapted model's up to rounding."""
+        if not self.has_lora:
+            raise UserError("this Setokim has no LoRA adapters to merge")
+        self.lm = self.lm.merge_and_unload()
+        self.config.lora = None
+        return self
+
+    def adapter_size(self) -> dict:
+        """{"parameters": n, "bytes": n * itemsize} of the LoRA adapters (0 without)."""
+        ps = [p for n, p in self.lm.named_parameters() if "lora_" in n]
+        return {"parameters": sum(p.numel() for p in ps), "bytes": sum(p.numel() * p.element_size() for p in ps)}
 
     # ---- saving ------------------------------------------------------------------------
     def config_to_save(self) -> dict:
@@ -149,8 +213,18 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
     def _save_pretrained(self, save_directory: Path) -> None:
         super()._save_pretrained(save_directory)
         d = Path(save_directory)
-        with quiet():
-            self.lm.save_pretrained(d / "lm")
+        import warnings
+        with quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)     # peft's own call of a renamed transformers API
+            if self.has_lora:
+                # lm/ holds the base LM as a plain folder (the adapters' base_layer weights,
+                # unchanged by stage III), adapter/ the adapters (peft's own format)
+                base = self.lm.get_base_model()
+                sd = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+                base.save_pretrained(d / "lm", state_dict=sd)
+                self.lm.save_pretrained(d / ADAPTER_DIR)
+            else:
+                self.lm.save_pretrained(d / "lm")
         if self.text_tokenizer is not None:
             self.text_tokenizer.save_pretrained(d / "tokenizer")
         for name in STAGE1_PARTS if self._save_stage1 else ():
@@ -335,7 +409,14 @@ def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:
     """(part, parameters, trainable) per part, then ("all", ...), for `setok train --dry-run`."""
     rows = []
     head = f"visual_head ({model.config.visual_head})"
-    for name, mod in [("lm", model.lm), ("projector", model.projector), (head, model.visual_head),
+    lm_rows = [("lm", model.lm)]
+    if model.has_lora:
+        ps = [p for n, p in model.lm.named_parameters() if "lora_" in n]
+        base = [p for n, p in model.lm.named_parameters() if "lora_" not in n]
+        rows += [("lm (base)", sum(p.numel() for p in base), sum(p.numel() for p in base if p.requires_grad)),
+                 ("lm (LoRA adapters)", sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))]
+        lm_rows = []
+    for name, mod in [*lm_rows, ("projector", model.projector), (head, model.visual_head),
                       ("stop_head", model.stop_head), ("setok", model.setok), ("detokenizer", model.detokenizer),
                       ("mask_decoder", model.mask_decoder)]:
         if mod is None:

@@ -36,12 +36,15 @@ IMG_START, IMG_END = "[Img]", "[/Img]"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 ROLES = {"human": "USER", "user": "USER", "gpt": "ASSISTANT", "assistant": "ASSISTANT"}
-# The stage-2 prompts (the pipelines and the stage-2 data use these; the tiny tokenizer's
-# vocabulary includes their words).
+# The task prompts (the pipelines and the stage-2/3 data use these; the tiny tokenizer's
+# vocabulary includes their words). A question (`setok ask`, VQA data) is asked as written,
+# after the image: "<image>\n{question}".
 TASK_PROMPTS = {
     "caption": "<image>\nDescribe the image briefly.",
     "generate": "Generate an image: {caption}",
     "edit": "<image>\n{instruction}",
+    "segment": "<image>\nSegment {expression}.",
+    "ask": "<image>\n{question}",
 }
 
 

@@ -1,0 +1,79 @@
+"""Stage III of the paper (§2.2, appendix D, Table 7): instruction tuning with LoRA.
+
+    stage-2 Setokim (`model.setokim_from`: run folder / checkpoint / Setokim folder)
+      -> LoRA adapters on the LM (`model.lora`, peft; base weights frozen by the recipe's
+         `train.trainable` globs, which also keep the projector and heads training)
+      -> the same conversation loss as stage II over the instruction mixture: VQA (single- and
+         multi-turn: `instruct`, `chat`), referring segmentation (`segment`: one answer token,
+         see models/setokim/regions.py), generation and editing requests, captions.
+
+The stage model is stage II's (`Stage2Model`): the batch, the token cache, the losses and the
+checkpoint layout (`setokim/`, a complete Setokim folder whose `adapter/` holds the LoRA
+weights and `lm/` the base LM) are the same. `setok export RUN --out DIR` merges the
+adapters into a plain folder.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..errors import UserError
+from ..models.setokim import Setokim
+from .recipe import Recipe
+from .stage2 import Stage2Model, _mixture, meta_stage2_model, parameter_report  # noqa: F401 (the report of META)
+
+__all__ = ["build_stage3", "build_stage3_model", "meta_stage3_model"]
+
+
+def _source(recipe: Recipe) -> str:
+    src = recipe.model.setokim_from
+    if not src:
+        raise UserError("model.setokim_from is missing: stage3 tunes a stage-2 Setokim (its run folder or checkpoint)")
+    return src
+
+
+def _tune(setokim: Setokim, recipe: Recipe) -> Setokim:
+    if recipe.model.lora is not None:
+        if setokim.has_lora:
+            raise UserError(f"{recipe.model.setokim_from}: already has LoRA adapters; export (merge) it first "
+                            f"with `setok export`, or drop model.lora to tune these adapters further")
+        setokim.add_lora(copy.deepcopy(recipe.model.lora))
+    return setokim
+
+
+def build_stage3_model(recipe: Recipe) -> Stage2Model:
+    """The stage-2 Setokim of `model.setokim_from` with fresh LoRA adapters (its token
+    statistics, projector and heads carried over; `model.setokim`, if any, only sizes
+    `--dry-run`)."""
+    setokim = Setokim.from_pretrained(_source(recipe))
+    return Stage2Model(_tune(setokim, recipe).train())
+
+
+def build_stage3(recipe: Recipe, accelerator=None):
+    """The stage builder of the trainer: -> (model, dataset)."""
+    dataset = _mixture(recipe)
+    return build_stage3_model(recipe), dataset
+
+
+def meta_stage3_model(recipe: Recipe) -> Stage2Model:
+    """Stage III on the meta device (`setok train --dry-run`), LoRA applied: the
+    architecture of `model.setokim_from` when it is on disk, else the recipe's
+    `model.setokim` (a stage-3 recipe may carry the stage-2 Setokim's config for sizing
+    only, so the paper recipe can be sized before stage 2 has run)."""
+    from ..models.hub import config_from_dict, read_config
+    from ..models.setokim import SetokimConfig
+    src = _source(recipe)
+    r = copy.deepcopy(recipe)
+    try:
+        folder, _ = Setokim.locate(src)
+    except UserError:
+        if recipe.model.setokim is None:
+            raise UserError(f"{src}: no stage-2 Setokim there yet (train stage 2 first, or give model.setokim "
+                            f"to size stage 3 without it)") from None
+    else:
+        r.model.setokim = config_from_dict(SetokimConfig, read_config(folder), where=str(folder))
+    model = meta_stage2_model(r)
+    with torch.device("meta"):
+        _tune(model.setokim, recipe)
+    return model
