@@ -59,3 +59,39 @@ def stage2_world(tmp_path_factory):
     generate(root / "shapes", n=30, size=32, seed=0)
     _write_tiny_stage1(root / "stage1" / "checkpoints" / "step_00000010", image_policy="squash")
     return root
+
+
+TINY_LM_SET = ("model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+               "num_key_value_heads: 2, max_position_embeddings: 256}")
+
+
+@pytest.fixture(scope="session")
+def stage3_runs(stage2_world):
+    """A tiny stage-2 run (40 steps, the world's words in its tokenizer) and a tiny stage-3
+    run on top of it (VQA, multi-turn chat, segmentation, edits; LoRA r 8), both written by
+    the trainer with the shipped recipes. -> {"world", "stage2", "stage3", "log3"}."""
+    import json
+    from pathlib import Path
+
+    from setok_cli.train.recipe import load_recipe
+    from setok_cli.train.trainer import Trainer
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+    tr = stage2_world / "shapes" / "train"
+    common = ["data.image_size=32", "train.progress=false", "train.threads=1", "train.log_every=1"]
+    s2 = stage2_world / "runs" / "stage2"
+    Trainer(load_recipe(recipes / "stage2.yaml", [
+        f"model.setokim.stage1={stage2_world / 'stage1'}", f"output_dir={s2}", TINY_LM_SET,
+        f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}}}, {{task: edit, path: {tr / 'edits.json'}}}]",
+        f"data.vocab_files=[{tr / 'instruct.json'}, {tr / 'referring.json'}]", "model.setokim.max_visual_tokens=4",
+        "data.batch_size=6", "train.max_steps=40", "train.checkpoint_every=40", "optim.lr=1e-2", "optim.warmup_steps=2",
+        *common])).train()
+    s3 = stage2_world / "runs" / "stage3"
+    Trainer(load_recipe(recipes / "stage3.yaml", [
+        f"model.setokim_from={s2}", f"output_dir={s3}", "model.lora={r: 8, alpha: 16, dropout: 0.0}",
+        f"data.mixture=[{{task: instruct, path: {tr / 'instruct.json'}, weight: 2.0}}, "
+        f"{{task: chat, path: {tr / 'instruct.json'}}}, {{task: segment, path: {tr / 'referring.json'}}}, "
+        f"{{task: edit, path: {tr / 'edits.json'}, weight: 0.2}}]",
+        "data.batch_size=8", "train.max_steps=300", "train.checkpoint_every=150", "optim.lr=5e-3",
+        "optim.warmup_steps=3", *common])).train()
+    log = [json.loads(x) for x in (s3 / "log.jsonl").read_text().splitlines()]
+    return {"world": stage2_world, "stage2": s2, "stage3": s3, "log3": log}

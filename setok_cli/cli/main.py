@@ -16,6 +16,7 @@ COMMANDS = {
     "data": "setok_cli.cli.data:data",
     "eval": "setok_cli.cli.eval:eval_cmd",
     "bench-kernels": "setok_cli.cli.bench:bench_kernels",
+    "bench-reduce": "setok_cli.cli.reduce:bench_reduce",
     "env": "setok_cli.cli.env:env",
     "caption": "setok_cli.cli.setokim:caption_cmd",
     "generate": "setok_cli.cli.setokim:generate_cmd",

@@ -153,7 +153,8 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
 
 @torch.no_grad()
 def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampling] = None) -> list[str]:
-    """Images + questions (one each) -> answers."""
+    """Images + questions (one each) -> answers, in words (`[Img]` is never sampled: ask
+    for pictures with `generate`, `edit` or `chat`)."""
     from ..models.setokim import TASK_PROMPTS, prompt_batch
     opts = opts or Sampling()
     _check_texts(questions, "question")
@@ -162,7 +163,8 @@ def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampli
     sets = model.image_token_sets(list(images))
     texts = [TASK_PROMPTS["ask"].format(question=q.replace("<image>", " ").strip()) for q in questions]
     g = torch.Generator().manual_seed(opts.seed)
-    return [o.text for o in model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **_kw(opts, g))]
+    return [o.text for o in model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **_kw(opts, g),
+                                           text_only=True)]
 
 
 @dataclass

@@ -74,10 +74,11 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              image_token_mask: Optional[Tensor] = None, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, visual_steps: Optional[int] = None, visual_temperature: Optional[float] = None,
              max_visual_tokens: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None) -> list[Generated]:
+             generator: Optional[torch.Generator] = None, text_only: bool = False) -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
-    (`prompt_batch` makes all four) -> one Generated per row."""
+    (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
+    sampled (an answer in words, e.g. `setok ask`)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -94,13 +95,13 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     try:
         return _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new_tokens,
                          temperature, top_p, visual_steps, visual_temperature,
-                         max_visual_tokens or model.config.max_visual_tokens, use_cache, generator)
+                         max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only)
     finally:
         model.train(was_training)
 
 
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
-              vsteps, vtemp, max_vis, use_cache, generator) -> list[Generated]:
+              vsteps, vtemp, max_vis, use_cache, generator, text_only=False) -> list[Generated]:
     from transformers import DynamicCache
     sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
     emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
@@ -120,6 +121,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     while not bool(done.all()):
         logits = lm_head(h).float()
         logits[:, e_id] = float("-inf")                                    # [/Img] is given, never sampled
+        if text_only:
+            logits[:, s_id] = float("-inf")
         tok = sample_logits(logits, temperature, top_p, generator)
         hh = h.to(head_dtype)
         # an image has at least one token (the stop head is trained to continue at [Img])

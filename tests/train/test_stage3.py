@@ -1,0 +1,99 @@
+"""Stage III: LoRA instruction tuning through the trainer: what trains, what is saved, what it learns."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from setok_cli.errors import UserError
+from setok_cli.train.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _flat(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_only_adapters_projector_and_heads_change(stage3_runs):
+    from setok_cli.models.setokim import Setokim
+    before = Setokim.from_pretrained(stage3_runs["stage2"])
+    after = Setokim.from_pretrained(stage3_runs["stage3"])
+    assert after.has_lora and not before.has_lora
+    base_after = {k.replace(".base_layer.", "."): v for k, v in after.lm.get_base_model().state_dict().items()
+                  if "lora_" not in k}
+    base_before = _flat(before.lm)
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(base_after[k], base_before[k]) for k in base_before)        # the base LM is frozen
+    lora_b = [v for k, v in after.lm.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)                  # every adapter trained
+    for part in ("setok", "mask_decoder", "detokenizer"):                              # stage 1 frozen
+        a, b = _flat(getattr(after, part)), _flat(getattr(before, part))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    for part in ("projector", "visual_head", "stop_head"):                             # these train
+        a, b = _flat(getattr(after, part)), _flat(getattr(before, part))
+        assert any(not torch.equal(a[k], b[k]) for k in a), part
+    assert torch.equal(after.token_mean, before.token_mean)                            # stage II's statistics
+
+
+def test_stage3_lowers_its_losses_and_saves_the_adapter(stage3_runs):
+    log = stage3_runs["log3"]
+    assert len(log) == 300
+    first = sum(x["text"] for x in log[:8]) / 8
+    last = sum(x["text"] for x in log[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+    ck = stage3_runs["stage3"] / "checkpoints" / "step_00000300" / "setokim"
+    assert (ck / "adapter" / "adapter_model.safetensors").is_file() and (ck / "lm" / "config.json").is_file()
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["lora"]["r"] == 8
+
+
+def test_stage3_raises_vqa_over_stage2(stage3_runs, tmp_path):
+    """Held-out questions (the val split), greedy answers scored by `setok eval vqa`."""
+    from setok_cli.eval.harness import eval_vqa
+    from setok_cli.tasks.setokim import Sampling, load_setokim, run_file
+    data = str(stage3_runs["world"] / "shapes" / "val" / "instruct.json")
+    acc = {}
+    for stage in ("stage2", "stage3"):
+        torch.set_num_threads(1)
+        pred = tmp_path / f"{stage}.json"
+        run_file(load_setokim(stage3_runs[stage]), "vqa", data, str(pred), Sampling(max_new_tokens=3), batch_size=32)
+        acc[stage] = eval_vqa(data, str(pred))["accuracy"]
+    assert acc["stage3"] >= acc["stage2"] + 0.15, acc
+
+
+def test_stage3_recipe_errors_and_dry_run(stage3_runs, tmp_path):
+    from setok_cli.train.stage3 import build_stage3_model
+    from setok_cli.train.trainer import meta_model, select_trainable
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={tmp_path / 'nope'}"])
+    with pytest.raises(UserError, match="not found|no "):
+        build_stage3_model(r)
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage3']}"])
+    with pytest.raises(UserError, match="already has LoRA adapters"):
+        build_stage3_model(r)
+    # the tiny recipe sized on meta from the stage-2 run's config: the adapters are what trains in the LM
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+                                                        "model.lora={r: 8, alpha: 16}"])
+    model, report = meta_model(r)
+    select_trainable(model, r.train.trainable, r.train.frozen)
+    rep = report(model)
+    assert rep["lm (base)"]["trainable"] == 0 and rep["lm (LoRA adapters)"]["trainable"] > 0
+    # 2 layers x 7 linears, hidden 32, intermediate 64, r 8
+    assert rep["lm (LoRA adapters)"]["total"] == 2 * (4 * 8 * 64 + 2 * 8 * 96 + 8 * 96)
+
+
+def test_paper_recipe_on_meta_lists_llava_sized_adapters():
+    """recipes/stage3.yaml sized without any file: LoRA r 128 on every linear of Vicuna-7B is
+    32 layers x (4 x 128 x 8192 + 3 x 128 x 15104) = 319,815,680 parameters."""
+    from setok_cli.train.trainer import meta_model, select_trainable
+    r = load_recipe(RECIPES / "stage3.yaml", ["model.setokim_from=/nonexistent/stage2",
+                                              "model.setokim.stage1=/nonexistent/stage1"])
+    model, report = meta_model(r)
+    select_trainable(model, r.train.trainable, r.train.frozen)
+    rep = report(model)
+    assert rep["lm (LoRA adapters)"] == {"total": 319_815_680, "trainable": 319_815_680}
+    assert rep["lm (base)"]["trainable"] == 0 and rep["setok"]["trainable"] == 0
+    assert rep["all"]["trainable"] == 319_815_680 + rep["projector"]["total"] + rep["visual_head (mse)"]["total"] \
+        + rep["stop_head"]["total"]
