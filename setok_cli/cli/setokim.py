@@ -159,17 +159,44 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
     click.echo(f"{edited}\n{pair}")
 
 
+def _is_llava(folder) -> bool:
+    import json
+    cfg = Path(folder) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in ("llava", "llava_next")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @click.command("ask")
 @click.argument("image", required=False)
 @click.argument("question", required=False)
 @_sampling_options
 @_file_options
+@click.option("--reduce", "reduce_method", metavar="METHOD",
+              help="For a LLaVA-1.5 model folder: reduce its visual tokens with setok, pool2d, random, tome, "
+                   "visionzip or prumerge (integrations/llava.py).")
+@click.option("--budget", type=click.IntRange(min=1), help="With --reduce: tokens per image (default: setok's "
+              "and prumerge's own count).")
 def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
-            batch_size, threads, data, pred_out, limit):
-    """Answer QUESTION about IMAGE (or every question of --data, an instruct JSON)."""
+            batch_size, threads, data, pred_out, limit, reduce_method, budget):
+    """Answer QUESTION about IMAGE (or every question of --data, an instruct JSON). --model is
+    a Setokim run, or a LLaVA-1.5 model folder (then --reduce picks a visual-token reducer)."""
     _need_inputs([image] if image is not None else [], data, "IMAGE \"QUESTION\"")
     if not data and (question is None or not question.strip()):
         raise UserError("empty question: give IMAGE \"QUESTION\"")
+    if _is_llava(model_path):
+        if data:
+            raise UserError("--data runs a Setokim model; for a LLaVA folder ask one IMAGE \"QUESTION\"")
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        from ..tasks.llava import ask_llava
+        click.echo(ask_llava(model_path, image, question, reduce=reduce_method, budget=budget,
+                             max_new_tokens=max_new_tokens))
+        return
+    if reduce_method or budget:
+        raise UserError("--reduce / --budget apply to a LLaVA-1.5 model folder; a Setokim reads SeTok tokens already")
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
     from ..images import load_image
     from ..tasks.setokim import ask, load_setokim
