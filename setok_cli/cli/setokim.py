@@ -69,6 +69,23 @@ def _run_file(model, task, data, pred_out, opts, batch_size, size, limit, **kw):
                f"--pred {pred_out})")
 
 
+def _prepare(image, text, empty_msg, data, out_dir, model_path, sampling):
+    """The shared start of the one-image commands (edit, segment, ask): inputs checked,
+    sampling set, the image read and the output folder made before the model loads.
+    -> (opts, image or None, model)."""
+    _need_inputs([image] if image is not None else [], data, "IMAGE")
+    if not data and (text is None or not text.strip()):
+        raise UserError(empty_msg)
+    opts = _setup(*sampling)
+    from ..files import ensure_dir
+    from ..images import load_image
+    from ..tasks.setokim import load_setokim
+    pic = None if data else load_image(image)
+    if not data and out_dir is not None:
+        ensure_dir(out_dir)
+    return opts, pic, load_setokim(model_path)
+
+
 def _need_inputs(args, data, what):
     if data and args:
         raise UserError(f"give {what} or --data, not both")
@@ -134,19 +151,12 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
              seed, batch_size, threads, data, pred_out, limit, out_dir, size):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
-    _need_inputs([image] if image is not None else [], data, "IMAGE")
-    if not data and (instruction is None or not instruction.strip()):
-        raise UserError("empty instruction: give --instruction \"...\"")
-    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
     import numpy as np
 
-    from ..files import ensure_dir
-    from ..images import load_image
-    from ..tasks.setokim import edit, load_setokim, save_png, side_by_side
-    src = None if data else load_image(image)
-    if not data:
-        ensure_dir(out_dir)
-    model = load_setokim(model_path)
+    from ..tasks.setokim import edit, save_png, side_by_side
+    opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
+                                model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
+                                             visual_temperature, seed))
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
     out = edit(model, [src], [instruction], opts, size)[0]
@@ -197,11 +207,9 @@ def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, vis
         return
     if reduce_method or budget:
         raise UserError("--reduce / --budget apply to a LLaVA-1.5 model folder; a Setokim reads SeTok tokens already")
-    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
-    from ..images import load_image
-    from ..tasks.setokim import ask, load_setokim
-    pic = None if data else load_image(image)
-    model = load_setokim(model_path)
+    from ..tasks.setokim import ask
+    opts, pic, model = _prepare(image, question, "empty question: give IMAGE \"QUESTION\"", data, None, model_path,
+                                (threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed))
     if data:
         return _run_file(model, "vqa", data, pred_out, opts, batch_size, None, limit)
     click.echo(ask(model, [pic], [question], opts)[0])
@@ -218,19 +226,11 @@ def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, vis
 def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
                 seed, batch_size, threads, data, pred_out, limit, out_dir, snap):
     """Segment what --query refers to in IMAGE; writes <stem>_mask.png and <stem>_overlay.png."""
-    _need_inputs([image] if image is not None else [], data, "IMAGE")
-    if not data and (query is None or not query.strip()):
-        raise UserError("empty query: give --query \"...\"")
-    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
     import numpy as np
 
-    from ..files import ensure_dir
-    from ..images import load_image
-    from ..tasks.setokim import load_setokim, overlay, save_png, segment
-    pic = None if data else load_image(image)
-    if not data:
-        ensure_dir(out_dir)
-    model = load_setokim(model_path)
+    from ..tasks.setokim import overlay, save_png, segment
+    opts, pic, model = _prepare(image, query, "empty query: give --query \"...\"", data, out_dir, model_path,
+                                (threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed))
     if data:
         return _run_file(model, "segment", data, pred_out, opts, batch_size, None, limit, snap_to_input=snap)
     res = segment(model, [pic], [query], opts, snap_to_input=snap)[0]

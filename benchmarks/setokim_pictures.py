@@ -1,0 +1,122 @@
+"""The README's Setokim pictures: questions and answers on the image, segment overlays, edits.
+
+    python benchmarks/setokim_pictures.py --model runs/tiny-stage3 --data data/shapes_seed1/test \
+        --out docs/stage3_tiny.png [--n 6]
+
+Row 1: the first N test images with one question each (cycling over the question types),
+the model's answer and the truth. Row 2: the first N referring expressions, the predicted
+mask over the image (red) and the true outline (green). Row 3: the first N edits, source |
+edited, with the instruction. Greedy, the same calls as `setok ask / segment / edit`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+CELL = 160          # pixels per image side in the picture
+TEXT_H = 54
+
+
+def _font(size=11):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _cell(image: np.ndarray, lines: list[str], width: int = CELL) -> Image.Image:
+    im = Image.fromarray(image).resize((width, round(image.shape[0] * width / image.shape[1])), Image.NEAREST)
+    out = Image.new("RGB", (width, im.height + TEXT_H), "white")
+    out.paste(im, (0, 0))
+    d = ImageDraw.Draw(out)
+    y = im.height + 2
+    for ln in lines:
+        for part in textwrap.wrap(ln, width=width // 6)[:2]:
+            d.text((3, y), part, fill="black", font=_font())
+            y += 12
+    return out
+
+
+def _row(cells: list[Image.Image], gap: int = 6) -> Image.Image:
+    w = sum(c.width for c in cells) + gap * (len(cells) - 1)
+    h = max(c.height for c in cells)
+    out = Image.new("RGB", (w, h), "white")
+    x = 0
+    for c in cells:
+        out.paste(c, (x, 0))
+        x += c.width + gap
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="a split folder of the shapes world (instruct/referring/edits.json)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=6)
+    ap.add_argument("--snap", action="store_true", help="segment with --snap")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    import torch
+
+    from setok_cli.data.formats import load
+    from setok_cli.images import load_image
+    from setok_cli.tasks.setokim import Sampling, ask, edit, load_setokim, overlay, segment, side_by_side
+    torch.set_num_threads(a.threads)
+    model = load_setokim(a.model)
+    opts = Sampling(max_new_tokens=8)
+    split = Path(a.data)
+    rows = []
+
+    inst = load(split / "instruct.json", "instruct")
+    types = sorted({e.get("type", "all") for e in inst})
+    picked, seen_images = [], set()
+    for e in inst:                       # one question per image, cycling over the types
+        want = types[len(picked) % len(types)]
+        if e["image"] not in seen_images and e.get("type") == want:
+            picked.append(e)
+            seen_images.add(e["image"])
+        if len(picked) == a.n:
+            break
+    qs = [e["conversations"][0]["value"].replace("<image>", "").strip() for e in picked]
+    answers = ask(model, [e["image"] for e in picked], qs, opts)
+    rows.append(_row([_cell(np.asarray(load_image(e["image"])), [f"Q: {q}", f"A: {ans}",
+                                                                 f"truth: {e['conversations'][1]['value']}"])
+                      for e, q, ans in zip(picked, qs, answers)]))
+
+    refs = load(split / "referring.json", "referring")[: a.n]
+    segs = segment(model, [r["image"] for r in refs], [r["expression"] for r in refs], opts, snap_to_input=a.snap)
+    cells = []
+    for r, s in zip(refs, segs):
+        img = np.asarray(load_image(r["image"]))
+        gt = np.asarray(Image.open(r["mask"]).convert("L")) > 127
+        pic = overlay(img, s.mask)
+        edge = gt & ~(np.roll(gt, 1, 0) & np.roll(gt, -1, 0) & np.roll(gt, 1, 1) & np.roll(gt, -1, 1))
+        pic[edge] = (40, 200, 40)
+        inter, union = (s.mask & gt).sum(), (s.mask | gt).sum()
+        cells.append(_cell(pic, [f"segment: {r['expression']}", f"IoU {inter / max(union, 1):.2f}"]))
+    rows.append(_row(cells))
+
+    eds = load(split / "edits.json", "edits")[: a.n // 2]
+    outs = edit(model, [e["source"] for e in eds], [e["instruction"] for e in eds], opts,
+                size=np.asarray(load_image(eds[0]["source"])).shape[0])
+    rows.append(_row([_cell(side_by_side(np.asarray(load_image(e["source"])), o), [e["instruction"]], 2 * CELL)
+                      for e, o in zip(eds, outs)]))
+
+    pic = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + 8 * len(rows)), "white")
+    y = 0
+    for r in rows:
+        pic.paste(r, (0, y))
+        y += r.height + 8
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    pic.save(a.out)
+    print(json.dumps({"out": a.out, "questions": len(picked), "segments": len(refs), "edits": len(eds)}))
+
+
+if __name__ == "__main__":
+    main()
