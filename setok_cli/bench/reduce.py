@@ -628,7 +628,7 @@ def plot(acc: dict, path, title: str = "VQA accuracy vs visual tokens per image 
     if plt is not None:  # pragma: no cover (matplotlib is optional)
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
         for m, pts in series.items():
-            pts = sorted(pts)
+            pts = sorted(pts, key=lambda p: p[0])
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=m,
                     color=[c / 255 for c in COLOURS.get(m, (0, 0, 0))])
         if full is not None:
@@ -693,7 +693,7 @@ def _plot_pil(series, full, title, buf) -> None:
         ly += 18
     for m, pts in series.items():
         c = COLOURS.get(m, (0, 0, 0))
-        pts = sorted(pts)
+        pts = sorted(pts, key=lambda p: p[0])
         coords = [px(p[0], p[1]) for p in pts]
         if len(coords) > 1:
             d.line(coords, fill=c, width=2)

@@ -15,14 +15,18 @@ them) are re-spliced to K_i per image, so a batch of images with different count
 
 Reducers (x: (B, N, D) patch features on an h x w grid; all batched, batch order kept):
 
-  setok      SeTok's clustering (models/clustering.py `cluster`, hard mode, then every
-             token one connected region as SeTok does), each cluster -> the mean of its
-             features (Table 9). The clustering sees x / s (s: the image's feature spread,
-             floor `feature_floor`) + 0.3 x 2-D sin-cos position embedding, as SeTok's
-             `clustering_features`, so the bandwidth (0.6) is in units of the image's own
-             spread and works for any tower. Count: the image's natural count, capped at
-             `budget` (max_tokens). With a stage-1 SeTok (`setok=`), its merger makes the
-             tokens instead (the tower width must be its encoder's).
+  setok      SeTok's clustering (models/clustering.py `cluster`), each cluster -> the mean
+             of its features (Table 9). The clustering sees x / s (s: the image's feature
+             spread, floor `feature_floor`) + 0.3 x 2-D sin-cos position embedding, as
+             SeTok's `clustering_features`, so the bandwidth (0.6) is in units of the
+             image's own spread and works for any tower. Without a budget: hard mode (the
+             scope loop, then every token one connected region, as SeTok does), the
+             image's natural count (at most max_tokens = 64). At a budget: fixed mode
+             (paper Table 5), the budget's highest density-peak scores seed as many
+             clusters, every patch to its nearest seed: exactly budget (fewer only when a
+             seed wins no patch, e.g. an image of fewer distinct patches). With a stage-1
+             SeTok (`setok=`), its own clustering and merger make the tokens instead (the
+             tower width must be its encoder's).
   pool2d     2-D average pooling of the grid to r x c = budget cells (r <= c, the most
              square factorisation that fits the grid). Exactly budget.
   random     budget patches drawn without replacement (seeded), raster order kept. Exactly budget.
@@ -142,10 +146,12 @@ def cluster_mean_tokens(x: Tensor, labels: Tensor, num_tokens: Tensor) -> list[T
     return _rows(tot / cnt.clamp(min=1).unsqueeze(-1), num_tokens)
 
 
-def setok_clusters(x: Tensor, grid: tuple[int, int], max_tokens: int, *, k: int = 8, bandwidth: float = 0.6,
-                   pos_weight: float = 0.3, feature_floor: float = 1e-6, connectivity: int = 4, min_region: int = 3):
+def setok_clusters(x: Tensor, grid: tuple[int, int], max_tokens: int, *, mode: str = "hard", k: int = 8,
+                   bandwidth: float = 0.6, pos_weight: float = 0.3, feature_floor: float = 1e-6,
+                   connectivity: int = 4, min_region: int = 3):
     """SeTok's clustering of arbitrary tower features (the normalisation of
-    `SeTok.clustering_features`, the hard scope loop, connected tokens). -> Clusters."""
+    `SeTok.clustering_features`; hard: the scope loop then connected tokens, at most
+    max_tokens; fixed: the max_tokens best density-peak seeds). -> Clusters."""
     from ..models.clustering import cluster, split_connected
     from ..models.position import sincos_2d
     from ..models.setok import _masked_spread
@@ -157,8 +163,8 @@ def setok_clusters(x: Tensor, grid: tuple[int, int], max_tokens: int, *, k: int 
     z = z / _masked_spread(z, valid).clamp_min(feature_floor).view(B, 1, 1)
     if pos_weight:
         z = z + pos_weight * sincos_2d(D, h, w, device=x.device).view(1, N, D)
-    c = cluster(z, "hard", k=k, bandwidth=bandwidth, max_tokens=max_tokens, valid=valid)
-    if connectivity:
+    c = cluster(z, mode, k=k, bandwidth=bandwidth, max_tokens=max_tokens, valid=valid)
+    if connectivity and mode == "hard":
         c = split_connected(c, z, grid, valid, max_tokens, min_region, connectivity)
     return c
 
@@ -303,18 +309,19 @@ def reduce_features(x: Tensor, method: str, budget: Optional[int] = None, *, gri
         if enc_dim != D:
             raise UserError(f"the stage-1 SeTok reads {enc_dim}-wide features, the tower gives {D}")
         with torch.no_grad():
-            return _setok_merger(setok, x, grid, cap)
-    c = setok_clusters(x, grid, max(cap, 2))
+            return _setok_merger(setok, x, grid, cap, "hard" if budget is None else "fixed")
+    c = setok_clusters(x, grid, max(cap, 2), mode="hard" if budget is None else "fixed")
     return cluster_mean_tokens(x, c.labels, c.num_tokens)
 
 
-def _setok_merger(setok: nn.Module, x: Tensor, grid: tuple[int, int], cap: int) -> list[Tensor]:
-    """A stage-1 SeTok's own clustering and merger on the tower features, at most cap tokens."""
+def _setok_merger(setok: nn.Module, x: Tensor, grid: tuple[int, int], cap: int, mode: str) -> list[Tensor]:
+    """A stage-1 SeTok's own clustering (in `mode`) and merger on the tower features."""
     import dataclasses
 
     B, N, D = x.shape
     old = setok.config
-    setok.config = dataclasses.replace(old, max_tokens=min(old.max_tokens, max(cap, 2)))
+    cap = max(cap, 2) if mode == "fixed" else min(old.max_tokens, max(cap, 2))
+    setok.config = dataclasses.replace(old, max_tokens=cap, mode=mode)
     try:
         out = setok(None, features=x.reshape(B, grid[0], grid[1], D))
     finally:
@@ -329,20 +336,24 @@ class BuiltinTower(nn.Module):
     hidden_states (B, 1 + N, D), D = 16 + position_channels.
 
     A ViT adds a position embedding to its patches; the builtin encoder has none, so the
-    tower appends a 2-D sin-cos embedding (`position_channels` wide, 0: none), which lets a
-    pooled or averaged token still say where it came from. Slot 0 is a CLS stand-in (the
+    tower appends a 2-D sin-cos embedding (`position_channels` wide, 0: none) times
+    `position_weight`, which lets a pooled or averaged token still say where it came from.
+    The weight (0.2) keeps it small next to the appearance channels, as a ViT's content
+    outweighs its position embedding: at 1.0 the clustering would cut flat regions into
+    position cells (SeTok's natural count on the synthetic world: ~31 instead of ~5). Slot 0 is a CLS stand-in (the
     mean patch), cut by the "default" feature-select strategy. There is no attention:
     reducers that need one use `IMPORTANCE_SUBSTITUTE`."""
 
     has_cls_attention = False
 
-    def __init__(self, image_size: int = 336, position_channels: int = 32):
+    def __init__(self, image_size: int = 336, position_channels: int = 32, position_weight: float = 0.2):
         super().__init__()
         from ..models.builtin_encoder import BuiltinEncoder
 
         self.encoder = BuiltinEncoder(image_size=image_size)
         self.patch_size = self.encoder.patch_size
         self.position_channels = int(position_channels)
+        self.position_weight = float(position_weight)
         self.hidden_size = self.encoder.hidden_size + self.position_channels
 
     def patch_features(self, pixel_values: Tensor) -> Tensor:
@@ -352,7 +363,7 @@ class BuiltinTower(nn.Module):
         f = self.encoder(pixel_values)  # (B, h, w, 16)
         B, h, w, _ = f.shape
         if self.position_channels:
-            pe = sincos_2d(self.position_channels, h, w, device=f.device).expand(B, h, w, -1)
+            pe = self.position_weight * sincos_2d(self.position_channels, h, w, device=f.device).expand(B, h, w, -1)
             f = torch.cat([f, pe], -1)
         return f.reshape(B, h * w, -1)
 
