@@ -222,15 +222,17 @@ def time_to_first_token(model, pixels: Tensor, method: Optional[str], budget: Op
     return {"ttft_ms": ms, "ttft_ms_all": [round(t, 2) for t in all_ms], "tokens": count}
 
 
-def reducer_times(feats: Tensor, methods: Sequence[str], budgets: Sequence[int], repeats: int) -> list[dict]:
-    """Each reducer's own time on one image's features (1, N, D), median over repeats."""
+def reducer_times(feats: Tensor, methods: Sequence[str], budgets: Sequence[Optional[int]], repeats: int) -> list[dict]:
+    """Each reducer's own time on one image's features (1, N, D), median over repeats; budget
+    None: the natural count (setok, prumerge only)."""
     rows = []
     for m in methods:
         for b in budgets:
-            if b >= feats.shape[1] and m != "setok":
+            if (b is None and m not in ("setok", "prumerge")) or (b is not None and b >= feats.shape[1]):
                 continue
             ms, _ = _median_ms(lambda: reduce_features(feats, m, b), repeats)
-            rows.append({"method": m, "budget": b, "D": int(feats.shape[-1]), "reducer_ms": ms})
+            k = int(reduce_features(feats, m, b)[0].shape[0])
+            rows.append({"method": m, "budget": b, "D": int(feats.shape[-1]), "tokens": k, "reducer_ms": ms})
     return rows
 
 
@@ -271,8 +273,8 @@ def cost_table(layers: int = 2, repeats: int = 3, budgets: Sequence[int] = BUDGE
     probe = (photos or list(world_images))[:1]
     f1 = tower_features(tower, probe)
     say("reducer times")
-    red = reducer_times(f1, methods, [b for b in budgets if b < FULL], repeats) + \
-        reducer_times(_widen(f1), methods, [b for b in budgets if b < FULL], repeats)
+    rb = [None] + [b for b in budgets if b < FULL]
+    red = reducer_times(f1, methods, rb, repeats) + reducer_times(_widen(f1), methods, rb, repeats)
     tower_ms, _ = _median_ms(lambda: tower(load_pixels(probe)), repeats)
     # end to end, per image group: 576 against SeTok's natural count
     goal = []
@@ -293,6 +295,13 @@ def cost_table(layers: int = 2, repeats: int = 3, budgets: Sequence[int] = BUDGE
                      "flops_ratio": fl_full / fl_red, "ttft_576_ms": t_full, "ttft_setok_ms": t_red,
                      "ttft_ratio": t_full / t_red, "ttft_images": len(full),
                      "flops_goal_met": fl_full / fl_red >= 5.0, "ttft_goal_met": t_full / t_red >= 4.0})
+    # the reducer's time next to the prefill it saves at the count it gives (a count not
+    # measured above, e.g. prumerge's natural one, is measured now)
+    for r in red:
+        k = r["tokens"]
+        if k not in by_k and FULL in by_k:
+            by_k[k] = measure_prefill(model, k + TEXT_TOKENS, repeats)
+        r["prefill_saved_ms"] = by_k[FULL]["prefill_ms"] - by_k[k]["prefill_ms"] if FULL in by_k else None
     tc = model.config.text_config
     out = {"config": {"name": "LLaVA-1.5-7B-shaped" if shaped else "given model", "hidden_size": tc.hidden_size,
                       "intermediate_size": tc.intermediate_size, "heads": tc.num_attention_heads,
@@ -303,27 +312,46 @@ def cost_table(layers: int = 2, repeats: int = 3, budgets: Sequence[int] = BUDGE
            "importance": IMPORTANCE_SUBSTITUTE, "real_model": None}
     del model
     if model_folder:
-        out["real_model"] = real_model_cost(model_folder, counts, repeats, say)
+        out["real_model"] = real_model_cost(model_folder, counts, repeats, say, photos)
     else:
         out["real_model"] = {"skipped": "no --model LLAVA_FOLDER given (a local LLaVA-1.5-7B folder)"}
-    # the reducer's time next to the prefill it saves (setok: at its natural counts' median)
-    nat_all = [k for v in natural.values() for k in v]
-    for r in red:
-        k = r["budget"] if r["method"] != "setok" else min(r["budget"], int(statistics.median(nat_all)))
-        if FULL in by_k and k in by_k:
-            r["prefill_saved_ms"] = by_k[FULL]["prefill_ms"] - by_k[k]["prefill_ms"]
     return out
 
 
-def real_model_cost(folder: str, counts: Sequence[int], repeats: int, say) -> dict:
-    """Prefill cost of a local LLaVA-1.5 folder (bf16 on CPU), and its natural SeTok counts
-    on the real photos with its own tower (CLIP: real CLS attention)."""
-    from ..tasks.llava import load_llava
+def real_model_cost(folder: str, counts: Sequence[int], repeats: int, say=None,
+                    photos: Optional[Sequence[str]] = None, dtype=torch.bfloat16) -> dict:
+    """A local LLaVA-1.5 folder (bf16 on CPU): prefill at each token count, SeTok's natural
+    count on the real photos through its own tower (CLIP: the real CLS attention for the
+    importance-based reducers), and the end-to-end time to first token of a one-photo
+    question (the processor's prompt, `generate` of one token) unpatched against setok."""
+    from ..integrations.llava import reduce_visual_tokens, restore_visual_tokens
+    from ..tasks.llava import llava_prompt, load_llava
+    from ..images import load_image
 
+    say = say or (lambda s: None)
     say(f"loading {folder}")
-    model, processor = load_llava(folder, dtype=torch.bfloat16)
+    model, processor = load_llava(folder, dtype=dtype)
+    photos = list(photo_paths() if photos is None else photos)
     rows = [{"visual_tokens": K, **measure_prefill(model, K + TEXT_TOKENS, repeats)} for K in counts]
-    return {"folder": str(folder), "dtype": "bfloat16", "prefill": rows}
+    ttft = []
+    for p in photos:
+        inputs = processor(images=load_image(p), text=llava_prompt(processor, "What is in the image?"),
+                           return_tensors="pt")
+
+        def run():
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+        full_ms, _ = _median_ms(run, repeats)
+        reduce_visual_tokens(model, "setok")
+        try:
+            red_ms, _ = _median_ms(run, repeats)
+            k = model.visual_token_reducer["counts"][0]
+        finally:
+            restore_visual_tokens(model)
+        ttft.append({"image": Path(p).name, "setok_tokens": k, "ttft_full_ms": full_ms, "ttft_setok_ms": red_ms,
+                     "ttft_ratio": full_ms / red_ms})
+    return {"folder": str(folder), "dtype": str(dtype).replace("torch.", ""), "prefill": rows, "photos": ttft}
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -673,13 +701,14 @@ def _plot_pil(series, full, title, buf) -> None:
         x, _ = px(t, y0)
         d.line([x, H - B, x, H - B + 5], fill="black")
         d.text((x - 8, H - B + 8), str(t), fill="black")
-    steps = 10
-    for i in range(steps + 1):
-        y = y0 + (y1 - y0) * i / steps
+    step = 0.02 if y1 - y0 <= 0.2 else 0.05  # gridlines at whole percents
+    y = math.ceil(y0 / step - 1e-9) * step
+    while y <= y1 + 1e-9:
         _, yy = px(1, y)
         d.line([L - 5, yy, L, yy], fill="black")
         d.line([L, yy, W - R, yy], fill=(235, 235, 235))
         d.text((L - 40, yy - 6), f"{100 * y:.0f}%", fill="black")
+        y += step
     d.rectangle([L, T, W - R, H - B], outline="black")
     d.text((L, 12), title, fill="black")
     d.text(((W - R + L) // 2 - 90, H - 25), "visual tokens per image (mean, log scale)", fill="black")
@@ -688,6 +717,8 @@ def _plot_pil(series, full, title, buf) -> None:
         _, yy = px(1, full["accuracy"])
         for xx in range(L, W - R, 12):
             d.line([xx, yy, min(xx + 6, W - R), yy], fill="black", width=2)
+        x, _ = px(FULL, full["accuracy"])
+        d.ellipse([x - 4, yy - 4, x + 4, yy + 4], fill="black")
         d.line([W - R + 10, ly + 6, W - R + 30, ly + 6], fill="black", width=2)
         d.text((W - R + 35, ly), "all 576 tokens", fill="black")
         ly += 18

@@ -164,12 +164,12 @@ def print_tables(result: dict, console) -> None:
         console.print(t)
         t = Table(title=f"Reducers' own time on one image's 576 tower features (median ms); the tower "
                         f"itself: {c['tower_ms']:.1f} ms")
-        for col in ["method", "budget", "D", "reducer ms", "prefill saved ms (vs 576)"]:
+        for col in ["method", "budget", "tokens", "D", "reducer ms", "prefill saved ms (vs 576)"]:
             t.add_column(col, justify="left" if col == "method" else "right")
         for r in c["reducers"]:
             saved = r.get("prefill_saved_ms")
-            t.add_row(r["method"], str(r["budget"]), str(r["D"]), f"{r['reducer_ms']:.2f}",
-                      "-" if saved is None else f"{saved:.1f}")
+            t.add_row(r["method"], "natural" if r["budget"] is None else str(r["budget"]), str(r["tokens"]),
+                      str(r["D"]), f"{r['reducer_ms']:.2f}", "-" if saved is None else f"{saved:.1f}")
         console.print(t)
         for gr in c["goal"]:
             console.print(f"{gr['images']}: setok {gr['setok_tokens_median']:g} tokens (median of "
@@ -180,3 +180,9 @@ def print_tables(result: dict, console) -> None:
         rm = c.get("real_model") or {}
         if "skipped" in rm:
             console.print(f"real LLaVA-1.5-7B: skipped ({rm['skipped']})")
+        elif rm:
+            ks = "  ".join(f"{r['visual_tokens']}: {r['prefill_ms']:.0f} ms" for r in rm["prefill"])
+            console.print(f"{rm['folder']} ({rm['dtype']}) prefill by visual tokens: {ks}")
+            for ph in rm["photos"]:
+                console.print(f"  {ph['image']}: setok {ph['setok_tokens']} tokens, time to first token "
+                              f"{ph['ttft_full_ms']:.0f} -> {ph['ttft_setok_ms']:.0f} ms (/ {ph['ttft_ratio']:.1f})")

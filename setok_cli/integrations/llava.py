@@ -200,12 +200,11 @@ def _tome(x: Tensor, budget: int) -> list[Tensor]:
         order = best.argsort(-1, descending=True)
         src, keep = order[:, :r], order[:, r:]
         dst = dst.gather(1, src)
-        Da = D
         # size-weighted averages: sums of x * size and of size, then one division
         wa, wb = a * sa, b * sb
-        wb = wb.scatter_add(1, dst.unsqueeze(-1).expand(B, r, Da), wa.gather(1, src.unsqueeze(-1).expand(B, r, Da)))
+        wb = wb.scatter_add(1, dst.unsqueeze(-1).expand(B, r, D), wa.gather(1, src.unsqueeze(-1).expand(B, r, D)))
         sb = sb.scatter_add(1, dst.unsqueeze(-1), sa.gather(1, src.unsqueeze(-1)))
-        keep_x = wa.gather(1, keep.unsqueeze(-1).expand(B, keep.shape[1], Da))
+        keep_x = wa.gather(1, keep.unsqueeze(-1).expand(B, keep.shape[1], D))
         keep_s = sa.gather(1, keep.unsqueeze(-1))
         size = torch.cat([keep_s, sb], 1)
         xs = torch.cat([keep_x, wb], 1) / size
@@ -223,8 +222,6 @@ def _visionzip(x: Tensor, budget: int, importance: Tensor) -> list[Tensor]:
     dominant = x.gather(1, dom_idx.unsqueeze(-1).expand(B, d, D))
     xr = x.gather(1, rest.unsqueeze(-1).expand(B, R, D))
     tpos = torch.linspace(0, R - 1, c, device=x.device).round().long()  # uniformly spaced targets
-    is_t = torch.zeros(R, dtype=torch.bool, device=x.device)
-    is_t[tpos] = True
     targets = xr[:, tpos]  # (B, c, D)
     near = _cosine(xr, targets).argmax(-1)  # (B, R)
     near[:, tpos] = torch.arange(c, device=x.device)  # a target belongs to itself
@@ -262,7 +259,7 @@ def _prumerge(x: Tensor, budget: Optional[int], importance: Tensor, knn: int = 8
     kept = x.gather(1, idx.unsqueeze(-1).expand(B, K, D))
     k = min(knn, N)
     nb = _cosine(kept, x).topk(k, dim=-1).indices  # (B, K, k) nearest patches, itself included
-    w = imp.unsqueeze(1).expand(B, K, N).gather(2, nb)  # importance weights
+    w = imp.unsqueeze(1).expand(B, K, N).gather(2, nb).clamp_min(1e-12)  # importance weights (flat image: equal)
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
     nbx = x.unsqueeze(1).expand(B, K, N, D).gather(2, nb.unsqueeze(-1).expand(B, K, k, D))
     merged = (w.unsqueeze(-1).to(x.dtype) * nbx).sum(2)

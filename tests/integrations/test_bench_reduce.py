@@ -108,3 +108,13 @@ def test_cli_accuracy_only_json(tiny_world, tmp_path, monkeypatch):
     res = json.loads(r.output.strip().splitlines()[-1])
     assert [x["method"] for x in res["accuracy"]["runs"]] == ["full", "pool2d", "pool2d"]
     assert (tmp_path / "res" / "bench_reduce.json").is_file() and (tmp_path / "p.png").is_file()
+
+
+def test_real_model_cost_on_a_local_llava_folder(tmp_path, chelsea_path):
+    from test_llava_reduce import _save_tiny_llava
+
+    folder = _save_tiny_llava(tmp_path / "llava")
+    out = R.real_model_cost(str(folder), [4, 16], repeats=1, photos=[chelsea_path], dtype=torch.float32)
+    assert [r["visual_tokens"] for r in out["prefill"]] == [4, 16]
+    ph = out["photos"][0]
+    assert ph["image"] == "chelsea.png" and 1 <= ph["setok_tokens"] <= 16 and ph["ttft_full_ms"] > 0

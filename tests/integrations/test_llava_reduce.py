@@ -60,6 +60,14 @@ def test_prumerge_natural_count_is_the_outliers():
     assert [t.shape[0] for t in out] == [3, 1]
 
 
+def test_flat_image_reduces_to_its_value():
+    x = torch.full((2, 36, 4), 3.0)
+    for m in METHODS:
+        for t in reduce_features(x, m, None if m in ("setok", "prumerge") else 4):
+            assert torch.allclose(t, torch.full_like(t, 3.0)), m
+    assert [t.shape[0] for t in reduce_features(x, "setok")] == [1, 1]  # a blank image is one token
+
+
 def test_identity_at_full_budget():
     x = _blobs()
     assert torch.equal(torch.stack(reduce_features(x, "random", 36)), x)
