@@ -29,6 +29,7 @@ def run(stage2_world, tmp_path_factory):
                 "--set", f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}}}, "
                          f"{{task: generate, path: {tr / 'pairs.json'}}}, {{task: edit, path: {tr / 'edits.json'}}}]",
                 "--set", "data.image_size=32", "--set", "data.batch_size=6", "--set", "train.max_steps=6",
+                "--set", "data.vocab_files=[]",
                 "--set", "train.checkpoint_every=6", "--set", "train.progress=false", "--set", "train.threads=1",
                 "--set", "model.setokim.max_visual_tokens=4"])
     assert res.exit_code == 0, res.output

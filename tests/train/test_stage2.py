@@ -23,7 +23,7 @@ def _recipe(stage2_world, out, *extra):
         f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}, weight: 1.0}}, "
         f"{{task: generate, path: {tr / 'pairs.json'}, weight: 0.5}}, "
         f"{{task: edit, path: {tr / 'edits.json'}, weight: 1.0}}]",
-        "data.image_size=32", "data.batch_size=6", "train.log_every=1", "train.progress=false",
+        "data.image_size=32", "data.batch_size=6", "train.log_every=1", "train.progress=false", "data.vocab_files=[]",
         "train.threads=1", "optim.warmup_steps=2", "optim.lr=3e-3", *extra])
 
 
@@ -128,6 +128,7 @@ def test_ddp_two_processes_train_stage2(stage2_world, tmp_path):
            "--set", f"data.mixture=[{{task: caption, path: {tr / 'pairs.json'}}}, "
                     f"{{task: edit, path: {tr / 'edits.json'}}}]",
            "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "train.max_steps=4",
+           "--set", "data.vocab_files=[]",
            "--set", "train.checkpoint_every=4", "--set", "train.progress=false", "--set", "train.threads=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
