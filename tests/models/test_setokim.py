@@ -19,14 +19,7 @@ TEXTS = ["A red circle and two blue squares.", "There are three objects in the i
          "Make the red circle blue.", "Describe the image briefly.", "Generate an image: a red circle."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds sync cost (on a loaded
-    2-core machine a 96 x 32 matmul took 300 ms with 2 threads, 2 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

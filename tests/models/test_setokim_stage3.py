@@ -15,12 +15,7 @@ TEXTS = ["A red circle.", "Describe the image briefly.", "How many objects are t
          "What color is the circle?", "red", "Segment the red circle."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
