@@ -88,16 +88,27 @@ def nearest_seed_clusters(x: Tensor, score: Tensor, num_seeds: Tensor, bandwidth
     """Seeds = the num_seeds[b] best scores of image b; every patch to its nearest seed.
 
     Hard 0/1 masks with the gradient of softmax_s(-ln2 * d2(n, s) / bandwidth^2)
-    (straight-through); a seed that wins no patch (a duplicate) is dropped."""
+    (straight-through). Every seed keeps at least its own patch (a duplicate feature
+    included), so an image gets exactly num_seeds[b] tokens."""
     B, N, D = x.shape
     S = max(int(num_seeds.max().item()), 1)
     order = torch.argsort(score, dim=1, descending=True, stable=True)[:, :S]  # (B, S)
     seed_ok = torch.arange(S, device=x.device).view(1, S) < num_seeds.view(B, 1)
     xf = x.float()
-    xs = xf.gather(1, order.unsqueeze(-1).expand(B, S, D))  # (B, S, D)
-    d2 = (xf.unsqueeze(2) - xs.unsqueeze(1)).square().sum(-1) / D  # (B, N, S)
+    # |x - s|^2 = |x|^2 + |s|^2 - 2 x.s: one batched matmul (the (B, N, S, D) difference
+    # tensor took 0.4 s and 150 MB per image at N = 576, S = 64, D = 1024), on features
+    # centred per image (less cancellation); a seed's distance to itself is exactly 0, so
+    # every seed keeps its own patch and a budget of S seeds gives S tokens
+    xc = xf - xf.mean(1, keepdim=True)
+    cs = xc.gather(1, order.unsqueeze(-1).expand(B, S, D))  # (B, S, D)
+    d2 = torch.baddbmm(xc.square().sum(-1, keepdim=True) + cs.square().sum(-1).unsqueeze(1),
+                       xc, cs.transpose(1, 2), alpha=-2.0).clamp_min(0.0) / D  # (B, N, S)
+    d2 = d2.scatter(1, order.unsqueeze(1), torch.zeros(B, 1, S, dtype=d2.dtype, device=d2.device))
     d2 = d2.masked_fill(~seed_ok.unsqueeze(1), math.inf)
     nearest = d2.detach().argmin(-1)  # (B, N), first minimum
+    # a seed's patch is its own (also when an earlier seed has the very same feature)
+    own = torch.arange(S, device=x.device).view(1, S).expand(B, S)
+    nearest = nearest.scatter(1, order, torch.where(seed_ok, own, nearest.gather(1, order)))
     onehot = torch.nn.functional.one_hot(nearest, S).to(xf.dtype)  # (B, N, S)
     logits = -math.log(2.0) * d2 / (bandwidth * bandwidth)
     # an image with no seed (no valid patch) has a row of -inf, whose softmax is NaN

@@ -178,3 +178,23 @@ def test_split_connected_separates_far_apart_twins():
     # max_tokens 2: no room for the second piece, it joins the nearest neighbouring token
     s = split_connected(c, x, (h, w), torch.ones(1, h * w, dtype=torch.bool), 2, 3, 4)
     assert int(s.num_tokens[0]) == 2
+
+
+def test_fixed_mode_nearest_seed_equals_the_difference_formula():
+    """The matmul distances of `nearest_seed_clusters` assign every patch as the plain
+    (x - s)^2 sum does, far from the origin too, and duplicate features still give exactly
+    the budget's number of tokens (each seed keeps its own patch)."""
+    from setok_cli.models.clustering import nearest_seed_clusters, seed_scores
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 16, generator=g) + torch.tensor([0.0, 500.0]).view(2, 1, 1)
+    valid = torch.ones(2, 64, dtype=torch.bool)
+    score = seed_scores(x, 8, valid)
+    c = nearest_seed_clusters(x, score, torch.tensor([12, 12]), 0.6, valid)
+    seeds = x.gather(1, c.seeds.clamp(min=0).unsqueeze(-1).expand(-1, -1, 16))
+    ref = (x.unsqueeze(2) - seeds.unsqueeze(1)).square().sum(-1).argmin(-1)       # (B, N)
+    assert torch.equal(c.labels, ref) and c.num_tokens.tolist() == [12, 12]
+    dup = torch.zeros(1, 36, 4)
+    dup[0, 18:] = 1.0                                    # two flat halves: many equal features
+    full = nearest_seed_clusters(dup, seed_scores(dup, 4, valid[:1, :36]), torch.tensor([36]), 0.6,
+                                 valid[:1, :36])
+    assert full.num_tokens.tolist() == [36] and sorted(full.seeds[0].tolist()) == list(range(36))
