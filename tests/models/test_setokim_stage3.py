@@ -97,6 +97,38 @@ def test_lora_save_load_and_sizes(folders, tmp_path):
         Setokim.from_pretrained(tmp_path / "ck")
 
 
+def test_modules_to_save_train_in_full_save_load_and_merge(folders, tmp_path):
+    """lora.modules_to_save: embed_tokens / lm_head trained as full copies beside the adapters;
+    lm/ keeps the original rows, adapter/ the copies, and the merged LM uses the copies."""
+    m = make(folders).eval()
+    b = sample_batch(m)
+    emb0 = m.lm.get_input_embeddings().weight.detach().clone()
+    m.add_lora({"r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]})
+    trained = [n for n, p in m.lm.named_parameters() if ".modules_to_save." in n]
+    assert len(trained) == 2 and all(p.requires_grad for n, p in m.lm.named_parameters() if n in trained)
+    with torch.no_grad():                                    # "train" the copies: the word rows move
+        for n, p in m.lm.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    _randomize_lora_b(m)
+    ref = m(**b).loss.item()
+    V, H, I, r = emb0.shape[0], 32, 64, 4
+    per_layer = 4 * r * (H + H) + 2 * r * (H + I) + r * (I + H)
+    assert m.adapter_size()["parameters"] == 2 * per_layer + 2 * V * H
+    m.save_pretrained(tmp_path / "ck")
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "lm")
+    assert not any("original_module" in n or "modules_to_save" in n for n in plain.state_dict())
+    assert torch.equal(plain.get_input_embeddings().weight, emb0)     # the base keeps the stage-2 rows
+    m2 = Setokim.from_pretrained(tmp_path / "ck").eval()
+    assert m2(**b).loss.item() == pytest.approx(ref, abs=1e-6)       # the copies came back
+    m2.merge_lora()
+    assert m2(**b).loss.item() == pytest.approx(ref, abs=1e-5)
+    assert not torch.equal(m2.lm.get_input_embeddings().weight, emb0)
+    with pytest.raises(UserError, match="modules_to_save"):
+        make(folders).add_lora({"r": 2, "modules_to_save": ["word_table"]})
+
+
 def test_lora_bad_arguments(folders):
     m = make(folders)
     with pytest.raises(UserError, match="not linear layers"):

@@ -69,11 +69,17 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 class LoraSpec:
     """LoRA on the LM (stage III, `peft`): W + (alpha / r) B A on `target_modules` (names of
     the LM's linear layers; every linear of a Llama block by default, as LLaVA-1.5's
-    `--lora_enable`). The paper names no rank; LLaVA-1.5 uses r 128, alpha 256."""
+    `--lora_enable`). The paper names no rank; LLaVA-1.5 uses r 128, alpha 256.
+
+    modules_to_save: LM modules trained in full beside the adapters (peft's option of that
+    name), e.g. `[embed_tokens, lm_head]` where stage III's text uses words whose rows stage II
+    never trained (a word-level tokenizer learnt from scratch: "yes", "no" and the question
+    words only occur in stage III). A pretrained LM (Vicuna) knows its words and needs none."""
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list = field(default_factory=lambda: list(LLAMA_LINEARS))
+    modules_to_save: list = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("r", "alpha"):
@@ -84,11 +90,16 @@ class LoraSpec:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise UserError(f"lora.target_modules must list module names, got {self.target_modules!r}")
+        if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(t, str) and t for t in self.modules_to_save):
+            raise UserError(f"lora.modules_to_save must list module names, got {self.modules_to_save!r}")
+        self.modules_to_save = list(self.modules_to_save)
 
     def peft_config(self):
         from peft import LoraConfig
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=float(self.dropout),
-                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+                          modules_to_save=list(self.modules_to_save) or None)
 
 
 @dataclass

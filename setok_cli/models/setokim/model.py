@@ -25,6 +25,23 @@ __all__ = ["Setokim", "SetokimOutput", "parameter_table", "is_peft", "ADAPTER_DI
 ADAPTER_DIR = "adapter"
 
 
+def is_adapter_param(name: str) -> bool:
+    """A parameter stage III adds to the LM: a LoRA factor or a peft `modules_to_save` copy."""
+    return "lora_" in name or ".modules_to_save." in name
+
+
+def _base_state_dict(lm) -> dict:
+    """The base LM's state dict under its plain names: LoRA's `base_layer` and
+    modules_to_save's `original_module` weights (both unchanged by stage III), without the
+    adapters and the trained copies (those are in adapter/)."""
+    out = {}
+    for k, v in lm.state_dict().items():
+        if is_adapter_param(k):
+            continue
+        out[k.replace(".base_layer.", ".").replace(".original_module.", ".")] = v
+    return out
+
+
 def is_peft(module) -> bool:
     try:
         from peft import PeftModel
@@ -181,6 +198,11 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         if missing:
             raise UserError(f"lora.target_modules {missing} are not linear layers of the LM "
                             f"(it has {', '.join(sorted(names))})")
+        leaves = {n.rsplit(".", 1)[-1] for n, _ in self.lm.named_modules()}
+        missing = [t for t in spec.modules_to_save if t not in leaves]
+        if missing:
+            raise UserError(f"lora.modules_to_save {missing} are not modules of the LM "
+                            f"(e.g. embed_tokens, lm_head)")
         import warnings
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)     # peft's own call of a renamed transformers API
@@ -199,8 +221,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         return self
 
     def adapter_size(self) -> dict:
-        """{"parameters": n, "bytes": n * itemsize} of the LoRA adapters (0 without)."""
-        ps = [p for n, p in self.lm.named_parameters() if "lora_" in n]
+        """{"parameters": n, "bytes": n * itemsize} of what adapter/ holds: the LoRA factors and
+        the trained copies of `modules_to_save` (0 without adapters)."""
+        ps = [p for n, p in self.lm.named_parameters() if is_adapter_param(n)]
         return {"parameters": sum(p.numel() for p in ps), "bytes": sum(p.numel() * p.element_size() for p in ps)}
 
     # ---- saving ------------------------------------------------------------------------
@@ -217,11 +240,10 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         with quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)     # peft's own call of a renamed transformers API
             if self.has_lora:
-                # lm/ holds the base LM as a plain folder (the adapters' base_layer weights,
-                # unchanged by stage III), adapter/ the adapters (peft's own format)
+                # lm/ holds the base LM as a plain folder (unchanged by stage III), adapter/
+                # the adapters and trained module copies (peft's own format)
                 base = self.lm.get_base_model()
-                sd = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-                base.save_pretrained(d / "lm", state_dict=sd)
+                base.save_pretrained(d / "lm", state_dict=_base_state_dict(base))
                 self.lm.save_pretrained(d / ADAPTER_DIR)
             else:
                 self.lm.save_pretrained(d / "lm")
@@ -411,8 +433,8 @@ def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:
     head = f"visual_head ({model.config.visual_head})"
     lm_rows = [("lm", model.lm)]
     if model.has_lora:
-        ps = [p for n, p in model.lm.named_parameters() if "lora_" in n]
-        base = [p for n, p in model.lm.named_parameters() if "lora_" not in n]
+        ps = [p for n, p in model.lm.named_parameters() if is_adapter_param(n)]
+        base = [p for n, p in model.lm.named_parameters() if not is_adapter_param(n)]
         rows += [("lm (base)", sum(p.numel() for p in base), sum(p.numel() for p in base if p.requires_grad)),
                  ("lm (LoRA adapters)", sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))]
         lm_rows = []
