@@ -22,13 +22,20 @@ def test_only_adapters_projector_and_heads_change(stage3_runs):
     before = Setokim.from_pretrained(stage3_runs["stage2"])
     after = Setokim.from_pretrained(stage3_runs["stage3"])
     assert after.has_lora and not before.has_lora
-    base_after = {k.replace(".base_layer.", "."): v for k, v in after.lm.get_base_model().state_dict().items()
-                  if "lora_" not in k}
+    from setok_cli.models.setokim.model import _base_state_dict
+    base_after = _base_state_dict(after.lm.get_base_model())
     base_before = _flat(before.lm)
     assert base_after.keys() == base_before.keys()
     assert all(torch.equal(base_after[k], base_before[k]) for k in base_before)        # the base LM is frozen
     lora_b = [v for k, v in after.lm.state_dict().items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)                  # every adapter trained
+    # lora.modules_to_save: the word tables train as copies beside the frozen originals
+    sd = after.lm.get_base_model().state_dict()
+    copies = {k: v for k, v in sd.items() if ".modules_to_save." in k}
+    assert len(copies) == 2
+    for k, v in copies.items():
+        orig = sd[k.replace(".modules_to_save.default.", ".original_module.")]
+        assert not torch.equal(v, orig), k
     for part in ("setok", "mask_decoder", "detokenizer"):                              # stage 1 frozen
         a, b = _flat(getattr(after, part)), _flat(getattr(before, part))
         assert all(torch.equal(a[k], b[k]) for k in a), part
@@ -75,13 +82,15 @@ def test_stage3_recipe_errors_and_dry_run(stage3_runs, tmp_path):
         build_stage3_model(r)
     # the tiny recipe sized on meta from the stage-2 run's config: the adapters are what trains in the LM
     r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
-                                                        "model.lora={r: 8, alpha: 16}"])
+                                                        "model.lora.r=8", "model.lora.alpha=16"])
     model, report = meta_model(r)
     select_trainable(model, r.train.trainable, r.train.frozen)
     rep = report(model)
     assert rep["lm (base)"]["trainable"] == 0 and rep["lm (LoRA adapters)"]["trainable"] > 0
-    # 2 layers x 7 linears, hidden 32, intermediate 64, r 8
-    assert rep["lm (LoRA adapters)"]["total"] == 2 * (4 * 8 * 64 + 2 * 8 * 96 + 8 * 96)
+    # 2 layers x 7 linears, hidden 32, intermediate 64, r 8; and the recipe's modules_to_save
+    # (embed_tokens, lm_head: V x 32 each) train as copies
+    V = model.setokim.lm.get_base_model().get_output_embeddings().original_module.weight.shape[0]
+    assert rep["lm (LoRA adapters)"]["total"] == 2 * (4 * 8 * 64 + 2 * 8 * 96 + 8 * 96) + 2 * V * 32
 
 
 def test_paper_recipe_on_meta_lists_llava_sized_adapters():
