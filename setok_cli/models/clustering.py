@@ -95,10 +95,9 @@ def nearest_seed_clusters(x: Tensor, score: Tensor, num_seeds: Tensor, bandwidth
     order = torch.argsort(score, dim=1, descending=True, stable=True)[:, :S]  # (B, S)
     seed_ok = torch.arange(S, device=x.device).view(1, S) < num_seeds.view(B, 1)
     xf = x.float()
-    # |x - s|^2 = |x|^2 + |s|^2 - 2 x.s: one batched matmul (the (B, N, S, D) difference
-    # tensor took 0.4 s and 150 MB per image at N = 576, S = 64, D = 1024), on features
-    # centred per image (less cancellation); a seed's distance to itself is exactly 0, so
-    # every seed keeps its own patch and a budget of S seeds gives S tokens
+    # |x - s|^2 = |x|^2 + |s|^2 - 2 x.s: one batched matmul, no (B, N, S, D) difference
+    # tensor (README, "SeTok as a visual-token reducer": reducer times), on features centred
+    # per image (less cancellation); a seed's distance to itself is exactly 0
     xc = xf - xf.mean(1, keepdim=True)
     cs = xc.gather(1, order.unsqueeze(-1).expand(B, S, D))  # (B, S, D)
     d2 = torch.baddbmm(xc.square().sum(-1, keepdim=True) + cs.square().sum(-1).unsqueeze(1),
