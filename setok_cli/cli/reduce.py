@@ -13,7 +13,7 @@ from ..errors import UserError
 
 
 def _methods(text):
-    from ..integrations.llava import METHODS
+    from ..integrations.reducers import METHODS
     if text is None:
         return list(METHODS)
     ms = [m.strip() for m in text.split(",") if m.strip()]

@@ -185,7 +185,7 @@ def _is_llava(folder) -> bool:
 @_file_options
 @click.option("--reduce", "reduce_method", metavar="METHOD",
               help="For a LLaVA-1.5 model folder: reduce its visual tokens with setok, pool2d, random, tome, "
-                   "visionzip or prumerge (integrations/llava.py).")
+                   "visionzip or prumerge (integrations/reducers.py).")
 @click.option("--budget", type=click.IntRange(min=1), help="With --reduce: tokens per image (default: setok's "
               "and prumerge's own count).")
 def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,

@@ -67,13 +67,14 @@ def ask_llava(model_folder: PathLike, image_path: PathLike, question: str, reduc
               budget: Optional[int] = None, max_new_tokens: int = 64, model=None, processor=None) -> str:
     """One greedy answer of the LLaVA model in `model_folder` to a question about one image.
 
-    reduce: a reducer of `integrations.llava.METHODS` (None: all the tower's tokens); budget:
+    reduce: a reducer of `integrations.reducers.METHODS` (None: all the tower's tokens); budget:
     its tokens per image (None: setok's / prumerge's natural count). `model`, `processor`:
     already loaded ones (then model_folder is only named in errors)."""
     import torch
 
     from ..images import load_image
-    from ..integrations.llava import check_method, reduce_visual_tokens, restore_visual_tokens
+    from ..integrations.llava import reduce_visual_tokens, restore_visual_tokens
+    from ..integrations.reducers import check_method
 
     if reduce is not None:
         check_method(reduce, budget)

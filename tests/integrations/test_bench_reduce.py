@@ -1,4 +1,4 @@
-"""bench/reduce.py and `setok bench-reduce`: FLOPs formula, the cost table, the accuracy protocol
+"""bench/reduce/ and `setok bench-reduce`: FLOPs formula, the cost table, the accuracy protocol
 on a tiny world built in tmp, the plot, and the command's one-line errors."""
 import json
 

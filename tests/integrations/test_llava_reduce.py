@@ -1,13 +1,14 @@
-"""integrations/llava.py: the reducers, the splice, the patch of a LlavaForConditionalGeneration."""
+"""integrations/reducers.py and integrations/llava.py: the reducers, the splice, the patch of a
+LlavaForConditionalGeneration."""
 import json
 
 import pytest
 import torch
 
 from setok_cli.errors import UserError
-from setok_cli.integrations.llava import (METHODS, BuiltinTower, cluster_mean_tokens, feature_importance,
-                                          reduce_features, reduce_visual_tokens, restore_visual_tokens,
-                                          setok_clusters, splice_image_tokens)
+from setok_cli.integrations.llava import BuiltinTower, reduce_visual_tokens, restore_visual_tokens, splice_image_tokens
+from setok_cli.integrations.reducers import (METHODS, cluster_mean_tokens, feature_importance, reduce_features,
+                                             setok_clusters)
 
 torch.set_num_threads(1)
 
@@ -192,7 +193,7 @@ def test_patched_reduces_and_uses_the_cls_attention():
 
 
 def _builtin_llava():
-    from setok_cli.bench.reduce import tiny_llava
+    from setok_cli.bench.reduce.cost import tiny_llava
 
     return tiny_llava(vocab_size=32, image_token_id=31, pad_token_id=0, hidden=32, layers=1, heads=2,
                       intermediate=64, tower=BuiltinTower(image_size=112))
