@@ -36,7 +36,7 @@ from ..models.setokim.text import IMAGE_TOKEN, TASK_PROMPTS
 from .datasets import _read_rgb
 from .formats import load
 
-__all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "collate_conversations_batch",
+__all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "collate_conversations_batch", "read_mask",
            "task_conversation"]
 
 # task -> the SPEC kind of the file it reads
@@ -89,7 +89,7 @@ def chat_conversation(group: Sequence[dict]) -> tuple[list[dict], list[str]]:
     return conv, [group[0]["image"]]
 
 
-def _read_mask(path: str, shape) -> "np.ndarray":
+def read_mask(path: str, shape) -> "np.ndarray":
     """A 0/255 mask PNG -> (H, W) bool at `shape` (nearest)."""
     import numpy as np
     from PIL import Image
@@ -129,10 +129,17 @@ class ConversationDataset(Dataset):
         item = {"index": self.index_offset + i, "conversations": conv, "pixel_values": pix, "image_keys": keys,
                 "task": self.task, "segment": None}
         if self.task == "segment":
-            e = self.entries[i]
-            item["segment"] = {"mask": torch.from_numpy(_read_mask(e["mask"], pix[0].shape[-2:])),
-                               "key": f"{Path(e['mask']).resolve()}@{self.image_size}"}
+            _, mask, key = self.segment_entry(i)
+            item["segment"] = {"mask": torch.from_numpy(read_mask(mask, pix[0].shape[-2:])), "key": key}
         return item
+
+    def segment_entry(self, i: int) -> tuple[str, str, str]:
+        """A segment item's (image path, mask path, target key): the key its region target is
+        cached under (the mask's resolved path and the image size)."""
+        if self.task != "segment":
+            raise ValueError(f"{self.path}: a {self.task} set has no segment entries")
+        e = self.entries[i]
+        return self.items[i][1][0], e["mask"], f"{Path(e['mask']).resolve()}@{self.image_size}"
 
 
 class MixtureDataset(Dataset):

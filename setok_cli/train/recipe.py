@@ -124,6 +124,9 @@ class TrainRecipe:
     progress: bool = True
     threads: Optional[int] = None               # torch.set_num_threads on CPU
     sample_every: int = 0                       # save detokenizer samples every N steps (0: never)
+    # stages II / III: the LM runs over a batch's rows in up to this many groups of similar
+    # length, each cut to its longest row (the same loss and gradients; less padding computed)
+    length_groups: int = 1
 
 
 @dataclass

@@ -17,7 +17,9 @@ command reads; a run folder stands for its latest checkpoint.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +35,10 @@ __all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_mod
 class Stage2Model(nn.Module):
     """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}."""
 
-    def __init__(self, setokim: Setokim, cache_tokens: bool = True):
+    def __init__(self, setokim: Setokim, cache_tokens: bool = True, row_groups: int = 1):
         super().__init__()
         self.setokim = setokim
+        self.row_groups = int(row_groups)            # `train.length_groups` (Setokim.hidden_in_groups)
         self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
         self._cache: dict[str, Tensor] = {}
         self._regions: dict[str, Tensor] = {}
@@ -84,6 +87,45 @@ class Stage2Model(nn.Module):
         return int(min(len(pix), limit))
 
     @torch.no_grad()
+    def fit_region_targets(self, dataset, batch_images: int = 32, progress: bool = True) -> int:
+        """The region target of every segment item the mixture holds, computed up front:
+        each image decoded once for all of its referring expressions (`region_targets`
+        would decode it once per expression), `batch_images` images per call. The same
+        targets as computing them batch by batch. Returns how many were computed."""
+        from ..data.conversations import read_mask
+        from ..data.datasets import _read_rgb
+        from ..models.setokim.regions import best_region_tokens, read_images
+        sets = getattr(dataset, "sets", [dataset])
+        jobs: dict[tuple[str, Optional[int]], list[tuple[str, str]]] = {}    # image -> [(key, mask path)]
+        for j, ds in enumerate(sets):
+            if getattr(ds, "task", None) != "segment":
+                continue
+            used = dataset.local[dataset.owner == j].unique().tolist() if hasattr(dataset, "owner") else range(len(ds))
+            for i in used:
+                image, mask, key = ds.segment_entry(i)
+                if key not in self._regions:
+                    jobs.setdefault((image, ds.image_size), []).append((key, mask))
+        if not jobs:
+            return 0
+        images = list(jobs)
+        with _progress(progress, "region targets", len(images)) as advance:
+            for a in range(0, len(images), batch_images):
+                chunk = images[a:a + batch_images]
+                arrays = [_read_rgb(p, size) for p, size in chunk]
+                seen = read_images(self.setokim, arrays)
+                keys, masks, rows = [], [], []
+                for r, (img, arr) in enumerate(zip(chunk, arrays)):
+                    for key, mask in jobs[img]:
+                        keys.append(key)
+                        masks.append(read_mask(mask, arr.shape[:2]))
+                        rows.append(r)
+                toks, _ = best_region_tokens(self.setokim, seen, masks, rows)
+                for key, t in zip(keys, toks):
+                    self._regions[key] = t.detach().unsqueeze(0)
+                advance(len(chunk))
+        return sum(len(v) for v in jobs.values())
+
+    @torch.no_grad()
     def region_targets(self, batch: dict) -> dict[int, Tensor]:
         """Segment items -> {item: target token set (1, T)}: the item's image's SeTok token
         whose decoded mask fits the referred mask best (`regions.best_region_tokens`),
@@ -112,7 +154,7 @@ class Stage2Model(nn.Module):
                    for j, (i, c, a, b) in enumerate(zip(batch["index"], batch["conversations"],
                                                         [0] + per_item[:-1], per_item))]
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
-        out = m(**kw)
+        out = m(**kw, row_groups=self.row_groups)
         return {"loss": out.loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
                 "stop": out.stop_loss.detach(),
                 "visual_tokens": torch.tensor(float(out.num_visual) / max(len(samples), 1))}
@@ -120,6 +162,20 @@ class Stage2Model(nn.Module):
     def save_parts(self, folder: str | Path) -> None:
         """setokim/: the whole Setokim folder (what `setok caption/generate/edit --model` read)."""
         self.setokim.save_pretrained(Path(folder) / "setokim")
+
+
+@contextmanager
+def _progress(show: bool, what: str, total: int):
+    """A transient rich bar on stderr (`show`: the main process); yields advance(n)."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _setokim_config(recipe: Recipe) -> SetokimConfig:
@@ -147,7 +203,14 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
     else:
         setokim = Setokim.from_config(cfg)
     setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
-    return Stage2Model(setokim)
+    return Stage2Model(setokim, row_groups=_row_groups(recipe))
+
+
+def _row_groups(recipe: Recipe) -> int:
+    g = recipe.train.length_groups
+    if not isinstance(g, int) or g < 1:
+        raise UserError(f"train.length_groups must be an integer >= 1, got {g!r}")
+    return g
 
 
 def _mixture(recipe: Recipe):
@@ -174,7 +237,12 @@ def build_stage2(recipe: Recipe, accelerator=None):
     dataset = _mixture(recipe)
     model = build_stage2_model(recipe)
     model.fit_token_stats(dataset)
+    model.fit_region_targets(dataset, progress=_main(accelerator) and recipe.train.progress)
     return model, dataset
+
+
+def _main(accelerator) -> bool:
+    return accelerator is None or bool(accelerator.is_main_process)
 
 
 def meta_stage2_model(recipe: Recipe) -> Stage2Model:

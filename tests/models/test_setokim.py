@@ -295,6 +295,58 @@ def test_collate_and_padding_do_not_leak(folders):
         m.collate([{"id": 7, "conversations": convs()[0], "images": []}])
 
 
+def test_length_groups_minimise_padding_against_brute_force():
+    import itertools
+
+    from setok_cli.models.setokim.model import length_groups
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g)
+        groups = int(torch.randint(1, 5, (1,), generator=g))
+        parts = length_groups(lengths, groups)
+        assert 1 <= len(parts) <= groups
+        assert sorted(torch.cat(parts).tolist()) == list(range(len(lengths)))      # a partition
+        padded = sum(len(p) * int(lengths[p].max()) for p in parts)
+        ls = sorted(lengths.tolist())                                           # oracle: every cut of the sorted rows
+        best = min(sum((b - a) * ls[b - 1] for a, b in zip((0,) + cuts, cuts + (len(ls),)))
+                   for j in range(min(groups, len(ls)))
+                   for cuts in itertools.combinations(range(1, len(ls)), j))
+        assert padded == best, (lengths.tolist(), groups)
+
+
+def test_row_groups_give_the_same_loss_and_gradients(folders):
+    torch.manual_seed(0)
+    m = make(folders)
+    g = torch.Generator().manual_seed(1)
+    short = [{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": "A red circle."}]
+    long = short + [{"from": "human", "value": "Make the red circle blue."}, {"from": "gpt", "value": "<image>"},
+                    {"from": "human", "value": "Generate an image: a red circle."}, {"from": "gpt", "value": "<image>"}]
+    samples = [{"conversations": c, "images": [torch.randn(k, 8, generator=g) for k in ks]}
+               for c, ks in [(short, [2]), (long, [3, 2, 4]), (short, [1]), (long, [2, 2, 1]), (short, [3])]]
+    b = m.collate(samples)
+    outs, grads = [], []
+    for groups in (1, 3):
+        m.zero_grad()
+        out = m(**b, row_groups=groups)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert outs[0].num_text == outs[1].num_text and outs[0].num_visual == outs[1].num_visual > 0
+    for k in ("loss", "text_loss", "visual_loss", "stop_loss"):
+        assert getattr(outs[1], k).item() == pytest.approx(getattr(outs[0], k).item(), rel=1e-5, abs=1e-6)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    # the rows really ran in groups: each group is cut to its own longest row
+    sp = m.splice(b["input_ids"], b["labels"], b["attention_mask"], b["image_token_mask"])
+    calls = []
+    hook = m.lm.get_decoder().register_forward_pre_hook(lambda mod, a, kw: calls.append(kw["inputs_embeds"].shape[:2]),
+                                                        with_kwargs=True)
+    m(**b, row_groups=3)
+    hook.remove()
+    lengths = sorted(sp.attention_mask.sum(1).tolist())                          # 3 short rows, 2 long of unequal length
+    assert sorted(tuple(c) for c in calls) == [(1, lengths[3]), (1, lengths[4]), (3, lengths[2])]
+    assert sum(c[0] * c[1] for c in calls) < len(samples) * sp.attention_mask.shape[1]
+
+
 def test_bf16_lm_under_fp32_heads(folders):
     m = make(folders, lm_dtype="bfloat16", visual_head="diffusion")
     assert m.lm.dtype == torch.bfloat16 and m.head_dtype == torch.float32

@@ -168,8 +168,13 @@ def test_regions_shapes_and_known_best_token(folders):
         assert iou[i].item() == pytest.approx(best.item()) and iou[i].item() == pytest.approx(1.0)
         assert any(torch.equal(toks[i], out.tokens[i, k]) for k in range(int(out.num_tokens[i]))
                    if bool((masks[i][k] == torch.as_tensor(targets[i])).all()))
+    # several masks of one image (each image decoded once): the same answers, in the masks' order
+    toks2, iou2 = best_region_tokens(m, seen, [targets[1], targets[0], targets[1]], rows=[1, 0, 1])
+    assert torch.equal(toks2, toks[[1, 0, 1]]) and torch.equal(iou2, iou[[1, 0, 1]])
     with pytest.raises(UserError, match="pixels"):
         best_region_tokens(m, seen, [np.zeros((3, 3), bool), np.zeros((3, 3), bool)])
+    with pytest.raises(UserError, match="2 masks but 1 image rows"):
+        best_region_tokens(m, seen, targets, rows=[0])
 
 
 def test_mask_iou_and_snap(folders):

@@ -45,6 +45,36 @@ def test_only_adapters_projector_and_heads_change(stage3_runs):
     assert torch.equal(after.token_mean, before.token_mean)                            # stage II's statistics
 
 
+def test_region_targets_up_front_equal_batch_by_batch(stage3_runs, monkeypatch):
+    from setok_cli.data.conversations import ConversationDataset, MixtureDataset
+    from setok_cli.models.setokim import Setokim
+    from setok_cli.models.setokim import regions
+    from setok_cli.train.stage2 import Stage2Model
+    tr = stage3_runs["world"] / "shapes" / "train"
+    ds = MixtureDataset([(ConversationDataset(tr / "referring.json", "segment", 32), 1.0),
+                         (ConversationDataset(tr / "instruct.json", "instruct", 32), 0.5)])
+    setokim = Setokim.from_pretrained(stage3_runs["stage2"])
+    lazy = Stage2Model(setokim)
+    items = [ds[i] for i in range(len(ds)) if ds[i]["task"] == "segment"]
+    want = {}
+    for a in range(0, len(items), 5):
+        batch = ds.collate(items[a:a + 5])
+        for b, t in lazy.region_targets(batch).items():
+            want[batch["segment"][b]["key"]] = t
+    decoded = []
+    real = regions.region_probs
+    monkeypatch.setattr(regions, "region_probs", lambda m, seen, tokens, rows=None: decoded.append(tokens.shape[0])
+                        or real(m, seen, tokens, rows))
+    ahead = Stage2Model(setokim)
+    assert ahead.fit_region_targets(ds, batch_images=4, progress=False) == len(want) > 0
+    assert ahead._regions.keys() == want.keys()
+    for k, t in want.items():
+        assert torch.allclose(ahead._regions[k], t, atol=1e-5), k
+    images = {ds.sets[0].segment_entry(i)[0] for i in range(len(ds.sets[0]))}
+    assert sum(decoded) == len(images) < len(want)            # each image once, not once per expression
+    assert ahead.fit_region_targets(ds, progress=False) == 0  # all cached
+
+
 def test_stage3_lowers_its_losses_and_saves_the_adapter(stage3_runs):
     log = stage3_runs["log3"]
     assert len(log) == 300

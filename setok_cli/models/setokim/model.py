@@ -20,7 +20,7 @@ from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_to
 from .splice import Spliced, splice
 from .text import IMG_END, IMG_START
 
-__all__ = ["Setokim", "SetokimOutput", "parameter_table", "is_peft", "ADAPTER_DIR"]
+__all__ = ["Setokim", "SetokimOutput", "parameter_table", "is_peft", "length_groups", "ADAPTER_DIR"]
 
 ADAPTER_DIR = "adapter"
 
@@ -394,14 +394,37 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         return self.lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                      position_ids=position_ids, **kw)
 
+    def hidden_in_groups(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                         groups: int = 1) -> Tensor:
+        """The last hidden states (B, L, H) of a right-padded batch, the rows run through the
+        LM in up to `groups` groups of similar length, each cut to its own longest row (the
+        rows that share a padded length are the same computation, so the valid positions get
+        the same states: only less padding is computed). Padding positions come back as 0."""
+        B, L, _ = inputs_embeds.shape
+        if groups <= 1 or B <= 1:
+            return self.hidden(inputs_embeds, attention_mask, position_ids, use_cache=False).last_hidden_state
+        parts, rows = [], []
+        for idx in length_groups(attention_mask.sum(1), groups):
+            n = int(attention_mask[idx].sum(1).max())
+            h = self.hidden(inputs_embeds[idx, :n], attention_mask[idx, :n], position_ids[idx, :n],
+                            use_cache=False).last_hidden_state
+            parts.append(F.pad(h, (0, 0, 0, L - n)))
+            rows.append(idx)
+        inverse = torch.empty(B, dtype=torch.long, device=inputs_embeds.device)
+        inverse[torch.cat(rows)] = torch.arange(B, device=inputs_embeds.device)
+        return torch.cat(parts)[inverse]
+
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                image_tokens: Optional[Tensor] = None, image_token_mask: Optional[Tensor] = None) -> SetokimOutput:
+                image_tokens: Optional[Tensor] = None, image_token_mask: Optional[Tensor] = None,
+                row_groups: int = 1) -> SetokimOutput:
         """input_ids, labels, attention_mask (B, L0) from `collate_conversations`;
         image_tokens (N, K, T), image_token_mask (N, K): the images of the batch in
-        reading order, in generation order within each (`encode_images` / `order`)."""
+        reading order, in generation order within each (`encode_images` / `order`).
+        row_groups: run the LM over rows of similar length in up to this many groups
+        (`hidden_in_groups`: the same loss, less padding computed)."""
         sp = self.splice(input_ids, labels, attention_mask, image_token_mask)
-        h = self.hidden(self.embed(sp, image_tokens, image_token_mask), sp.attention_mask, sp.position_ids,
-                        use_cache=False).last_hidden_state                  # (B, L, H)
+        h = self.hidden_in_groups(self.embed(sp, image_tokens, image_token_mask), sp.attention_mask,
+                                  sp.position_ids, row_groups)               # (B, L, H)
         lab = sp.labels[:, 1:]
         sel = lab != -100
         logits = self.lm.get_output_embeddings()(h[:, :-1][sel]).float()    # (n, V): only where counted
@@ -425,6 +448,34 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         """See `setokim.generate.generate`."""
         from .generate import generate
         return generate(self, *args, **kwargs)
+
+
+def length_groups(lengths: Tensor, groups: int) -> list[Tensor]:
+    """lengths (B,) -> up to `groups` index tensors partitioning the rows, each a run of
+    the rows sorted by length, chosen to minimise the padded size sum(rows_g * longest_g)
+    (dynamic programming over the sorted lengths; B is a batch, so O(groups * B^2) is nothing)."""
+    order = torch.argsort(lengths.cpu(), stable=True)
+    ls = lengths.cpu()[order].tolist()
+    B = len(ls)
+    g = max(1, min(int(groups), B))
+    inf = float("inf")
+    # cost[j][i]: the best padded size of the first i sorted rows in j groups; cut: where the last begins
+    cost = [[inf] * (B + 1) for _ in range(g + 1)]
+    cut = [[0] * (B + 1) for _ in range(g + 1)]
+    cost[0][0] = 0
+    for j in range(1, g + 1):
+        for i in range(1, B + 1):
+            for k in range(j - 1, i):
+                c = cost[j - 1][k] + (i - k) * ls[i - 1]
+                if c < cost[j][i]:
+                    cost[j][i], cut[j][i] = c, k
+    j = min(range(1, g + 1), key=lambda jj: cost[jj][B])
+    bounds, i = [], B
+    while j > 0:
+        bounds.append((cut[j][i], i))
+        i, j = cut[j][i], j - 1
+    dev = lengths.device
+    return [order[a:b].to(dev) for a, b in reversed(bounds) if b > a]
 
 
 def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:

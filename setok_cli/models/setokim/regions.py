@@ -105,22 +105,29 @@ def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def best_region_tokens(model, seen: Seen, masks: Sequence) -> tuple[Tensor, Tensor]:
-    """Per image i of `seen` and its target mask (H_i, W_i) (bool array / tensor): the
-    image's SeTok token whose decoded mask (p > 0.5) has the best IoU with it.
-    -> tokens (N, T) in the tokenizer's units, their IoU (N,)."""
+def best_region_tokens(model, seen: Seen, masks: Sequence, rows: Optional[Sequence[int]] = None
+                       ) -> tuple[Tensor, Tensor]:
+    """Per target mask j (H_i, W_i) (bool array / tensor) of image i = rows[j] of `seen`
+    (default: mask j is image j's): that image's SeTok token whose decoded mask (p > 0.5)
+    has the best IoU with it. Each image is decoded once, however many masks it has.
+    -> tokens (M, T) in the tokenizer's units, their IoU (M,)."""
     out = seen.out
-    probs = region_probs(model, seen, out.tokens)                         # (N, K, S, S)
+    rows = list(range(len(masks))) if rows is None else [int(r) for r in rows]
+    if len(rows) != len(masks):
+        raise UserError(f"{len(masks)} masks but {len(rows)} image rows")
+    images = sorted(set(rows))
+    probs = region_probs(model, seen, out.tokens[images], torch.tensor(images))     # (n, K, S, S)
+    decoded = {i: to_original(probs[j], seen, i) > 0.5 for j, i in enumerate(images)}
     toks, ious = [], []
-    for i, m in enumerate(masks):
+    for j, (i, m) in enumerate(zip(rows, masks)):
         target = torch.as_tensor(np.asarray(m)).bool()
         if tuple(target.shape) != tuple(seen.sizes[i]):
-            raise UserError(f"mask {i}: {tuple(target.shape)} pixels, its image has {tuple(seen.sizes[i])}")
-        iou = mask_iou(to_original(probs[i], seen, i) > 0.5, target.to(probs.device))
+            raise UserError(f"mask {j}: {tuple(target.shape)} pixels, its image has {tuple(seen.sizes[i])}")
+        iou = mask_iou(decoded[i], target.to(probs.device))
         iou = torch.where(out.token_mask[i], iou, torch.full_like(iou, -1.0))
-        j = int(iou.argmax())
-        toks.append(out.tokens[i, j])
-        ious.append(iou[j])
+        k = int(iou.argmax())
+        toks.append(out.tokens[i, k])
+        ious.append(iou[k])
     return torch.stack(toks), torch.stack(ious)
 
 
