@@ -227,7 +227,9 @@ class Trainer:
                 raise UserError(f"unknown stage {r.stage!r}; choose from {sorted(STAGES)}")
             mod, attr = STAGES[r.stage].split(":")
             builder = getattr(importlib.import_module(mod), attr)
+        t_build = time.perf_counter()
         model, dataset = builder(r, acc)
+        self.build_s = time.perf_counter() - t_build    # the stage's model and data (caches filled up front)
         self.n_trainable, self.n_total = select_trainable(model, r.train.trainable, r.train.frozen)
         self.dataset: Dataset = dataset
         optimizer = build_optimizer(model, r)
@@ -393,6 +395,6 @@ def run(recipe: Recipe, resume: bool = False) -> TrainResult:
                   f"on {acc.num_processes} process(es), device {acc.device}")
     result = trainer.train(resume=resume)
     if acc.is_main_process:
-        acc.print(f"done: step {result.step}, {result.wall_s:.0f} s, peak memory {result.peak_mem_mb:.0f} MiB; "
-                  f"checkpoint {result.last_checkpoint}")
+        acc.print(f"done: step {result.step}, {result.wall_s:.0f} s training + {trainer.build_s:.0f} s building, "
+                  f"peak memory {result.peak_mem_mb:.0f} MiB; checkpoint {result.last_checkpoint}")
     return result

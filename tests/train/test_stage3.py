@@ -110,6 +110,10 @@ def test_stage3_recipe_errors_and_dry_run(stage3_runs, tmp_path):
     r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage3']}"])
     with pytest.raises(UserError, match="already has LoRA adapters"):
         build_stage3_model(r)
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+                                                        "train.length_groups=0"])
+    with pytest.raises(UserError, match="train.length_groups must be an integer >= 1, got 0"):
+        build_stage3_model(r)
     # the tiny recipe sized on meta from the stage-2 run's config: the adapters are what trains in the LM
     r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
                                                         "model.lora.r=8", "model.lora.alpha=16"])

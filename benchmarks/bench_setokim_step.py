@@ -1,0 +1,93 @@
+"""A Setokim training step (forward + backward) with `train.length_groups` 1 against G, in one process.
+
+    python benchmarks/bench_setokim_step.py recipes/tiny/stage3.yaml [--groups 4] [--batches 12]
+        [--repeats 3] [--threads 2] [--precision no|bf16]
+
+The recipe's model and mixture, its batch size; the batches' image tokens and region targets
+are computed before timing (the trainer caches them too), so only the step is timed. Each
+batch runs with 1 group and with G groups, alternating, `--repeats` times; reported: the
+median step time of each, their ratio, the padded positions the LM computed, and the largest
+loss difference between the two (they compute the same loss). Name the CPU (`lscpu`) with
+the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no")
+    ap.add_argument("--set", action="append", default=[], help="recipe overrides, as `setok train --set`")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from setok_cli.train.recipe import load_recipe
+    from setok_cli.train.trainer import STAGES, select_trainable
+    import importlib
+
+    r = load_recipe(a.recipe, a.set)
+    mod, build = STAGES[r.stage].split(":")
+    model, ds = getattr(importlib.import_module(mod), build)(r)
+    select_trainable(model, r.train.trainable, r.train.frozen)
+    model.train()
+    g = torch.Generator().manual_seed(r.seed)
+    order = torch.randperm(len(ds), generator=g).tolist()
+    bs = r.data.batch_size
+    inputs = []
+    m = model.setokim
+    for b in range(a.batches):
+        batch = ds.collate([ds[i] for i in order[b * bs:(b + 1) * bs]])
+        sets = model.image_token_sets(batch["pixel_values"], batch["image_keys"])
+        regions = model.region_targets(batch)
+        per = torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()
+        samples = [{"id": int(i), "conversations": c, "images": sets[x:y] + ([regions[j]] if j in regions else [])}
+                   for j, (i, c, x, y) in enumerate(zip(batch["index"], batch["conversations"], [0] + per[:-1], per))]
+        inputs.append(m.collate(samples))
+
+    def step(kw, groups):
+        m.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            out = m(**kw, row_groups=groups)
+        out.loss.backward()
+        return time.perf_counter() - t, float(out.loss)
+
+    from setok_cli.models.setokim.model import length_groups
+    times = {1: [], a.groups: []}
+    diff, padded = 0.0, {1: 0, a.groups: 0}
+    for kw in inputs[:2]:                                   # warm-up
+        step(kw, 1), step(kw, a.groups)
+    for _ in range(a.repeats):
+        for kw in inputs:
+            t1, l1 = step(kw, 1)
+            tg, lg = step(kw, a.groups)
+            times[1].append(t1)
+            times[a.groups].append(tg)
+            diff = max(diff, abs(l1 - lg))
+    for kw in inputs:
+        sp = m.splice(kw["input_ids"], kw["labels"], kw["attention_mask"], kw["image_token_mask"])
+        lengths = sp.attention_mask.sum(1)
+        padded[1] += sp.attention_mask.numel()
+        padded[a.groups] += sum(len(p) * int(lengths[p].max()) for p in length_groups(lengths, a.groups))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"recipe": a.recipe, "batch_size": bs, "batches": a.batches, "repeats": a.repeats,
+                      "threads": a.threads, "precision": a.precision,
+                      "median_step_s": {str(k): round(v, 4) for k, v in med.items()},
+                      "speedup": round(med[1] / med[a.groups], 3),
+                      "lm_positions": {str(k): v for k, v in padded.items()},
+                      "max_loss_difference": diff}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
