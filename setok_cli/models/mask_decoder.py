@@ -77,7 +77,7 @@ class MaskDecoder(PretrainedModel, model_type="setok-mask-decoder", config_class
         if self.config.coord_channels:
             # (y, x): the order the stem's first convolution was trained with
             x = torch.cat([x, coord_grid(B, H, W, device=x.device, dtype=x.dtype).flip(1)], dim=1)
-        # channels-last activations: the same convolutions, about 1.5x faster on CPU (oneDNN)
+        # channels-last activations: the same convolutions, faster on CPU (oneDNN)
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
         if self.feature_proj is not None and features is not None:
             f = self.feature_proj(features.to(x.dtype)).permute(0, 3, 1, 2)  # (B, C, h, w)
