@@ -63,7 +63,7 @@ def main() -> None:
         out.loss.backward()
         return time.perf_counter() - t, float(out.loss)
 
-    from setok_cli.models.setokim.model import length_groups
+    from setok_cli.models.setokim.splice import length_groups
     times = {1: [], a.groups: []}
     diff, padded = 0.0, {1: 0, a.groups: 0}
     for kw in inputs[:2]:                                   # warm-up

@@ -298,7 +298,7 @@ def test_collate_and_padding_do_not_leak(folders):
 def test_length_groups_minimise_padding_against_brute_force():
     import itertools
 
-    from setok_cli.models.setokim.model import length_groups
+    from setok_cli.models.setokim.splice import length_groups
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         lengths = torch.randint(1, 40, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g)

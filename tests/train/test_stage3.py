@@ -22,7 +22,7 @@ def test_only_adapters_projector_and_heads_change(stage3_runs):
     before = Setokim.from_pretrained(stage3_runs["stage2"])
     after = Setokim.from_pretrained(stage3_runs["stage3"])
     assert after.has_lora and not before.has_lora
-    from setok_cli.models.setokim.model import _base_state_dict
+    from setok_cli.models.setokim.lora import _base_state_dict
     base_after = _base_state_dict(after.lm.get_base_model())
     base_before = _flat(before.lm)
     assert base_after.keys() == base_before.keys()

@@ -17,37 +17,13 @@ from ..hub import CONFIG_NAME, PretrainedModel
 from .config import SetokimConfig
 from .heads import DiffusionHead, MSEHead, Projector, order_tokens
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
-from .splice import Spliced, splice
+from .lora import _base_state_dict, is_adapter_param, is_peft  # noqa: F401 (is_peft: the package API)
+from .splice import Spliced, length_groups, splice  # noqa: F401 (length_groups: the package API)
 from .text import IMG_END, IMG_START
 
 __all__ = ["Setokim", "SetokimOutput", "parameter_table", "is_peft", "length_groups", "ADAPTER_DIR"]
 
 ADAPTER_DIR = "adapter"
-
-
-def is_adapter_param(name: str) -> bool:
-    """A parameter stage III adds to the LM: a LoRA factor or a peft `modules_to_save` copy."""
-    return "lora_" in name or ".modules_to_save." in name
-
-
-def _base_state_dict(lm) -> dict:
-    """The base LM's state dict under its plain names: LoRA's `base_layer` and
-    modules_to_save's `original_module` weights (both unchanged by stage III), without the
-    adapters and the trained copies (those are in adapter/)."""
-    out = {}
-    for k, v in lm.state_dict().items():
-        if is_adapter_param(k):
-            continue
-        out[k.replace(".base_layer.", ".").replace(".original_module.", ".")] = v
-    return out
-
-
-def is_peft(module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(module, PeftModel)
 
 
 @dataclass
@@ -448,34 +424,6 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         """See `setokim.generate.generate`."""
         from .generate import generate
         return generate(self, *args, **kwargs)
-
-
-def length_groups(lengths: Tensor, groups: int) -> list[Tensor]:
-    """lengths (B,) -> up to `groups` index tensors partitioning the rows, each a run of
-    the rows sorted by length, chosen to minimise the padded size sum(rows_g * longest_g)
-    (dynamic programming over the sorted lengths; B is a batch, so O(groups * B^2) is nothing)."""
-    order = torch.argsort(lengths.cpu(), stable=True)
-    ls = lengths.cpu()[order].tolist()
-    B = len(ls)
-    g = max(1, min(int(groups), B))
-    inf = float("inf")
-    # cost[j][i]: the best padded size of the first i sorted rows in j groups; cut: where the last begins
-    cost = [[inf] * (B + 1) for _ in range(g + 1)]
-    cut = [[0] * (B + 1) for _ in range(g + 1)]
-    cost[0][0] = 0
-    for j in range(1, g + 1):
-        for i in range(1, B + 1):
-            for k in range(j - 1, i):
-                c = cost[j - 1][k] + (i - k) * ls[i - 1]
-                if c < cost[j][i]:
-                    cost[j][i], cut[j][i] = c, k
-    j = min(range(1, g + 1), key=lambda jj: cost[jj][B])
-    bounds, i = [], B
-    while j > 0:
-        bounds.append((cut[j][i], i))
-        i, j = cut[j][i], j - 1
-    dev = lengths.device
-    return [order[a:b].to(dev) for a, b in reversed(bounds) if b > a]
 
 
 def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:

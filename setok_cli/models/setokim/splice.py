@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-__all__ = ["Spliced", "splice"]
+__all__ = ["Spliced", "splice", "length_groups"]
 
 
 @dataclass
@@ -121,3 +121,31 @@ def splice(input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional
     position_ids = (attn.cumsum(1) - 1).clamp(min=0)
     return Spliced(ids, out_labels, attn, position_ids, vis_dst, vis_src, pred_pos, pred_src, stop_pos, stop_target,
                    image_start)
+
+
+def length_groups(lengths: Tensor, groups: int) -> list[Tensor]:
+    """lengths (B,) -> up to `groups` index tensors partitioning the rows, each a run of
+    the rows sorted by length, chosen to minimise the padded size sum(rows_g * longest_g)
+    (dynamic programming over the sorted lengths; B is a batch, so O(groups * B^2) is nothing)."""
+    order = torch.argsort(lengths.cpu(), stable=True)
+    ls = lengths.cpu()[order].tolist()
+    B = len(ls)
+    g = max(1, min(int(groups), B))
+    inf = float("inf")
+    # cost[j][i]: the best padded size of the first i sorted rows in j groups; cut: where the last begins
+    cost = [[inf] * (B + 1) for _ in range(g + 1)]
+    cut = [[0] * (B + 1) for _ in range(g + 1)]
+    cost[0][0] = 0
+    for j in range(1, g + 1):
+        for i in range(1, B + 1):
+            for k in range(j - 1, i):
+                c = cost[j - 1][k] + (i - k) * ls[i - 1]
+                if c < cost[j][i]:
+                    cost[j][i], cut[j][i] = c, k
+    j = min(range(1, g + 1), key=lambda jj: cost[jj][B])
+    bounds, i = [], B
+    while j > 0:
+        bounds.append((cut[j][i], i))
+        i, j = cut[j][i], j - 1
+    dev = lengths.device
+    return [order[a:b].to(dev) for a, b in reversed(bounds) if b > a]
