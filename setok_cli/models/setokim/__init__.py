@@ -32,6 +32,14 @@ length decision a binary question trained at every visual position, leaves the L
 vocabulary distribution to text only (`[/Img]` is never sampled), and is one small
 module that stage III's LoRA leaves trainable like the other heads.
 
+Copying (`copy_head: W`, not in the paper; 0 = off). An edit rewrites one object and
+leaves the rest; regressing every kept token through the LM loses them. With a copy head,
+each token being written also points at the tokens of the images its row has read
+(heads.CopyHead: a softmax over them from the hidden state and the token's index, gated),
+and the visual head models only what the pointer does not copy (target `token - copy`;
+for the MSE head, prediction = head(h) + copy). Rows with nothing read (generation from
+text) get no copy, so generation is unchanged.
+
 Token order. An image's tokens are a set; the model writes them by their seed's position
 in raster order (row, then column, of the patch grid), tokens without a seed (the scope
 remainder) last, padding never (`token_order: raster`, heads.order_tokens). Training
@@ -51,7 +59,7 @@ built from as a record; loading reads the folder's own copies.
 """
 from .config import LM_PRESETS, DiffusionHeadConfig, LoraSpec, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
-from .heads import DiffusionHead, MSEHead, Projector, order_tokens
+from .heads import CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
 from .loading import load_stage1, stage1_folder
 from .model import Setokim, SetokimOutput, parameter_table
 from .splice import Spliced, splice
@@ -60,7 +68,7 @@ from .text import (IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMG_END, IMG_ST
                    tokenize_with_images, world_texts)
 
 __all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim", "SetokimOutput", "parameter_table",
-           "stage1_folder", "load_stage1", "Projector", "MSEHead", "DiffusionHead", "order_tokens", "Spliced", "splice",
+           "stage1_folder", "load_stage1", "Projector", "MSEHead", "DiffusionHead", "CopyHead", "order_tokens", "Spliced", "splice",
            "Generated", "generate", "prompt_batch", "sample_logits", "decode_images", "IMAGE_TOKEN",
            "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",
            "build_word_tokenizer", "collate_conversations", "pack_token_sets", "render_conversation",

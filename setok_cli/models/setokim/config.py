@@ -119,6 +119,9 @@ class SetokimConfig:
     visual_head: str = "mse"                # "mse" (the paper) | "diffusion" (the authors' code)
     mse_hidden: Optional[int] = None        # width of the MSE head's MLP; None: the LM's hidden size
     diffusion: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)
+    # a pointer from the tokens being written to the tokens of the images read (heads.CopyHead):
+    # an edit copies what it leaves alone. Not in the paper; 0 = none, else the pointer's width
+    copy_head: int = 0
     token_order: str = "raster"             # see the package docstring
     max_visual_tokens: int = 64             # tokens per generated image at most
     max_length: int = 2048                  # spliced sequence length at most (longer ones are cut)
@@ -144,5 +147,7 @@ class SetokimConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise UserError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.copy_head, int) and not isinstance(self.copy_head, bool) and self.copy_head >= 0):
+            raise UserError(f"copy_head must be 0 (none) or the pointer's width (an integer >= 1), got {self.copy_head!r}")
         if self.token_dim is not None and not (isinstance(self.token_dim, int) and self.token_dim >= 1):
             raise UserError(f"token_dim must be a positive integer, got {self.token_dim!r}")

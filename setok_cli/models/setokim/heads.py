@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .config import DiffusionHeadConfig
 
-__all__ = ["Projector", "MSEHead", "DiffusionHead", "order_tokens"]
+__all__ = ["Projector", "MSEHead", "DiffusionHead", "CopyHead", "order_tokens"]
 
 
 class Projector(nn.Module):
@@ -44,6 +44,42 @@ class MSEHead(nn.Module):
 
     def sample(self, h: Tensor, **_) -> Tensor:
         return self(h)
+
+
+class CopyHead(nn.Module):
+    """A pointer from each visual token being written to the visual tokens its row has read
+    (an edit's source image), so that what an edit leaves alone can be copied instead of
+    regressed (pointer-generator networks, See et al. 2017, over SeTok tokens):
+
+        copy_m = gate(h_m) * sum_j softmax_j(q_m . k_j / sqrt(d)) x_j      over the allowed j
+        q_m = W_q h_m + E_out[rank_m],   k_j = W_k x_j + E_src[rank_j]
+
+    h (M, H) the hidden states that predict a token, rank (M,) that token's index in the
+    image being written; x (S, T) the standardised source tokens, src_rank (S,) their index
+    in their image; allowed (M, S) bool. -> (M, T), 0 where a row has no allowed source (a
+    generation from text). The visual head then models the rest: its target is
+    `token - copy` (for the MSE head, prediction = head(h) + copy). The rank embeddings let
+    "the i-th written token copies the i-th read one" be learnt directly; W_q h and W_k x
+    let the LM point elsewhere (after a removed object, the tokens shift by one)."""
+
+    def __init__(self, hidden: int, token_dim: int, max_tokens: int, width: int = 64):
+        super().__init__()
+        self.width, self.max_tokens = width, max_tokens
+        self.q = nn.Linear(hidden, width)
+        self.k = nn.Linear(token_dim, width)
+        self.out_rank = nn.Embedding(max_tokens, width)
+        self.src_rank = nn.Embedding(max_tokens, width)
+        self.gate = nn.Linear(hidden, 1)
+
+    def forward(self, h: Tensor, rank: Tensor, x: Tensor, src_rank: Tensor, allowed: Tensor) -> Tensor:
+        top = self.max_tokens - 1
+        q = (self.q(h) + self.out_rank(rank.clamp(0, top))).float()                 # (M, d)
+        k = (self.k(x) + self.src_rank(src_rank.clamp(0, top))).float()             # (S, d)
+        s = (q @ k.t()) / self.width ** 0.5                                          # (M, S)
+        s = s.masked_fill(~allowed, -1e9)           # a row with no source: uniform, then gated to 0
+        copy = torch.softmax(s, -1) @ x.float()                                      # (M, T)
+        gate = torch.sigmoid(self.gate(h).float()) * allowed.any(1, keepdim=True)    # (M, 1)
+        return gate * copy
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

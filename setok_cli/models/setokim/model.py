@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from ...errors import UserError
 from ..hub import CONFIG_NAME, PretrainedModel
 from .config import SetokimConfig
-from .heads import DiffusionHead, MSEHead, Projector, order_tokens
+from .heads import CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
 from .lora import _base_state_dict, is_adapter_param, is_peft  # noqa: F401 (is_peft: the package API)
-from .splice import Spliced, length_groups, splice  # noqa: F401 (length_groups: the package API)
+from .splice import Spliced, length_groups, splice, token_rank  # noqa: F401 (length_groups: the package API)
 from .text import IMG_END, IMG_START
 
 __all__ = ["Setokim", "SetokimOutput", "parameter_table", "is_peft", "length_groups", "ADAPTER_DIR"]
@@ -76,6 +76,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             self.visual_head = (MSEHead(H, c.token_dim, c.mse_hidden) if c.visual_head == "mse"
                                 else DiffusionHead(H, c.token_dim, c.diffusion))
             self.stop_head = nn.Linear(H, 1)
+            self.copy_head = CopyHead(H, c.token_dim, c.max_visual_tokens, c.copy_head) if c.copy_head else None
         # tokens are standardised per channel before the projector and the heads (the
         # diffusion schedule assumes unit scale); `fit_token_stats` sets these from data
         self.register_buffer("token_mean", torch.zeros(c.token_dim, device=dev))
@@ -359,6 +360,23 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         B, L, H = emb.shape
         return emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
 
+    def copy_from_read(self, sp: Spliced, image_tokens: Optional[Tensor], image_token_mask: Optional[Tensor],
+                       h: Tensor, at: Tensor, rank: Tensor) -> Tensor:
+        """The copy head's part of the next visual tokens (standardised): h (M, H) the hidden
+        states at flat positions `at` (M,) of `sp`'s (B, L) layout, each predicting the
+        token of index rank (M,) in the image it writes. The pointer reads the tokens of the
+        images its row reads (not writes) that stand before `at`. -> (M, T) float."""
+        T = int(self.config.token_dim)
+        if image_token_mask is None or not sp.vis_src.numel():
+            return h.new_zeros(h.shape[0], T, dtype=torch.float32)
+        L = sp.ids.shape[1]
+        packed_image = image_token_mask.nonzero()[:, 0]                      # (V,) image of each packed token
+        read = ~sp.image_writes[packed_image[sp.vis_src]]                   # (S0,) spliced tokens of read images
+        dst, src = sp.vis_dst[read], sp.vis_src[read]
+        x = self.normalize(image_tokens[image_token_mask][src].float()).to(self.head_dtype)
+        allowed = ((dst // L)[None] == (at // L)[:, None]) & (dst[None] < at[:, None])   # (M, S) same row, before
+        return self.copy_head(h, rank, x, token_rank(image_token_mask)[src], allowed)
+
     @property
     def cache_kwarg(self) -> str:
         """The decoder's name for the KV cache argument (`cache` from transformers 5.x on)."""
@@ -412,6 +430,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         else:
             target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
         hf = hf.to(self.head_dtype)                         # an LM loaded in bf16 under fp32 heads
+        if self.copy_head is not None:                      # the head models what the pointer does not copy
+            target = target - self.copy_from_read(sp, image_tokens, image_token_mask, hf[sp.pred_pos], sp.pred_pos,
+                                                  token_rank(image_token_mask)[sp.pred_src])
         visual_loss = self.visual_head.loss(hf[sp.pred_pos], target)
         stop_logits = self.stop_head(hf[sp.stop_pos]).squeeze(-1).float()
         stop_loss = F.binary_cross_entropy_with_logits(stop_logits, sp.stop_target, reduction="sum") \
@@ -438,7 +459,7 @@ def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:
                  ("lm (LoRA adapters)", sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))]
         lm_rows = []
     for name, mod in [*lm_rows, ("projector", model.projector), (head, model.visual_head),
-                      ("stop_head", model.stop_head), ("setok", model.setok), ("detokenizer", model.detokenizer),
+                      ("stop_head", model.stop_head), ("copy_head", model.copy_head), ("setok", model.setok), ("detokenizer", model.detokenizer),
                       ("mask_decoder", model.mask_decoder)]:
         if mod is None:
             continue

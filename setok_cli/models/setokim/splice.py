@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-__all__ = ["Spliced", "splice", "length_groups"]
+__all__ = ["Spliced", "splice", "length_groups", "token_rank"]
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Spliced:
     stop_pos: Tensor        # (S,) flat positions of the stop decisions
     stop_target: Tensor     # (S,) float, 1 where the image ends
     image_start: Tensor     # (N,) flat position of each image's [Img]
+    image_row: Tensor       # (N,) each image's batch row
+    image_writes: Tensor    # (N,) bool, True for an image to write (False: one to read)
 
 
 def splice(input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional[Tensor],
@@ -95,8 +97,8 @@ def splice(input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional
 
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     if N:
-        ib, ir = image_token_mask.nonzero(as_tuple=True)                 # (V,) packed order
-        rank = (image_token_mask.long().cumsum(1) - 1)[ib, ir]
+        ib, _ = image_token_mask.nonzero(as_tuple=True)                  # (V,) packed order
+        rank = token_rank(image_token_mask)
         row = pb[ib]
         pos = s[ib] + 1 + rank                                           # (V,) position of v_{rank+1}
         src = torch.arange(ib.shape[0], device=dev)
@@ -112,15 +114,23 @@ def splice(input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional
         stop_pos = torch.cat([pred_pos, end_pos])
         stop_target = torch.cat([torch.zeros(pred_pos.shape[0], device=dev), torch.ones(end_pos.shape[0], device=dev)])
         image_start = pb * L + s + off[pb]
+        image_row, image_writes = pb, writes
     else:
-        vis_dst = vis_src = pred_pos = pred_src = stop_pos = image_start = empty
+        vis_dst = vis_src = pred_pos = pred_src = stop_pos = image_start = image_row = empty
         stop_target = torch.zeros(0, device=dev)
+        image_writes = torch.zeros(0, dtype=torch.bool, device=dev)
 
     ar = torch.arange(L, device=dev).view(1, L)
     attn = ((ar >= off.view(B, 1)) & (ar < (off + kept).view(B, 1))).long()
     position_ids = (attn.cumsum(1) - 1).clamp(min=0)
     return Spliced(ids, out_labels, attn, position_ids, vis_dst, vis_src, pred_pos, pred_src, stop_pos, stop_target,
-                   image_start)
+                   image_start, image_row, image_writes)
+
+
+def token_rank(image_token_mask: Tensor) -> Tensor:
+    """image_token_mask (N, K) bool -> (V,) each valid token's index within its image, in the
+    packed order of image_tokens[image_token_mask]."""
+    return (image_token_mask.long().cumsum(1) - 1)[image_token_mask]
 
 
 def length_groups(lengths: Tensor, groups: int) -> list[Tensor]:
