@@ -24,6 +24,9 @@ def _sampling_options(f):
                      help="DDIM steps of the diffusion visual head (default: its config)."),
         click.option("--visual-temperature", type=click.FloatRange(min=0),
                      help="Noise scale of the diffusion visual head (default: its config)."),
+        click.option("--copy", "copy_mode", default="hard", show_default=True, type=click.Choice(["hard", "soft"]),
+                     help="A model with a copy head: copy the source token it points at most (hard) or the "
+                          "pointer's weighted mean (soft, as trained)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed."),
         click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch."),
@@ -41,14 +44,14 @@ def _file_options(f):
     return f
 
 
-def _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed):
+def _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed):
     import torch
 
     from ..tasks.setokim import Sampling
     if threads:
         torch.set_num_threads(threads)
     return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, visual_steps=visual_steps,
-                    visual_temperature=visual_temperature, seed=seed)
+                    visual_temperature=visual_temperature, copy=copy_mode, seed=seed)
 
 
 def _run_file(model, task, data, pred_out, opts, batch_size, size, limit, **kw):
@@ -97,11 +100,11 @@ def _need_inputs(args, data, what):
 @click.argument("images", nargs=-1)
 @_sampling_options
 @_file_options
-def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
-                batch_size, threads, data, pred_out, limit):
+def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
+                seed, batch_size, threads, data, pred_out, limit):
     """Print a caption for each IMAGE."""
     _need_inputs(images, data, "IMAGE...")
-    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     from ..images import load_image
     from ..tasks.setokim import caption, load_setokim
     pics = [load_image(p) for p in images]            # every image readable before the model loads
@@ -120,13 +123,13 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
 @click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
-def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
-                 batch_size, threads, data, pred_out, limit, out_dir, num_images, size):
+def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
+                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt")
-    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     from ..files import ensure_dir
     from ..tasks.setokim import generate, load_setokim, save_png
     if not data:
@@ -149,14 +152,14 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
-             seed, batch_size, threads, data, pred_out, limit, out_dir, size):
+             copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
     from ..tasks.setokim import edit, save_png, side_by_side
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
-                                             visual_temperature, seed))
+                                             visual_temperature, copy_mode, seed))
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
     out = edit(model, [src], [instruction], opts, size)[0]
@@ -188,8 +191,8 @@ def _is_llava(folder) -> bool:
                    "visionzip or prumerge (integrations/reducers.py).")
 @click.option("--budget", type=click.IntRange(min=1), help="With --reduce: tokens per image (default: setok's "
               "and prumerge's own count).")
-def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
-            batch_size, threads, data, pred_out, limit, reduce_method, budget):
+def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
+            copy_mode, seed, batch_size, threads, data, pred_out, limit, reduce_method, budget):
     """Answer QUESTION about IMAGE (or every question of --data, an instruct JSON). --model is
     a Setokim run, or a LLaVA-1.5 model folder (then --reduce picks a visual-token reducer)."""
     _need_inputs([image] if image is not None else [], data, "IMAGE \"QUESTION\"")
@@ -209,7 +212,8 @@ def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, vis
         raise UserError("--reduce / --budget apply to a LLaVA-1.5 model folder; a Setokim reads SeTok tokens already")
     from ..tasks.setokim import ask
     opts, pic, model = _prepare(image, question, "empty question: give IMAGE \"QUESTION\"", data, None, model_path,
-                                (threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed))
+                                (threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
+                                 copy_mode, seed))
     if data:
         return _run_file(model, "vqa", data, pred_out, opts, batch_size, None, limit)
     click.echo(ask(model, [pic], [question], opts)[0])
@@ -224,13 +228,14 @@ def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, vis
 @click.option("--snap/--no-snap", default=False, show_default=True,
               help="Replace the written token by the input image's nearest token before decoding the mask.")
 def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
-                seed, batch_size, threads, data, pred_out, limit, out_dir, snap):
+                copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, snap):
     """Segment what --query refers to in IMAGE; writes <stem>_mask.png and <stem>_overlay.png."""
     import numpy as np
 
     from ..tasks.setokim import overlay, save_png, segment
     opts, pic, model = _prepare(image, query, "empty query: give --query \"...\"", data, out_dir, model_path,
-                                (threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed))
+                                (threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
+                                 copy_mode, seed))
     if data:
         return _run_file(model, "segment", data, pred_out, opts, batch_size, None, limit, snap_to_input=snap)
     res = segment(model, [pic], [query], opts, snap_to_input=snap)[0]
@@ -249,10 +254,10 @@ def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, vi
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR",
               help="Folder for the images the model writes.")
 @click.option("--size", type=click.IntRange(min=8), help="Side of written images (default: the detokenizer's).")
-def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed,
+def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed,
              batch_size, threads, out_dir, size):
     """Talk with the model about IMAGE (optional). Commands: /image PATH, /reset, /quit."""
-    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, seed)
+    opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     from ..images import load_image
     from ..tasks.chat import ChatSession
     from ..tasks.setokim import load_setokim

@@ -55,6 +55,7 @@ class Sampling:
     visual_steps: Optional[int] = None          # the diffusion head's DDIM steps (None: its config)
     visual_temperature: Optional[float] = None  # the diffusion head's noise scale (None: its config)
     decode_steps: Optional[int] = None          # the detokenizer's sampling steps (None: its config)
+    copy: str = "hard"                          # a copy head's pointer: "hard" (argmax source) or "soft"
     seed: int = 0
 
     def __post_init__(self):
@@ -74,7 +75,8 @@ def load_setokim(path):
 
 def _kw(opts: Sampling, generator: torch.Generator) -> dict:
     return dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
-                visual_steps=opts.visual_steps, visual_temperature=opts.visual_temperature, generator=generator)
+                visual_steps=opts.visual_steps, visual_temperature=opts.visual_temperature, copy=opts.copy,
+                generator=generator)
 
 
 def _decode(model, token_sets: list[torch.Tensor], opts: Sampling, generator: torch.Generator,

@@ -78,6 +78,10 @@ def test_oracle_pointer_copies_the_source_when_generating(folders):
     src = torch.randn(3, 8, generator=g)
     args = prompt_batch(m, ["<image>\n" + EDIT, GEN], images=[[src], []], start_image=True)
     a = m.generate(*args, max_new_tokens=2, use_cache=True)
+    soft = m.generate(*args, max_new_tokens=2, copy="soft")
+    assert torch.allclose(soft[0].images[0], src, atol=1e-4)              # the oracle pointer is one-hot anyway
+    with pytest.raises(UserError, match="copy must be"):
+        m.generate(*args, copy="exact")
     b = m.generate(*args, max_new_tokens=2, use_cache=False)
     assert torch.allclose(a[0].images[0], src, atol=1e-5)             # the i-th token copied from the i-th
     assert torch.allclose(a[1].images[0], torch.zeros(3, 8), atol=1e-6)   # nothing to copy from text
@@ -102,3 +106,25 @@ def test_copy_head_saved_and_loaded(folders, tmp_path):
 def test_bad_copy_head_width_is_one_line(bad):
     with pytest.raises(UserError, match="copy_head must be 0"):
         SetokimConfig(lm=dict(TINY_LM), copy_head=bad)
+
+
+def test_copy_head_known_values_soft_and_hard():
+    from setok_cli.models.setokim import CopyHead
+    c = CopyHead(hidden=2, token_dim=3, max_tokens=3, width=2)
+    with torch.no_grad():
+        for lin in (c.q, c.k):
+            lin.weight.zero_(), lin.bias.zero_()
+        c.out_rank.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        c.src_rank.weight.copy_(torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]]))
+        c.gate.weight.zero_(), c.gate.bias.fill_(0.5)
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    h, rank, src_rank = torch.zeros(2, 2), torch.tensor([0, 1]), torch.tensor([0, 1, 2])
+    allowed = torch.tensor([[True, True, True], [True, True, False]])
+    s = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, -1e9]]) / 2 ** 0.5       # q . k / sqrt(width)
+    g = torch.sigmoid(torch.tensor(0.5))
+    soft = c(h, rank, x, src_rank, allowed)
+    assert torch.allclose(soft, g * torch.softmax(s, -1) @ x, atol=1e-6)
+    hard = c(h, rank, x, src_rank, allowed, hard=True)
+    assert torch.allclose(hard, g * torch.stack([x[0], x[0]]), atol=1e-6)   # argmax; a tie takes the first
+    none = c(h, rank, x, src_rank, torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(2, 3))

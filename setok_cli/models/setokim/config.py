@@ -148,6 +148,7 @@ class SetokimConfig:
             if not (isinstance(v, int) and v >= 1):
                 raise UserError(f"{name} must be an integer >= 1, got {v!r}")
         if not (isinstance(self.copy_head, int) and not isinstance(self.copy_head, bool) and self.copy_head >= 0):
-            raise UserError(f"copy_head must be 0 (none) or the pointer's width (an integer >= 1), got {self.copy_head!r}")
+            raise UserError(f"copy_head must be 0 (none) or the pointer's width (an integer >= 1), "
+                            f"got {self.copy_head!r}")
         if self.token_dim is not None and not (isinstance(self.token_dim, int) and self.token_dim >= 1):
             raise UserError(f"token_dim must be a positive integer, got {self.token_dim!r}")

@@ -74,11 +74,13 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              image_token_mask: Optional[Tensor] = None, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, visual_steps: Optional[int] = None, visual_temperature: Optional[float] = None,
              max_visual_tokens: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None, text_only: bool = False) -> list[Generated]:
+             generator: Optional[torch.Generator] = None, text_only: bool = False,
+             copy: str = "hard") -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
     (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
-    sampled (an answer in words, e.g. `setok ask`)."""
+    sampled (an answer in words, e.g. `setok ask`). copy: with a copy head, "hard" copies
+    the source token the pointer weighs most, "soft" the pointer's weighted mean (as trained)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -88,6 +90,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     for name, v in (("visual_steps", visual_steps), ("max_visual_tokens", max_visual_tokens)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
+    if copy not in ("hard", "soft"):
+        raise UserError(f"copy must be 'hard' or 'soft', got {copy!r}")
     if visual_temperature is not None and not visual_temperature >= 0:
         raise UserError(f"visual_temperature must be >= 0, got {visual_temperature}")
     was_training = model.training
@@ -95,13 +99,14 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     try:
         return _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new_tokens,
                          temperature, top_p, visual_steps, visual_temperature,
-                         max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only)
+                         max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
+                         copy == "hard")
     finally:
         model.train(was_training)
 
 
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
-              vsteps, vtemp, max_vis, use_cache, generator, text_only=False) -> list[Generated]:
+              vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True) -> list[Generated]:
     from transformers import DynamicCache
     sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
     emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
@@ -134,7 +139,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
                                                  generator=generator).float()
             if model.copy_head is not None:     # the pointer's part: the prompt's images stand before every step
                 vis[rows] += model.copy_from_read(sp, image_tokens, image_token_mask, hh[rows],
-                                                  (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows])
+                                                  (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
         text_rows = ~image_mode & ~done
         emit_vis = image_mode & ~done & ~stop
         end_img = image_mode & ~done & stop

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DiffusionHeadConfig
@@ -71,13 +72,19 @@ class CopyHead(nn.Module):
         self.src_rank = nn.Embedding(max_tokens, width)
         self.gate = nn.Linear(hidden, 1)
 
-    def forward(self, h: Tensor, rank: Tensor, x: Tensor, src_rank: Tensor, allowed: Tensor) -> Tensor:
+    def forward(self, h: Tensor, rank: Tensor, x: Tensor, src_rank: Tensor, allowed: Tensor,
+                hard: bool = False) -> Tensor:
+        """hard: copy the one source the pointer weighs most (inference: an exact token
+        instead of a blend; training uses the soft pointer)."""
         top = self.max_tokens - 1
         q = (self.q(h) + self.out_rank(rank.clamp(0, top))).float()                 # (M, d)
         k = (self.k(x) + self.src_rank(src_rank.clamp(0, top))).float()             # (S, d)
         s = (q @ k.t()) / self.width ** 0.5                                          # (M, S)
         s = s.masked_fill(~allowed, -1e9)           # a row with no source: uniform, then gated to 0
-        copy = torch.softmax(s, -1) @ x.float()                                      # (M, T)
+        a = torch.softmax(s, -1)                                                     # (M, S)
+        if hard:
+            a = F.one_hot(a.argmax(-1), a.shape[-1]).to(a.dtype)
+        copy = a @ x.float()                                                         # (M, T)
         gate = torch.sigmoid(self.gate(h).float()) * allowed.any(1, keepdim=True)    # (M, 1)
         return gate * copy
 

@@ -361,11 +361,12 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         return emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
 
     def copy_from_read(self, sp: Spliced, image_tokens: Optional[Tensor], image_token_mask: Optional[Tensor],
-                       h: Tensor, at: Tensor, rank: Tensor) -> Tensor:
+                       h: Tensor, at: Tensor, rank: Tensor, hard: bool = False) -> Tensor:
         """The copy head's part of the next visual tokens (standardised): h (M, H) the hidden
         states at flat positions `at` (M,) of `sp`'s (B, L) layout, each predicting the
         token of index rank (M,) in the image it writes. The pointer reads the tokens of the
-        images its row reads (not writes) that stand before `at`. -> (M, T) float."""
+        images its row reads (not writes) that stand before `at`; hard: the argmax source
+        only (CopyHead). -> (M, T) float."""
         T = int(self.config.token_dim)
         if image_token_mask is None or not sp.vis_src.numel():
             return h.new_zeros(h.shape[0], T, dtype=torch.float32)
@@ -375,7 +376,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         dst, src = sp.vis_dst[read], sp.vis_src[read]
         x = self.normalize(image_tokens[image_token_mask][src].float()).to(self.head_dtype)
         allowed = ((dst // L)[None] == (at // L)[:, None]) & (dst[None] < at[:, None])   # (M, S) same row, before
-        return self.copy_head(h, rank, x, token_rank(image_token_mask)[src], allowed)
+        return self.copy_head(h, rank, x, token_rank(image_token_mask)[src], allowed, hard=hard)
 
     @property
     def cache_kwarg(self) -> str:
@@ -459,8 +460,8 @@ def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:
                  ("lm (LoRA adapters)", sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))]
         lm_rows = []
     for name, mod in [*lm_rows, ("projector", model.projector), (head, model.visual_head),
-                      ("stop_head", model.stop_head), ("copy_head", model.copy_head), ("setok", model.setok), ("detokenizer", model.detokenizer),
-                      ("mask_decoder", model.mask_decoder)]:
+                      ("stop_head", model.stop_head), ("copy_head", model.copy_head), ("setok", model.setok),
+                      ("detokenizer", model.detokenizer), ("mask_decoder", model.mask_decoder)]:
         if mod is None:
             continue
         ps = list(mod.parameters())
