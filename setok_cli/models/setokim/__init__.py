@@ -69,7 +69,8 @@ from .text import (IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMG_END, IMG_ST
 
 __all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim", "SetokimOutput", "parameter_table",
            "stage1_folder", "load_stage1", "Projector", "MSEHead", "DiffusionHead", "CopyHead", "order_tokens",
-           "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images", "IMAGE_TOKEN",
+           "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images",
+           "IMAGE_TOKEN",
            "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",
            "build_word_tokenizer", "collate_conversations", "pack_token_sets", "render_conversation",
            "tokenize_with_images", "world_texts"]
