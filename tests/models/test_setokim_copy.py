@@ -64,6 +64,12 @@ def test_oracle_pointer_copies_the_source_in_the_loss(folders, tmp_path):
     assert out.visual_loss.item() == pytest.approx(want.item(), rel=1e-5)
     out.loss.backward()                                      # the pointer trains
     assert m.copy_head.k.weight.grad is not None and m.copy_head.k.weight.grad.abs().sum() > 0
+    # a half-open gate: the token is the mean of the copied one and the head's (0 here)
+    with torch.no_grad():
+        m.copy_head.gate.bias.fill_(0.0)
+    out = m(*edit_and_generate_batch(m, src, tgt, gen))
+    want = (((src / 2 - tgt) ** 2).sum() + (gen ** 2).sum()) / (5 * 8)
+    assert out.visual_loss.item() == pytest.approx(want.item(), rel=1e-5)
     # without the pointer the same head predicts 0 everywhere
     m.copy_head = None
     out = m(*edit_and_generate_batch(m, src, tgt, gen))
@@ -106,6 +112,8 @@ def test_copy_head_saved_and_loaded(folders, tmp_path):
 def test_bad_copy_head_width_is_one_line(bad):
     with pytest.raises(UserError, match="copy_head must be 0"):
         SetokimConfig(lm=dict(TINY_LM), copy_head=bad)
+    with pytest.raises(UserError, match="copy_head works with visual_head: mse"):
+        SetokimConfig(lm=dict(TINY_LM), copy_head=8, visual_head="diffusion")
 
 
 def test_copy_head_known_values_soft_and_hard():
@@ -122,9 +130,9 @@ def test_copy_head_known_values_soft_and_hard():
     allowed = torch.tensor([[True, True, True], [True, True, False]])
     s = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, -1e9]]) / 2 ** 0.5       # q . k / sqrt(width)
     g = torch.sigmoid(torch.tensor(0.5))
-    soft = c(h, rank, x, src_rank, allowed)
-    assert torch.allclose(soft, g * torch.softmax(s, -1) @ x, atol=1e-6)
-    hard = c(h, rank, x, src_rank, allowed, hard=True)
-    assert torch.allclose(hard, g * torch.stack([x[0], x[0]]), atol=1e-6)   # argmax; a tie takes the first
-    none = c(h, rank, x, src_rank, torch.zeros(2, 3, dtype=torch.bool))
-    assert torch.equal(none, torch.zeros(2, 3))
+    soft, gate = c(h, rank, x, src_rank, allowed)
+    assert torch.allclose(soft, torch.softmax(s, -1) @ x, atol=1e-6) and torch.allclose(gate, g.expand(2, 1))
+    hard, _ = c(h, rank, x, src_rank, allowed, hard=True)
+    assert torch.allclose(hard, torch.stack([x[0], x[0]]), atol=1e-6)   # argmax; a tie takes the first
+    _, none = c(h, rank, x, src_rank, torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(2, 1))                          # nothing to copy: the gate is shut

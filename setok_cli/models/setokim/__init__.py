@@ -35,10 +35,11 @@ module that stage III's LoRA leaves trainable like the other heads.
 Copying (`copy_head: W`, not in the paper; 0 = off). An edit rewrites one object and
 leaves the rest; regressing every kept token through the LM loses them. With a copy head,
 each token being written also points at the tokens of the images its row has read
-(heads.CopyHead: a softmax over them from the hidden state and the token's index, gated),
-and the visual head models only what the pointer does not copy (target `token - copy`;
-for the MSE head, prediction = head(h) + copy). Rows with nothing read (generation from
-text) get no copy, so generation is unchanged.
+(heads.CopyHead: a softmax over them from the hidden state and the token's index) and a
+gate mixes the pointed-at token with the MSE head's (pointer-generator). Rows with nothing
+read (generation from text) get the head alone, as without the pointer. At inference the
+pointer copies its argmax source (`generate(copy="hard")`, the default) or, as trained,
+the weighted mean (`copy="soft"`).
 
 Token order. An image's tokens are a set; the model writes them by their seed's position
 in raster order (row, then column, of the patch grid), tokens without a seed (the scope

@@ -120,7 +120,7 @@ class SetokimConfig:
     mse_hidden: Optional[int] = None        # width of the MSE head's MLP; None: the LM's hidden size
     diffusion: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)
     # a pointer from the tokens being written to the tokens of the images read (heads.CopyHead):
-    # an edit copies what it leaves alone. Not in the paper; 0 = none, else the pointer's width
+    # an edit copies what it leaves alone. Not in the paper; 0 = none, else the pointer's width (MSE head)
     copy_head: int = 0
     token_order: str = "raster"             # see the package docstring
     max_visual_tokens: int = 64             # tokens per generated image at most
@@ -150,5 +150,7 @@ class SetokimConfig:
         if not (isinstance(self.copy_head, int) and not isinstance(self.copy_head, bool) and self.copy_head >= 0):
             raise UserError(f"copy_head must be 0 (none) or the pointer's width (an integer >= 1), "
                             f"got {self.copy_head!r}")
+        if self.copy_head and self.visual_head != "mse":
+            raise UserError("copy_head works with visual_head: mse (it mixes the regressed token with the copied one)")
         if self.token_dim is not None and not (isinstance(self.token_dim, int) and self.token_dim >= 1):
             raise UserError(f"token_dim must be a positive integer, got {self.token_dim!r}")

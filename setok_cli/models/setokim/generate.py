@@ -137,9 +137,9 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         if rows.numel():
             vis[rows] = model.visual_head.sample(hh[rows], steps=vsteps, temperature=vtemp,
                                                  generator=generator).float()
-            if model.copy_head is not None:     # the pointer's part: the prompt's images stand before every step
-                vis[rows] += model.copy_from_read(sp, image_tokens, image_token_mask, hh[rows],
-                                                  (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
+            if model.copy_head is not None:     # the pointer: the prompt's images stand before every step
+                vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
+                                            (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
         text_rows = ~image_mode & ~done
         emit_vis = image_mode & ~done & ~stop
         end_img = image_mode & ~done & stop

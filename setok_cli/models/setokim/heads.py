@@ -52,16 +52,17 @@ class CopyHead(nn.Module):
     (an edit's source image), so that what an edit leaves alone can be copied instead of
     regressed (pointer-generator networks, See et al. 2017, over SeTok tokens):
 
-        copy_m = gate(h_m) * sum_j softmax_j(q_m . k_j / sqrt(d)) x_j      over the allowed j
-        q_m = W_q h_m + E_out[rank_m],   k_j = W_k x_j + E_src[rank_j]
+        copy_m = sum_j softmax_j(q_m . k_j / sqrt(d)) x_j      over the allowed j
+        q_m = W_q h_m + E_out[rank_m],   k_j = W_k x_j + E_src[rank_j],   gate_m = sigmoid(w . h_m + b)
+        token_m = gate_m * copy_m + (1 - gate_m) * visual_head(h_m)
 
     h (M, H) the hidden states that predict a token, rank (M,) that token's index in the
     image being written; x (S, T) the standardised source tokens, src_rank (S,) their index
-    in their image; allowed (M, S) bool. -> (M, T), 0 where a row has no allowed source (a
-    generation from text). The visual head then models the rest: its target is
-    `token - copy` (for the MSE head, prediction = head(h) + copy). The rank embeddings let
-    "the i-th written token copies the i-th read one" be learnt directly; W_q h and W_k x
-    let the LM point elsewhere (after a removed object, the tokens shift by one)."""
+    in their image; allowed (M, S) bool. -> copy (M, T), gate (M, 1), the gate 0 where a
+    row has no allowed source (a generation from text: the visual head alone, as without
+    the pointer). The rank embeddings let "the i-th written token copies the i-th read one"
+    be learnt directly; W_q h and W_k x let the LM point elsewhere (after a removed object,
+    the tokens shift by one)."""
 
     def __init__(self, hidden: int, token_dim: int, max_tokens: int, width: int = 64):
         super().__init__()
@@ -86,7 +87,7 @@ class CopyHead(nn.Module):
             a = F.one_hot(a.argmax(-1), a.shape[-1]).to(a.dtype)
         copy = a @ x.float()                                                         # (M, T)
         gate = torch.sigmoid(self.gate(h).float()) * allowed.any(1, keepdim=True)    # (M, 1)
-        return gate * copy
+        return copy, gate
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -360,23 +360,26 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         B, L, H = emb.shape
         return emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
 
-    def copy_from_read(self, sp: Spliced, image_tokens: Optional[Tensor], image_token_mask: Optional[Tensor],
-                       h: Tensor, at: Tensor, rank: Tensor, hard: bool = False) -> Tensor:
-        """The copy head's part of the next visual tokens (standardised): h (M, H) the hidden
-        states at flat positions `at` (M,) of `sp`'s (B, L) layout, each predicting the
-        token of index rank (M,) in the image it writes. The pointer reads the tokens of the
-        images its row reads (not writes) that stand before `at`; hard: the argmax source
-        only (CopyHead). -> (M, T) float."""
-        T = int(self.config.token_dim)
+    def with_copy(self, generated: Tensor, sp: Spliced, image_tokens: Optional[Tensor],
+                  image_token_mask: Optional[Tensor], h: Tensor, at: Tensor, rank: Tensor,
+                  hard: bool = False) -> Tensor:
+        """The copy head over the visual head's tokens: generated (M, T) what the visual head
+        made from h (M, H), the hidden states at flat positions `at` (M,) of `sp`'s (B, L)
+        layout, each predicting the token of index rank (M,) in the image it writes. The
+        pointer reads the tokens of the images its row reads (not writes) that stand before
+        `at`; hard: the argmax source only (CopyHead). -> gate * copy + (1 - gate) *
+        generated (M, T) float, standardised; `generated` where the row reads nothing."""
+        generated = generated.float()
         if image_token_mask is None or not sp.vis_src.numel():
-            return h.new_zeros(h.shape[0], T, dtype=torch.float32)
+            return generated
         L = sp.ids.shape[1]
         packed_image = image_token_mask.nonzero()[:, 0]                      # (V,) image of each packed token
         read = ~sp.image_writes[packed_image[sp.vis_src]]                   # (S0,) spliced tokens of read images
         dst, src = sp.vis_dst[read], sp.vis_src[read]
         x = self.normalize(image_tokens[image_token_mask][src].float()).to(self.head_dtype)
         allowed = ((dst // L)[None] == (at // L)[:, None]) & (dst[None] < at[:, None])   # (M, S) same row, before
-        return self.copy_head(h, rank, x, token_rank(image_token_mask)[src], allowed, hard=hard)
+        copy, gate = self.copy_head(h, rank, x, token_rank(image_token_mask)[src], allowed, hard=hard)
+        return gate * copy + (1 - gate) * generated
 
     @property
     def cache_kwarg(self) -> str:
@@ -431,10 +434,13 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         else:
             target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
         hf = hf.to(self.head_dtype)                         # an LM loaded in bf16 under fp32 heads
-        if self.copy_head is not None:                      # the head models what the pointer does not copy
-            target = target - self.copy_from_read(sp, image_tokens, image_token_mask, hf[sp.pred_pos], sp.pred_pos,
-                                                  token_rank(image_token_mask)[sp.pred_src])
-        visual_loss = self.visual_head.loss(hf[sp.pred_pos], target)
+        if self.copy_head is not None:                      # pointer-generator: gate * copy + (1 - gate) * head
+            pred = self.with_copy(self.visual_head(hf[sp.pred_pos]), sp, image_tokens, image_token_mask,
+                                  hf[sp.pred_pos], sp.pred_pos, token_rank(image_token_mask)[sp.pred_src])
+            d = pred - target
+            visual_loss = (d * d).sum() / max(d.numel(), 1)
+        else:
+            visual_loss = self.visual_head.loss(hf[sp.pred_pos], target)
         stop_logits = self.stop_head(hf[sp.stop_pos]).squeeze(-1).float()
         stop_loss = F.binary_cross_entropy_with_logits(stop_logits, sp.stop_target, reduction="sum") \
             / max(sp.stop_pos.numel(), 1)
