@@ -64,6 +64,12 @@ def test_oracle_pointer_copies_the_source_in_the_loss(folders, tmp_path):
     assert out.visual_loss.item() == pytest.approx(want.item(), rel=1e-5)
     out.loss.backward()                                      # the pointer trains
     assert m.copy_head.k.weight.grad is not None and m.copy_head.k.weight.grad.abs().sum() > 0
+    # the head's own loss beside the mixed one: + w * MSE(head, target), the head predicting 0
+    m.config.copy_head_own_loss = 0.5
+    out_own = m(*edit_and_generate_batch(m, src, tgt, gen))
+    own = ((tgt ** 2).sum() + (gen ** 2).sum()) / (5 * 8)
+    assert out_own.visual_loss.item() == pytest.approx((want + 0.5 * own).item(), rel=1e-5)
+    m.config.copy_head_own_loss = 0.0
     # a half-open gate: the token is the mean of the copied one and the head's (0 here)
     with torch.no_grad():
         m.copy_head.gate.bias.fill_(0.0)
@@ -112,6 +118,8 @@ def test_copy_head_saved_and_loaded(folders, tmp_path):
 def test_bad_copy_head_width_is_one_line(bad):
     with pytest.raises(UserError, match="copy_head must be 0"):
         SetokimConfig(lm=dict(TINY_LM), copy_head=bad)
+    with pytest.raises(UserError, match="copy_head_own_loss must be"):
+        SetokimConfig(lm=dict(TINY_LM), copy_head=8, copy_head_own_loss=-1)
     with pytest.raises(UserError, match="copy_head works with visual_head: mse"):
         SetokimConfig(lm=dict(TINY_LM), copy_head=8, visual_head="diffusion")
 

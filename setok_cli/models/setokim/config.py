@@ -122,6 +122,9 @@ class SetokimConfig:
     # a pointer from the tokens being written to the tokens of the images read (heads.CopyHead):
     # an edit copies what it leaves alone. Not in the paper; 0 = none, else the pointer's width (MSE head)
     copy_head: int = 0
+    # with a copy head: weight of the visual head's own MSE on every written token, beside the
+    # mixed token's (so the LM still regresses what the pointer copies); 0 = the mixed loss only
+    copy_head_own_loss: float = 0.0
     token_order: str = "raster"             # see the package docstring
     max_visual_tokens: int = 64             # tokens per generated image at most
     max_length: int = 2048                  # spliced sequence length at most (longer ones are cut)
@@ -150,6 +153,8 @@ class SetokimConfig:
         if not (isinstance(self.copy_head, int) and not isinstance(self.copy_head, bool) and self.copy_head >= 0):
             raise UserError(f"copy_head must be 0 (none) or the pointer's width (an integer >= 1), "
                             f"got {self.copy_head!r}")
+        if not (isinstance(self.copy_head_own_loss, (int, float)) and self.copy_head_own_loss >= 0):
+            raise UserError(f"copy_head_own_loss must be a number >= 0, got {self.copy_head_own_loss!r}")
         if self.copy_head and self.visual_head != "mse":
             raise UserError("copy_head works with visual_head: mse (it mixes the regressed token with the copied one)")
         if self.token_dim is not None and not (isinstance(self.token_dim, int) and self.token_dim >= 1):

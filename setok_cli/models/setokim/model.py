@@ -435,10 +435,14 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
         hf = hf.to(self.head_dtype)                         # an LM loaded in bf16 under fp32 heads
         if self.copy_head is not None:                      # pointer-generator: gate * copy + (1 - gate) * head
-            pred = self.with_copy(self.visual_head(hf[sp.pred_pos]), sp, image_tokens, image_token_mask,
-                                  hf[sp.pred_pos], sp.pred_pos, token_rank(image_token_mask)[sp.pred_src])
+            own = self.visual_head(hf[sp.pred_pos])
+            pred = self.with_copy(own, sp, image_tokens, image_token_mask, hf[sp.pred_pos], sp.pred_pos,
+                                  token_rank(image_token_mask)[sp.pred_src])
             d = pred - target
             visual_loss = (d * d).sum() / max(d.numel(), 1)
+            if self.config.copy_head_own_loss:
+                visual_loss = visual_loss + self.config.copy_head_own_loss * self.visual_head.loss(hf[sp.pred_pos],
+                                                                                                   target)
         else:
             visual_loss = self.visual_head.loss(hf[sp.pred_pos], target)
         stop_logits = self.stop_head(hf[sp.stop_pos]).squeeze(-1).float()
