@@ -62,7 +62,8 @@ from .config import LM_PRESETS, DiffusionHeadConfig, LoraSpec, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
 from .heads import CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
 from .loading import load_stage1, stage1_folder
-from .model import Setokim, SetokimOutput, parameter_table
+from .model import Setokim, SetokimOutput
+from .report import parameter_table
 from .splice import Spliced, splice
 from .text import (IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMG_END, IMG_START, TASK_PROMPTS, VICUNA_SYSTEM,
                    build_word_tokenizer, collate_conversations, pack_token_sets, render_conversation,

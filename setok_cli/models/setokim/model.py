@@ -18,10 +18,10 @@ from .config import SetokimConfig
 from .heads import CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
 from .lora import _base_state_dict, is_adapter_param, is_peft  # noqa: F401 (is_peft: the package API)
-from .splice import Spliced, length_groups, splice, token_rank  # noqa: F401 (length_groups: the package API)
+from .splice import Spliced, length_groups, read_sources, splice, token_rank  # noqa: F401 (length_groups: API)
 from .text import IMG_END, IMG_START
 
-__all__ = ["Setokim", "SetokimOutput", "parameter_table", "is_peft", "length_groups", "ADAPTER_DIR"]
+__all__ = ["Setokim", "SetokimOutput", "is_peft", "length_groups", "ADAPTER_DIR"]
 
 ADAPTER_DIR = "adapter"
 
@@ -363,22 +363,15 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
     def with_copy(self, generated: Tensor, sp: Spliced, image_tokens: Optional[Tensor],
                   image_token_mask: Optional[Tensor], h: Tensor, at: Tensor, rank: Tensor,
                   hard: bool = False) -> Tensor:
-        """The copy head over the visual head's tokens: generated (M, T) what the visual head
-        made from h (M, H), the hidden states at flat positions `at` (M,) of `sp`'s (B, L)
-        layout, each predicting the token of index rank (M,) in the image it writes. The
-        pointer reads the tokens of the images its row reads (not writes) that stand before
-        `at`; hard: the argmax source only (CopyHead). -> gate * copy + (1 - gate) *
-        generated (M, T) float, standardised; `generated` where the row reads nothing."""
+        """generated (M, T): the visual head's tokens from h (M, H) at flat positions `at` (M,)
+        of `sp`'s layout, of index rank (M,) in the image written; the pointer reads
+        `splice.read_sources` (hard: CopyHead's argmax). -> gate * copy + (1 - gate) * generated."""
         generated = generated.float()
         if image_token_mask is None or not sp.vis_src.numel():
             return generated
-        L = sp.ids.shape[1]
-        packed_image = image_token_mask.nonzero()[:, 0]                      # (V,) image of each packed token
-        read = ~sp.image_writes[packed_image[sp.vis_src]]                   # (S0,) spliced tokens of read images
-        dst, src = sp.vis_dst[read], sp.vis_src[read]
+        src, src_rank, allowed = read_sources(sp, image_token_mask, at)
         x = self.normalize(image_tokens[image_token_mask][src].float()).to(self.head_dtype)
-        allowed = ((dst // L)[None] == (at // L)[:, None]) & (dst[None] < at[:, None])   # (M, S) same row, before
-        copy, gate = self.copy_head(h, rank, x, token_rank(image_token_mask)[src], allowed, hard=hard)
+        copy, gate = self.copy_head(h, rank, x, src_rank, allowed, hard=hard)
         return gate * copy + (1 - gate) * generated
 
     @property
@@ -434,17 +427,15 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         else:
             target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
         hf = hf.to(self.head_dtype)                         # an LM loaded in bf16 under fp32 heads
-        if self.copy_head is not None:                      # pointer-generator: gate * copy + (1 - gate) * head
-            own = self.visual_head(hf[sp.pred_pos])
-            pred = self.with_copy(own, sp, image_tokens, image_token_mask, hf[sp.pred_pos], sp.pred_pos,
-                                  token_rank(image_token_mask)[sp.pred_src])
-            d = pred - target
-            visual_loss = (d * d).sum() / max(d.numel(), 1)
-            if self.config.copy_head_own_loss:
-                visual_loss = visual_loss + self.config.copy_head_own_loss * self.visual_head.loss(hf[sp.pred_pos],
-                                                                                                   target)
-        else:
-            visual_loss = self.visual_head.loss(hf[sp.pred_pos], target)
+        hp = hf[sp.pred_pos]
+        if self.copy_head is None:
+            visual_loss = self.visual_head.loss(hp, target)
+        else:   # pointer-generator: gate * copy + (1 - gate) * head; the head's own MSE beside, weighted
+            own = self.visual_head(hp).float()
+            d = self.with_copy(own, sp, image_tokens, image_token_mask, hp, sp.pred_pos,
+                               token_rank(image_token_mask)[sp.pred_src]) - target
+            e = own - target
+            visual_loss = ((d * d).sum() + self.config.copy_head_own_loss * (e * e).sum()) / max(d.numel(), 1)
         stop_logits = self.stop_head(hf[sp.stop_pos]).squeeze(-1).float()
         stop_loss = F.binary_cross_entropy_with_logits(stop_logits, sp.stop_target, reduction="sum") \
             / max(sp.stop_pos.numel(), 1)
@@ -456,25 +447,3 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         """See `setokim.generate.generate`."""
         from .generate import generate
         return generate(self, *args, **kwargs)
-
-
-def parameter_table(model: Setokim) -> list[tuple[str, int, int]]:
-    """(part, parameters, trainable) per part, then ("all", ...), for `setok train --dry-run`."""
-    rows = []
-    head = f"visual_head ({model.config.visual_head})"
-    lm_rows = [("lm", model.lm)]
-    if model.has_lora:
-        ps = [p for n, p in model.lm.named_parameters() if is_adapter_param(n)]
-        base = [p for n, p in model.lm.named_parameters() if not is_adapter_param(n)]
-        rows += [("lm (base)", sum(p.numel() for p in base), sum(p.numel() for p in base if p.requires_grad)),
-                 ("lm (LoRA adapters)", sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))]
-        lm_rows = []
-    for name, mod in [*lm_rows, ("projector", model.projector), (head, model.visual_head),
-                      ("stop_head", model.stop_head), ("copy_head", model.copy_head), ("setok", model.setok),
-                      ("detokenizer", model.detokenizer), ("mask_decoder", model.mask_decoder)]:
-        if mod is None:
-            continue
-        ps = list(mod.parameters())
-        rows.append((name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
-    rows.append(("all", sum(r[1] for r in rows), sum(r[2] for r in rows)))
-    return rows

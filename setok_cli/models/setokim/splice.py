@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-__all__ = ["Spliced", "splice", "length_groups", "token_rank"]
+__all__ = ["Spliced", "splice", "length_groups", "token_rank", "read_sources"]
 
 
 @dataclass
@@ -131,6 +131,19 @@ def token_rank(image_token_mask: Tensor) -> Tensor:
     """image_token_mask (N, K) bool -> (V,) each valid token's index within its image, in the
     packed order of image_tokens[image_token_mask]."""
     return (image_token_mask.long().cumsum(1) - 1)[image_token_mask]
+
+
+def read_sources(sp: Spliced, image_token_mask: Tensor, at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What a copy head may point at from flat positions `at` (M,) of `sp`'s (B, L) layout:
+    the spliced tokens of images read (not written) in the same row, before `at`.
+    -> src (S,) their packed rows in image_tokens[image_token_mask], src_rank (S,) their
+    index in their image, allowed (M, S) bool."""
+    L = sp.ids.shape[1]
+    packed_image = image_token_mask.nonzero()[:, 0]                      # (V,) image of each packed token
+    read = ~sp.image_writes[packed_image[sp.vis_src]]                   # (S0,) spliced tokens of read images
+    dst, src = sp.vis_dst[read], sp.vis_src[read]
+    allowed = ((dst // L)[None] == (at // L)[:, None]) & (dst[None] < at[:, None])   # same row, before
+    return src, token_rank(image_token_mask)[src], allowed
 
 
 def length_groups(lengths: Tensor, groups: int) -> list[Tensor]:
