@@ -44,8 +44,10 @@ def _methods(text):
 @click.option("--steps", type=click.IntRange(2, 100000), help="Fine-tune steps per run (default: the protocol's).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Torch threads (1: the figures measure work alone on a shared machine).")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Accuracy fine-tunes run at once, each on max(1, threads // jobs) threads (same figures).")
 def bench_reduce(quick, as_json, out_dir, plot_path, model_folder, data, methods, skip_accuracy, skip_cost, layers,
-                 steps, threads):
+                 steps, threads, jobs):
     """Cost and accuracy of SeTok and five other visual-token reducers in a LLaVA-style model."""
     import dataclasses
     import tempfile
@@ -69,7 +71,7 @@ def bench_reduce(quick, as_json, out_dir, plot_path, model_folder, data, methods
     protocol = None
     if steps is not None:
         base = R.quick_protocol() if quick else R.Protocol()
-        protocol = dataclasses.replace(base, steps=steps, eval_steps=(max(1, steps // 2), steps))
+        protocol = dataclasses.replace(base, steps=steps, eval_steps=tuple(sorted({max(1, steps * k // 3) for k in (1, 2, 3)})))
     out = ensure_dir(out_dir)
     err = Console(file=sys.stderr)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -89,6 +91,10 @@ def bench_reduce(quick, as_json, out_dir, plot_path, model_folder, data, methods
                 tasks["run"] = bar.add_task(f"fine-tune {name}", total=total)
             elif kind == "step":
                 bar.advance(tasks["run"], a[0])
+            elif kind == "runs":
+                tasks["runs"] = bar.add_task(f"fine-tunes, {jobs} at a time", total=a[0])
+            elif kind == "run done":
+                bar.advance(tasks["runs"], 1)
             elif kind == "cost":
                 if "cost" not in tasks:
                     tasks["cost"] = bar.add_task(a[0], total=None)
@@ -97,7 +103,8 @@ def bench_reduce(quick, as_json, out_dir, plot_path, model_folder, data, methods
         with tempfile.TemporaryDirectory(prefix="bench-reduce-") as tmp:
             result = R.run(data if not skip_accuracy else (data if Path(data).is_dir() else None), Path(tmp),
                            quick=quick, model_folder=model_folder, methods=ms, skip_accuracy=skip_accuracy,
-                           skip_cost=skip_cost, protocol=protocol, layers=layers, progress=progress)
+                           skip_cost=skip_cost, protocol=protocol, layers=layers, progress=progress,
+                           jobs=jobs)
     json_path = out / "bench_reduce.json"
     if "accuracy" in result:
         png = Path(plot_path) if plot_path else out / "bench_reduce.png"

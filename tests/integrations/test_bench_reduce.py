@@ -84,6 +84,27 @@ def test_accuracy_protocol_and_plot(tiny_world, tmp_path):
         assert im.size[0] > 400
 
 
+def test_parallel_fine_tunes_give_the_same_table(tiny_world, tmp_path):
+    """jobs=2 (spawned workers, 1 thread each) runs the same fine-tunes as jobs=1: same rows,
+    same order, same scores, and one shared run for identical token sets."""
+    p = R.Protocol(hidden=16, layers=1, heads=2, intermediate=32, steps=6, eval_steps=(3, 6), batch_size=4,
+                   warmup=1, eval_batch=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = R.accuracy_table(str(tiny_world), tmp_path / "one", p, budgets=(16,), methods=("setok", "tome"))
+        two = R.accuracy_table(str(tiny_world), tmp_path / "two", p, budgets=(16,), methods=("setok", "tome"),
+                               jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert two["jobs"] == 2 and len(one["runs"]) == len(two["runs"]) == 4
+    for a, b in zip(one["runs"], two["runs"]):
+        assert (a["method"], a["budget"], a["run"]) == (b["method"], b["budget"], b["run"])
+        assert a["accuracy"] == b["accuracy"] and a["val_accuracy"] == b["val_accuracy"]
+        assert a["steps_chosen"] == b["steps_chosen"] and a["per_type"] == b["per_type"]
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
+
+
 def test_cli_one_line_errors(tmp_path):
     r = CliRunner().invoke(cli, ["bench-reduce", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert r.exit_code == 2 and r.output.strip().startswith("error:") and "no such folder" in r.output

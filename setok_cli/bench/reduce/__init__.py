@@ -60,7 +60,7 @@ __all__ = ["BUDGETS", "ACCURACY_BUDGETS", "TEXT_TOKENS", "FULL", "METHODS", "pre
 def run(data: Optional[str], out_dir, quick: bool = False, model_folder: Optional[str] = None,
         methods: Sequence[str] = METHODS, skip_accuracy: bool = False, skip_cost: bool = False,
         protocol: Optional[Protocol] = None, layers: Optional[int] = None, repeats: Optional[int] = None,
-        progress=None) -> dict:
+        progress=None, jobs: int = 1) -> dict:
     """The whole benchmark; returns the JSON object the command prints and writes."""
     import platform
 
@@ -79,7 +79,7 @@ def run(data: Optional[str], out_dir, quick: bool = False, model_folder: Optiona
         if data is None or not Path(data).is_dir():
             raise UserError(f"--data {data}: no such folder (make the world with `setok data shapes --out {data}`)")
         acc = accuracy_table(data, out_dir / "predictions", protocol, ACCURACY_BUDGETS if not quick else (16, 64),
-                             methods, progress)
+                             methods, progress, jobs=jobs)
         result["accuracy"] = acc
         result["accuracy_goals"] = accuracy_goals(acc, ACCURACY_BUDGETS if not quick else (16, 64))
     if not skip_cost:

@@ -30,8 +30,8 @@ class Protocol:
     layers: int = 2
     heads: int = 4
     intermediate: int = 128
-    steps: int = 400
-    eval_steps: tuple = (200, 400)  # val checkpoints: the run keeps the better one
+    steps: int = 3000
+    eval_steps: tuple = (1000, 2000, 3000)  # val checkpoints: the run keeps the best one
     batch_size: int = 24  # conversations (all questions about one image) per step
     lr: float = 3e-3
     warmup: int = 30
@@ -233,16 +233,26 @@ def finetune(world: World, tokens: dict, protocol: Protocol, out_dir: Path, name
             "final_loss": statistics.mean(losses[-20:])}
 
 
+def _finetune_job(job) -> dict:
+    """One fine-tune in a worker process (spawned: no OpenMP state inherited from the parent)."""
+    world, tokens, protocol, out_dir, name, threads = job
+    torch.set_num_threads(threads)
+    return finetune(world, tokens, protocol, out_dir, name)
+
+
 def accuracy_table(data: str, out_dir: Path, protocol: Protocol, budgets: Sequence[int] = ACCURACY_BUDGETS,
-                   methods: Sequence[str] = METHODS, progress=None) -> dict:
-    """The accuracy half (see the package docstring). progress(kind, ...) for the CLI's bars."""
+                   methods: Sequence[str] = METHODS, progress=None, jobs: int = 1) -> dict:
+    """The accuracy half (see the package docstring). progress(kind, ...) for the CLI's bars.
+    jobs > 1 runs that many fine-tunes at once in spawned processes, each on
+    max(1, torch threads // jobs) threads: the tiny model gains little from a second thread,
+    so on a 2-core machine two 1-thread runs finish the table in about half the time. Every
+    run is the same function on the same inputs, so the figures do not depend on jobs."""
     tower = BuiltinTower()
     say = progress or (lambda *a: None)
     world = load_world(data, protocol, tower, progress=lambda what, n, tot: say("features", what, n, tot))
     runs = [("full", FULL)] + [(m, None) for m in ("setok",) if m in methods] + \
         [(m, b) for b in budgets for m in methods]
-    results = []
-    done = {}  # identical token sets (setok's counts under a budget it never reaches) reuse a run
+    rows, todo = [], {}  # identical token sets (setok's counts under a budget it never reaches) share a run
     for method, budget in runs:
         tokens = {s: reduce_world(sp["feats"], "random" if method == "full" else method,
                                   FULL if method == "full" else budget) for s, sp in world.splits.items()}
@@ -253,20 +263,40 @@ def accuracy_table(data: str, out_dir: Path, protocol: Protocol, budgets: Sequen
                "tokens_min": int(counts.min()), "tokens_max": int(counts.max())}
         if method in NEEDS_IMPORTANCE:
             row["importance"] = IMPORTANCE_SUBSTITUTE
-        if sig in done:
-            row.update({k: v for k, v in done[sig].items() if k not in row})
-            row["same_tokens_as"] = done[sig]["run"]
-        else:
-            name = f"{method}_{budget if budget is not None else 'natural'}"
+        if sig not in todo:
+            todo[sig] = (f"{method}_{budget if budget is not None else 'natural'}", tokens)
+        rows.append((row, sig))
+    results = {}
+    if jobs <= 1:
+        for sig, (name, tokens) in todo.items():
             say("run", name, protocol.steps)
-            r = finetune(world, tokens, protocol, out_dir, name, progress=lambda n: say("step", n))
-            row.update({"run": name, "accuracy": r["test"]["accuracy"], "val_accuracy": r["val_accuracy"],
-                        "steps_chosen": r["steps_chosen"], "train_seconds": r["train_seconds"],
-                        "final_loss": r["final_loss"],
-                        "per_type": {k.split("/")[1]: v for k, v in r["test"].items() if k.startswith("accuracy/")}})
-            done[sig] = row
-        results.append(row)
-    return {"protocol": dataclasses.asdict(protocol), "runs": results, "questions": {
+            results[sig] = finetune(world, tokens, protocol, out_dir, name, progress=lambda n: say("step", n))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        lite = World(world.tokenizer, world.image_token_id, world.pad_id,
+                     {s: {k: v for k, v in sp.items() if k != "feats"} for s, sp in world.splits.items()})
+        threads = max(1, torch.get_num_threads() // jobs)
+        say("runs", len(todo))
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_finetune_job, (lite, tokens, protocol, out_dir, name, threads)): sig
+                       for sig, (name, tokens) in sorted(todo.items(), key=lambda kv: kv[0][0] != "full")}
+            for f in as_completed(futures):  # the full run (longest) was submitted first
+                results[futures[f]] = f.result()
+                say("run done", todo[futures[f]][0])
+    out = []
+    for row, sig in rows:
+        name, r = todo[sig][0], results[sig]
+        first = next(rw for rw, sg in rows if sg == sig)
+        if first is not row:
+            row["same_tokens_as"] = name
+        row.update({"run": name, "accuracy": r["test"]["accuracy"], "val_accuracy": r["val_accuracy"],
+                    "steps_chosen": r["steps_chosen"], "train_seconds": r["train_seconds"],
+                    "final_loss": r["final_loss"],
+                    "per_type": {k.split("/")[1]: v for k, v in r["test"].items() if k.startswith("accuracy/")}})
+        out.append(row)
+    return {"protocol": dataclasses.asdict(protocol), "runs": out, "jobs": jobs, "questions": {
         s: len(sp["entries"]) for s, sp in world.splits.items()}, "images": {
         s: int(sp["feats"].shape[0]) for s, sp in world.splits.items()}, "vocab": len(world.tokenizer) + 1}
 
