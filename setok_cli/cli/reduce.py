@@ -71,7 +71,8 @@ def bench_reduce(quick, as_json, out_dir, plot_path, model_folder, data, methods
     protocol = None
     if steps is not None:
         base = R.quick_protocol() if quick else R.Protocol()
-        protocol = dataclasses.replace(base, steps=steps, eval_steps=tuple(sorted({max(1, steps * k // 3) for k in (1, 2, 3)})))
+        thirds = tuple(sorted({max(1, steps * k // 3) for k in (1, 2, 3)}))  # val checkpoints, as the default's
+        protocol = dataclasses.replace(base, steps=steps, eval_steps=thirds)
     out = ensure_dir(out_dir)
     err = Console(file=sys.stderr)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -21,11 +21,11 @@ real LLaVA-1.5 folder when one is given:
 Accuracy (`accuracy_table`), the paper's Table 9 protocol without downloads: a tiny
 LLaVA-architecture model (`LlavaForConditionalGeneration`, a tiny Llama text model, the
 builtin encoder plus a 2-D sin-cos position embedding as its vision tower: `BuiltinTower`)
-gets one short, identical fine-tune per reducer and budget on the synthetic world's VQA
+gets one identical fine-tune (3000 steps) per reducer and budget on the synthetic world's VQA
 (train/instruct.json): same initial weights (seed), same batches, same steps. The tower's
 features are computed once and each reducer's tokens once per budget; training feeds them
 through the model's own placeholder splice (`mm_encoder_outputs`), the projector trained
-with the LLM. The fine-tune length is chosen on val (each run keeps the better of its
+with the LLM. The fine-tune length is chosen on val (each run keeps the best of its
 checkpoints at the `eval_steps`), and test is answered once with it (greedy `generate`) and
 scored by `setok eval vqa`'s library function (`eval_vqa`).
 
