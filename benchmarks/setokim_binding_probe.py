@@ -14,6 +14,13 @@
    file it answered: accuracy by question kind (counting all objects vs one shape; existence
    by answer; relations by how they name objects; colour questions by the number of objects
    in the image, with how often the answer is a colour present in the image).
+3. Does the answer look at the right object? With --attention N: for the colour questions
+   ("What color is the hexagon?", found by shape) and the shape questions ("What shape is the
+   blue object?", found by colour) about the first N val images, the attention of the
+   position that predicts the answer on the image's tokens, per layer (heads averaged, and
+   the best head): the share that lands on the asked object's tokens, its chance level (the
+   asked object's tokens / all the image's tokens), and how often the most-attended token is
+   one of the asked object's.
 """
 from __future__ import annotations
 
@@ -153,6 +160,74 @@ def breakdown(pred_file: Path, questions: Path, data_root: Path) -> dict:
                                   for n, (q, r, p) in sorted(colour.items())}}
 
 
+@torch.no_grad()
+def attention(model, data: Path, images: int) -> dict:
+    from setok_cli.data.shapes import SHAPES
+    from setok_cli.models.setokim.regions import read_images
+    root = data / "val"
+    qs = json.loads((root / "instruct.json").read_text())
+    pairs = json.loads((root / "pairs.json").read_text())[:images]
+    by_image = {e["image"]: e for e in pairs}
+    dec = model.lm.get_decoder()
+    dec.config._attn_implementation = "eager"                         # attention weights, not sdpa
+    stats = collections.defaultdict(lambda: collections.defaultdict(list))
+    for a in range(0, len(pairs), 16):
+        ents = pairs[a:a + 16]
+        seen = read_images(model, [str(root / e["image"]) for e in ents])
+        out = seen.out
+        big = torch.iinfo(torch.int64).max // 4                            # generation order, as order_tokens
+        key = torch.where(out.seeds >= 0, out.seeds.long(), torch.full_like(out.seeds, big))
+        key = torch.where(out.token_mask, key, torch.full_like(key, 2 * big))
+        order = key.argsort(dim=1, stable=True)
+        tokens, mask = model.order(out.tokens, out.token_mask, out.seeds)
+        samples, targets = [], []
+        for i, e in enumerate(ents):
+            objects = json.loads((root / e["scene"]).read_text())["objects"]
+            if len(objects) < 2:
+                continue
+            inst = torch.from_numpy(np.array(Image.open(root / e["instances"]))).long()
+            keep = order[i][mask[i]].tolist()
+            lab = {k: [token_labels(out, i, objects, inst, k)[t] for t in keep] for k in ("shape", "color")}
+            for q in (x for x in qs if x["image"] == e["image"] and x["type"] in ("color", "shape")):
+                text = q["conversations"][0]["value"].split("\n")[-1].rstrip("?").split()
+                by, want = ("shape", text[-1]) if q["type"] == "color" else ("color", text[-2])
+                if q["type"] == "color" and want not in SHAPES:
+                    continue
+                hit = [v == want for v in lab[by]]
+                if not any(hit):
+                    continue
+                samples.append({"conversations": q["conversations"], "images": [tokens[i][mask[i]]]})
+                targets.append((q["type"], torch.tensor(hit)))
+        if not samples:
+            continue
+        kw = model.collate(samples)
+        sp = model.splice(kw["input_ids"], kw["labels"], kw["attention_mask"], kw["image_token_mask"])
+        emb = model.embed(sp, kw["image_tokens"], kw["image_token_mask"])
+        att = dec(inputs_embeds=emb, attention_mask=sp.attention_mask, position_ids=sp.position_ids,
+                  output_attentions=True).attentions                   # per layer (B, H, L, L)
+        L = sp.labels.shape[1]
+        pos = sp.vis_dst[sp.vis_src.argsort()]                          # packed tokens' flat positions
+        rows = pos // L
+        for b, (kind, hit) in enumerate(targets):
+            q = int((sp.labels[b] != -100).nonzero()[0]) - 1              # predicts the first answer token
+            cols = pos[rows == b] % L
+            for layer, A in enumerate(att):
+                w = A[b, :, q, cols].float()                                  # (H, K)
+                share = (w[:, hit].sum(1) / w.sum(1).clamp_min(1e-9))         # (H,)
+                s = stats[kind][layer]
+                s.append((float(share.mean()), float(share.max()), float(hit.float().mean()),
+                          bool(hit[int(w.mean(0).argmax())])))
+    res = {}
+    for kind, layers in stats.items():
+        res[{"color": "colour, found by shape", "shape": "shape, found by colour"}[kind]] = {
+            f"layer{layer}": {"questions": len(v), "share_on_object": round(float(np.mean([x[0] for x in v])), 3),
+                              "best_head_share": round(float(np.mean([x[1] for x in v])), 3),
+                              "chance": round(float(np.mean([x[2] for x in v])), 3),
+                              "top_token_on_object": round(float(np.mean([x[3] for x in v])), 3)}
+            for layer, v in sorted(layers.items())}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -162,14 +237,18 @@ def main() -> None:
     ap.add_argument("--questions", help="the question file it answered")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-probe", action="store_true", help="only the breakdown of --pred")
+    ap.add_argument("--attention", type=int, default=0, metavar="N",
+                    help="also: where the answer looks, on the first N val images")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     from setok_cli.models.setokim import Setokim
-    model = None if a.skip_probe else Setokim.from_pretrained(a.model).eval()
+    model = None if a.skip_probe and not a.attention else Setokim.from_pretrained(a.model).eval()
     res = {"model": a.model}
     if not a.skip_probe:
         res["probe"] = probe(model, Path(a.data), a.images)
+    if a.attention:
+        res["attention"] = attention(model, Path(a.data), a.attention)
     if a.pred and a.questions:
         res["vqa"] = breakdown(Path(a.pred), Path(a.questions), Path(a.questions).parent)
     print(json.dumps(res, indent=1))
