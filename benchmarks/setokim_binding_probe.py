@@ -50,6 +50,16 @@ def token_labels(out, i, objects, instances, key):
     return labels
 
 
+def ordered(model, out):
+    """The tokenizer's tokens in generation order (as order_tokens): (order (B, T) of tokenizer
+    indices, tokens, mask)."""
+    big = torch.iinfo(torch.int64).max // 4
+    key = torch.where(out.seeds >= 0, out.seeds.long(), torch.full_like(out.seeds, big))
+    key = torch.where(out.token_mask, key, torch.full_like(key, 2 * big))
+    tokens, mask = model.order(out.tokens, out.token_mask, out.seeds)
+    return key.argsort(dim=1, stable=True), tokens, mask
+
+
 @torch.no_grad()
 def collect(model, root: Path, n: int):
     """-> {"token": (M, T), "layer0".. : (M, H)}, shapes [M], colours [M] over the images' tokens."""
@@ -60,11 +70,7 @@ def collect(model, root: Path, n: int):
         ents = pairs[a:a + 32]
         seen = read_images(model, [str(root / e["image"]) for e in ents])
         out = seen.out
-        big = torch.iinfo(torch.int64).max // 4                            # generation order, as order_tokens
-        key = torch.where(out.seeds >= 0, out.seeds.long(), torch.full_like(out.seeds, big))
-        key = torch.where(out.token_mask, key, torch.full_like(key, 2 * big))
-        order = key.argsort(dim=1, stable=True)
-        tokens, mask = model.order(out.tokens, out.token_mask, out.seeds)
+        order, tokens, mask = ordered(model, out)
         for i, e in enumerate(ents):
             objects = json.loads((root / e["scene"]).read_text())["objects"]
             inst = torch.from_numpy(np.array(Image.open(root / e["instances"]))).long()
@@ -167,7 +173,6 @@ def attention(model, data: Path, images: int) -> dict:
     root = data / "val"
     qs = json.loads((root / "instruct.json").read_text())
     pairs = json.loads((root / "pairs.json").read_text())[:images]
-    by_image = {e["image"]: e for e in pairs}
     dec = model.lm.get_decoder()
     dec.config._attn_implementation = "eager"                         # attention weights, not sdpa
     stats = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -175,11 +180,7 @@ def attention(model, data: Path, images: int) -> dict:
         ents = pairs[a:a + 16]
         seen = read_images(model, [str(root / e["image"]) for e in ents])
         out = seen.out
-        big = torch.iinfo(torch.int64).max // 4                            # generation order, as order_tokens
-        key = torch.where(out.seeds >= 0, out.seeds.long(), torch.full_like(out.seeds, big))
-        key = torch.where(out.token_mask, key, torch.full_like(key, 2 * big))
-        order = key.argsort(dim=1, stable=True)
-        tokens, mask = model.order(out.tokens, out.token_mask, out.seeds)
+        order, tokens, mask = ordered(model, out)
         samples, targets = [], []
         for i, e in enumerate(ents):
             objects = json.loads((root / e["scene"]).read_text())["objects"]
