@@ -247,6 +247,35 @@ def test_render_conversation_labels(folders):
     assert "USER : Make" not in tok.decode([i for i in ids if i >= 0])   # spacing kept: "USER: Make"
 
 
+def test_images_after_text_in_training_and_inference_alike(folders, tmp_path):
+    from setok_cli.models.setokim import place_images, prompt_batch
+    assert place_images("<image>\nMake the red circle blue.", "after_text") == "Make the red circle blue.\n<image>"
+    assert place_images("<image>\nMake the red circle blue.", "before_text") == "<image>\nMake the red circle blue."
+    assert place_images("<image>", "after_text") == "<image>"
+    tok = build_word_tokenizer(extra_texts=TEXTS)
+    conv = [{"from": "human", "value": "<image>\nMake the red circle blue."}, {"from": "gpt", "value": "<image>"}]
+    ids, labels = render_conversation(conv, tok, image_placement="after_text")
+
+    def t(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    from setok_cli.models.setokim import VICUNA_SYSTEM
+    p1 = t(VICUNA_SYSTEM + " USER: Make the red circle blue.") + [P] + t(" ASSISTANT:")
+    assert ids == [tok.bos_token_id] + p1 + [P, tok.eos_token_id]
+    assert labels == [IGNORE_INDEX] * (1 + len(p1)) + [P, tok.eos_token_id]    # the read image still carries no label
+
+    m = make(folders, image_placement="after_text")
+    sample = {"conversations": conv, "images": [torch.randn(3, 8), torch.randn(2, 8)]}
+    train_ids = m.collate([sample])["input_ids"][0].tolist()
+    assert train_ids == ids
+    infer_ids = prompt_batch(m, [conv[0]["value"]], [[sample["images"][0]]])[0][0].tolist()
+    assert infer_ids == ids[:len(p1) + 1]                       # the prompt a pipeline renders is training's prefix
+    m.save_pretrained(tmp_path / "m")
+    assert Setokim.from_pretrained(tmp_path / "m").config.image_placement == "after_text"
+    with pytest.raises(UserError, match="image_placement"):
+        make(folders, image_placement="last")
+
+
 # ---- the model -----------------------------------------------------------------------
 
 def test_losses_match_hand_computed(folders):

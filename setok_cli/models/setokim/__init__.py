@@ -65,7 +65,8 @@ from .loading import load_stage1, stage1_folder
 from .model import Setokim, SetokimOutput
 from .report import parameter_table
 from .splice import Spliced, splice
-from .text import (IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMG_END, IMG_START, TASK_PROMPTS, VICUNA_SYSTEM,
+from .text import (IGNORE_INDEX, IMAGE_PLACEMENTS, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMG_END, IMG_START, TASK_PROMPTS,
+                   VICUNA_SYSTEM, place_images,
                    build_word_tokenizer, collate_conversations, pack_token_sets, render_conversation,
                    tokenize_with_images, world_texts)
 
@@ -74,5 +75,6 @@ __all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "Se
            "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images",
            "IMAGE_TOKEN",
            "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",
+           "IMAGE_PLACEMENTS", "place_images",
            "build_word_tokenizer", "collate_conversations", "pack_token_sets", "render_conversation",
            "tokenize_with_images", "world_texts"]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ...errors import UserError
+from .text import IMAGE_PLACEMENTS
 
 __all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "VISUAL_HEADS", "TOKEN_ORDERS",
            "LLAMA_LINEARS"]
@@ -126,6 +127,9 @@ class SetokimConfig:
     # mixed token's (so the LM still regresses what the pointer copies); 0 = the mixed loss only
     copy_head_own_loss: float = 0.0
     token_order: str = "raster"             # see the package docstring
+    # where a user turn's input images sit: "before_text" (LLaVA: "<image>\n{question}") or
+    # "after_text" (the question first, so the image's tokens can attend to it); text.place_images
+    image_placement: str = "before_text"
     max_visual_tokens: int = 64             # tokens per generated image at most
     max_length: int = 2048                  # spliced sequence length at most (longer ones are cut)
     visual_loss_weight: float = 1.0
@@ -142,6 +146,9 @@ class SetokimConfig:
             raise UserError(f"visual_head must be one of {', '.join(VISUAL_HEADS)}, got {self.visual_head!r}")
         if self.token_order not in TOKEN_ORDERS:
             raise UserError(f"token_order must be one of {', '.join(TOKEN_ORDERS)}, got {self.token_order!r}")
+        if self.image_placement not in IMAGE_PLACEMENTS:
+            raise UserError(f"image_placement must be one of {', '.join(IMAGE_PLACEMENTS)}, "
+                            f"got {self.image_placement!r}")
         if isinstance(self.diffusion, dict):
             self.diffusion = DiffusionHeadConfig(**self.diffusion)
         if isinstance(self.lora, dict):

@@ -54,7 +54,8 @@ def prompt_batch(model, prompts: Sequence, images: Optional[Sequence[Sequence[Te
     rendered, sets = [], []
     for i, p in enumerate(prompts):
         conv = [{"from": "human", "value": p}] if isinstance(p, str) else list(p)
-        ids, labels = render_conversation(conv, tok, add_generation_prompt=True, where=f"prompt {i}")
+        ids, labels = render_conversation(conv, tok, add_generation_prompt=True, where=f"prompt {i}",
+                                          image_placement=model.config.image_placement)
         if start_image:
             ids, labels = ids + [model.img_start_id], labels + [-100]
         imgs = list(images[i]) if images is not None else []

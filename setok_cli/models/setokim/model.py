@@ -330,7 +330,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         rendered, sets = [], []
         for i, s in enumerate(samples):
             where = f"sample {s.get('id', i)}"
-            rendered.append(render_conversation(s["conversations"], self.text_tokenizer, where=where))
+            rendered.append(render_conversation(s["conversations"], self.text_tokenizer, where=where,
+                                                image_placement=self.config.image_placement))
             imgs = list(s.get("images") or [])
             need = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in s["conversations"])
             if need != len(imgs):

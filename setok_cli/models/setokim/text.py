@@ -26,7 +26,7 @@ from torch import Tensor
 from ...errors import UserError
 
 __all__ = ["IMAGE_TOKEN", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM",
-           "TASK_PROMPTS", "tokenize_with_images", "render_conversation", "collate_conversations",
+           "TASK_PROMPTS", "IMAGE_PLACEMENTS", "place_images", "tokenize_with_images", "render_conversation", "collate_conversations",
            "pack_token_sets", "world_texts", "build_word_tokenizer"]
 
 IMAGE_TOKEN = "<image>"
@@ -48,6 +48,25 @@ TASK_PROMPTS = {
 }
 
 
+# Where a user turn's input images sit: "before_text" as written ("<image>\n{question}", LLaVA),
+# or "after_text" ("{question}\n<image>": in a causal LM the image's tokens then see the
+# question, so each can mark itself as the object asked about). A model's config fixes one;
+# training and inference render through it alike.
+IMAGE_PLACEMENTS = ("before_text", "after_text")
+
+
+def place_images(value: str, placement: str = "before_text") -> str:
+    """A user turn's text -> the same turn with its `<image>` marks where `placement` puts
+    them (their order kept). "before_text" returns the turn as written."""
+    if placement == "before_text" or IMAGE_TOKEN not in value:
+        return value
+    if placement != "after_text":
+        raise UserError(f"image_placement must be one of {', '.join(IMAGE_PLACEMENTS)}, got {placement!r}")
+    text = " ".join(value.replace(IMAGE_TOKEN, " ").split())
+    marks = IMAGE_TOKEN * value.count(IMAGE_TOKEN)
+    return f"{text}\n{marks}" if text else marks
+
+
 def tokenize_with_images(text: str, tokenizer) -> list[int]:
     """Text with `<image>` marks -> ids, each mark one IMAGE_TOKEN_INDEX (no BOS / EOS)."""
     ids: list[int] = []
@@ -60,10 +79,12 @@ def tokenize_with_images(text: str, tokenizer) -> list[int]:
 
 
 def render_conversation(conversations: Sequence[dict], tokenizer, *, system: str = VICUNA_SYSTEM,
-                        add_generation_prompt: bool = False, where: str = "") -> tuple[list[int], list[int]]:
+                        add_generation_prompt: bool = False, where: str = "",
+                        image_placement: str = "before_text") -> tuple[list[int], list[int]]:
     """LLaVA `conversations` -> (ids, labels), Vicuna v1. A conversation that ends with
     a user turn is a prompt: it ends with "ASSISTANT:" (then `add_generation_prompt` is
-    implied). An empty user turn is one UserError line."""
+    implied). User turns' input images are placed by `place_images(.., image_placement)`.
+    An empty user turn is one UserError line."""
     pre = f"{where}: " if where else ""
     if not conversations:
         raise UserError(f"{pre}empty conversation")
@@ -80,7 +101,7 @@ def render_conversation(conversations: Sequence[dict], tokenizer, *, system: str
         if role == "USER":
             if not value.strip():
                 raise UserError(f"{pre}empty prompt (turn {n})")
-            pending += f"USER: {value} ASSISTANT:"
+            pending += f"USER: {place_images(value, image_placement)} ASSISTANT:"
             expect = "ASSISTANT"
             continue
         p = tokenize_with_images(pending, tokenizer)
