@@ -25,6 +25,7 @@ COMMANDS = {
     "segment": "setok_cli.cli.setokim:segment_cmd",
     "chat": "setok_cli.cli.setokim:chat_cmd",
     "export": "setok_cli.cli.setokim:export_cmd",
+    "bank": "setok_cli.cli.setokim:bank_cmd",
 }
 
 

@@ -36,6 +36,24 @@ def _sampling_options(f):
     return f
 
 
+def _bank_option(f):
+    return click.option("--bank", "bank_path", type=click.Path(dir_okay=False), metavar="FILE",
+                        help="Snap every written token to the nearest real token of this bank (and of the "
+                             "input image): `setok bank DATA --model RUN --out FILE` makes one.")(f)
+
+
+def _use_bank(opts, bank_path, model) -> None:
+    if bank_path:
+        from ..models.setokim.bank import load_bank
+        opts.bank = load_bank(bank_path, model)
+
+
+def _check_bank(bank_path) -> None:
+    """Before the model loads: a named bank file must exist."""
+    if bank_path and not Path(bank_path).is_file():
+        raise UserError(f"{bank_path}: no such token bank (make one with `setok bank DATA --model RUN --out FILE`)")
+
+
 def _file_options(f):
     f = click.option("--limit", type=click.IntRange(min=1), help="Only the first N entries of --data.")(f)
     f = click.option("--pred-out", type=click.Path(dir_okay=False),
@@ -123,18 +141,21 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
 @click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
+@_bank_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
-                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size):
+                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, bank_path):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt")
+    _check_bank(bank_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     from ..files import ensure_dir
     from ..tasks.setokim import generate, load_setokim, save_png
     if not data:
         ensure_dir(out_dir)
     model = load_setokim(model_path)
+    _use_bank(opts, bank_path, model)
     if data:
         return _run_file(model, "generate", data, pred_out, opts, batch_size, size, limit)
     stem = "_".join(prompt.lower().split())[:40].strip("_") or "image"
@@ -151,15 +172,18 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @_file_options
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
+@_bank_option
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
-             copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size):
+             copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
     from ..tasks.setokim import edit, save_png, side_by_side
+    _check_bank(bank_path)
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
+    _use_bank(opts, bank_path, model)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
     out = edit(model, [src], [instruction], opts, size)[0]
@@ -254,15 +278,18 @@ def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, vi
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR",
               help="Folder for the images the model writes.")
 @click.option("--size", type=click.IntRange(min=8), help="Side of written images (default: the detokenizer's).")
+@_bank_option
 def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed,
-             batch_size, threads, out_dir, size):
+             batch_size, threads, out_dir, size, bank_path):
     """Talk with the model about IMAGE (optional). Commands: /image PATH, /reset, /quit."""
+    _check_bank(bank_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     from ..images import load_image
     from ..tasks.chat import ChatSession
     from ..tasks.setokim import load_setokim
     pic = load_image(image) if image else None
     model = load_setokim(model_path)
+    _use_bank(opts, bank_path, model)
     chat = ChatSession(model, pic, opts, out_dir, size)
     if pic is not None:
         click.echo(f"[{image}: {int(chat.pending[0].shape[0])} tokens]", err=True)
@@ -313,3 +340,51 @@ def export_cmd(model_path, out_dir, no_stage1):
     note = (f"LoRA merged ({size['parameters']:,} adapter parameters, {size['bytes'] / 2**20:.2f} MiB)"
             if size["parameters"] else "no LoRA adapters")
     click.echo(f"{out_dir}   ({note})")
+
+
+@click.command("bank")
+@click.argument("data", metavar="DATA")
+@click.option("--model", "model_path", required=True, metavar="RUN",
+              help="The Setokim whose SeTok tokenizes the images (a bank fits that SeTok only).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where the bank goes (safetensors).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
+def bank_cmd(data, model_path, out_path, limit, batch_size, threads):
+    """Tokenize the images of DATA (a pairs JSON, e.g. the training split's, or a folder of
+    images) into a token bank for `generate|edit|chat --bank FILE`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..models.setokim.bank import build_bank, save_bank
+    from ..tasks.setokim import load_setokim
+    images = _bank_images(data)[:limit]
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    model = load_setokim(model_path)
+    with Progress(TextColumn("bank"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(file=sys.stderr), transient=True) as bar:
+        t = bar.add_task("bank", total=len(images))
+        tokens = build_bank(model, images, batch_size, on_batch=lambda n: bar.advance(t, n))
+    save_bank(out_path, tokens, model)
+    click.echo(f"{tokens.shape[0]} tokens of {len(images)} images -> {out_path}")
+
+
+def _bank_images(data) -> list[str]:
+    """A pairs-like JSON (its distinct images, in order) or a folder (its PNG / JPEG files)."""
+    p = Path(data)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise UserError(f"{p}: no PNG or JPEG images")
+        return files
+    if not p.is_file():
+        raise UserError(f"{p}: no such data file or folder")
+    from ..data.formats import load
+    entries = load(p, "pairs")
+    images = list(dict.fromkeys(e["image"] for e in entries))
+    if not images:
+        raise UserError(f"{p}: no images")
+    return images

@@ -57,6 +57,7 @@ class Sampling:
     decode_steps: Optional[int] = None          # the detokenizer's sampling steps (None: its config)
     copy: str = "hard"                          # a copy head's pointer: "hard" (argmax source) or "soft"
     seed: int = 0
+    bank: Optional[torch.Tensor] = None         # real tokens (M, T) to snap written tokens to (models/setokim/bank.py)
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
@@ -76,7 +77,7 @@ def load_setokim(path):
 def _kw(opts: Sampling, generator: torch.Generator) -> dict:
     return dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
                 visual_steps=opts.visual_steps, visual_temperature=opts.visual_temperature, copy=opts.copy,
-                generator=generator)
+                generator=generator, bank=opts.bank)
 
 
 def _decode(model, token_sets: list[torch.Tensor], opts: Sampling, generator: torch.Generator,

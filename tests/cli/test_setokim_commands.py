@@ -76,6 +76,23 @@ def test_data_file_predictions_are_what_eval_reads(run, stage2_world, tmp_path, 
     assert scores["missing"] == len(entries) - 2
 
 
+def test_bank_then_generate_and_edit_with_it(run, stage2_world, tmp_path):
+    bank = tmp_path / "bank.safetensors"
+    res = _run(["bank", stage2_world / "shapes" / "train" / "pairs.json", "--model", run, "--out", bank,
+                "--limit", "5", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert bank.is_file() and "of 5 images" in res.output
+    res = _run(["generate", "two red circles", "--model", run, "--out", tmp_path, "--size", "24", "--threads", "1",
+                "--bank", bank])
+    assert res.exit_code == 0, res.output
+    assert np.asarray(Image.open(tmp_path / "two_red_circles_0.png")).shape == (24, 24, 3)
+    data = stage2_world / "shapes" / "test" / "edits.json"
+    res = _run(["edit", "--data", data, "--pred-out", tmp_path / "e.json", "--model", run, "--limit", "2",
+                "--threads", "1", "--size", "24", "--bank", bank])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "e.json").read_text())) == 2
+
+
 @pytest.mark.parametrize("args,msg", [
     (["caption", "{img}", "--model", "{nope}"], "not found"),
     (["caption", "{missing}", "--model", "{run}"], "no such file"),
@@ -85,6 +102,8 @@ def test_data_file_predictions_are_what_eval_reads(run, stage2_world, tmp_path, 
     (["caption", "--data", "{pairs}", "--model", "{run}"], "--pred-out"),
     (["caption", "--model", "{run}"], "give IMAGE"),
     (["generate", "a red circle", "--model", "{stage1}"], "holds"),
+    (["generate", "a red circle", "--model", "{run}", "--bank", "{nope}"], "no such token bank"),
+    (["bank", "{nope}", "--model", "{run}", "--out", "{nope}"], "no such data file"),
 ])
 def test_bad_inputs_are_one_line(run, stage2_world, tmp_path, args, msg):
     img = sorted((stage2_world / "shapes" / "test" / "images").glob("*.png"))[0]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...errors import UserError
-from .text import IMAGE_TOKEN, collate_conversations, pack_token_sets, render_conversation
+from .text import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, collate_conversations, pack_token_sets, render_conversation
 
 __all__ = ["Generated", "generate", "prompt_batch", "sample_logits", "decode_images"]
 
@@ -76,12 +76,14 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              top_p: float = 1.0, visual_steps: Optional[int] = None, visual_temperature: Optional[float] = None,
              max_visual_tokens: Optional[int] = None, use_cache: bool = True,
              generator: Optional[torch.Generator] = None, text_only: bool = False,
-             copy: str = "hard") -> list[Generated]:
+             copy: str = "hard", bank: Optional[Tensor] = None) -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
     (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
     sampled (an answer in words, e.g. `setok ask`). copy: with a copy head, "hard" copies
-    the source token the pointer weighs most, "soft" the pointer's weighted mean (as trained)."""
+    the source token the pointer weighs most, "soft" the pointer's weighted mean (as trained).
+    bank (M, T): real tokens (`bank.load_bank`); each written token is replaced by the
+    nearest of the bank and of the row's prompt images before it is fed back (`bank.py`)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -95,20 +97,26 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise UserError(f"copy must be 'hard' or 'soft', got {copy!r}")
     if visual_temperature is not None and not visual_temperature >= 0:
         raise UserError(f"visual_temperature must be >= 0, got {visual_temperature}")
+    T = int(model.config.token_dim)
+    if bank is not None and (bank.ndim != 2 or bank.shape[1] != T or bank.shape[0] == 0):
+        raise UserError(f"token bank {tuple(bank.shape)}: need (M >= 1, {T})")
     was_training = model.training
     model.eval()
     try:
         return _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new_tokens,
                          temperature, top_p, visual_steps, visual_temperature,
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
-                         copy == "hard")
+                         copy == "hard", bank)
     finally:
         model.train(was_training)
 
 
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
-              vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True) -> list[Generated]:
+              vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
+              bank=None) -> list[Generated]:
     from transformers import DynamicCache
+
+    from .bank import nearest
     sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
     emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
     attn, pos = sp.attention_mask, sp.position_ids
@@ -124,6 +132,15 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     n_text = torch.zeros(B, dtype=torch.long, device=dev)
     n_vis = torch.zeros(B, dtype=torch.long, device=dev)
     rec_ids, rec_vis, rec_kind = [], [], []                                # per step: (B,), (B, T), (B,)
+    if bank is not None:                  # snap targets, standardised: the bank and each row's prompt images
+        bank = model.normalize(bank.to(dev).float())
+        per_row = (input_ids == IMAGE_TOKEN_INDEX).sum(1).tolist()
+        src = [] if image_tokens is None else [model.normalize(t[m].float())
+                                               for t, m in zip(image_tokens, image_token_mask)]
+        cum = [0]
+        for n in per_row:
+            cum.append(cum[-1] + n)
+        row_src = [torch.cat(src[cum[b]:cum[b + 1]]) if cum[b + 1] > cum[b] else bank[:0] for b in range(B)]
     while not bool(done.all()):
         logits = lm_head(h).float()
         logits[:, e_id] = float("-inf")                                    # [/Img] is given, never sampled
@@ -141,6 +158,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
             if model.copy_head is not None:     # the pointer: the prompt's images stand before every step
                 vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
                                             (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
+            if bank is not None:
+                vis[rows] = nearest(vis[rows], bank, [row_src[r] for r in rows.tolist()])
         text_rows = ~image_mode & ~done
         emit_vis = image_mode & ~done & ~stop
         end_img = image_mode & ~done & stop
