@@ -41,3 +41,15 @@ def shapes(out, n, size, seed, splits, as_json):
     for name, counts in summary["splits"].items():
         table.add_row(name, *(str(counts[k]) for k in kinds))
     Console().print(table)
+
+
+@data.command("referring")
+@click.argument("split", type=click.Path(file_okay=False))
+@click.option("--by", "by", default="shape", show_default=True, type=click.Choice(["shape", "color"]),
+              help="Name each object by this alone, wherever it alone singles the object out.")
+def referring(split, by):
+    """Write SPLIT/referring_<by>.json: referring expressions that name an object by its
+    shape (or colour) alone, for every object it singles out (a stage-III segmentation set)."""
+    from ..data.shapes import referring_by
+    path, n = referring_by(split, by)
+    click.echo(f"{n} expressions -> {path}")

@@ -21,7 +21,7 @@ from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
-__all__ = ["generate", "make_example", "write_split", "parse_splits", "split_counts", "scene_record", "png_bytes",
+__all__ = ["generate", "make_example", "write_split", "referring_by", "parse_splits", "split_counts", "scene_record", "png_bytes",
            "caption", "count_phrase", "phrase", "questions", "referring_expression", "region_name", "sample_edit",
            "CHECK_RES", "COLOR_NAMES", "COLORS", "EXTENTS", "MAX_OBJECTS", "MAX_SIZE", "MIN_SIZE", "MIN_VISIBLE",
            "NUMBER_WORDS", "PLURALS", "REGIONS", "SHAPES", "SUPERSAMPLE", "Rendered", "_valid", "coverage", "inside",
@@ -169,3 +169,45 @@ def generate(out: str | Path, n: int = 1000, size: int = 64, seed: int = 0,
             bar.stop()
     atomic_write_json(root / "dataset.json", summary)
     return summary
+
+
+REFERRING_KEYS = ("shape", "color")
+
+
+def referring_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
+    """A written split -> `referring_<by>.json` (SPEC referring entries) beside its other
+    files: in every image of two or more objects, each object whose `by` alone is unique
+    ("the hexagon", "the red object") with its mask (`referring_<by>/<stem>_<id>.png`).
+    The world's own referring.json names an object by its shape alone only where its colour
+    is shared (510 of 3,679 training expressions); this names every object that its shape
+    singles out. Returns (path, number of expressions)."""
+    from ..errors import UserError
+    from .formats import load
+    if by not in REFERRING_KEYS:
+        raise UserError(f"--by must be one of {', '.join(REFERRING_KEYS)}, got {by!r}")
+    d = Path(split)
+    if not (d / "pairs.json").is_file():
+        raise UserError(f"{d}: no pairs.json (a split folder written by `setok data shapes`)")
+    from PIL import Image
+    out: list[dict] = []
+    for e in load(d / "pairs.json", "pairs"):
+        if "scene" not in e or "instances" not in e:
+            raise UserError(f"{d / 'pairs.json'}: entries need 'scene' and 'instances' (a shapes-world split)")
+        import json
+        objs = json.loads(Path(e["scene"]).read_text())["objects"]
+        if len(objs) < 2:
+            continue
+        with Image.open(e["instances"]) as im:
+            inst = np.asarray(im)
+        stem = Path(e["image"]).stem
+        for o in objs:
+            if sum(q[by] == o[by] for q in objs) != 1 or not (inst == o["id"]).any():
+                continue
+            m = f"referring_{by}/{stem}_{o['id']}.png"
+            atomic_write_bytes(d / m, png_bytes(np.where(inst == o["id"], 255, 0).astype(np.uint8)))
+            expr = f"the {o['shape']}" if by == "shape" else f"the {o['color']} object"
+            out.append({"image": Path(e["image"]).relative_to(d.resolve()).as_posix(), "expression": expr, "mask": m,
+                        "object": o["id"], "scene": Path(e["scene"]).relative_to(d.resolve()).as_posix()})
+    path = d / f"referring_{by}.json"
+    atomic_write_json(path, out, indent=None)
+    return path, len(out)

@@ -61,3 +61,32 @@ def test_setok_data_shapes_failing_midway_keeps_what_was_written(tmp_path):
     with Image.open(first) as im:
         assert im.size == (64, 64)                      # replaced whole, not half-written
     assert not [p for p in out.rglob(".*")]             # no temporary file left behind
+
+
+def test_setok_data_referring_by_shape_and_colour(world, tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from setok_cli.data.formats import load
+    split = tmp_path / "train"
+    shutil.copytree(world / "train", split)
+    for by in ("shape", "color"):
+        r = CliRunner().invoke(cli, ["data", "referring", str(split), "--by", by])
+        assert r.exit_code == 0, r.output
+        entries = load(split / f"referring_{by}.json", "referring")     # a valid SPEC referring file
+        want = 0
+        for p in load(split / "pairs.json", "pairs"):                   # brute force: objects `by` singles out
+            objs = json.loads(open(p["scene"]).read())["objects"]
+            want += sum(len(objs) > 1 and sum(q[by] == o[by] for q in objs) == 1 for o in objs)
+        assert len(entries) == want > 0
+        for e in entries:
+            objs = {o["id"]: o for o in json.loads(open(e["scene"]).read())["objects"]}
+            o = objs[e["object"]]
+            assert e["expression"] == (f"the {o['shape']}" if by == "shape" else f"the {o['color']} object")
+            assert sum(q[by] == o[by] for q in objs.values()) == 1
+            inst = np.asarray(Image.open(str(e["image"]).replace("/images/", "/instances/")))
+            assert np.array_equal(np.asarray(Image.open(e["mask"])) > 127, inst == e["object"])
+    r = CliRunner().invoke(cli, ["data", "referring", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and _error_lines(r.output) and "pairs.json" in r.output
