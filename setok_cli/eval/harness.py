@@ -311,6 +311,7 @@ def eval_segment(data: str, pred: str) -> dict:
     aligned = _align_by_image_and_text(pred, entries, "image", "expression", "mask",
                                        ("the image", "the referring expression", "the predicted mask PNG"))
     ious, inter, union, missing = [], 0, 0, 0
+    by_form: dict[str, list[float]] = defaultdict(list)
     for e, p in zip(entries, aligned):
         gt = _binary(load_ids(e["mask"]))
         if p is None:
@@ -321,9 +322,34 @@ def eval_segment(data: str, pred: str) -> dict:
         i, u = M.mask_stats(pm, gt)
         inter, union = inter + i, union + u
         ious.append(1.0 if u == 0 else i / u)
-    return {"task": "segment", "data": str(data), "expressions": len(entries), "missing": missing,
-            "miou": _mean(ious), "ciou": inter / union if union else None,
-            "precision@0.5": float(np.mean([x >= 0.5 for x in ious])) if ious else None}
+        by_form[expression_form(e["expression"])].append(ious[-1])
+    out = {"task": "segment", "data": str(data), "expressions": len(entries), "missing": missing,
+           "miou": _mean(ious), "ciou": inter / union if union else None,
+           "precision@0.5": float(np.mean([x >= 0.5 for x in ious])) if ious else None}
+    if set(by_form) != {"other"}:          # the shapes world's expressions: mIoU and count per form
+        for form in sorted(by_form):
+            out[f"miou/{form}"] = _mean(by_form[form])
+            out[f"expressions/{form}"] = len(by_form[form])
+    return out
+
+
+def expression_form(expression: str) -> str:
+    """How a shapes-world expression singles its object out: "shape" ("the hexagon"),
+    "color" ("the red object"), "color+shape" ("the red hexagon"), "position" ("the leftmost
+    red hexagon"); "other" for any other text."""
+    from ..data.shapes_world import COLOR_NAMES, SHAPES
+    w = expression.lower().strip().rstrip(".").split()
+    w = w[1:] if w[:1] == ["the"] else w
+    if len(w) == 3 and w[0] in ("leftmost", "rightmost", "topmost", "bottommost") and w[1] in COLOR_NAMES \
+            and w[2] in SHAPES:
+        return "position"
+    if len(w) == 2 and w[0] in COLOR_NAMES and w[1] == "object":
+        return "color"
+    if len(w) == 2 and w[0] in COLOR_NAMES and w[1] in SHAPES:
+        return "color+shape"
+    if len(w) == 1 and w[0] in SHAPES:
+        return "shape"
+    return "other"
 
 
 # ----------------------------------------------------------------------------- generate / edit

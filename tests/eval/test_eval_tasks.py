@@ -62,6 +62,17 @@ def test_segment_perfect_worst_and_known(world, tmp_path):
     r = T.eval_segment(data, _dump(tmp_path / "one.json", one))
     assert r["missing"] == len(entries) - 1
     assert r["miou"] == pytest.approx(m0.mean() / len(entries))
+    # per form of expression: the forms' counts add up, and each form's mIoU is its own entries'
+    form0 = T.expression_form(entries[0]["expression"])
+    assert sum(v for k, v in r.items() if k.startswith("expressions/")) == len(entries)
+    assert r[f"miou/{form0}"] == pytest.approx(m0.mean() / r[f"expressions/{form0}"])
+    assert all(v == 0.0 for k, v in r.items() if k.startswith("miou/") and k != f"miou/{form0}")
+
+
+def test_expression_forms():
+    f = T.expression_form
+    assert [f("the hexagon"), f("the red object"), f("the red hexagon."), f("the leftmost red hexagon"),
+            f("a dog on the left"), f("the red")] == ["shape", "color", "color+shape", "position", "other", "other"]
 
 
 def test_generate_perfect_and_worst(world, tmp_path):
