@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from setokim_pictures import CELL, _cell, _row  # noqa: E402  (the same cells as the Setokim picture)
+from setokim_pictures import CELL, _cell, _row, _save_stacked  # noqa: E402  (the same cells as the Setokim picture)
 
 
 def main(argv=None) -> None:
@@ -46,13 +45,7 @@ def main(argv=None) -> None:
     rows = [_row([_cell(np.asarray(load_image(p["image"])), [f"truth: {p['caption']}"]) for p in pairs]),
             _row([_cell(g[0], ["written (MSE head)"]) for g in plain]),
             _row([_cell(g[0], ["written, snapped to the bank"]) for g in snapped])]
-    pic = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + 8 * len(rows)), "white")
-    y = 0
-    for r in rows:
-        pic.paste(r, (0, y))
-        y += r.height + 8
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pic.save(a.out)
+    _save_stacked(rows, a.out)
     print(json.dumps({"out": a.out, "captions": len(caps), "cell": CELL}))
 
 

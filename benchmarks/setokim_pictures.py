@@ -53,6 +53,17 @@ def _row(cells: list[Image.Image], gap: int = 6) -> Image.Image:
     return out
 
 
+def _save_stacked(rows: list[Image.Image], out: str, gap: int = 8) -> None:
+    """Rows one under the other -> a PNG at `out`."""
+    pic = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + gap * len(rows)), "white")
+    y = 0
+    for r in rows:
+        pic.paste(r, (0, y))
+        y += r.height + gap
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pic.save(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -108,13 +119,7 @@ def main(argv=None) -> None:
     rows.append(_row([_cell(side_by_side(np.asarray(load_image(e["source"])), o), [e["instruction"]], 2 * CELL)
                       for e, o in zip(eds, outs)]))
 
-    pic = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + 8 * len(rows)), "white")
-    y = 0
-    for r in rows:
-        pic.paste(r, (0, y))
-        y += r.height + 8
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pic.save(a.out)
+    _save_stacked(rows, a.out)
     print(json.dumps({"out": a.out, "questions": len(picked), "segments": len(refs), "edits": len(eds)}))
 
 
