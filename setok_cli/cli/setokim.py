@@ -37,12 +37,16 @@ def _sampling_options(f):
 
 
 def _bank_option(f):
+    f = click.option("--source-margin", default=2.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="With --bank: snap to the input image's nearest token unless the bank's is this many "
+                          "times closer.")(f)
     return click.option("--bank", "bank_path", type=click.Path(dir_okay=False), metavar="FILE",
-                        help="Snap every written token to the nearest real token of this bank (and of the "
+                        help="Snap every written token to the nearest real token of this bank (or of the "
                              "input image): `setok bank DATA --model RUN --out FILE` makes one.")(f)
 
 
-def _use_bank(opts, bank_path, model) -> None:
+def _use_bank(opts, bank_path, model, source_margin) -> None:
+    opts.source_margin = source_margin
     if bank_path:
         from ..models.setokim.bank import load_bank
         opts.bank = load_bank(bank_path, model)
@@ -143,7 +147,8 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
 @_bank_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
-                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, bank_path):
+                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, bank_path,
+                 source_margin):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
@@ -155,7 +160,7 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
     if not data:
         ensure_dir(out_dir)
     model = load_setokim(model_path)
-    _use_bank(opts, bank_path, model)
+    _use_bank(opts, bank_path, model, source_margin)
     if data:
         return _run_file(model, "generate", data, pred_out, opts, batch_size, size, limit)
     stem = "_".join(prompt.lower().split())[:40].strip("_") or "image"
@@ -174,7 +179,7 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
 @_bank_option
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
-             copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path):
+             copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
@@ -183,7 +188,7 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
-    _use_bank(opts, bank_path, model)
+    _use_bank(opts, bank_path, model, source_margin)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
     out = edit(model, [src], [instruction], opts, size)[0]
@@ -280,7 +285,7 @@ def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, vi
 @click.option("--size", type=click.IntRange(min=8), help="Side of written images (default: the detokenizer's).")
 @_bank_option
 def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed,
-             batch_size, threads, out_dir, size, bank_path):
+             batch_size, threads, out_dir, size, bank_path, source_margin):
     """Talk with the model about IMAGE (optional). Commands: /image PATH, /reset, /quit."""
     _check_bank(bank_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
@@ -289,7 +294,7 @@ def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps
     from ..tasks.setokim import load_setokim
     pic = load_image(image) if image else None
     model = load_setokim(model_path)
-    _use_bank(opts, bank_path, model)
+    _use_bank(opts, bank_path, model, source_margin)
     chat = ChatSession(model, pic, opts, out_dir, size)
     if pic is not None:
         click.echo(f"[{image}: {int(chat.pending[0].shape[0])} tokens]", err=True)

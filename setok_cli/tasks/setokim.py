@@ -58,6 +58,7 @@ class Sampling:
     copy: str = "hard"                          # a copy head's pointer: "hard" (argmax source) or "soft"
     seed: int = 0
     bank: Optional[torch.Tensor] = None         # real tokens (M, T) to snap written tokens to (models/setokim/bank.py)
+    source_margin: float = 2.5                  # with a bank: an input image's token wins unless the bank's is this much closer
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
@@ -77,7 +78,7 @@ def load_setokim(path):
 def _kw(opts: Sampling, generator: torch.Generator) -> dict:
     return dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
                 visual_steps=opts.visual_steps, visual_temperature=opts.visual_temperature, copy=opts.copy,
-                generator=generator, bank=opts.bank)
+                generator=generator, bank=opts.bank, source_margin=opts.source_margin)
 
 
 def _decode(model, token_sets: list[torch.Tensor], opts: Sampling, generator: torch.Generator,

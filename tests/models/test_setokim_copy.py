@@ -170,6 +170,9 @@ def test_nearest_known_values():
     extra = [torch.tensor([[9.0, 1.5]]), torch.zeros(0, 2), torch.tensor([[20.0, 20.0]])]
     out = nearest(x, bank, extra)                          # row 0: the extra token is closer; row 2: the bank's
     assert torch.equal(out, torch.stack([extra[0][0], bank[2], bank[0]]))
+    # the margin: row 2's extra token is 22.6 away, the bank's 5.66; it wins from a margin of 4 on
+    assert torch.equal(nearest(x, bank, extra, source_margin=3.9)[2], bank[0])
+    assert torch.equal(nearest(x, bank, extra, source_margin=4.1)[2], extra[2][0])
 
 
 def _members(rows: torch.Tensor, pool: torch.Tensor) -> bool:

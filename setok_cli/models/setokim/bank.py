@@ -7,8 +7,8 @@ forcing fed it real tokens). Snapping replaces each written token by the nearest
 bank of real tokens (in standardised token space, `model.normalize`) before it is fed back
 and decoded: the written image is then made of real objects, and the LM continues from a
 real token (nearest-neighbour decoding, as a VQ codebook but with the data's own tokens).
-An edit also snaps to the tokens of the image it reads, so a kept object can come back
-exactly. Not in the paper; off unless a bank is given (`setok generate|edit|chat --bank`).
+An edit also snaps to the tokens of the image it reads, preferred unless the bank's token is
+`source_margin` times closer (2.5, chosen on val edits), so a kept object comes back exactly. Not in the paper; off unless a bank is given (`setok generate|edit|chat --bank`).
 
     tokens = build_bank(model, image_paths)                    # (M, T), as the SeTok gives them
     save_bank("out/bank.safetensors", tokens, model)           # `setok bank DATA --model RUN --out FILE`
@@ -85,9 +85,12 @@ def load_bank(path, model) -> Tensor:
     return tokens
 
 
-def nearest(x: Tensor, bank: Tensor, extra: Optional[Sequence[Tensor]] = None) -> Tensor:
-    """x (R, T) standardised tokens -> the nearest row of `bank` (M, T) or, per row r, of
-    extra[r] (K_r, T) (standardised too; may be empty), whichever is closer (squared L2)."""
+def nearest(x: Tensor, bank: Tensor, extra: Optional[Sequence[Tensor]] = None,
+            source_margin: float = 1.0) -> Tensor:
+    """x (R, T) standardised tokens -> per row the nearest row of `bank` (M, T), or the
+    nearest token of extra[r] (K_r, T) (the row's input images; may be empty) where that one
+    is less than `source_margin` times as far (L2): margin 1 takes whichever is closer, a
+    larger margin prefers copying from the input (an edit keeps most of its source)."""
     d = torch.cdist(x.float(), bank.float())                        # (R, M)
     best, idx = d.min(1)
     out = bank[idx].to(x.dtype).clone()
@@ -96,6 +99,6 @@ def nearest(x: Tensor, bank: Tensor, extra: Optional[Sequence[Tensor]] = None) -
             if c.shape[0]:
                 dc = torch.cdist(x[r:r + 1].float(), c.float())[0]
                 j = int(dc.argmin())
-                if dc[j] < best[r]:
+                if dc[j] < source_margin * best[r]:
                     out[r] = c[j].to(x.dtype)
     return out

@@ -76,14 +76,15 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              top_p: float = 1.0, visual_steps: Optional[int] = None, visual_temperature: Optional[float] = None,
              max_visual_tokens: Optional[int] = None, use_cache: bool = True,
              generator: Optional[torch.Generator] = None, text_only: bool = False,
-             copy: str = "hard", bank: Optional[Tensor] = None) -> list[Generated]:
+             copy: str = "hard", bank: Optional[Tensor] = None, source_margin: float = 2.5) -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
     (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
     sampled (an answer in words, e.g. `setok ask`). copy: with a copy head, "hard" copies
     the source token the pointer weighs most, "soft" the pointer's weighted mean (as trained).
     bank (M, T): real tokens (`bank.load_bank`); each written token is replaced by the
-    nearest of the bank and of the row's prompt images before it is fed back (`bank.py`)."""
+    nearest of the bank or of the row's prompt images (these preferred unless the bank's is
+    `source_margin` times closer) before it is fed back (`bank.nearest`)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -100,20 +101,22 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     T = int(model.config.token_dim)
     if bank is not None and (bank.ndim != 2 or bank.shape[1] != T or bank.shape[0] == 0):
         raise UserError(f"token bank {tuple(bank.shape)}: need (M >= 1, {T})")
+    if not source_margin > 0:
+        raise UserError(f"source_margin must be > 0, got {source_margin}")
     was_training = model.training
     model.eval()
     try:
         return _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new_tokens,
                          temperature, top_p, visual_steps, visual_temperature,
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
-                         copy == "hard", bank)
+                         copy == "hard", bank, source_margin)
     finally:
         model.train(was_training)
 
 
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
               vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
-              bank=None) -> list[Generated]:
+              bank=None, source_margin=2.5) -> list[Generated]:
     from transformers import DynamicCache
 
     from .bank import nearest
@@ -159,7 +162,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
                 vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
                                             (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
             if bank is not None:
-                vis[rows] = nearest(vis[rows], bank, [row_src[r] for r in rows.tolist()])
+                vis[rows] = nearest(vis[rows], bank, [row_src[r] for r in rows.tolist()], source_margin)
         text_rows = ~image_mode & ~done
         emit_vis = image_mode & ~done & ~stop
         end_img = image_mode & ~done & stop
