@@ -5,7 +5,8 @@
 
 Row 1: the true images of the first N test captions. Row 2: what the model writes for each
 caption (greedy, the MSE head's regressed tokens). Row 3: the same with each written token
-snapped to the nearest token of the bank. The same calls as `setok generate [--bank FILE]`.
+snapped to the nearest token of the bank. Row 4: the first N/2 test edits, source | edited
+without the bank | edited with it. The same calls as `setok generate|edit [--bank FILE]`.
 """
 from __future__ import annotations
 
@@ -34,19 +35,27 @@ def main(argv=None) -> None:
     from setok_cli.data.formats import load
     from setok_cli.images import load_image
     from setok_cli.models.setokim.bank import load_bank
-    from setok_cli.tasks.setokim import Sampling, generate, load_setokim
+    from setok_cli.tasks.setokim import Sampling, edit, generate, load_setokim
     torch.set_num_threads(a.threads)
     model = load_setokim(a.model)
     pairs = load(Path(a.data) / "pairs.json", "pairs")[: a.n]
     caps = [p["caption"] for p in pairs]
     size = np.asarray(load_image(pairs[0]["image"])).shape[0]
+    banked = Sampling(bank=load_bank(a.bank, model))
     plain = generate(model, caps, 1, Sampling(), size)
-    snapped = generate(model, caps, 1, Sampling(bank=load_bank(a.bank, model)), size)
+    snapped = generate(model, caps, 1, banked, size)
+    eds = load(Path(a.data) / "edits.json", "edits")[: max(1, a.n // 2)]
+    srcs, instr = [e["source"] for e in eds], [e["instruction"] for e in eds]
+    e_plain, e_snapped = edit(model, srcs, instr, Sampling(), size), edit(model, srcs, instr, banked, size)
+    triples = [np.concatenate([np.asarray(load_image(s_)), np.full((size, 2, 3), 255, np.uint8), p_,
+                               np.full((size, 2, 3), 255, np.uint8), q_], 1)
+               for s_, p_, q_ in zip(srcs, e_plain, e_snapped)]
     rows = [_row([_cell(np.asarray(load_image(p["image"])), [f"truth: {p['caption']}"]) for p in pairs]),
             _row([_cell(g[0], ["written (MSE head)"]) for g in plain]),
-            _row([_cell(g[0], ["written, snapped to the bank"]) for g in snapped])]
+            _row([_cell(g[0], ["written, snapped to the bank"]) for g in snapped]),
+            _row([_cell(t, [f"{i}: source | plain | bank"], 2 * CELL) for t, i in zip(triples, instr)])]
     _save_stacked(rows, a.out)
-    print(json.dumps({"out": a.out, "captions": len(caps), "cell": CELL}))
+    print(json.dumps({"out": a.out, "captions": len(caps), "edits": len(eds), "cell": CELL}))
 
 
 if __name__ == "__main__":
