@@ -364,7 +364,9 @@ def bank_cmd(data, model_path, out_path, limit, batch_size, threads):
 
     from ..models.setokim.bank import build_bank, save_bank
     from ..tasks.setokim import load_setokim
+    from ..files import ensure_dir
     images = _bank_images(data)[:limit]
+    ensure_dir(Path(out_path).parent)                  # an unwritable --out fails before the work
     if threads:
         import torch
         torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ their names are re-exported here.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -193,7 +194,6 @@ def referring_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
     for e in load(d / "pairs.json", "pairs"):
         if "scene" not in e or "instances" not in e:
             raise UserError(f"{d / 'pairs.json'}: entries need 'scene' and 'instances' (a shapes-world split)")
-        import json
         objs = json.loads(Path(e["scene"]).read_text())["objects"]
         if len(objs) < 2:
             continue

@@ -91,14 +91,15 @@ def nearest(x: Tensor, bank: Tensor, extra: Optional[Sequence[Tensor]] = None,
     nearest token of extra[r] (K_r, T) (the row's input images; may be empty) where that one
     is less than `source_margin` times as far (L2): margin 1 takes whichever is closer, a
     larger margin prefers copying from the input (an edit keeps most of its source)."""
-    d = torch.cdist(x.float(), bank.float())                        # (R, M)
-    best, idx = d.min(1)
-    out = bank[idx].to(x.dtype).clone()
-    if extra is not None:
-        for r, c in enumerate(extra):
-            if c.shape[0]:
-                dc = torch.cdist(x[r:r + 1].float(), c.float())[0]
-                j = int(dc.argmin())
-                if dc[j] < source_margin * best[r]:
-                    out[r] = c[j].to(x.dtype)
+    best, idx = torch.cdist(x.float(), bank.float()).min(1)         # (R,)
+    out = bank[idx].to(x.dtype)
+    if extra is not None and any(c.shape[0] for c in extra):
+        from torch.nn.utils.rnn import pad_sequence
+        src = pad_sequence([c.float() for c in extra], batch_first=True)   # (R, K, T), zero-padded
+        lengths = torch.tensor([c.shape[0] for c in extra], device=x.device)
+        dc = torch.cdist(x.float().unsqueeze(1), src).squeeze(1)          # (R, K)
+        dc = dc.masked_fill(torch.arange(src.shape[1], device=x.device) >= lengths[:, None], float("inf"))
+        sbest, j = dc.min(1)
+        take = sbest < source_margin * best
+        out = torch.where(take[:, None], src[torch.arange(len(extra), device=x.device), j].to(x.dtype), out)
     return out
