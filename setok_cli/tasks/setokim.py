@@ -58,7 +58,8 @@ class Sampling:
     copy: str = "hard"                          # a copy head's pointer: "hard" (argmax source) or "soft"
     seed: int = 0
     bank: Optional[torch.Tensor] = None         # real tokens (M, T) to snap written tokens to (models/setokim/bank.py)
-    source_margin: float = 2.5                  # with a bank: an input image's token wins unless the bank's is this much closer
+    source_margin: float = 2.5                  # with a bank: the input image's token wins unless the bank's is
+                                                # this many times closer
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:

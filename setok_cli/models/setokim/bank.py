@@ -8,7 +8,8 @@ bank of real tokens (in standardised token space, `model.normalize`) before it i
 and decoded: the written image is then made of real objects, and the LM continues from a
 real token (nearest-neighbour decoding, as a VQ codebook but with the data's own tokens).
 An edit also snaps to the tokens of the image it reads, preferred unless the bank's token is
-`source_margin` times closer (2.5, chosen on val edits), so a kept object comes back exactly. Not in the paper; off unless a bank is given (`setok generate|edit|chat --bank`).
+`source_margin` times closer (2.5, chosen on val edits), so a kept object comes back exactly.
+Not in the paper; off unless a bank is given (`setok generate|edit|chat --bank`).
 
     tokens = build_bank(model, image_paths)                    # (M, T), as the SeTok gives them
     save_bank("out/bank.safetensors", tokens, model)           # `setok bank DATA --model RUN --out FILE`

@@ -26,8 +26,8 @@ from torch import Tensor
 from ...errors import UserError
 
 __all__ = ["IMAGE_TOKEN", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM",
-           "TASK_PROMPTS", "IMAGE_PLACEMENTS", "place_images", "tokenize_with_images", "render_conversation", "collate_conversations",
-           "pack_token_sets", "world_texts", "build_word_tokenizer"]
+           "TASK_PROMPTS", "IMAGE_PLACEMENTS", "place_images", "tokenize_with_images", "render_conversation",
+           "collate_conversations", "pack_token_sets", "world_texts", "build_word_tokenizer"]
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200       # LLaVA's placeholder id
