@@ -23,7 +23,8 @@ def _sampling_options(f):
         click.option("--visual-steps", type=click.IntRange(min=1),
                      help="DDIM steps of the diffusion visual head (default: its config)."),
         click.option("--visual-temperature", type=click.FloatRange(min=0),
-                     help="Noise scale of the diffusion visual head (default: its config)."),
+                     help="Noise scale of the diffusion visual head, or the temperature over the codebook "
+                          "head's codes (0: the most likely; default: the head's config)."),
         click.option("--copy", "copy_mode", default="hard", show_default=True, type=click.Choice(["hard", "soft"]),
                      help="A model with a copy head: copy the source token it points at most (hard) or the "
                           "pointer's weighted mean (soft, as trained)."),

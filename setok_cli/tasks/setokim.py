@@ -48,12 +48,13 @@ _KIND = {"caption": "pairs", "generate": "pairs", "edit": "edits", "vqa": "instr
 @dataclass
 class Sampling:
     """Sampling settings (temperature 0: greedy text; visual_temperature 0: the diffusion
-    head's deterministic sample; both unused by parts that do not sample)."""
+    head's deterministic sample, the codebook head's most likely code; both unused by parts
+    that do not sample)."""
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 48
     visual_steps: Optional[int] = None          # the diffusion head's DDIM steps (None: its config)
-    visual_temperature: Optional[float] = None  # the diffusion head's noise scale (None: its config)
+    visual_temperature: Optional[float] = None  # diffusion noise scale / codebook temperature (None: config)
     decode_steps: Optional[int] = None          # the detokenizer's sampling steps (None: its config)
     copy: str = "hard"                          # a copy head's pointer: "hard" (argmax source) or "soft"
     seed: int = 0

@@ -2,7 +2,7 @@
 
     batch (conversations + their images) -> frozen SeTok -> token sets (cached per image)
       -> Setokim: [Img] v_1 .. v_K [/Img] spliced into the Vicuna-v1 conversation
-      -> L = CE(text, [Img]) + w_vis * L_visual (mse | diffusion, teacher forced) + w_stop * BCE(stop)
+      -> L = CE(text, [Img]) + w_vis * L_visual (mse | diffusion | codebook, teacher forced) + w_stop * BCE(stop)
 
 The data is a mixture (`data.mixture`: [{task, path, weight}]) of image -> caption
 (text loss), caption -> image (visual loss) and source + instruction -> target (visual
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..models.setokim import Setokim, SetokimConfig, parameter_table
+from ..models.setokim.heads import CodebookHead
 from ..models.setokim.text import pack_token_sets
 from .recipe import Recipe
 
@@ -72,19 +73,47 @@ class Stage2Model(nn.Module):
         return pack_token_sets(self.image_token_sets(pixel_values, keys), int(self.setokim.config.token_dim))
 
     @torch.no_grad()
-    def fit_token_stats(self, dataset, limit: int = 256) -> int:
-        """Standardise the tokens per channel with the statistics of the first `limit`
-        images of the data (the same images on every process). Returns how many."""
-        pix, keys = [], []
+    def first_image_tokens(self, dataset, limit: int, distinct: bool = True, progress: bool = False,
+                           batch_images: int = 64) -> tuple[Tensor, Tensor]:
+        """The tokens (N, K, T) and mask (N, K) of the first `limit` images of the data
+        (`distinct`: each image once), in data order (the same images on every process);
+        cached as training's are."""
+        pix, keys, seen = [], [], set()
         for i in range(len(dataset)):
             it = dataset[i]
-            pix += it["pixel_values"]
-            keys += it["image_keys"]
+            for p, k in zip(it["pixel_values"], it["image_keys"]):
+                if not (distinct and k in seen) and len(pix) < limit:
+                    seen.add(k)
+                    pix.append(p)
+                    keys.append(k)
             if len(pix) >= limit:
                 break
-        tokens, mask = self.image_tokens(torch.stack(pix[:limit]), keys[:limit])
+        sets = []
+        with _progress(progress, "image tokens", len(pix)) as advance:
+            for a in range(0, len(pix), batch_images):
+                sets += self.image_token_sets(torch.stack(pix[a:a + batch_images]), keys[a:a + batch_images])
+                advance(len(pix[a:a + batch_images]))
+        return pack_token_sets(sets, int(self.setokim.config.token_dim))
+
+    @torch.no_grad()
+    def fit_token_stats(self, dataset, limit: int = 256) -> int:
+        """Standardise the tokens per channel with the statistics of the first `limit`
+        images of the data, repeats included (as the shipped runs were fitted). Returns how many."""
+        tokens, mask = self.first_image_tokens(dataset, limit, distinct=False)
         self.setokim.fit_token_stats(tokens, mask)
-        return int(min(len(pix), limit))
+        return int(tokens.shape[0])
+
+    @torch.no_grad()
+    def fit_codebook(self, dataset, progress: bool = True) -> int:
+        """A codebook head's codes: k-means of the standardised tokens of the first
+        `codebook.fit_images` images of the data (after fit_token_stats). Returns how many
+        images it saw; 0 for the other heads."""
+        head = self.setokim.visual_head
+        if not isinstance(head, CodebookHead):
+            return 0
+        tokens, mask = self.first_image_tokens(dataset, self.setokim.config.codebook.fit_images, progress=progress)
+        head.fit(self.setokim.normalize(tokens[mask].float()))
+        return int(tokens.shape[0])
 
     @torch.no_grad()
     def fit_region_targets(self, dataset, batch_images: int = 32, progress: bool = True) -> int:
@@ -237,6 +266,7 @@ def build_stage2(recipe: Recipe, accelerator=None):
     dataset = _mixture(recipe)
     model = build_stage2_model(recipe)
     model.fit_token_stats(dataset)
+    model.fit_codebook(dataset, progress=_main(accelerator) and recipe.train.progress)
     model.fit_region_targets(dataset, progress=_main(accelerator) and recipe.train.progress)
     return model, dataset
 

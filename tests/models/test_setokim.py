@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from setok_cli.errors import UserError
-from setok_cli.models.setokim import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, DiffusionHead, DiffusionHeadConfig, MSEHead,
+from setok_cli.models.setokim import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CodebookHead, CodebookHeadConfig,
+                                      DiffusionHead, DiffusionHeadConfig, MSEHead,
                                       Setokim, SetokimConfig, build_word_tokenizer, collate_conversations,
                                       decode_images, order_tokens, pack_token_sets, parameter_table, prompt_batch,
                                       render_conversation, sample_logits, splice)
@@ -192,6 +193,53 @@ def test_diffusion_head_samples_near_its_data(pred):
     c = torch.arange(4).repeat(8)
     s = head.sample(conds[c], steps=4, generator=torch.Generator().manual_seed(0))
     assert (s - means[c]).pow(2).mean().sqrt().item() < 0.3
+
+
+def test_codebook_head_known_values():
+    """k-means finds three well-separated centres; assign picks the nearest; the loss is the
+    cross-entropy of the nearest code; temperature 0 returns the most likely code's centre."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
+    x = centres.repeat(50, 1) + 0.05 * torch.randn(150, 2, generator=g)
+    head = CodebookHead(6, 2, CodebookHeadConfig(codes=3))
+    assert head.fit(x) == 3
+    got = head.codes[head.codes[:, 0].argsort()]
+    assert torch.allclose(got, centres[centres[:, 0].argsort()], atol=0.05)
+    assert torch.equal(head.assign(centres), torch.stack([(head.codes - c).norm(dim=1).argmin() for c in centres]))
+    h = torch.randn(3, 6, generator=g)
+    want = torch.nn.functional.cross_entropy(head(h), head.assign(centres))
+    assert head.loss(h, centres).item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.equal(head.sample(h, temperature=0), head.codes[head(h).argmax(-1)])
+    assert head.loss(h[:0], centres[:0]).item() == 0
+    few = CodebookHead(6, 2, CodebookHeadConfig(codes=8))
+    assert few.fit(centres) == 8 and torch.isfinite(few.codes).all()    # fewer tokens than codes: repeats
+    with pytest.raises(UserError):
+        few.fit(centres[:0])
+
+
+def test_codebook_head_samples_modes_where_mse_averages():
+    """One condition, targets +a or -a half the time each. The MSE head learns the mean (0),
+    which is neither; the codebook head samples both modes, each about half the time, and
+    every sample is a mode."""
+    torch.manual_seed(0)
+    a = torch.tensor([3.0, -2.0, 1.0, 2.5])
+    cond = torch.randn(1, 16)
+    targets = torch.cat([a.expand(64, 4), -a.expand(64, 4)])
+    mse, cb = MSEHead(16, 4), CodebookHead(16, 4, CodebookHeadConfig(codes=2))
+    cb.fit(targets)
+    for head in (mse, cb):
+        opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = head.loss(cond.expand(128, 16), targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert mse(cond).abs().max().item() < 0.2                              # the average of the two modes
+    s = cb.sample(cond.expand(400, 16), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    near = torch.minimum((s - a).norm(dim=1), (s + a).norm(dim=1))
+    assert near.max().item() < 1e-4
+    share = (s[:, 0] > 0).float().mean().item()
+    assert 0.4 < share < 0.6
 
 
 def test_sample_logits_greedy_and_top_p():
@@ -403,9 +451,9 @@ def test_read_images_carry_no_visual_loss(folders):
 
 
 def test_save_load_identical(folders, tmp_path):
-    for head in ("mse", "diffusion"):
+    for head in ("mse", "diffusion", "codebook"):
         torch.manual_seed(1)
-        m = make(folders, visual_head=head)
+        m = make(folders, visual_head=head, codebook=CodebookHeadConfig(codes=4))
         m.fit_token_stats(torch.randn(4, 3, 8) * 2 + 1, torch.ones(4, 3, dtype=torch.bool))
         ids, labels, attn, tokens, mask = batch(m)
         run = tmp_path / head
@@ -421,6 +469,8 @@ def test_save_load_identical(folders, tmp_path):
         b = m2(ids, labels, attn, tokens, mask)
         assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6, abs=1e-7)
         assert torch.equal(m2.token_std, m.token_std) and m2.img_start_id == m.img_start_id
+        if head == "codebook":                                            # the fitted codes travel
+            assert torch.equal(m2.visual_head.codes, m.visual_head.codes)
         px = torch.rand(1, 3, 112, 112)
         assert torch.equal(m.encode_images(px)[0], m2.encode_images(px)[0])
     m.save_pretrained(tmp_path / "light", save_stage1=False)            # stage 1 by reference
@@ -443,7 +493,7 @@ def _generating_model(folders, head):
     return m
 
 
-@pytest.mark.parametrize("head", ["mse", "diffusion"])
+@pytest.mark.parametrize("head", ["mse", "diffusion", "codebook"])
 def test_kv_cache_equals_no_cache(folders, head):
     m = _generating_model(folders, head)
     g = torch.Generator().manual_seed(0)
@@ -510,12 +560,13 @@ def test_bad_inputs_one_line(folders, tmp_path):
 
 # ---- learning -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("head", ["mse", "diffusion"])
+@pytest.mark.parametrize("head", ["mse", "diffusion", "codebook"])
 def test_toy_task_lowers_text_and_visual_losses(folders, head):
     """Four concepts, each a caption and a fixed token set (2-4 tokens): read -> caption and
     caption -> write. 40 AdamW steps lower the text, visual and stop losses."""
     torch.manual_seed(0)
-    m = make(folders, visual_head=head, diffusion=DiffusionHeadConfig(width=32, depth=2, batch_mul=4))
+    m = make(folders, visual_head=head, diffusion=DiffusionHeadConfig(width=32, depth=2, batch_mul=4),
+             codebook=CodebookHeadConfig(codes=16))
     caps = ["A red circle.", "Two blue squares.", "A green star.", "Three objects."]
     g = torch.Generator().manual_seed(0)
     sets = [torch.randn(k, 8, generator=g) for k in (2, 3, 4, 3)]
@@ -529,6 +580,8 @@ def test_toy_task_lowers_text_and_visual_losses(folders, head):
     ids, labels, attn = collate_conversations(rendered, m.pad_id)
     tokens, mask = pack_token_sets(images)
     m.fit_token_stats(tokens, mask)
+    if head == "codebook":
+        m.visual_head.fit(m.normalize(tokens[mask]))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     hist = []
     m.train()

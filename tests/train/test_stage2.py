@@ -63,6 +63,28 @@ def test_token_cache_equals_fresh_tokens(stage2_world, tmp_path):
     assert not torch.equal(sm.token_std, torch.ones_like(sm.token_std))
 
 
+def test_codebook_head_is_fitted_to_the_training_tokens(stage2_world, tmp_path):
+    """visual_head: codebook fits its k-means codes to the standardised tokens of the data's
+    first images before training: they quantise those tokens far better than the random codes
+    it starts from, and every code sits among them (no centre left at its random start)."""
+    from setok_cli.train.stage2 import build_stage2
+    r = _recipe(stage2_world, tmp_path / "run", "model.setokim.visual_head=codebook",
+                "model.setokim.codebook={codes: 8, fit_images: 40}")
+    model, data = build_stage2(r)
+    sm, head = model.setokim, model.setokim.visual_head
+    tokens, mask = model.first_image_tokens(data, 40)
+    x = sm.normalize(tokens[mask].float())
+    assert tokens.shape[0] == 40 and x.shape[0] > 8
+    err = (x - head.codes[head.assign(x)]).pow(2).sum(1).mean()
+    rand = torch.randn(8, x.shape[1], generator=torch.Generator().manual_seed(0))
+    err_rand = (x - rand[torch.cdist(x, rand).argmin(1)]).pow(2).sum(1).mean()
+    assert err < 0.5 * err_rand
+    assert torch.cdist(head.codes, x).min(1).values.max() < torch.cdist(rand, x).min(1).values.min()
+    writes = [data[i] for i in range(len(data)) if data[i]["conversations"][-1]["value"] == "<image>"][:4]
+    out = model(data.collate(writes))
+    assert len(writes) == 4 and torch.isfinite(out["loss"]) and out["visual"].item() > 0   # CE over the codes
+
+
 def test_tiny_stage2_lowers_losses_and_resumes_exactly(stage2_world, tmp_path):
     out = tmp_path / "run"
     res = Trainer(_recipe(stage2_world, out, "train.max_steps=24", "train.checkpoint_every=12")).train()

@@ -13,7 +13,9 @@ tokenizer of `build_word_tokenizer`). `projector`: LLaVA-1.5's 2-layer GELU MLP,
 width T -> hidden H. `visual_head`: `mse` (the paper: regression to the tokenizer's
 tokens) or `diffusion` (the authors' released code: MAR's per-token diffusion loss, an
 AdaLN MLP denoiser conditioned on the hidden state, DDIM with a few steps; it predicts v
-by default, see DiffusionHeadConfig.prediction_type for why not MAR's eps). `stop_head`:
+by default, see DiffusionHeadConfig.prediction_type for why not MAR's eps) or `codebook`
+(not in the paper: a classifier over k-means centres of the training tokens, cross-entropy,
+sampled; CodebookHeadConfig). `stop_head`:
 Linear(H, 1). `setok`, `detokenizer`, `mask_decoder`: the stage-1 checkpoint's parts
 (frozen; the SeTok trainable only with `freeze_tokenizer: false`). `[Img]` and `[/Img]`
 are added to the text tokenizer and the LM's embeddings are resized.
@@ -58,9 +60,9 @@ so the folder is self-contained; `from_pretrained` reads it back (a run folder s
 its latest checkpoint). config.json keeps the `lm`, `text_tokenizer` and `stage1` it was
 built from as a record; loading reads the folder's own copies.
 """
-from .config import LM_PRESETS, DiffusionHeadConfig, LoraSpec, SetokimConfig
+from .config import LM_PRESETS, CodebookHeadConfig, DiffusionHeadConfig, LoraSpec, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
-from .heads import CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
+from .heads import CodebookHead, CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
 from .loading import load_stage1, stage1_folder
 from .model import Setokim, SetokimOutput
 from .report import parameter_table
@@ -70,8 +72,9 @@ from .text import (IGNORE_INDEX, IMAGE_PLACEMENTS, IMAGE_TOKEN, IMAGE_TOKEN_INDE
                    build_word_tokenizer, collate_conversations, pack_token_sets, render_conversation,
                    tokenize_with_images, world_texts)
 
-__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim", "SetokimOutput", "parameter_table",
-           "stage1_folder", "load_stage1", "Projector", "MSEHead", "DiffusionHead", "CopyHead", "order_tokens",
+__all__ = ["SetokimConfig", "DiffusionHeadConfig", "CodebookHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim",
+           "SetokimOutput", "parameter_table", "stage1_folder", "load_stage1", "Projector", "MSEHead", "DiffusionHead",
+           "CodebookHead", "CopyHead", "order_tokens",
            "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images",
            "IMAGE_TOKEN",
            "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",

@@ -7,10 +7,11 @@ from typing import Optional, Union
 from ...errors import UserError
 from .text import IMAGE_PLACEMENTS
 
-__all__ = ["SetokimConfig", "DiffusionHeadConfig", "LoraSpec", "LM_PRESETS", "VISUAL_HEADS", "TOKEN_ORDERS",
+__all__ = ["SetokimConfig", "DiffusionHeadConfig", "CodebookHeadConfig", "LoraSpec", "LM_PRESETS", "VISUAL_HEADS",
+           "TOKEN_ORDERS",
            "LLAMA_LINEARS"]
 
-VISUAL_HEADS = ("mse", "diffusion")
+VISUAL_HEADS = ("mse", "diffusion", "codebook")
 TOKEN_ORDERS = ("raster", "given")
 
 # Llama-family shapes for sizing a model whose folder is not on disk (`setok train --dry-run`
@@ -61,6 +62,29 @@ class DiffusionHeadConfig:
                             f"got {self.timestep_spacing!r}")
         if not self.temperature >= 0:
             raise UserError(f"diffusion.temperature must be >= 0, got {self.temperature!r}")
+
+
+@dataclass
+class CodebookHeadConfig:
+    """A classifier over a codebook of real tokens (not in the paper): k-means centres of the
+    standardised tokens of the training images, fitted once before stage II. The head predicts
+    which centre comes next (cross-entropy) and sampling draws one, so a token the caption leaves
+    open (where, how large) is one real mode instead of the mean of all of them."""
+    codes: int = 512                  # k-means centres
+    width: Optional[int] = None       # the classifier MLP's width; None: the LM's hidden size
+    temperature: float = 1.0          # sampling temperature over the codes (0: the most likely code)
+    fit_images: int = 2048            # training images whose tokens the k-means sees (at most)
+    fit_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("codes", "fit_images"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise UserError(f"codebook.{name} must be an integer >= 1, got {v!r}")
+        if self.width is not None and not (isinstance(self.width, int) and self.width >= 1):
+            raise UserError(f"codebook.width must be an integer >= 1 or null, got {self.width!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise UserError(f"codebook.temperature must be >= 0, got {self.temperature!r}")
 
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,9 +141,11 @@ class SetokimConfig:
     stage1: Optional[str] = None
     freeze_tokenizer: bool = True
     token_dim: Optional[int] = None         # T; taken from the SeTok (checked against it when set)
-    visual_head: str = "mse"                # "mse" (the paper) | "diffusion" (the authors' code)
+    # "mse" (the paper) | "diffusion" (the authors' code) | "codebook" (a classifier over k-means codes)
+    visual_head: str = "mse"
     mse_hidden: Optional[int] = None        # width of the MSE head's MLP; None: the LM's hidden size
     diffusion: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)
+    codebook: CodebookHeadConfig = field(default_factory=CodebookHeadConfig)
     # a pointer from the tokens being written to the tokens of the images read (heads.CopyHead):
     # an edit copies what it leaves alone. Not in the paper; 0 = none, else the pointer's width (MSE head)
     copy_head: int = 0
@@ -151,6 +177,8 @@ class SetokimConfig:
                             f"got {self.image_placement!r}")
         if isinstance(self.diffusion, dict):
             self.diffusion = DiffusionHeadConfig(**self.diffusion)
+        if isinstance(self.codebook, dict):
+            self.codebook = CodebookHeadConfig(**self.codebook)
         if isinstance(self.lora, dict):
             self.lora = LoraSpec(**self.lora)
         for name in ("max_visual_tokens", "max_length"):

@@ -1,4 +1,4 @@
-"""Setokim's small parts: the input projector, the two visual heads, the token order.
+"""Setokim's small parts: the input projector, the visual heads, the token order.
 
 Shapes: tokens (N, T) or (B, K, T), hidden states (M, H), T the SeTok token width,
 H the LM's hidden size.
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DiffusionHeadConfig
+from ...errors import UserError
+from .config import CodebookHeadConfig, DiffusionHeadConfig, SetokimConfig
 
-__all__ = ["Projector", "MSEHead", "DiffusionHead", "CopyHead", "order_tokens"]
+__all__ = ["Projector", "MSEHead", "DiffusionHead", "CodebookHead", "CopyHead", "make_visual_head", "order_tokens"]
 
 
 class Projector(nn.Module):
@@ -189,6 +190,79 @@ class DiffusionHead(nn.Module):
             tt = torch.full((h.shape[0],), int(t), device=h.device, dtype=torch.long)
             x = sched.step(self.denoise(x, tt, h).float(), t, x).prev_sample
         return x
+
+
+class CodebookHead(nn.Module):
+    """A classifier over a codebook of real tokens: hidden (M, H) -> logits (M, C) over the
+    codes (C, T), standardised k-means centres of the training images' tokens (`fit`).
+    Trained with cross-entropy against each target token's nearest code; sampling draws a
+    code (temperature 0: the most likely) and returns its centre. Where the MSE head writes
+    the mean of every token a caption allows, this writes one of them."""
+
+    def __init__(self, hidden: int, token_dim: int, config: CodebookHeadConfig):
+        super().__init__()
+        self.config = c = config
+        w = c.width or hidden
+        self.net = nn.Sequential(nn.Linear(hidden, w), nn.GELU(), nn.Linear(w, c.codes))
+        # random until fitted (a model built without data still samples something distinct)
+        self.register_buffer("codes", torch.randn(c.codes, token_dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> int:
+        """k-means (scipy's kmeans2, k-means++ seeding) of standardised tokens x (N, T) into
+        the codes; fewer distinct tokens than codes repeat some. Returns the number of codes."""
+        import warnings
+
+        from scipy.cluster.vq import kmeans2
+        C = self.config.codes
+        if x.shape[0] == 0:
+            raise UserError("the codebook head needs tokens to fit its codes: the data has no images")
+        uniq = torch.unique(x.detach().double().cpu(), dim=0)
+        if uniq.shape[0] <= C:                           # every distinct token is a code
+            self.codes.copy_(uniq[torch.arange(C) % uniq.shape[0]].to(self.codes))
+            return C
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # an emptied cluster keeps its centre
+            centres, _ = kmeans2(x.detach().double().cpu().numpy(), C, iter=30, minit="++",
+                                 seed=self.config.fit_seed)
+        self.codes.copy_(torch.from_numpy(centres).to(self.codes))
+        return C
+
+    def assign(self, x: Tensor) -> Tensor:
+        """x (M, T) standardised -> the index of each row's nearest code (M,)."""
+        c = self.codes.float()
+        d = (x.float() * x.float()).sum(-1, keepdim=True) - 2 * x.float() @ c.t() + (c * c).sum(-1)
+        return d.argmin(-1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+    def loss(self, h: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy of the target's nearest code, mean over M; 0 (with gradients) when M = 0."""
+        logits = self(h).float()
+        return F.cross_entropy(logits, self.assign(target), reduction="sum") / max(h.shape[0], 1)
+
+    @torch.no_grad()
+    def sample(self, h: Tensor, temperature: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               **_) -> Tensor:
+        """h (M, H) -> tokens (M, T): the centre of a code drawn at `temperature`."""
+        temp = self.config.temperature if temperature is None else temperature
+        logits = self(h).float()
+        if temp == 0 or h.shape[0] == 0:
+            idx = logits.argmax(-1)
+        else:
+            idx = torch.multinomial(torch.softmax(logits / temp, -1), 1, generator=generator).squeeze(-1)
+        return self.codes.float()[idx]
+
+
+def make_visual_head(hidden: int, config: SetokimConfig) -> nn.Module:
+    """The head `config.visual_head` names, over tokens of width config.token_dim."""
+    c, T = config, int(config.token_dim)
+    if c.visual_head == "mse":
+        return MSEHead(hidden, T, c.mse_hidden)
+    if c.visual_head == "diffusion":
+        return DiffusionHead(hidden, T, c.diffusion)
+    return CodebookHead(hidden, T, c.codebook)
 
 
 def order_tokens(tokens: Tensor, token_mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:

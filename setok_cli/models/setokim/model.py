@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...errors import UserError
 from ..hub import CONFIG_NAME, PretrainedModel
 from .config import SetokimConfig
-from .heads import CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
+from .heads import CopyHead, Projector, make_visual_head, order_tokens
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
 from .lora import _base_state_dict, is_adapter_param, is_peft  # noqa: F401 (is_peft: the package API)
 from .splice import Spliced, length_groups, read_sources, splice, token_rank  # noqa: F401 (length_groups: API)
@@ -73,8 +73,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         with torch.random.fork_rng(devices=[]), torch.device(dev):
             torch.manual_seed(c.init_seed)
             self.projector = Projector(c.token_dim, H)
-            self.visual_head = (MSEHead(H, c.token_dim, c.mse_hidden) if c.visual_head == "mse"
-                                else DiffusionHead(H, c.token_dim, c.diffusion))
+            self.visual_head = make_visual_head(H, c)
             self.stop_head = nn.Linear(H, 1)
             self.copy_head = CopyHead(H, c.token_dim, c.max_visual_tokens, c.copy_head) if c.copy_head else None
         # tokens are standardised per channel before the projector and the heads (the
