@@ -146,9 +146,12 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
 @click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
+@click.option("--guidance", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Classifier-free guidance scale (1: none); for a model trained with the generate_uncond "
+                   "task (mse or codebook head).")
 @_bank_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
-                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, bank_path,
+                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, guidance, bank_path,
                  source_margin):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
@@ -156,11 +159,14 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
         raise UserError("empty prompt")
     _check_bank(bank_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
+    opts.guidance = guidance
     from ..files import ensure_dir
     from ..tasks.setokim import generate, load_setokim, save_png
     if not data:
         ensure_dir(out_dir)
     model = load_setokim(model_path)
+    if guidance != 1 and model.config.visual_head == "diffusion":
+        raise UserError("--guidance works with the mse and codebook visual heads, this model has a diffusion head")
     _use_bank(opts, bank_path, model, source_margin)
     if data:
         return _run_file(model, "generate", data, pred_out, opts, batch_size, size, limit)

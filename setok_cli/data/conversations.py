@@ -9,6 +9,8 @@ inference pipelines so that training and inference ask the same way):
 
     caption   pairs     USER: <image>\\nDescribe the image briefly.  ASSISTANT: {caption}
     generate  pairs     USER: Generate an image: {caption}           ASSISTANT: <image>
+    generate_uncond     USER: Generate an image:                     ASSISTANT: <image>   (no caption: the
+              pairs     unconditional side of classifier-free guidance)
     edit      edits     USER: <image>\\n{instruction}                 ASSISTANT: <image>   (source, then target)
     instruct  instruct  the entry's own `conversations`, its image at the `<image>` mark
     chat      instruct  the entries of one image as one multi-turn conversation (the image
@@ -32,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from ..models.setokim.text import IMAGE_TOKEN, TASK_PROMPTS
+from ..models.setokim.text import IMAGE_TOKEN, TASK_PROMPTS, UNCOND_GENERATE
 from .datasets import _read_rgb
 from .formats import load
 
@@ -40,8 +42,8 @@ __all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "colla
            "task_conversation"]
 
 # task -> the SPEC kind of the file it reads
-CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "edit": "edits", "instruct": "instruct",
-                      "chat": "instruct", "segment": "referring"}
+CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "generate_uncond": "pairs", "edit": "edits",
+                      "instruct": "instruct", "chat": "instruct", "segment": "referring"}
 
 
 def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
@@ -52,6 +54,8 @@ def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
     if task == "generate":
         return ([{"from": "human", "value": TASK_PROMPTS["generate"].format(caption=entry["caption"])},
                  {"from": "gpt", "value": IMAGE_TOKEN}], [entry["image"]])
+    if task == "generate_uncond":
+        return [{"from": "human", "value": UNCOND_GENERATE}, {"from": "gpt", "value": IMAGE_TOKEN}], [entry["image"]]
     if task == "edit":
         return ([{"from": "human", "value": TASK_PROMPTS["edit"].format(instruction=entry["instruction"])},
                  {"from": "gpt", "value": IMAGE_TOKEN}], [entry["source"], entry["target"]])

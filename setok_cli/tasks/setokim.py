@@ -61,6 +61,7 @@ class Sampling:
     bank: Optional[torch.Tensor] = None         # real tokens (M, T) to snap written tokens to (models/setokim/bank.py)
     source_margin: float = 2.5                  # with a bank: the input image's token wins unless the bank's is
                                                 # this many times closer
+    guidance: float = 1.0                       # classifier-free guidance of generation (1: none)
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
@@ -121,16 +122,20 @@ def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[
              size: Optional[int] = None) -> list[list[np.ndarray]]:
     """Prompts (captions) -> `num_images` images each. Image j of a prompt is drawn with
     seed + j, so a prompt's images do not depend on the batch it ran in."""
-    from ..models.setokim import TASK_PROMPTS, prompt_batch
+    from ..models.setokim import TASK_PROMPTS, UNCOND_GENERATE, prompt_batch
     opts = opts or Sampling()
     _check_texts(prompts, "prompt")
     if num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {num_images}")
     out: list[list[np.ndarray]] = [[] for _ in prompts]
     texts = [TASK_PROMPTS["generate"].format(caption=p.strip()) for p in prompts]
+    cfg = {}
+    if opts.guidance != 1:      # classifier-free guidance: the same rows without their caption beside them
+        cfg = dict(guidance=opts.guidance,
+                   uncond=prompt_batch(model, [UNCOND_GENERATE] * len(texts), start_image=True)[:2])
     for j in range(num_images):
         g = torch.Generator().manual_seed(opts.seed + j)
-        gen = model.generate(*prompt_batch(model, texts, start_image=True), **_kw(opts, g))
+        gen = model.generate(*prompt_batch(model, texts, start_image=True), **_kw(opts, g), **cfg)
         imgs = _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
         for i, im in enumerate(imgs):
             out[i].append(im)

@@ -11,7 +11,7 @@ from setok_cli.models.setokim import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CodebookH
                                       DiffusionHead, DiffusionHeadConfig, MSEHead,
                                       Setokim, SetokimConfig, build_word_tokenizer, collate_conversations,
                                       decode_images, order_tokens, pack_token_sets, parameter_table, prompt_batch,
-                                      render_conversation, sample_logits, splice)
+                                      render_conversation, sample_logits, splice, UNCOND_GENERATE)
 
 P = IMAGE_TOKEN_INDEX
 TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -211,6 +211,15 @@ def test_codebook_head_known_values():
     assert head.loss(h, centres).item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.equal(head.sample(h, temperature=0), head.codes[head(h).argmax(-1)])
     assert head.loss(h[:0], centres[:0]).item() == 0
+    ref = CodebookHead(6, 2, CodebookHeadConfig(codes=3, refine=True, refine_weight=0.5))
+    ref.fit(x)
+    idx = ref.assign(centres)
+    offset = ref.refine(torch.cat([h, ref.code_emb(idx)], -1))
+    want = torch.nn.functional.cross_entropy(ref(h), idx) + 0.5 * (ref.codes[idx] + offset - centres).pow(2).mean()
+    assert ref.loss(h, centres).item() == pytest.approx(want.item(), rel=1e-5)
+    best = ref(h).argmax(-1)
+    assert torch.allclose(ref.sample(h, temperature=0), ref.codes[best] + ref.refine(
+        torch.cat([h, ref.code_emb(best)], -1)), atol=1e-6)
     few = CodebookHead(6, 2, CodebookHeadConfig(codes=8))
     assert few.fit(centres) == 8 and torch.isfinite(few.codes).all()    # fewer tokens than codes: repeats
     with pytest.raises(UserError):
@@ -518,6 +527,44 @@ def test_kv_cache_equals_no_cache(folders, head):
     assert [len(x.images[0]) for x in one] == [1, 1]
     pics = decode_images(m, a[0].images, steps=1)
     assert pics.shape == (1, 3, 16, 16) and 0 <= float(pics.min()) and float(pics.max()) <= 1
+
+
+@pytest.mark.parametrize("head", ["mse", "codebook"])
+def test_guidance_oracles(folders, head):
+    """Classifier-free guidance: with the unconditional prompt equal to the prompt, any scale
+    gives the unguided output; at scale 0 the written tokens are those the unconditional
+    prompt writes alone (its rows are fed what they themselves pick)."""
+    m = _generating_model(folders, head)
+    if head == "codebook":
+        with torch.no_grad():
+            m.visual_head.refine = None                    # centres only: exact comparisons
+    cond = prompt_batch(m, ["Generate an image: a red circle.", "Generate an image: two blue squares."],
+                        start_image=True)
+    un = prompt_batch(m, [UNCOND_GENERATE] * 2, start_image=True)
+    # codes drawn at temperature 1 (a random head's argmax ignores the prompt), the same draws in each call
+    kw = dict(max_new_tokens=4, visual_temperature=1.0, generator=torch.Generator().manual_seed(0))
+
+    def gen(*args, **more):
+        kw["generator"].manual_seed(0)
+        return m.generate(*args, **kw, **more)
+    plain = gen(*cond)
+    same = gen(*cond, guidance=3.0, uncond=prompt_batch(m, ["Generate an image: a red circle.",
+                                                                   "Generate an image: two blue squares."],
+                                                               start_image=True)[:2])
+    for x, y in zip(plain, same):
+        assert x.ids == y.ids and all(torch.allclose(i, j, atol=1e-5) for i, j in zip(x.images, y.images))
+    alone = gen(*un)
+    zero = gen(*cond, guidance=0.0, uncond=un[:2])
+    for x, y in zip(alone, zero):
+        assert len(x.images[0]) == len(y.images[0]) == 3
+        assert torch.allclose(x.images[0], y.images[0], atol=1e-5)
+    # a large scale changes what is written (a random LM's prompts differ little in their hidden states)
+    big = gen(*cond, guidance=1e3, uncond=un[:2])
+    assert any(not torch.allclose(z.images[0], p.images[0], atol=1e-3) for z, p in zip(big, plain))
+    with pytest.raises(UserError):
+        gen(*cond, guidance=2.0)                                                     # no unconditional prompts
+    with pytest.raises(UserError):
+        gen(*cond, guidance=2.0, uncond=prompt_batch(m, [UNCOND_GENERATE] * 2)[:2])  # no [Img] at the end
 
 
 def test_meta_vicuna_7b_parameter_count():

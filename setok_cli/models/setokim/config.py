@@ -75,6 +75,10 @@ class CodebookHeadConfig:
     temperature: float = 1.0          # sampling temperature over the codes (0: the most likely code)
     fit_images: int = 2048            # training images whose tokens the k-means sees (at most)
     fit_seed: int = 0
+    # a residual MLP (hidden, code) -> offset from the code's centre, trained with MSE beside the
+    # cross-entropy: the drawn code picks the mode, the offset regresses the token within it
+    refine: bool = False
+    refine_weight: float = 1.0
 
     def __post_init__(self):
         for name in ("codes", "fit_images"):
@@ -83,8 +87,10 @@ class CodebookHeadConfig:
                 raise UserError(f"codebook.{name} must be an integer >= 1, got {v!r}")
         if self.width is not None and not (isinstance(self.width, int) and self.width >= 1):
             raise UserError(f"codebook.width must be an integer >= 1 or null, got {self.width!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise UserError(f"codebook.temperature must be >= 0, got {self.temperature!r}")
+        for name in ("temperature", "refine_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+                raise UserError(f"codebook.{name} must be a number >= 0, got {v!r}")
 
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import UserError
@@ -76,7 +77,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              top_p: float = 1.0, visual_steps: Optional[int] = None, visual_temperature: Optional[float] = None,
              max_visual_tokens: Optional[int] = None, use_cache: bool = True,
              generator: Optional[torch.Generator] = None, text_only: bool = False,
-             copy: str = "hard", bank: Optional[Tensor] = None, source_margin: float = 2.5) -> list[Generated]:
+             copy: str = "hard", bank: Optional[Tensor] = None, source_margin: float = 2.5,
+             guidance: float = 1.0, uncond: Optional[tuple[Tensor, Tensor]] = None) -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
     (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
@@ -84,7 +86,11 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     the source token the pointer weighs most, "soft" the pointer's weighted mean (as trained).
     bank (M, T): real tokens (`bank.load_bank`); each written token is replaced by the
     nearest of the bank or of the row's prompt images (these preferred unless the bank's is
-    `source_margin` times closer) before it is fed back (`bank.nearest`)."""
+    `source_margin` times closer) before it is fed back (`bank.nearest`).
+    guidance g != 1 with uncond (input_ids, attention_mask) (B, L1): the same rows' prompts
+    without their condition (left-padded, no images; e.g. `UNCOND_GENERATE` with
+    start_image) run beside them, fed the same tokens, and each visual token is drawn from
+    the guided head (classifier-free guidance: logits or predictions u + g (c - u))."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -103,20 +109,44 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise UserError(f"token bank {tuple(bank.shape)}: need (M >= 1, {T})")
     if not source_margin > 0:
         raise UserError(f"source_margin must be > 0, got {source_margin}")
+    if not guidance >= 0:
+        raise UserError(f"guidance must be >= 0, got {guidance}")
+    if guidance != 1:
+        if uncond is None:
+            raise UserError("guidance needs the unconditional prompts (uncond)")
+        if model.config.visual_head == "diffusion":
+            raise UserError("guidance works with the mse and codebook visual heads")
+        if (uncond[0].shape[0] != input_ids.shape[0] or bool((uncond[0] == IMAGE_TOKEN_INDEX).any())
+                or not torch.equal(uncond[0][:, -1].cpu(), input_ids[:, -1].cpu())):
+            raise UserError("uncond: one prompt per row, without images, ending as the row's prompt does")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = _stack_left(model, (input_ids, attention_mask), uncond)
     was_training = model.training
     model.eval()
     try:
         return _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new_tokens,
                          temperature, top_p, visual_steps, visual_temperature,
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
-                         copy == "hard", bank, source_margin)
+                         copy == "hard", bank, source_margin, guidance if guidance != 1 else None)
     finally:
         model.train(was_training)
 
 
+def _stack_left(model, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Two left-padded batches (ids, mask) -> one (2B, max length), left-padded."""
+    L = max(a[0].shape[1], b[0].shape[1])
+    ids, masks = [], []
+    for x, m in (a, b):
+        n = L - x.shape[1]
+        ids.append(F.pad(x, (n, 0), value=model.pad_id))
+        masks.append(F.pad(m.to(x.device), (n, 0), value=0))
+    return torch.cat(ids), torch.cat(masks)
+
+
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
               vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
-              bank=None, source_margin=2.5) -> list[Generated]:
+              bank=None, source_margin=2.5, guidance=None) -> list[Generated]:
     from transformers import DynamicCache
 
     from .bank import nearest
@@ -144,6 +174,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         for n in per_row:
             cum.append(cum[-1] + n)
         row_src = [torch.cat(src[cum[b]:cum[b + 1]]) if cum[b + 1] > cum[b] else bank[:0] for b in range(B)]
+    Bc = B // 2 if guidance is not None else B                             # rows B / 2.. are the unconditional ones
     while not bool(done.all()):
         logits = lm_head(h).float()
         logits[:, e_id] = float("-inf")                                    # [/Img] is given, never sampled
@@ -155,14 +186,19 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         stop = ((model.stop_head(hh).squeeze(-1) > 0) & (n_vis > 0)) | (n_vis >= max_vis)
         vis = hh.new_zeros(B, int(model.config.token_dim), dtype=torch.float32)
         rows = (image_mode & ~done).nonzero().squeeze(-1)                  # sample only where an image is open
+        if guidance is not None:           # the unconditional rows follow their conditional row
+            tok, stop, rows = tok[:Bc].repeat(2), stop[:Bc].repeat(2), rows[rows < Bc]
         if rows.numel():
+            g = {} if guidance is None else dict(uncond=hh[rows + Bc], guidance=guidance)
             vis[rows] = model.visual_head.sample(hh[rows], steps=vsteps, temperature=vtemp,
-                                                 generator=generator).float()
+                                                 generator=generator, **g).float()
             if model.copy_head is not None:     # the pointer: the prompt's images stand before every step
                 vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
                                             (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
             if bank is not None:
                 vis[rows] = nearest(vis[rows], bank, [row_src[r] for r in rows.tolist()], source_margin)
+            if guidance is not None:
+                vis[rows + Bc] = vis[rows]
         text_rows = ~image_mode & ~done
         emit_vis = image_mode & ~done & ~stop
         end_img = image_mode & ~done & stop
@@ -189,7 +225,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
             emb = torch.cat([emb, e.unsqueeze(1)], 1)
             out = model.hidden(emb, attn, pos, use_cache=False)
         h = out.last_hidden_state[:, -1]
-    return _collect(model, torch.stack(rec_kind, 1), torch.stack(rec_ids, 1), torch.stack(rec_vis, 1))
+    return _collect(model, torch.stack(rec_kind, 1)[:Bc], torch.stack(rec_ids, 1)[:Bc], torch.stack(rec_vis, 1)[:Bc])
 
 
 def _collect(model, kind: Tensor, ids: Tensor, vis: Tensor) -> list[Generated]:

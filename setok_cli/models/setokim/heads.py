@@ -44,8 +44,13 @@ class MSEHead(nn.Module):
         d = self(h).float() - target.float()
         return (d * d).sum() / max(d.numel(), 1)
 
-    def sample(self, h: Tensor, **_) -> Tensor:
-        return self(h)
+    def sample(self, h: Tensor, uncond: Optional[Tensor] = None, guidance: float = 1.0, **_) -> Tensor:
+        """h (M, H) -> tokens (M, T); guided by `uncond` (M, H): x_u + g (x_c - x_u)."""
+        x = self(h)
+        if uncond is not None and guidance != 1:
+            xu = self(uncond)
+            x = xu + guidance * (x - xu)
+        return x
 
 
 class CopyHead(nn.Module):
@@ -196,14 +201,21 @@ class CodebookHead(nn.Module):
     """A classifier over a codebook of real tokens: hidden (M, H) -> logits (M, C) over the
     codes (C, T), standardised k-means centres of the training images' tokens (`fit`).
     Trained with cross-entropy against each target token's nearest code; sampling draws a
-    code (temperature 0: the most likely) and returns its centre. Where the MSE head writes
-    the mean of every token a caption allows, this writes one of them."""
+    code (temperature 0: the most likely) and returns its centre, plus with `refine` an
+    offset r(h, code) (M, T) regressed (MSE) to the target within its code. Where the MSE
+    head writes the mean of every token a caption allows, this writes one of them.
+
+    Classifier-free guidance: given the hidden states of the same rows without the condition
+    (`uncond`), the logits are l_u + g (l_c - l_u) (LlamaGen, over codes)."""
 
     def __init__(self, hidden: int, token_dim: int, config: CodebookHeadConfig):
         super().__init__()
         self.config = c = config
         w = c.width or hidden
         self.net = nn.Sequential(nn.Linear(hidden, w), nn.GELU(), nn.Linear(w, c.codes))
+        self.code_emb = nn.Embedding(c.codes, w) if c.refine else None
+        self.refine = (nn.Sequential(nn.Linear(hidden + w, w), nn.GELU(), nn.Linear(w, token_dim))
+                       if c.refine else None)
         # random until fitted (a model built without data still samples something distinct)
         self.register_buffer("codes", torch.randn(c.codes, token_dim))
 
@@ -237,22 +249,40 @@ class CodebookHead(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.net(h)
 
+    def token(self, h: Tensor, idx: Tensor) -> Tensor:
+        """h (M, H), code indices (M,) -> tokens (M, T): the centre, plus the refined offset."""
+        out = self.codes.float()[idx]
+        if self.refine is not None:
+            out = out + self.refine(torch.cat([h, self.code_emb(idx).to(h.dtype)], -1)).float()
+        return out
+
     def loss(self, h: Tensor, target: Tensor) -> Tensor:
-        """Cross-entropy of the target's nearest code, mean over M; 0 (with gradients) when M = 0."""
+        """Cross-entropy of the target's nearest code (mean over M), plus with `refine`
+        refine_weight x the MSE of the refined token (teacher forced on the true code, mean
+        over M x T); 0 (with gradients) when M = 0."""
         logits = self(h).float()
-        return F.cross_entropy(logits, self.assign(target), reduction="sum") / max(h.shape[0], 1)
+        idx = self.assign(target)
+        loss = F.cross_entropy(logits, idx, reduction="sum") / max(h.shape[0], 1)
+        if self.refine is not None:
+            d = self.token(h, idx) - target.float()
+            loss = loss + self.config.refine_weight * (d * d).sum() / max(d.numel(), 1)
+        return loss
 
     @torch.no_grad()
     def sample(self, h: Tensor, temperature: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               **_) -> Tensor:
-        """h (M, H) -> tokens (M, T): the centre of a code drawn at `temperature`."""
+               uncond: Optional[Tensor] = None, guidance: float = 1.0, **_) -> Tensor:
+        """h (M, H) -> tokens (M, T): a code drawn at `temperature` (guided by `uncond` (M, H)
+        when guidance != 1), its centre plus the refined offset."""
         temp = self.config.temperature if temperature is None else temperature
         logits = self(h).float()
+        if uncond is not None and guidance != 1:
+            lu = self(uncond).float()
+            logits = lu + guidance * (logits - lu)
         if temp == 0 or h.shape[0] == 0:
             idx = logits.argmax(-1)
         else:
             idx = torch.multinomial(torch.softmax(logits / temp, -1), 1, generator=generator).squeeze(-1)
-        return self.codes.float()[idx]
+        return self.token(h, idx)
 
 
 def make_visual_head(hidden: int, config: SetokimConfig) -> nn.Module:

@@ -26,7 +26,7 @@ from torch import Tensor
 from ...errors import UserError
 
 __all__ = ["IMAGE_TOKEN", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM",
-           "TASK_PROMPTS", "IMAGE_PLACEMENTS", "place_images", "tokenize_with_images", "render_conversation",
+           "TASK_PROMPTS", "UNCOND_GENERATE", "IMAGE_PLACEMENTS", "place_images", "tokenize_with_images", "render_conversation",
            "collate_conversations", "pack_token_sets", "world_texts", "build_word_tokenizer"]
 
 IMAGE_TOKEN = "<image>"
@@ -46,6 +46,9 @@ TASK_PROMPTS = {
     "segment": "<image>\nSegment {expression}.",
     "ask": "<image>\n{question}",
 }
+# the generation request without its caption: the unconditional side of classifier-free
+# guidance (the data task `generate_uncond`, `generate(..., guidance=)`)
+UNCOND_GENERATE = TASK_PROMPTS["generate"].format(caption="").strip()
 
 
 # Where a user turn's input images sit: "before_text" as written ("<image>\n{question}", LLaVA),
