@@ -59,6 +59,33 @@ def test_generate_writes_images_and_edit_its_pair(run, stage2_world, tmp_path):
     assert np.asarray(Image.open(tmp_path / f"{src.stem}_edit.png")).shape == (24, 24 + 4 + 24, 3)
 
 
+def test_codebook_run_with_guidance(stage2_world, tmp_path):
+    """The codebook head (refined) trained with the generate_uncond task by `setok train`, then
+    `setok generate --guidance` over a data file: one image per caption, as `setok eval` reads."""
+    tr, out = stage2_world / "shapes" / "train", tmp_path / "run"
+    res = _run(["train", RECIPES / "tiny" / "stage2.yaml",
+                "--set", f"model.setokim.stage1={stage2_world / 'stage1'}", "--output-dir", out,
+                "--set", "model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                         "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}",
+                "--set", "model.setokim.visual_head=codebook",
+                "--set", "model.setokim.codebook={codes: 16, fit_images: 24, refine: true}",
+                "--set", f"data.mixture=[{{task: generate, path: {tr / 'pairs.json'}}}, "
+                         f"{{task: generate_uncond, path: {tr / 'pairs.json'}, weight: 0.5}}]",
+                "--set", "data.image_size=32", "--set", "data.batch_size=6", "--set", "train.max_steps=4",
+                "--set", "data.vocab_files=[]", "--set", "train.checkpoint_every=4", "--set", "train.progress=false",
+                "--set", "train.threads=1", "--set", "model.setokim.max_visual_tokens=4"])
+    assert res.exit_code == 0, res.output
+    data = stage2_world / "shapes" / "test" / "pairs.json"
+    pred = tmp_path / "gen.json"
+    res = _run(["generate", "--data", data, "--pred-out", pred, "--model", out, "--limit", "3", "--size", "24",
+                "--guidance", "2.5", "--visual-temperature", "0.5", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(pred.read_text())
+    assert len(got) == 3 and all((tmp_path / g["image"]).exists() for g in got)
+    res = _run(["generate", "a red circle", "--model", out, "--out", tmp_path, "--guidance", "-1"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("task,kind", [("caption", "pairs"), ("generate", "pairs"), ("edit", "edits")])
 def test_data_file_predictions_are_what_eval_reads(run, stage2_world, tmp_path, task, kind):
     data = stage2_world / "shapes" / "test" / f"{kind}.json"
