@@ -195,6 +195,34 @@ def test_diffusion_head_samples_near_its_data(pred):
     assert (s - means[c]).pow(2).mean().sqrt().item() < 0.3
 
 
+def test_projector_whiten(folders, tmp_path):
+    """zca whitens (unit covariance in every direction); with projector_whiten the model fits it
+    with the token statistics, the projector reads x @ W in the forward pass and in generation
+    alike (`project`), and it is saved and loaded."""
+    from setok_cli.models.setokim.heads import zca
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 5, generator=g) @ torch.tensor([[3.0, 0, 0, 0, 0], [2.9, 0.1, 0, 0, 0], [0, 0, 1, 0, 0],
+                                                          [0, 0, 0, 0.5, 0], [0, 0, 0, 0, 2]])
+    w = zca(z, eps=0).float()
+    c = (z - z.mean(0)) @ w
+    assert torch.allclose(c.t() @ c / z.shape[0], torch.eye(5), atol=1e-3)
+    assert torch.allclose(w, w.t(), atol=1e-5)                                      # ZCA: symmetric
+    m = make(folders, projector_whiten=True)
+    tokens = torch.randn(6, 3, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    m.fit_token_stats(tokens, mask)
+    assert torch.allclose(m.token_whiten, zca(m.normalize(tokens[mask])).float())
+    x = m.normalize(tokens[0])
+    assert torch.allclose(m.project(x), m.projector(x @ m.token_whiten), atol=1e-6)
+    assert not torch.allclose(m.project(x), m.projector(x), atol=1e-3)
+    ids, labels, attn, tk, mk = batch(m)
+    sp = m.splice(ids, labels, attn, mk)
+    emb = m.embed(sp, tk, mk).reshape(-1, m.lm.config.hidden_size)[sp.vis_dst]
+    assert torch.allclose(emb, m.project(m.normalize(tk[mk][sp.vis_src])), atol=1e-5)
+    m.save_pretrained(tmp_path / "w")
+    assert torch.equal(Setokim.from_pretrained(tmp_path / "w").token_whiten, m.token_whiten)
+
+
 def test_codebook_head_known_values():
     """k-means finds three well-separated centres; assign picks the nearest; the loss is the
     cross-entropy of the nearest code; temperature 0 returns the most likely code's centre."""

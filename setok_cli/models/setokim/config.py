@@ -159,6 +159,9 @@ class SetokimConfig:
     # mixed token's (so the LM still regresses what the pointer copies); 0 = the mixed loss only
     copy_head_own_loss: float = 0.0
     token_order: str = "raster"             # see the package docstring
+    # the projector reads the standardised tokens whitened (ZCA fitted with the token statistics;
+    # not in the paper), so directions of little variance enter as strongly as the rest
+    projector_whiten: bool = False
     # where a user turn's input images sit: "before_text" (LLaVA: "<image>\n{question}") or
     # "after_text" (the question first, so the image's tokens can attend to it); text.place_images
     image_placement: str = "before_text"

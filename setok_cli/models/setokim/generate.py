@@ -205,7 +205,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         next_id = torch.where(text_rows, tok, torch.where(end_img, torch.full_like(tok, e_id),
                                                           torch.full_like(tok, model.pad_id)))
         e = table(next_id)
-        e = torch.where(emit_vis.view(B, 1), model.projector(vis.to(head_dtype)).to(e.dtype), e)
+        e = torch.where(emit_vis.view(B, 1), model.project(vis.to(head_dtype)).to(e.dtype), e)
         # 0 nothing, 1 text id, 2 visual token
         rec_kind.append(torch.where(emit_vis, 2, torch.where(text_rows | end_img, 1, 0)))
         rec_ids.append(next_id)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ...errors import UserError
 from .config import CodebookHeadConfig, DiffusionHeadConfig, SetokimConfig
 
-__all__ = ["Projector", "MSEHead", "DiffusionHead", "CodebookHead", "CopyHead", "make_visual_head", "order_tokens"]
+__all__ = ["Projector", "MSEHead", "DiffusionHead", "CodebookHead", "CopyHead", "make_visual_head", "order_tokens", "zca"]
 
 
 class Projector(nn.Module):
@@ -293,6 +293,17 @@ def make_visual_head(hidden: int, config: SetokimConfig) -> nn.Module:
     if c.visual_head == "diffusion":
         return DiffusionHead(hidden, T, c.diffusion)
     return CodebookHead(hidden, T, c.codebook)
+
+
+def zca(z: Tensor, eps: float = 1e-2) -> Tensor:
+    """ZCA whitening map of standardised tokens z (N, T): W (T, T) = U diag((l + eps)^-1/2) U^T
+    from the eigen-decomposition U diag(l) U^T of their covariance, so z @ W has (about) unit
+    variance in every direction, not only along each channel; eps keeps the directions of
+    almost no variance from being blown up."""
+    c = z - z.mean(0)
+    cov = (c.t() @ c).double() / max(z.shape[0], 1)
+    lam, U = torch.linalg.eigh(cov)
+    return (U * (lam.clamp_min(0) + eps).rsqrt()) @ U.t()
 
 
 def order_tokens(tokens: Tensor, token_mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
-"""Names of what stage III (LoRA through peft) adds to the LM, and the base weights under it."""
+"""What stage III (LoRA through peft) adds to the LM: wrapping it, the names it adds, the base weights under it."""
 from __future__ import annotations
 
-__all__ = ["is_adapter_param", "is_peft", "_base_state_dict"]
+__all__ = ["is_adapter_param", "is_peft", "wrap_lora", "_base_state_dict"]
 
 
 def is_adapter_param(name: str) -> bool:
@@ -27,3 +27,30 @@ def is_peft(module) -> bool:
     except ImportError:
         return False
     return isinstance(module, PeftModel)
+
+
+def wrap_lora(lm, spec, seed: int):
+    """The LM wrapped in fresh LoRA adapters of `spec` (a LoraSpec; peft's get_peft_model,
+    B = 0), initialised from `seed`; names that are not linear layers / modules of the LM are
+    one UserError line."""
+    import warnings
+
+    import torch
+    from peft import get_peft_model
+    from torch import nn
+
+    from ...errors import UserError
+    names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in spec.target_modules if t not in names]
+    if missing:
+        raise UserError(f"lora.target_modules {missing} are not linear layers of the LM "
+                        f"(it has {', '.join(sorted(names))})")
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
+    missing = [t for t in spec.modules_to_save if t not in leaves]
+    if missing:
+        raise UserError(f"lora.modules_to_save {missing} are not modules of the LM "
+                        f"(e.g. embed_tokens, lm_head)")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # peft's own call of a renamed transformers API
+        torch.manual_seed(seed)
+        return get_peft_model(lm, spec.peft_config())

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from ...errors import UserError
 from ..hub import CONFIG_NAME, PretrainedModel
 from .config import SetokimConfig
-from .heads import CopyHead, Projector, make_visual_head, order_tokens
+from .heads import CopyHead, Projector, make_visual_head, order_tokens, zca
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
-from .lora import _base_state_dict, is_adapter_param, is_peft  # noqa: F401 (is_peft: the package API)
+from .lora import _base_state_dict, is_adapter_param, is_peft, wrap_lora  # noqa: F401 (is_peft: the package API)
 from .splice import Spliced, length_groups, read_sources, splice, token_rank  # noqa: F401 (length_groups: API)
 from .text import IMG_END, IMG_START
 
@@ -80,6 +80,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         # diffusion schedule assumes unit scale); `fit_token_stats` sets these from data
         self.register_buffer("token_mean", torch.zeros(c.token_dim, device=dev))
         self.register_buffer("token_std", torch.ones(c.token_dim, device=dev))
+        if c.projector_whiten:
+            self.register_buffer("token_whiten", torch.eye(c.token_dim, device=dev))
         for part in (self.detokenizer, self.mask_decoder):
             if part is not None:
                 part.requires_grad_(False)
@@ -168,22 +170,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         if self.has_lora:
             raise UserError("this Setokim already has LoRA adapters (merge them first: `setok export`)")
         spec = LoraSpec(**spec) if isinstance(spec, dict) else spec
-        from peft import get_peft_model
-        names = {n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules() if isinstance(m, nn.Linear)}
-        missing = [t for t in spec.target_modules if t not in names]
-        if missing:
-            raise UserError(f"lora.target_modules {missing} are not linear layers of the LM "
-                            f"(it has {', '.join(sorted(names))})")
-        leaves = {n.rsplit(".", 1)[-1] for n, _ in self.lm.named_modules()}
-        missing = [t for t in spec.modules_to_save if t not in leaves]
-        if missing:
-            raise UserError(f"lora.modules_to_save {missing} are not modules of the LM "
-                            f"(e.g. embed_tokens, lm_head)")
-        import warnings
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)     # peft's own call of a renamed transformers API
-            torch.manual_seed(self.config.init_seed)
-            self.lm = get_peft_model(self.lm, spec.peft_config())
+        self.lm = wrap_lora(self.lm, spec, self.config.init_seed)
         self.config.lora = spec
         return self
 
@@ -290,12 +277,22 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
     def denormalize(self, x: Tensor) -> Tensor:
         return x * self.token_std + self.token_mean
 
+    def project(self, x: Tensor) -> Tensor:
+        """Standardised tokens (..., T) -> LM embeddings (..., H); with `projector_whiten` the
+        projector reads them whitened (x @ token_whiten)."""
+        if self.config.projector_whiten:
+            x = x @ self.token_whiten.to(x.dtype)
+        return self.projector(x)
+
     @torch.no_grad()
     def fit_token_stats(self, tokens: Tensor, token_mask: Tensor, floor: float = 1e-3) -> None:
-        """Per-channel mean and std of the valid tokens: tokens (N, K, T), token_mask (N, K)."""
+        """Per-channel mean and std of the valid tokens: tokens (N, K, T), token_mask (N, K);
+        with `projector_whiten` also the ZCA map of the standardised tokens (norm.zca)."""
         v = tokens[token_mask].float()
         self.token_mean.copy_(v.mean(0))
         self.token_std.copy_(v.std(0, unbiased=False).clamp_min(floor))
+        if self.config.projector_whiten:
+            self.token_whiten.copy_(zca(self.normalize(v)))
 
     def encode_images(self, pixel_values: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Images through the SeTok, in generation order: pixel_values (N, 3, S, S) ->
@@ -356,7 +353,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             src = image_tokens[image_token_mask][sp.vis_src]
         else:   # no image: the projector still runs, on nothing (LLaVA's [0:0]), so DDP sees its grads
             src = emb.new_zeros(0, int(self.config.token_dim))
-        vis = self.projector(self.normalize(src).to(self.head_dtype))
+        vis = self.project(self.normalize(src).to(self.head_dtype))
         B, L, H = emb.shape
         return emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
 
