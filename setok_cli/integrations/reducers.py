@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 
 __all__ = ["METHODS", "NEEDS_IMPORTANCE", "IMPORTANCE_SUBSTITUTE", "check_method", "pool_shape", "reduce_features",
-           "feature_importance", "cluster_mean_tokens", "setok_clusters"]
+           "feature_importance", "cluster_mean_tokens", "setok_clusters", "split_to_budget"]
 
 METHODS = ("setok", "pool2d", "random", "tome", "visionzip", "prumerge")
 NEEDS_IMPORTANCE = ("visionzip", "prumerge")
@@ -154,6 +154,41 @@ def setok_clusters(x: Tensor, grid: tuple[int, int], max_tokens: int, *, mode: s
 
 # ----------------------------------------------------------------------------- reducers
 
+def split_to_budget(labels: Tensor, num_tokens: Tensor, budget: int, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """SeTok's natural clusters topped up to `budget`: while an image has fewer than budget
+    clusters, its largest cluster is cut in two at the median of its patches along its longer
+    spatial axis (the other axis breaks ties). Batched over images, one cut per image per
+    round. labels (B, N) in [0, K) (-1: no token), num_tokens (B,) -> the same, with
+    num_tokens = budget (fewer only when no cluster has two patches left)."""
+    B, N = labels.shape
+    h, w = grid
+    dev = labels.device
+    idx = torch.arange(N, device=dev)
+    ys, xs = (idx // w).float(), (idx % w).float()
+    labels, K = labels.clone(), num_tokens.clone().long()
+    rows = torch.arange(B, device=dev)
+    for _ in range(budget):
+        size = torch.zeros(B, budget + N, device=dev).scatter_add(1, labels.clamp(min=0), (labels >= 0).float())
+        big, biggest = size.argmax(1), size.max(1).values
+        cut = (K < budget) & (biggest >= 2)
+        if not bool(cut.any()):
+            break
+        member = (labels == big[:, None]) & cut[:, None]                          # (B, N)
+        n = member.sum(1).clamp(min=1)
+
+        def spread(c: Tensor) -> Tensor:
+            m = (c * member).sum(1) / n
+            return ((c - m[:, None]) ** 2 * member).sum(1)
+        along_x = (spread(xs) >= spread(ys))[:, None]
+        key = torch.where(along_x, xs * max(h, w) + ys, ys * max(h, w) + xs)     # unique per patch
+        key = torch.where(member, key, torch.full_like(key, float("inf")))
+        half = key.sort(1).values[rows, (n // 2 - 1).clamp(min=0)]               # the lower half's last key
+        upper = member & (key > half[:, None])
+        labels = torch.where(upper, K[:, None].expand(B, N), labels)
+        K = K + cut.long()
+    return labels, K
+
+
 def _pool2d(x: Tensor, budget: int, grid: tuple[int, int]) -> list[Tensor]:
     B, N, D = x.shape
     h, w = grid
@@ -251,14 +286,16 @@ def _prumerge(x: Tensor, budget: Optional[int], importance: Tensor, knn: int = 8
 
 def reduce_features(x: Tensor, method: str, budget: Optional[int] = None, *, grid: Optional[tuple[int, int]] = None,
                     importance: Optional[Tensor] = None, seed: int = 0, setok: Optional[nn.Module] = None,
-                    max_tokens: int = 64) -> list[Tensor]:
+                    max_tokens: int = 64, setok_budget: str = "fixed") -> list[Tensor]:
     """Patch features of a batch -> each image's visual tokens.
 
     x: (B, N, D); grid (h, w) with h * w = N (default: square); importance (B, N): the CLS
     attention to each patch (default: `feature_importance`, the stated substitute).
     budget: tokens per image (None: setok / prumerge natural counts; setok caps at
-    max_tokens then). -> [(K_b, D)], one per image in batch order (setok with a stage-1
-    model: (K_b, token_dim))."""
+    max_tokens then). setok_budget: how setok meets a budget, "fixed" (the budget's best
+    density peaks seed the clusters) or "split" (the natural clusters, the largest cut in two
+    until the budget: `split_to_budget`). -> [(K_b, D)], one per image in batch order (setok
+    with a stage-1 model: (K_b, token_dim))."""
     if x.dim() != 3:
         raise UserError(f"features must be (B, N, D), got {tuple(x.shape)}")
     B, N, D = x.shape
@@ -270,6 +307,8 @@ def reduce_features(x: Tensor, method: str, budget: Optional[int] = None, *, gri
     if grid[0] * grid[1] != N:
         raise UserError(f"grid {grid} does not hold the {N} patches")
     check_method(method, budget, N, grid)
+    if setok_budget not in ("fixed", "split"):
+        raise UserError(f"setok_budget must be 'fixed' or 'split', got {setok_budget!r}")
     if method in NEEDS_IMPORTANCE and importance is None:
         importance = feature_importance(x)
     if method == "pool2d":
@@ -290,6 +329,10 @@ def reduce_features(x: Tensor, method: str, budget: Optional[int] = None, *, gri
             raise UserError(f"the stage-1 SeTok reads {enc_dim}-wide features, the tower gives {D}")
         with torch.no_grad():
             return _setok_merger(setok, x, grid, cap, "hard" if budget is None else "fixed")
+    if budget is not None and setok_budget == "split":
+        c = setok_clusters(x, grid, max(cap, 2), mode="hard")
+        labels, K = split_to_budget(c.labels, c.num_tokens, budget, grid)
+        return cluster_mean_tokens(x, labels, K)
     c = setok_clusters(x, grid, max(cap, 2), mode="hard" if budget is None else "fixed")
     return cluster_mean_tokens(x, c.labels, c.num_tokens)
 

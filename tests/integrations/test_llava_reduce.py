@@ -8,7 +8,7 @@ import torch
 from setok_cli.errors import UserError
 from setok_cli.integrations.llava import BuiltinTower, reduce_visual_tokens, restore_visual_tokens, splice_image_tokens
 from setok_cli.integrations.reducers import (METHODS, cluster_mean_tokens, feature_importance, reduce_features,
-                                             setok_clusters)
+                                             setok_clusters, split_to_budget)
 
 torch.set_num_threads(1)
 
@@ -51,6 +51,35 @@ def test_setok_documented_count_and_order():
             assert torch.all((t - 100.0 * b).abs() < 10)
     for b, t in enumerate(out):
         assert torch.all((t - 100.0 * b).abs() < 10)
+
+
+def test_split_to_budget_known_cuts_and_refinement():
+    """The largest cluster is cut at its median along its longer axis, one cut per round; the
+    result refines the natural clusters (every new cluster lies inside one of them)."""
+    lab = torch.zeros(1, 16, dtype=torch.long)
+    lab[0, :4] = 1                                                    # 4 x 4: row 0 is cluster 1, rows 1-3 cluster 0
+    got, K = split_to_budget(lab, torch.tensor([2]), 4, (4, 4))
+    assert K.tolist() == [4]
+    assert got.view(4, 4).tolist() == [[1, 1, 1, 1],                  # 12 patches, wider than tall: cut at x = 2
+                                       [0, 0, 2, 2],                  # then the left 6, taller than wide: at y
+                                       [0, 3, 2, 2],
+                                       [3, 3, 2, 2]]
+    x = _blobs()
+    c = setok_clusters(x, (6, 6), 64)
+    for budget in (5, 16, 36):
+        labels, K = split_to_budget(c.labels, c.num_tokens, budget, (6, 6))
+        assert K.tolist() == [budget] * 3
+        for b in range(3):
+            assert sorted(labels[b].unique().tolist()) == list(range(budget))
+            for k in range(budget):                                   # inside one natural cluster
+                assert c.labels[b][labels[b] == k].unique().numel() == 1
+        out = reduce_features(x, "setok", budget, setok_budget="split")
+        assert [t.shape[0] for t in out] == [budget] * 3
+        for b, t in enumerate(out):
+            assert torch.all((t - 100.0 * b).abs() < 10)
+    assert split_to_budget(torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), 4, (1, 1))[1].tolist() == [1]
+    with pytest.raises(UserError):
+        reduce_features(x, "setok", 8, setok_budget="median")
 
 
 def test_prumerge_natural_count_is_the_outliers():
