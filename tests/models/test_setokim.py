@@ -254,6 +254,39 @@ def test_codebook_head_known_values():
         few.fit(centres[:0])
 
 
+def test_keyed_codebook_every_token_a_code(folders, tmp_path):
+    """codes: 0 with keyed logits: every distinct fitted token becomes a code (the config then
+    records how many, so the saved model loads), the logits are <q(h), k(code)> / sqrt(w), and
+    it learns to draw both modes of a two-mode target."""
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randn(7, 3, 8, generator=g)
+    m = make(folders, visual_head="codebook", codebook=CodebookHeadConfig(codes=0, keyed=True, refine=True))
+    head = m.visual_head
+    x = torch.cat([toks.reshape(-1, 8), toks[0]])                                  # 21 distinct, 3 repeated
+    assert head.fit(x) == 21 and head.codes.shape == (21, 8) and m.config.codebook.codes == 21
+    h = torch.randn(4, m.lm.config.hidden_size, generator=g)
+    want = head.net(h) @ head.key(head.codes).t() / head.width ** 0.5
+    assert torch.allclose(head(h), want, atol=1e-6)
+    m.save_pretrained(tmp_path / "k")
+    m2 = Setokim.from_pretrained(tmp_path / "k")
+    assert torch.equal(m2.visual_head.codes, head.codes) and torch.allclose(m2.visual_head(h), head(h), atol=1e-6)
+    with pytest.raises(UserError):
+        CodebookHeadConfig(codes=0)                                                 # every token a code needs keyed
+    torch.manual_seed(0)
+    a = torch.tensor([3.0, -2.0, 1.0, 2.5])
+    cond, targets = torch.randn(1, 16), torch.cat([a.expand(64, 4), -a.expand(64, 4)])
+    kh = CodebookHead(16, 4, CodebookHeadConfig(codes=0, keyed=True))
+    kh.fit(targets)
+    opt = torch.optim.AdamW(kh.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = kh.loss(cond.expand(128, 16), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    s = kh.sample(cond.expand(400, 16), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert 0.4 < (s[:, 0] > 0).float().mean().item() < 0.6
+
+
 def test_codebook_head_samples_modes_where_mse_averages():
     """One condition, targets +a or -a half the time each. The MSE head learns the mean (0),
     which is neither; the codebook head samples both modes, each about half the time, and

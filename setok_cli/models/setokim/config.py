@@ -70,7 +70,13 @@ class CodebookHeadConfig:
     standardised tokens of the training images, fitted once before stage II. The head predicts
     which centre comes next (cross-entropy) and sampling draws one, so a token the caption leaves
     open (where, how large) is one real mode instead of the mean of all of them."""
-    codes: int = 512                  # k-means centres
+    # k-means centres; 0: every distinct token of the fitted images is a code (with `keyed`; the
+    # saved config then records their count)
+    codes: int = 512
+    # logits <q(h), k(code)> from the code's own features (a retrieval head: codes that look
+    # alike score alike, so a code need not be seen in training to be drawn) instead of a
+    # Linear with one independent row per code
+    keyed: bool = False
     width: Optional[int] = None       # the classifier MLP's width; None: the LM's hidden size
     temperature: float = 1.0          # sampling temperature over the codes (0: the most likely code)
     fit_images: int = 2048            # training images whose tokens the k-means sees (at most)
@@ -81,10 +87,12 @@ class CodebookHeadConfig:
     refine_weight: float = 1.0
 
     def __post_init__(self):
-        for name in ("codes", "fit_images"):
+        for name, low in (("codes", 0), ("fit_images", 1)):
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise UserError(f"codebook.{name} must be an integer >= 1, got {v!r}")
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+                raise UserError(f"codebook.{name} must be an integer >= {low}, got {v!r}")
+        if self.codes == 0 and not self.keyed:
+            raise UserError("codebook.codes: 0 (every token a code) needs codebook.keyed: true")
         if self.width is not None and not (isinstance(self.width, int) and self.width >= 1):
             raise UserError(f"codebook.width must be an integer >= 1 or null, got {self.width!r}")
         for name in ("temperature", "refine_weight"):

@@ -205,19 +205,24 @@ class CodebookHead(nn.Module):
     offset r(h, code) (M, T) regressed (MSE) to the target within its code. Where the MSE
     head writes the mean of every token a caption allows, this writes one of them.
 
+    `keyed`: logits <q(h), k(code)> / sqrt(w) with k an MLP of the code itself (a retrieval
+    head over real tokens; `codes: 0` makes every distinct fitted token a code).
+
     Classifier-free guidance: given the hidden states of the same rows without the condition
     (`uncond`), the logits are l_u + g (l_c - l_u) (LlamaGen, over codes)."""
 
     def __init__(self, hidden: int, token_dim: int, config: CodebookHeadConfig):
         super().__init__()
         self.config = c = config
-        w = c.width or hidden
-        self.net = nn.Sequential(nn.Linear(hidden, w), nn.GELU(), nn.Linear(w, c.codes))
-        self.code_emb = nn.Embedding(c.codes, w) if c.refine else None
+        self.width = w = c.width or hidden
+        C = max(c.codes, 1)
+        self.net = nn.Sequential(nn.Linear(hidden, w), nn.GELU(), nn.Linear(w, w if c.keyed else C))
+        self.key = nn.Sequential(nn.Linear(token_dim, w), nn.GELU(), nn.Linear(w, w)) if c.keyed else None
+        self.code_emb = nn.Embedding(C, w) if c.refine and not c.keyed else None
         self.refine = (nn.Sequential(nn.Linear(hidden + w, w), nn.GELU(), nn.Linear(w, token_dim))
                        if c.refine else None)
         # random until fitted (a model built without data still samples something distinct)
-        self.register_buffer("codes", torch.randn(c.codes, token_dim))
+        self.register_buffer("codes", torch.randn(C, token_dim))
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> int:
@@ -230,6 +235,10 @@ class CodebookHead(nn.Module):
         if x.shape[0] == 0:
             raise UserError("the codebook head needs tokens to fit its codes: the data has no images")
         uniq = torch.unique(x.detach().double().cpu(), dim=0)
+        if C == 0:                                       # every distinct token is a code
+            self.codes = uniq.to(self.codes)
+            self.config.codes = uniq.shape[0]            # so that a saved model rebuilds this size
+            return uniq.shape[0]
         if uniq.shape[0] <= C:                           # every distinct token is a code
             self.codes.copy_(uniq[torch.arange(C) % uniq.shape[0]].to(self.codes))
             return C
@@ -247,13 +256,18 @@ class CodebookHead(nn.Module):
         return d.argmin(-1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)
+        """h (M, H) -> logits (M, C)."""
+        if self.key is None:
+            return self.net(h)
+        k = self.key(self.codes.to(h.dtype))                                     # (C, w)
+        return self.net(h) @ k.t() / self.width ** 0.5
 
     def token(self, h: Tensor, idx: Tensor) -> Tensor:
         """h (M, H), code indices (M,) -> tokens (M, T): the centre, plus the refined offset."""
         out = self.codes.float()[idx]
         if self.refine is not None:
-            out = out + self.refine(torch.cat([h, self.code_emb(idx).to(h.dtype)], -1)).float()
+            e = self.code_emb(idx) if self.code_emb is not None else self.key(self.codes[idx].to(h.dtype))
+            out = out + self.refine(torch.cat([h, e.to(h.dtype)], -1)).float()
         return out
 
     def loss(self, h: Tensor, target: Tensor) -> Tensor:
