@@ -10,7 +10,10 @@ budget, side by side, with the same fine-tune as every row of `setok bench-reduc
 
 Runs the fine-tunes of the given mode(s) and prints val and test accuracy per budget beside
 the baseline file's rows (the same protocol, data and seeds; `fixed` there is setok's row).
-Choose a mode on val; the test column is what `setok bench-reduce` reports.
+Choose a mode on val. `--merge` then writes the baseline file's table with setok's budget rows
+from the given mode (the fixed rows kept as `setok-fixed`), its goals and its plot:
+
+    python benchmarks/reduce_setok_budget.py --merge split --plot docs/bench_reduce.png
 """
 from __future__ import annotations
 
@@ -46,7 +49,12 @@ def main():
     ap.add_argument("--baseline", default="benchmarks/results/accuracy/bench_reduce.json")
     ap.add_argument("--out", default="benchmarks/results/setok_budget")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--merge", choices=["split"], help="no fine-tunes: merge OUT/setok_budget.json's rows of "
+                                                       "this mode into the baseline table (OUT/bench_reduce.json)")
+    ap.add_argument("--plot", help="with --merge: the accuracy plot (PNG)")
     args = ap.parse_args()
+    if args.merge:
+        return merge(Path(args.baseline), Path(args.out), args.merge, args.plot)
     modes, budgets = args.mode or ["split"], [int(b) for b in args.budgets.split(",")]
     protocol, out = Protocol(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +97,40 @@ def main():
         print(f"{r['budget']:>6} | " + " | ".join(cells) + f" | {f['val']:.3f} / {f['test']:.3f} | "
               f"{t['method']} {t['val']:.3f} / {t['test']:.3f}")
     print(f"wrote {out / 'setok_budget.json'} ({res['seconds']:.0f} s)")
+
+
+def merge(baseline: Path, out: Path, mode: str, plot_path) -> None:
+    from setok_cli.bench.reduce.accuracy import accuracy_goals
+    from setok_cli.bench.reduce.plot import plot
+    base = json.loads(baseline.read_text())
+    acc = base.get("accuracy") or base
+    got = {r["budget"]: r[mode] for r in json.loads((out / "setok_budget.json").read_text())["rows"]}
+    runs = []
+    for r in acc["runs"]:
+        if r["method"] == "setok" and r["budget"] in got:
+            runs.append(dict(r, method="setok-fixed"))
+            g = got[r["budget"]]
+            runs.append({"method": "setok", "budget": r["budget"], "setok_budget": mode,
+                         "tokens_mean": float(r["budget"]), "tokens_min": r["budget"], "tokens_max": r["budget"],
+                         "run": f"setok-{mode}_{r['budget']}", "accuracy": g["test"], "val_accuracy": g["val"],
+                         "steps_chosen": g["steps_chosen"], "train_seconds": g["train_seconds"],
+                         "per_type": g["per_type"]})
+        else:
+            runs.append(r)
+    merged = dict(acc, runs=runs)
+    res = {"source": {"baselines": str(baseline), "setok_budget_rows": str(out / "setok_budget.json")},
+           "accuracy": merged, "accuracy_goals": accuracy_goals(merged)}
+    (out / "bench_reduce.json").write_text(json.dumps(res, indent=1))
+    if plot_path:
+        plot(merged, plot_path)
+    for g in res["accuracy_goals"]["per_budget"]:
+        print(f"budget {g['budget']}: setok {g['setok']:.3f}, best baseline {g['best_baseline']} "
+              f"{g['best_baseline_accuracy']:.3f} ({g['margin_points']:+.1f} points, met: {g['met']})")
+    n = res["accuracy_goals"].get("natural")
+    if n:
+        print(f"natural ({n['tokens_mean']:.1f} tokens): {n['setok']:.3f} against all 576: {n['full_576']:.3f} "
+              f"(met: {n['met']})")
+    print(f"wrote {out / 'bench_reduce.json'}" + (f" and {plot_path}" if plot_path else ""))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ Reducers (x: (B, N, D) patch features on an h x w grid; all batched, batch order
              SeTok's `clustering_features`, so the bandwidth (0.6) is in units of the
              image's own spread and works for any tower. Without a budget: hard mode (the
              scope loop, then every token one connected region, as SeTok does), the
-             image's natural count (at most max_tokens = 64). At a budget: fixed mode
-             (paper Table 5), the budget's highest density-peak scores seed as many
-             clusters, every patch to its nearest seed: exactly budget (fewer only when a
-             seed wins no patch, e.g. an image of fewer distinct patches). With a stage-1
-             SeTok (`setok=`), its own clustering and merger make the tokens instead (the
-             tower width must be its encoder's).
+             image's natural count (at most max_tokens = 64). At a budget (`setok_budget`):
+             "split" (the default), the natural clusters, the largest cut in two at its
+             median until the budget (`split_to_budget`; chosen on val in bench-reduce,
+             README); or "fixed" (paper Table 5), the budget's highest density-peak scores
+             seed as many clusters, every patch to its nearest seed. Exactly budget (fewer
+             only for an image of fewer distinct patches). With a stage-1 SeTok (`setok=`),
+             its own clustering and merger make the tokens instead, in fixed mode at a
+             budget (the tower width must be its encoder's).
   pool2d     2-D average pooling of the grid to r x c = budget cells (r <= c, the most
              square factorisation that fits the grid). Exactly budget.
   random     budget patches drawn without replacement (seeded), raster order kept. Exactly budget.
@@ -286,7 +288,7 @@ def _prumerge(x: Tensor, budget: Optional[int], importance: Tensor, knn: int = 8
 
 def reduce_features(x: Tensor, method: str, budget: Optional[int] = None, *, grid: Optional[tuple[int, int]] = None,
                     importance: Optional[Tensor] = None, seed: int = 0, setok: Optional[nn.Module] = None,
-                    max_tokens: int = 64, setok_budget: str = "fixed") -> list[Tensor]:
+                    max_tokens: int = 64, setok_budget: str = "split") -> list[Tensor]:
     """Patch features of a batch -> each image's visual tokens.
 
     x: (B, N, D); grid (h, w) with h * w = N (default: square); importance (B, N): the CLS

@@ -45,10 +45,11 @@ def test_setok_documented_count_and_order():
     out = reduce_features(x, "setok")
     assert [t.shape[0] for t in out] == natural.tolist()
     assert all(2 <= n <= 5 for n in natural.tolist())  # the flat regions, give or take a split
-    for budget in (2, 5, 16, 36):  # at a budget: fixed mode, exactly budget seeds
-        assert [t.shape[0] for t in reduce_features(x, "setok", budget)] == [budget] * 3
-        for b, t in enumerate(reduce_features(x, "setok", budget)):
-            assert torch.all((t - 100.0 * b).abs() < 10)
+    for mode in ("split", "fixed"):     # at a budget: natural clusters cut to it, or the budget's best seeds
+        for budget in (2, 5, 16, 36):
+            assert [t.shape[0] for t in reduce_features(x, "setok", budget, setok_budget=mode)] == [budget] * 3
+            for b, t in enumerate(reduce_features(x, "setok", budget, setok_budget=mode)):
+                assert torch.all((t - 100.0 * b).abs() < 10)
     for b, t in enumerate(out):
         assert torch.all((t - 100.0 * b).abs() < 10)
 

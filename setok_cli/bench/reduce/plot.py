@@ -7,8 +7,9 @@ import math
 
 from .cost import FULL
 
-COLOURS = {"setok": (214, 39, 40), "pool2d": (31, 119, 180), "random": (127, 127, 127), "tome": (44, 160, 44),
-           "visionzip": (148, 103, 189), "prumerge": (255, 127, 14), "full": (0, 0, 0)}
+COLOURS = {"setok": (214, 39, 40), "setok-fixed": (247, 152, 152), "pool2d": (31, 119, 180),
+           "random": (127, 127, 127), "tome": (44, 160, 44), "visionzip": (148, 103, 189), "prumerge": (255, 127, 14),
+           "full": (0, 0, 0)}
 
 
 def plot(acc: dict, path, title: str = "VQA accuracy vs visual tokens per image (synthetic world, tiny LLaVA)") -> None:
