@@ -78,7 +78,8 @@ def main():
         top = max((r for r in runs if r["budget"] == b and r["method"] != "setok"), key=lambda r: r["accuracy"])
         fixed = next(r for r in runs if r["budget"] == b and r["method"] == "setok")
         row = {"budget": b, "fixed (baseline file)": {"val": fixed["val_accuracy"], "test": fixed["accuracy"]},
-               "best baseline on val": {"method": best["method"], "val": best["val_accuracy"], "test": best["accuracy"]},
+               "best baseline on val": {"method": best["method"], "val": best["val_accuracy"],
+                                        "test": best["accuracy"]},
                "best baseline on test": {"method": top["method"], "val": top["val_accuracy"], "test": top["accuracy"]}}
         for mode in modes:
             r = results[(mode, b)]

@@ -272,38 +272,39 @@ def test_keyed_codebook_every_token_a_code(folders, tmp_path):
     assert torch.equal(m2.visual_head.codes, head.codes) and torch.allclose(m2.visual_head(h), head(h), atol=1e-6)
     with pytest.raises(UserError):
         CodebookHeadConfig(codes=0)                                                 # every token a code needs keyed
-    torch.manual_seed(0)
-    a = torch.tensor([3.0, -2.0, 1.0, 2.5])
-    cond, targets = torch.randn(1, 16), torch.cat([a.expand(64, 4), -a.expand(64, 4)])
+    a, cond, targets = _two_modes()
     kh = CodebookHead(16, 4, CodebookHeadConfig(codes=0, keyed=True))
     kh.fit(targets)
-    opt = torch.optim.AdamW(kh.parameters(), lr=1e-2)
-    for _ in range(150):
-        loss = kh.loss(cond.expand(128, 16), targets)
+    _train_head(kh, cond, targets)
+    s = kh.sample(cond.expand(400, 16), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert 0.4 < (s[:, 0] > 0).float().mean().item() < 0.6
+
+
+def _two_modes():
+    """One condition (1, 16); targets (128, 4): +a or -a, half each."""
+    torch.manual_seed(0)
+    a = torch.tensor([3.0, -2.0, 1.0, 2.5])
+    return a, torch.randn(1, 16), torch.cat([a.expand(64, 4), -a.expand(64, 4)])
+
+
+def _train_head(head, cond, targets, steps=150):
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = head.loss(cond.expand(targets.shape[0], cond.shape[1]), targets)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    s = kh.sample(cond.expand(400, 16), temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert 0.4 < (s[:, 0] > 0).float().mean().item() < 0.6
 
 
 def test_codebook_head_samples_modes_where_mse_averages():
     """One condition, targets +a or -a half the time each. The MSE head learns the mean (0),
     which is neither; the codebook head samples both modes, each about half the time, and
     every sample is a mode."""
-    torch.manual_seed(0)
-    a = torch.tensor([3.0, -2.0, 1.0, 2.5])
-    cond = torch.randn(1, 16)
-    targets = torch.cat([a.expand(64, 4), -a.expand(64, 4)])
+    a, cond, targets = _two_modes()
     mse, cb = MSEHead(16, 4), CodebookHead(16, 4, CodebookHeadConfig(codes=2))
     cb.fit(targets)
     for head in (mse, cb):
-        opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
-        for _ in range(150):
-            loss = head.loss(cond.expand(128, 16), targets)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train_head(head, cond, targets)
     assert mse(cond).abs().max().item() < 0.2                              # the average of the two modes
     s = cb.sample(cond.expand(400, 16), temperature=1.0, generator=torch.Generator().manual_seed(0))
     near = torch.minimum((s - a).norm(dim=1), (s + a).norm(dim=1))

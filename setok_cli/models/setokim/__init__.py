@@ -78,7 +78,8 @@ __all__ = ["SetokimConfig", "DiffusionHeadConfig", "CodebookHeadConfig", "LoraSp
            "CodebookHead", "CopyHead", "order_tokens",
            "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images",
            "IMAGE_TOKEN",
-           "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS", "UNCOND_GENERATE",
+           "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",
+           "UNCOND_GENERATE",
            "IMAGE_PLACEMENTS", "place_images",
            "build_word_tokenizer", "collate_conversations", "pack_token_sets", "render_conversation",
            "tokenize_with_images", "world_texts"]

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from ...errors import UserError
 from .config import CodebookHeadConfig, DiffusionHeadConfig, SetokimConfig
 
-__all__ = ["Projector", "MSEHead", "DiffusionHead", "CodebookHead", "CopyHead", "make_visual_head", "order_tokens", "zca"]
+__all__ = ["Projector", "MSEHead", "DiffusionHead", "CodebookHead", "CopyHead", "make_visual_head", "order_tokens",
+           "zca"]
 
 
 class Projector(nn.Module):

@@ -26,7 +26,8 @@ from torch import Tensor
 from ...errors import UserError
 
 __all__ = ["IMAGE_TOKEN", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM",
-           "TASK_PROMPTS", "UNCOND_GENERATE", "IMAGE_PLACEMENTS", "place_images", "tokenize_with_images", "render_conversation",
+           "TASK_PROMPTS", "UNCOND_GENERATE",
+           "IMAGE_PLACEMENTS", "place_images", "tokenize_with_images", "render_conversation",
            "collate_conversations", "pack_token_sets", "world_texts", "build_word_tokenizer"]
 
 IMAGE_TOKEN = "<image>"
