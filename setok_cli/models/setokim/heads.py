@@ -252,9 +252,7 @@ class CodebookHead(nn.Module):
 
     def assign(self, x: Tensor) -> Tensor:
         """x (M, T) standardised -> the index of each row's nearest code (M,)."""
-        c = self.codes.float()
-        d = (x.float() * x.float()).sum(-1, keepdim=True) - 2 * x.float() @ c.t() + (c * c).sum(-1)
-        return d.argmin(-1)
+        return torch.cdist(x.float(), self.codes.float()).argmin(-1)
 
     def forward(self, h: Tensor) -> Tensor:
         """h (M, H) -> logits (M, C)."""
@@ -289,10 +287,11 @@ class CodebookHead(nn.Module):
         """h (M, H) -> tokens (M, T): a code drawn at `temperature` (guided by `uncond` (M, H)
         when guidance != 1), its centre plus the refined offset."""
         temp = self.config.temperature if temperature is None else temperature
-        logits = self(h).float()
-        if uncond is not None and guidance != 1:
-            lu = self(uncond).float()
+        if uncond is not None and guidance != 1:        # one pass over both (keyed: the codes' keys once)
+            logits, lu = self(torch.cat([h, uncond])).float().split(h.shape[0])
             logits = lu + guidance * (logits - lu)
+        else:
+            logits = self(h).float()
         if temp == 0 or h.shape[0] == 0:
             idx = logits.argmax(-1)
         else:
