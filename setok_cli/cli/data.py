@@ -53,3 +53,15 @@ def referring(split, by):
     from ..data.shapes import referring_by
     path, n = referring_by(split, by)
     click.echo(f"{n} expressions -> {path}")
+
+
+@data.command("describe")
+@click.argument("split", type=click.Path(file_okay=False))
+@click.option("--by", "by", default="shape", show_default=True, type=click.Choice(["shape"]),
+              help="Name each object by this first, then the rest.")
+def describe(split, by):
+    """Write SPLIT/describe_<by>.json: per image, "List the objects by shape." answered shape
+    first ("a diamond in orange; two hexagons in green and red."), an instruct set for stage II."""
+    from ..data.shapes import describe_by
+    path, n = describe_by(split, by)
+    click.echo(f"{n} descriptions -> {path}")

@@ -16,15 +16,15 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (caption, count_phrase, phrase, questions, referring_expression, region_name,
+from .shapes_text import (DESCRIBE_BY_SHAPE, caption, count_phrase, describe_by_shape, phrase, questions, referring_expression, region_name,
                           sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
-__all__ = ["generate", "make_example", "write_split", "referring_by", "parse_splits", "split_counts", "scene_record",
+__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "parse_splits", "split_counts", "scene_record",
            "png_bytes",
-           "caption", "count_phrase", "phrase", "questions", "referring_expression", "region_name", "sample_edit",
+           "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression", "region_name", "sample_edit",
            "CHECK_RES", "COLOR_NAMES", "COLORS", "EXTENTS", "MAX_OBJECTS", "MAX_SIZE", "MIN_SIZE", "MIN_VISIBLE",
            "NUMBER_WORDS", "PLURALS", "REGIONS", "SHAPES", "SUPERSAMPLE", "Rendered", "_valid", "coverage", "inside",
            "render", "render_background", "sample_background", "sample_object", "sample_scene"]
@@ -210,5 +210,32 @@ def referring_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
             out.append({"image": Path(e["image"]).relative_to(d.resolve()).as_posix(), "expression": expr, "mask": m,
                         "object": o["id"], "scene": Path(e["scene"]).relative_to(d.resolve()).as_posix()})
     path = d / f"referring_{by}.json"
+    atomic_write_json(path, out, indent=None)
+    return path, len(out)
+
+
+def describe_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
+    """A written split -> `describe_<by>.json` beside its other files: SPEC instruct entries
+    (type "describe"), one per image, "<image>\\nList the objects by shape." answered by
+    `describe_by_shape`. A stage-II set: the world's captions name each object colour first,
+    so writing them trains the LM to find an object by its colour and never by its shape.
+    Returns (path, number of entries)."""
+    from ..errors import UserError
+    from .formats import load
+    if by != "shape":
+        raise UserError(f"--by must be shape, got {by!r}")
+    d = Path(split)
+    if not (d / "pairs.json").is_file():
+        raise UserError(f"{d}: no pairs.json (a split folder written by `setok data shapes`)")
+    out: list[dict] = []
+    for e in load(d / "pairs.json", "pairs"):
+        if "scene" not in e:
+            raise UserError(f"{d / 'pairs.json'}: entries need 'scene' (a shapes-world split)")
+        objs = json.loads(Path(e["scene"]).read_text())["objects"]
+        image = Path(e["image"]).relative_to(d.resolve()).as_posix()
+        out.append({"id": f"{Path(e['image']).stem}_describe_{by}", "image": image, "type": "describe", "conversations": [
+                        {"from": "human", "value": f"<image>\n{DESCRIBE_BY_SHAPE}"},
+                        {"from": "gpt", "value": describe_by_shape(objs)}]})
+    path = d / f"describe_{by}.json"
     atomic_write_json(path, out, indent=None)
     return path, len(out)

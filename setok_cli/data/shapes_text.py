@@ -38,6 +38,27 @@ def caption(scene: dict, rng: np.random.Generator) -> str:
     return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {noun} in the image: {_join(parts)}."
 
 
+DESCRIBE_BY_SHAPE = "List the objects by shape."
+
+
+def describe_by_shape(objects: list[dict]) -> str:
+    """The objects named shape first, then their colours: "a diamond in orange; three hexagons
+    in green, green and red." (shapes in order of first appearance, each shape's colours grouped
+    in order of first appearance). Writing it word by word, each colour is read off an object
+    found by its shape, the lookup a colour-first caption never asks for."""
+    by_shape: dict[str, list[str]] = {}
+    for o in objects:
+        by_shape.setdefault(o["shape"], []).append(o["color"])
+    parts = []
+    for s, colors in by_shape.items():
+        k = len(colors)
+        head = ("an" if s[0] in "aeiou" else "a") + f" {s}" if k == 1 else f"{NUMBER_WORDS[k]} {PLURALS[s]}"
+        order = sorted(colors, key=colors.index)
+        parts.append(f"{head} in {_join(order)}")
+    text = "; ".join(parts) + "."
+    return text[0].upper() + text[1:]
+
+
 def referring_expression(objects: list[dict], i: int) -> str | None:
     """A unique description of objects[i] (None if none of the templates is unique)."""
     o = objects[i]

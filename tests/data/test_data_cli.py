@@ -90,3 +90,42 @@ def test_setok_data_referring_by_shape_and_colour(world, tmp_path):
             assert np.array_equal(np.asarray(Image.open(e["mask"])) > 127, inst == e["object"])
     r = CliRunner().invoke(cli, ["data", "referring", str(tmp_path / "nope")])
     assert r.exit_code == 2 and _error_lines(r.output) and "pairs.json" in r.output
+
+
+def test_describe_by_shape_known_text():
+    from setok_cli.data.shapes_text import describe_by_shape
+    objs = [{"shape": s, "color": c} for s, c in (("diamond", "orange"), ("hexagon", "red"), ("ellipse", "blue"),
+                                                   ("hexagon", "green"), ("hexagon", "red"))]
+    assert describe_by_shape(objs) == "A diamond in orange; three hexagons in red, red and green; an ellipse in blue."
+    assert describe_by_shape([{"shape": "cross", "color": "pink"}]) == "A cross in pink."
+
+
+def test_setok_data_describe_by_shape(world, tmp_path):
+    import re
+    import shutil
+
+    from setok_cli.data.formats import load
+    from setok_cli.data.shapes import NUMBER_WORDS, PLURALS
+    split = tmp_path / "train"
+    shutil.copytree(world / "train", split)
+    r = CliRunner().invoke(cli, ["data", "describe", str(split)])
+    assert r.exit_code == 0, r.output
+    entries = load(split / "describe_shape.json", "instruct")           # a valid SPEC instruct file
+    pairs = load(split / "pairs.json", "pairs")
+    assert [e["image"] for e in entries] == [p["image"] for p in pairs]
+    singular = {p: s for s, p in PLURALS.items()}
+    for e, p in zip(entries, pairs):
+        (human, gpt) = e["conversations"]
+        assert human["value"] == "<image>\nList the objects by shape." and e["type"] == "describe"
+        got = []                                                        # read the text back: (shape, colour) each
+        for part in gpt["value"].rstrip(".").split("; "):
+            m = re.fullmatch(r"(\w+) (\w+) in (.+)", part)
+            count = 1 if m.group(1).lower() in ("a", "an") else NUMBER_WORDS.index(m.group(1).lower())
+            shape = singular.get(m.group(2), m.group(2))
+            colors = re.split(r", | and ", m.group(3))
+            assert len(colors) == count
+            got += [(shape, c) for c in colors]
+        objs = json.loads(open(p["scene"]).read())["objects"]
+        assert sorted(got) == sorted((o["shape"], o["color"]) for o in objs)
+    r = CliRunner().invoke(cli, ["data", "describe", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and _error_lines(r.output) and "pairs.json" in r.output
