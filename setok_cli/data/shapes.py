@@ -16,15 +16,16 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, caption, count_phrase, describe_by_shape, phrase, questions, referring_expression, region_name,
-                          sample_edit)
+from .shapes_text import (DESCRIBE_BY_SHAPE, caption, count_phrase, describe_by_shape, phrase, questions,
+                          referring_expression, region_name, sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
-__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "parse_splits", "split_counts", "scene_record",
-           "png_bytes",
-           "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression", "region_name", "sample_edit",
+__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "parse_splits", "split_counts",
+           "scene_record", "png_bytes",
+           "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression", "region_name",
+           "sample_edit",
            "CHECK_RES", "COLOR_NAMES", "COLORS", "EXTENTS", "MAX_OBJECTS", "MAX_SIZE", "MIN_SIZE", "MIN_VISIBLE",
            "NUMBER_WORDS", "PLURALS", "REGIONS", "SHAPES", "SUPERSAMPLE", "Rendered", "_valid", "coverage", "inside",
            "render", "render_background", "sample_background", "sample_object", "sample_scene"]
@@ -233,9 +234,10 @@ def describe_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
             raise UserError(f"{d / 'pairs.json'}: entries need 'scene' (a shapes-world split)")
         objs = json.loads(Path(e["scene"]).read_text())["objects"]
         image = Path(e["image"]).relative_to(d.resolve()).as_posix()
-        out.append({"id": f"{Path(e['image']).stem}_describe_{by}", "image": image, "type": "describe", "conversations": [
-                        {"from": "human", "value": f"<image>\n{DESCRIBE_BY_SHAPE}"},
-                        {"from": "gpt", "value": describe_by_shape(objs)}]})
+        conv = [{"from": "human", "value": f"<image>\n{DESCRIBE_BY_SHAPE}"},
+                {"from": "gpt", "value": describe_by_shape(objs)}]
+        out.append({"id": f"{Path(e['image']).stem}_describe_{by}", "image": image, "type": "describe",
+                    "conversations": conv})
     path = d / f"describe_{by}.json"
     atomic_write_json(path, out, indent=None)
     return path, len(out)
