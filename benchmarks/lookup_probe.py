@@ -7,8 +7,8 @@ Setokim answers "What color is the hexagon?" no better than naming the colour of
 in the image (README, stage III). This separates the tokens from the training set-up:
 
 - The tokens: the frozen SeTok tokens of the world's train (2,000) and val (250) images, as
-  Setokim reads them (generation order, standardised with the model's token statistics), each
-  labelled with the object that holds most of its patches (`setokim_binding_probe.token_labels`).
+  Setokim reads them (generation order, standardised with the model's token statistics); the
+  labels are the scene's objects, not the tokens'.
 - The task: for every object that its shape alone singles out in an image of two or more
   objects, "shape -> its colour"; for every object its colour singles out, "colour -> its
   shape". One learnt query embedding (the shape or colour asked) follows the image's tokens.
