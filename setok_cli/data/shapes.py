@@ -177,6 +177,23 @@ def generate(out: str | Path, n: int = 1000, size: int = 64, seed: int = 0,
 REFERRING_KEYS = ("shape", "color")
 
 
+def _world_pairs(split: str | Path, keys: tuple[str, ...]) -> tuple[Path, list[tuple[dict, list[dict]]]]:
+    """A written split -> (its folder, [(pairs entry, its scene's objects)]), each entry
+    checked for `keys`; a folder that is not a shapes-world split is one UserError line."""
+    from ..errors import UserError
+    from .formats import load
+    d = Path(split)
+    if not (d / "pairs.json").is_file():
+        raise UserError(f"{d}: no pairs.json (a split folder written by `setok data shapes`)")
+    out = []
+    for e in load(d / "pairs.json", "pairs"):
+        if any(k not in e for k in keys):
+            raise UserError(f"{d / 'pairs.json'}: entries need {' and '.join(repr(k) for k in keys)} "
+                            "(a shapes-world split)")
+        out.append((e, json.loads(Path(e["scene"]).read_text())["objects"]))
+    return d, out
+
+
 def referring_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
     """A written split -> `referring_<by>.json` (SPEC referring entries) beside its other
     files: in every image of two or more objects, each object whose `by` alone is unique
@@ -185,18 +202,12 @@ def referring_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
     is shared (510 of 3,679 training expressions); this names every object that its shape
     singles out. Returns (path, number of expressions)."""
     from ..errors import UserError
-    from .formats import load
     if by not in REFERRING_KEYS:
         raise UserError(f"--by must be one of {', '.join(REFERRING_KEYS)}, got {by!r}")
-    d = Path(split)
-    if not (d / "pairs.json").is_file():
-        raise UserError(f"{d}: no pairs.json (a split folder written by `setok data shapes`)")
+    d, entries = _world_pairs(split, ("scene", "instances"))
     from PIL import Image
     out: list[dict] = []
-    for e in load(d / "pairs.json", "pairs"):
-        if "scene" not in e or "instances" not in e:
-            raise UserError(f"{d / 'pairs.json'}: entries need 'scene' and 'instances' (a shapes-world split)")
-        objs = json.loads(Path(e["scene"]).read_text())["objects"]
+    for e, objs in entries:
         if len(objs) < 2:
             continue
         with Image.open(e["instances"]) as im:
@@ -222,17 +233,11 @@ def describe_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
     so writing them trains the LM to find an object by its colour and never by its shape.
     Returns (path, number of entries)."""
     from ..errors import UserError
-    from .formats import load
     if by != "shape":
         raise UserError(f"--by must be shape, got {by!r}")
-    d = Path(split)
-    if not (d / "pairs.json").is_file():
-        raise UserError(f"{d}: no pairs.json (a split folder written by `setok data shapes`)")
+    d, entries = _world_pairs(split, ("scene",))
     out: list[dict] = []
-    for e in load(d / "pairs.json", "pairs"):
-        if "scene" not in e:
-            raise UserError(f"{d / 'pairs.json'}: entries need 'scene' (a shapes-world split)")
-        objs = json.loads(Path(e["scene"]).read_text())["objects"]
+    for e, objs in entries:
         image = Path(e["image"]).relative_to(d.resolve()).as_posix()
         conv = [{"from": "human", "value": f"<image>\n{DESCRIBE_BY_SHAPE}"},
                 {"from": "gpt", "value": describe_by_shape(objs)}]
