@@ -65,3 +65,14 @@ def describe(split, by):
     from ..data.shapes import describe_by
     path, n = describe_by(split, by)
     click.echo(f"{n} descriptions -> {path}")
+
+
+@data.command("questions")
+@click.argument("split", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of each image's question order.")
+def questions(split, seed):
+    """Write SPLIT/instruct_all.json: every question of the five VQA types that each image
+    answers (instruct.json keeps one per type), a denser stage-III set on the same images."""
+    from ..data.shapes import questions_all
+    path, n = questions_all(split, seed)
+    click.echo(f"{n} questions -> {path}")

@@ -71,12 +71,15 @@ def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
     raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
 
 
-def group_by_image(entries: Sequence[dict]) -> list[list[dict]]:
-    """Instruct entries -> groups of the entries of one image, in order of first appearance."""
+def group_by_image(entries: Sequence[dict], turns: Optional[int] = None) -> list[list[dict]]:
+    """Instruct entries -> groups of the entries of one image, in order of first appearance;
+    with `turns`, each image's entries cut in file order into groups of at most `turns`."""
     groups: dict[str, list[dict]] = {}
     for e in entries:
         groups.setdefault(e["image"], []).append(e)
-    return list(groups.values())
+    if turns is None:
+        return list(groups.values())
+    return [g[i:i + turns] for g in groups.values() for i in range(0, len(g), turns)]
 
 
 def chat_conversation(group: Sequence[dict]) -> tuple[list[dict], list[str]]:
@@ -107,17 +110,21 @@ def read_mask(path: str, shape) -> "np.ndarray":
 
 class ConversationDataset(Dataset):
     """One SPEC file read as one task. Items: {"index", "conversations", "pixel_values":
-    [(3, S, S) float in [0, 1]], "image_keys": [str]}."""
+    [(3, S, S) float in [0, 1]], "image_keys": [str]}. `turns` (chat only): at most this many
+    entries of an image per conversation (an image with more gives several conversations)."""
 
-    def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None):
+    def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None):
         if task not in CONVERSATION_TASKS:
             raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
+        if turns is not None and (task != "chat" or not isinstance(turns, int) or isinstance(turns, bool)
+                                  or turns < 1):
+            raise UserError(f"{path}: turns is for the chat task, an integer >= 1; got {turns!r} for {task}")
         self.path, self.task, self.image_size = str(path), task, image_size
         self.entries = load(path, CONVERSATION_TASKS[task])
         if not self.entries:
             raise UserError(f"{path}: no entries")
         if task == "chat":
-            self.entries = group_by_image(self.entries)
+            self.entries = group_by_image(self.entries, turns)
             self.items = [chat_conversation(g) for g in self.entries]
         else:
             self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front

@@ -16,15 +16,15 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, caption, count_phrase, describe_by_shape, phrase, questions,
+from .shapes_text import (DESCRIBE_BY_SHAPE, all_questions, caption, count_phrase, describe_by_shape, phrase, questions,
                           referring_expression, region_name, sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
-__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "parse_splits", "split_counts",
+__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all", "parse_splits", "split_counts",
            "scene_record", "png_bytes",
-           "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression", "region_name",
+           "all_questions", "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression", "region_name",
            "sample_edit",
            "CHECK_RES", "COLOR_NAMES", "COLORS", "EXTENTS", "MAX_OBJECTS", "MAX_SIZE", "MIN_SIZE", "MIN_VISIBLE",
            "NUMBER_WORDS", "PLURALS", "REGIONS", "SHAPES", "SUPERSAMPLE", "Rendered", "_valid", "coverage", "inside",
@@ -244,5 +244,26 @@ def describe_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
         out.append({"id": f"{Path(e['image']).stem}_describe_{by}", "image": image, "type": "describe",
                     "conversations": conv})
     path = d / f"describe_{by}.json"
+    atomic_write_json(path, out, indent=None)
+    return path, len(out)
+
+
+def questions_all(split: str | Path, seed: int = 0) -> tuple[Path, int]:
+    """A written split -> `instruct_all.json` beside its other files: SPEC instruct entries,
+    every question `all_questions` finds for each image (the world's instruct.json keeps one
+    per type, 4-5 an image), ids `<stem>_a<k>`, shuffled per image by (seed, image number).
+    A stage-III set: ~7x the questions of instruct.json on the same images, so the lookups
+    (an object found by its shape, colour or place) are not learnt off a few thousand
+    repeated questions. Returns (path, number of entries)."""
+    d, entries = _world_pairs(split, ("scene",))
+    out: list[dict] = []
+    for i, (e, objs) in enumerate(entries):
+        image = Path(e["image"]).relative_to(d.resolve()).as_posix()
+        stem = Path(e["image"]).stem
+        rng = np.random.default_rng([seed, int(stem) if stem.isdigit() else i])
+        for k, (kind, q, a) in enumerate(all_questions({"objects": objs}, rng)):
+            out.append({"id": f"{stem}_a{k}", "image": image, "type": kind,
+                        "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+    path = d / "instruct_all.json"
     atomic_write_json(path, out, indent=None)
     return path, len(out)

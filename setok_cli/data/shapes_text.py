@@ -135,6 +135,51 @@ def questions(scene: dict, rng: np.random.Generator, k: int = 5) -> list[tuple[s
     return [qs[i] for i in order[:k]]
 
 
+def _pick(rng: np.random.Generator, xs: list) -> list:
+    """[one element of xs drawn by rng], or [] for an empty xs."""
+    return [xs[int(rng.integers(len(xs)))]] if xs else []
+
+
+def all_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """Every question of the five types that the scene answers, in `questions`' words, shuffled:
+    the colour of each object its shape singles out and the shape of each object its colour
+    singles out; the count of all objects, of each colour and shape present and of one absent
+    colour and shape (0); for each (colour, shape) present, "is there" that and a near miss
+    (its colour on an absent shape or its shape in an absent colour: "no"); and a relation
+    for up to 2n ordered pairs of named objects; each question once. `questions` keeps one per type (k=5)."""
+    objs = scene["objects"]
+    shapes = [o["shape"] for o in objs]
+    colors = [o["color"] for o in objs]
+    qs: list[tuple[str, str, str]] = []
+    for o in objs:
+        if shapes.count(o["shape"]) == 1:
+            qs.append(("color", f"What color is the {o['shape']}?", o["color"]))
+        if colors.count(o["color"]) == 1:
+            qs.append(("shape", f"What shape is the {o['color']} object?", o["shape"]))
+    qs.append(("count", "How many objects are there?", str(len(objs))))
+    for c in sorted(set(colors), key=colors.index) + _pick(rng, [c for c in COLOR_NAMES if c not in colors]):
+        qs.append(("count", f"How many {c} objects are there?", str(colors.count(c))))
+    for s in sorted(set(shapes), key=shapes.index) + _pick(rng, [s for s in SHAPES if s not in shapes]):
+        qs.append(("count", f"How many {PLURALS[s]} are there?", str(shapes.count(s))))
+    present = {(o["color"], o["shape"]) for o in objs}
+    for c, s in sorted(present, key=lambda cs: (colors.index(cs[0]), cs[1])):
+        qs.append(("exist", f"Is there {count_phrase(1, c, s)}?", "yes"))
+        misses = [(c, t) for t in SHAPES if (c, t) not in present] if rng.random() < 0.5 else \
+            [(d, s) for d in COLOR_NAMES if (d, s) not in present]
+        for mc, ms in _pick(rng, misses):
+            qs.append(("exist", f"Is there {count_phrase(1, mc, ms)}?", "no"))
+    names = [referring_expression(objs, i) for i in range(len(objs))]
+    pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j and names[i] and names[j]]
+    for k in rng.permutation(len(pairs))[:2 * len(objs)]:
+        i, j = pairs[int(k)]
+        rel = _relation(objs[i], objs[j], rng)
+        if rel is not None:
+            q = f"Is {names[i]} {rel[0]} {names[j]}?"
+            qs.append(("relation", q[0].upper() + q[1:], "yes" if rel[1] else "no"))
+    qs = list({q[1]: q for q in reversed(qs)}.values())[::-1]      # a question asked twice: its first
+    return [qs[int(i)] for i in rng.permutation(len(qs))]
+
+
 # ----------------------------------------------------------------------------- edits
 
 def region_name(center: list[float]) -> str:

@@ -129,3 +129,67 @@ def test_setok_data_describe_by_shape(world, tmp_path):
         assert sorted(got) == sorted((o["shape"], o["color"]) for o in objs)
     r = CliRunner().invoke(cli, ["data", "describe", str(tmp_path / "nope")])
     assert r.exit_code == 2 and _error_lines(r.output) and "pairs.json" in r.output
+
+
+def _answer(objs: list[dict], kind: str, q: str) -> str:
+    """The scene's answer to a question of the world's words, worked out independently of
+    `all_questions` (the oracle of the dense question set)."""
+    import re
+
+    from setok_cli.data.shapes import PLURALS
+    from setok_cli.data.shapes_text import referring_expression
+    singular = {p: s for s, p in PLURALS.items()}
+    if kind == "color":
+        (o,) = [o for o in objs if o["shape"] == re.fullmatch(r"What color is the (\w+)\?", q).group(1)]
+        return o["color"]
+    if kind == "shape":
+        (o,) = [o for o in objs if o["color"] == re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)]
+        return o["shape"]
+    if kind == "count":
+        m = re.fullmatch(r"How many (?:(\w+) objects|(\w+)) are there\?", q)
+        if m.group(2) == "objects" or q == "How many objects are there?":
+            return str(len(objs))
+        if m.group(1):
+            return str(sum(o["color"] == m.group(1) for o in objs))
+        return str(sum(o["shape"] == singular[m.group(2)] for o in objs))
+    if kind == "exist":
+        c, s = re.fullmatch(r"Is there an? (\w+) (\w+)\?", q).groups()
+        return "yes" if any(o["color"] == c and o["shape"] == s for o in objs) else "no"
+    names = {referring_expression(objs, i): o for i, o in enumerate(objs)}
+    m = re.fullmatch(r"Is (the .+) (to the left of|to the right of|above|below) (the .+)\?", q)
+    a, b = names[m.group(1)], names[m.group(3)]
+    dx, dy = b["center"][0] - a["center"][0], b["center"][1] - a["center"][1]
+    truth = {"to the left of": dx > 0, "to the right of": dx < 0, "above": dy > 0, "below": dy < 0}[m.group(2)]
+    return "yes" if truth else "no"
+
+
+def test_setok_data_questions_every_answer_is_the_scenes(world, tmp_path):
+    import shutil
+    from collections import Counter
+
+    from setok_cli.data.formats import load
+    split = tmp_path / "train"
+    shutil.copytree(world / "train", split)
+    r = CliRunner().invoke(cli, ["data", "questions", str(split)])
+    assert r.exit_code == 0, r.output
+    entries = load(split / "instruct_all.json", "instruct")             # a valid SPEC instruct file
+    few = Counter(e["image"] for e in load(split / "instruct.json", "instruct"))
+    many = Counter(e["image"] for e in entries)
+    assert set(many) == set(few) and all(many[k] > few[k] for k in few)
+    scenes = {p["image"]: json.loads(open(p["scene"]).read())["objects"] for p in load(split / "pairs.json", "pairs")}
+    seen = Counter()
+    for e in entries:
+        (human, gpt) = e["conversations"]
+        q = human["value"].removeprefix("<image>\n")
+        assert gpt["value"] == _answer(scenes[e["image"]], e["type"], q), (e, scenes[e["image"]])
+        seen[e["type"], gpt["value"] in ("no", "0")] += 1
+    for kind in ("color", "shape"):                   # every object its shape (colour) singles out is asked about
+        key = "shape" if kind == "color" else "color"
+        want = sum(sum(p[key] == o[key] for p in objs) == 1 for objs in scenes.values() for o in objs)
+        assert seen[kind, False] == want
+    assert seen["exist", True] and seen["exist", False] and seen["count", True]      # negatives and zeros too
+    first = (split / "instruct_all.json").read_bytes()
+    assert CliRunner().invoke(cli, ["data", "questions", str(split)]).exit_code == 0
+    assert (split / "instruct_all.json").read_bytes() == first                      # seeded
+    r = CliRunner().invoke(cli, ["data", "questions", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and _error_lines(r.output) and "pairs.json" in r.output

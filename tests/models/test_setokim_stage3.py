@@ -1,4 +1,6 @@
 """Setokim's stage-III parts: LoRA (peft), regions through the mask decoder, chat conversations."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,22 @@ def test_chat_groups_and_multiturn_labels(folders):
     # only the two answers and their </s> count
     assert tok.decode(counted, skip_special_tokens=True).split() == ["3", "yes"]
     assert counted.count(tok.eos_token_id) == 2
+
+
+def test_chat_turns_cut_an_images_entries(tmp_path):
+    from setok_cli.data.conversations import ConversationDataset
+    entries = [{"image": img, "id": f"{img}{k}"} for k, img in enumerate("aababaa")]
+    groups = group_by_image(entries, turns=2)
+    assert [[e["id"] for e in g] for g in groups] == [["a0", "a1"], ["a3", "a5"], ["a6"], ["b2", "b4"]]
+    assert group_by_image(entries) == group_by_image(entries, turns=100)
+    f = tmp_path / "instruct.json"
+    (tmp_path / "x.png").write_bytes(b"")                              # only its name is read here
+    f.write_text(json.dumps([{"id": str(k), "image": "x.png", "type": "count", "conversations": [
+        {"from": "human", "value": "<image>\nHow many objects are there?"}, {"from": "gpt", "value": str(k)}]}
+        for k in range(5)]))
+    ds = ConversationDataset(f, "chat", 32, turns=2)
+    assert [len(conv) for conv, _ in ds.items] == [4, 4, 2]
+    assert all(conv[0]["value"].startswith("<image>") for conv, _ in ds.items)     # each chat sees its image
+    for task, turns in (("instruct", 2), ("chat", 0), ("chat", "3")):
+        with pytest.raises(UserError, match="turns"):
+            ConversationDataset(f, task, 32, turns=turns)
