@@ -63,15 +63,25 @@ def test_setok_data_shapes_failing_midway_keeps_what_was_written(tmp_path):
     assert not [p for p in out.rglob(".*")]             # no temporary file left behind
 
 
-def test_setok_data_referring_by_shape_and_colour(world, tmp_path):
+def _split_copy(world, tmp_path, *args):
+    """A copy of the world's train split (the commands write beside its files), and the
+    result of `setok data ARGS... SPLIT` run on it (None without args)."""
     import shutil
+    split = tmp_path / "train"
+    shutil.copytree(world / "train", split)
+    if not args:
+        return split, None
+    r = CliRunner().invoke(cli, ["data", *args, str(split)])
+    assert r.exit_code == 0, r.output
+    return split, r
 
+
+def test_setok_data_referring_by_shape_and_colour(world, tmp_path):
     import numpy as np
     from PIL import Image
 
     from setok_cli.data.formats import load
-    split = tmp_path / "train"
-    shutil.copytree(world / "train", split)
+    split, _ = _split_copy(world, tmp_path)
     for by in ("shape", "color"):
         r = CliRunner().invoke(cli, ["data", "referring", str(split), "--by", by])
         assert r.exit_code == 0, r.output
@@ -102,14 +112,10 @@ def test_describe_by_shape_known_text():
 
 def test_setok_data_describe_by_shape(world, tmp_path):
     import re
-    import shutil
 
     from setok_cli.data.formats import load
     from setok_cli.data.shapes import NUMBER_WORDS, PLURALS
-    split = tmp_path / "train"
-    shutil.copytree(world / "train", split)
-    r = CliRunner().invoke(cli, ["data", "describe", str(split)])
-    assert r.exit_code == 0, r.output
+    split, _ = _split_copy(world, tmp_path, "describe")
     entries = load(split / "describe_shape.json", "instruct")           # a valid SPEC instruct file
     pairs = load(split / "pairs.json", "pairs")
     assert [e["image"] for e in entries] == [p["image"] for p in pairs]
@@ -164,14 +170,10 @@ def _answer(objs: list[dict], kind: str, q: str) -> str:
 
 
 def test_setok_data_questions_every_answer_is_the_scenes(world, tmp_path):
-    import shutil
     from collections import Counter
 
     from setok_cli.data.formats import load
-    split = tmp_path / "train"
-    shutil.copytree(world / "train", split)
-    r = CliRunner().invoke(cli, ["data", "questions", str(split)])
-    assert r.exit_code == 0, r.output
+    split, _ = _split_copy(world, tmp_path, "questions")
     entries = load(split / "instruct_all.json", "instruct")             # a valid SPEC instruct file
     few = Counter(e["image"] for e in load(split / "instruct.json", "instruct"))
     many = Counter(e["image"] for e in entries)
