@@ -48,6 +48,19 @@ def test_mixture_weights_and_items(stage2_world):
         MixtureDataset([(cap, -1)])
 
 
+def test_recipe_mixture_passes_chat_turns(stage2_world, tmp_path):
+    from setok_cli.train.stage2 import _mixture
+    tr = stage2_world / "shapes" / "train"
+    chat = f"{{task: chat, path: {tr / 'instruct.json'}, weight: 1.0"
+    whole = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}}}]"))
+    cut = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turns: 1}}]"))
+    n_q = len(json.loads((tr / "instruct.json").read_text()))
+    assert len(cut) == n_q > len(whole)                  # one question per conversation
+    assert all(len(cut[i]["conversations"]) == 2 for i in range(len(cut)))
+    with pytest.raises(UserError, match=r"weight\[, turns\]"):
+        _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turn: 2}}]"))
+
+
 def test_token_cache_equals_fresh_tokens(stage2_world, tmp_path):
     from setok_cli.train.stage2 import build_stage2
     r = _recipe(stage2_world, tmp_path / "run")
