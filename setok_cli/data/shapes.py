@@ -16,16 +16,16 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, all_questions, caption, count_phrase, describe_by_shape, phrase, questions,
-                          referring_expression, region_name, sample_edit)
+from .shapes_text import (DESCRIBE_BY_SHAPE, all_questions, caption, count_phrase, describe_by_shape, phrase,
+                          questions, referring_expression, region_name, sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
-__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all", "parse_splits", "split_counts",
-           "scene_record", "png_bytes",
-           "all_questions", "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression", "region_name",
-           "sample_edit",
+__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all", "parse_splits",
+           "split_counts", "scene_record", "png_bytes",
+           "all_questions", "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression",
+           "region_name", "sample_edit",
            "CHECK_RES", "COLOR_NAMES", "COLORS", "EXTENTS", "MAX_OBJECTS", "MAX_SIZE", "MIN_SIZE", "MIN_VISIBLE",
            "NUMBER_WORDS", "PLURALS", "REGIONS", "SHAPES", "SUPERSAMPLE", "Rendered", "_valid", "coverage", "inside",
            "render", "render_background", "sample_background", "sample_object", "sample_scene"]
@@ -252,7 +252,7 @@ def questions_all(split: str | Path, seed: int = 0) -> tuple[Path, int]:
     """A written split -> `instruct_all.json` beside its other files: SPEC instruct entries,
     every question `all_questions` finds for each image (the world's instruct.json keeps one
     per type, 4-5 an image), ids `<stem>_a<k>`, shuffled per image by (seed, image number).
-    A stage-III set: ~7x the questions of instruct.json on the same images, so the lookups
+    A stage-III set: ~5.5x the questions of instruct.json on the same images, so the lookups
     (an object found by its shape, colour or place) are not learnt off a few thousand
     repeated questions. Returns (path, number of entries)."""
     d, entries = _world_pairs(split, ("scene",))

@@ -146,7 +146,8 @@ def all_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str,
     singles out; the count of all objects, of each colour and shape present and of one absent
     colour and shape (0); for each (colour, shape) present, "is there" that and a near miss
     (its colour on an absent shape or its shape in an absent colour: "no"); and a relation
-    for up to 2n ordered pairs of named objects; each question once. `questions` keeps one per type (k=5)."""
+    for up to 2n ordered pairs of named objects; each question once. `questions` keeps one per
+    type (k=5)."""
     objs = scene["objects"]
     shapes = [o["shape"] for o in objs]
     colors = [o["color"] for o in objs]
