@@ -24,8 +24,8 @@ from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS,
 
 __all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all", "parse_splits",
            "split_counts", "scene_record", "png_bytes",
-           "all_questions", "caption", "count_phrase", "describe_by_shape", "phrase", "questions", "referring_expression",
-           "region_name", "sample_edit",
+           "all_questions", "caption", "count_phrase", "describe_by_shape", "phrase", "questions",
+           "referring_expression", "region_name", "sample_edit",
            "CHECK_RES", "COLOR_NAMES", "COLORS", "EXTENTS", "MAX_OBJECTS", "MAX_SIZE", "MIN_SIZE", "MIN_VISIBLE",
            "NUMBER_WORDS", "PLURALS", "REGIONS", "SHAPES", "SUPERSAMPLE", "Rendered", "_valid", "coverage", "inside",
            "render", "render_background", "sample_background", "sample_object", "sample_scene"]
