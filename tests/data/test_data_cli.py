@@ -152,9 +152,9 @@ def _answer(objs: list[dict], kind: str, q: str) -> str:
         (o,) = [o for o in objs if o["color"] == re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)]
         return o["shape"]
     if kind == "count":
-        m = re.fullmatch(r"How many (?:(\w+) objects|(\w+)) are there\?", q)
-        if m.group(2) == "objects" or q == "How many objects are there?":
+        if q == "How many objects are there?":
             return str(len(objs))
+        m = re.fullmatch(r"How many (?:(\w+) objects|(\w+)) are there\?", q)
         if m.group(1):
             return str(sum(o["color"] == m.group(1) for o in objs))
         return str(sum(o["shape"] == singular[m.group(2)] for o in objs))
