@@ -76,3 +76,15 @@ def questions(split, seed):
     from ..data.shapes import questions_all
     path, n = questions_all(split, seed)
     click.echo(f"{n} questions -> {path}")
+
+
+@data.command("reading")
+@click.argument("split", type=click.Path(file_okay=False))
+@click.option("--rows", default=16, show_default=True, type=int,
+              help="Rows of the grid that orders the objects (the tokenizer's patch rows).")
+def reading(split, rows):
+    """Write SPLIT/pairs_reading.json: pairs.json with each caption listing its objects in
+    reading order, the order in which Setokim writes an image's tokens (a stage-II generation set)."""
+    from ..data.shapes import captions_reading
+    path, n = captions_reading(split, rows)
+    click.echo(f"{n} captions -> {path}")

@@ -16,15 +16,18 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, all_questions, caption, count_phrase, describe_by_shape, phrase,
-                          questions, referring_expression, region_name, sample_edit)
+from .shapes_text import (DESCRIBE_BY_SHAPE, all_questions, caption, caption_in_reading_order, count_phrase,
+                          describe_by_shape, phrase, questions, reading_order, referring_expression, region_name,
+                          sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
-__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all", "parse_splits",
+__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all",
+           "captions_reading", "parse_splits",
            "split_counts", "scene_record", "png_bytes",
-           "all_questions", "caption", "count_phrase", "describe_by_shape", "phrase", "questions",
+           "all_questions", "caption", "caption_in_reading_order", "count_phrase", "reading_order", "describe_by_shape",
+           "phrase", "questions",
            "referring_expression", "region_name", "sample_edit",
            "CHECK_RES", "COLOR_NAMES", "COLORS", "EXTENTS", "MAX_OBJECTS", "MAX_SIZE", "MIN_SIZE", "MIN_VISIBLE",
            "NUMBER_WORDS", "PLURALS", "REGIONS", "SHAPES", "SUPERSAMPLE", "Rendered", "_valid", "coverage", "inside",
@@ -265,5 +268,28 @@ def questions_all(split: str | Path, seed: int = 0) -> tuple[Path, int]:
             out.append({"id": f"{stem}_a{k}", "image": image, "type": kind,
                         "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
     path = d / "instruct_all.json"
+    atomic_write_json(path, out, indent=None)
+    return path, len(out)
+
+
+def captions_reading(split: str | Path, rows: int = 16) -> tuple[Path, int]:
+    """A written split -> `pairs_reading.json` beside its other files: pairs.json with each
+    caption's list in reading order (`caption_in_reading_order`), every other field as it was.
+    Setokim writes an image's tokens by seed position in raster order, and the world's
+    captions list their objects in the order the scene drew them, so token k of a target is
+    any of the caption's objects and the MSE head regresses their mean colour; in reading
+    order, the k-th phrase is (mostly) the k-th token. Returns (path, number of entries)."""
+    from ..errors import UserError
+    if rows < 1:
+        raise UserError(f"--rows must be at least 1, got {rows}")
+    d, entries = _world_pairs(split, ("scene",))
+    out = [{**e, "caption": caption_in_reading_order(e["caption"], objs, rows)}
+           | ({"phrases": [phrase(o) for o in reading_order(objs, rows)]} if "phrases" in e else {})
+           for e, objs in entries]
+    for e in out:
+        for k in ("image", "scene", "instances"):
+            if k in e:
+                e[k] = Path(e[k]).relative_to(d.resolve()).as_posix()
+    path = d / "pairs_reading.json"
     atomic_write_json(path, out, indent=None)
     return path, len(out)

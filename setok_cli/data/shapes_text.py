@@ -38,6 +38,27 @@ def caption(scene: dict, rng: np.random.Generator) -> str:
     return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {noun} in the image: {_join(parts)}."
 
 
+def reading_order(objects: list[dict], rows: int = 16) -> list[dict]:
+    """The objects in reading order: by the row of a `rows`-row grid their centre falls in,
+    then left to right. At `rows` = the tokenizer's patch rows this is, for most scenes, the
+    order in which Setokim writes an image's tokens (by seed position in raster order)."""
+    return sorted(objects, key=lambda o: (min(int(o["center"][1] * rows), rows - 1), o["center"][0]))
+
+
+def caption_in_reading_order(text: str, objects: list[dict], rows: int = 16) -> str:
+    """A world caption ("PREFIX: LIST.") with its list rewritten in reading order: each
+    (colour, shape) group where its first object falls in `reading_order`. The facts and the
+    prefix are unchanged, so the caption still describes the scene; only the order of its
+    phrases now tells where each object goes."""
+    head, sep, _ = text.rpartition(": ")
+    if not sep:
+        raise ValueError(f"not a world caption (no ': ' before its list): {text!r}")
+    groups: dict[tuple[str, str], int] = {}
+    for o in reading_order(objects, rows):
+        groups[(o["color"], o["shape"])] = groups.get((o["color"], o["shape"]), 0) + 1
+    return f"{head}: {_join([count_phrase(k, c, s) for (c, s), k in groups.items()])}."
+
+
 DESCRIBE_BY_SHAPE = "List the objects by shape."
 
 

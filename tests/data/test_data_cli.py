@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from setok_cli.cli.main import cli
@@ -195,3 +196,49 @@ def test_setok_data_questions_every_answer_is_the_scenes(world, tmp_path):
     assert (split / "instruct_all.json").read_bytes() == first                      # seeded
     r = CliRunner().invoke(cli, ["data", "questions", str(tmp_path / "nope")])
     assert r.exit_code == 2 and _error_lines(r.output) and "pairs.json" in r.output
+
+
+def test_caption_in_reading_order_known_text():
+    from setok_cli.data.shapes_text import caption_in_reading_order
+    o = lambda c, s, x, y: {"color": c, "shape": s, "center": [x, y]}               # noqa: E731
+    objs = [o("red", "circle", 0.8, 0.9), o("blue", "star", 0.7, 0.1), o("red", "circle", 0.1, 0.5),
+            o("green", "cross", 0.2, 0.12)]        # rows of 16: 14, 1, 8, 1 -> star (x 0.7) after cross (x 0.2)
+    text = "A picture of four objects: two red circles, a blue star and a green cross."
+    assert caption_in_reading_order(text, objs) == \
+        "A picture of four objects: a green cross, a blue star and two red circles."
+    assert caption_in_reading_order(text, objs, rows=1) == \
+        "A picture of four objects: two red circles, a green cross and a blue star."
+    with pytest.raises(ValueError):
+        caption_in_reading_order("no list here", objs)
+
+
+def test_setok_data_reading(world, tmp_path):
+    import re
+
+    from setok_cli.data.formats import load
+    from setok_cli.data.shapes import NUMBER_WORDS, PLURALS
+    split, _ = _split_copy(world, tmp_path, "reading")
+    pairs, reading = load(split / "pairs.json", "pairs"), load(split / "pairs_reading.json", "pairs")   # valid SPEC
+    assert [p["image"] for p in pairs] == [p["image"] for p in reading]
+    singular = {p: s for s, p in PLURALS.items()}
+    moved = 0
+    for p, q in zip(pairs, reading):
+        assert p["caption"].rpartition(": ")[0] == q["caption"].rpartition(": ")[0]          # the same prefix
+        objs = json.loads(open(p["scene"]).read())["objects"]
+        firsts, got = [], []                    # each phrase: the reading-order rank of its group's first object
+        rank = sorted(range(len(objs)), key=lambda i: (int(objs[i]["center"][1] * 16), objs[i]["center"][0]))
+        for part in re.split(r", | and ", q["caption"].rpartition(": ")[2].rstrip(".")):
+            k, c, s = part.split(" ")
+            n = 1 if k in ("a", "an") else NUMBER_WORDS.index(k)
+            s = singular.get(s, s)
+            got += [(c, s)] * n
+            firsts.append(min(rank.index(i) for i in range(len(objs))
+                              if (objs[i]["color"], objs[i]["shape"]) == (c, s)))
+        assert sorted(got) == sorted((o["color"], o["shape"]) for o in objs)                 # the same facts
+        assert firsts == sorted(firsts)                                                        # in reading order
+        assert q["phrases"] == [f"{objs[i]['color']} {objs[i]['shape']}" for i in rank]
+        moved += p["caption"] != q["caption"]
+    assert moved > 0
+    for args in (["reading", str(tmp_path / "nope")], ["reading", str(split), "--rows", "0"]):
+        r = CliRunner().invoke(cli, ["data", *args])
+        assert r.exit_code == 2 and _error_lines(r.output), r.output
