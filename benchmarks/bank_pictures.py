@@ -1,7 +1,7 @@
 """The README's token-bank picture: generation from test captions without and with `--bank`.
 
     python benchmarks/bank_pictures.py --model runs/tiny-stage2 --bank out/bank_tiny.safetensors \
-        --data data/shapes_seed1/test --out docs/bank_generate.png [--n 6]
+        --data data/shapes_seed1/test --out docs/bank_generate.png [--n 6] [--pairs pairs_reading.json]
 
 Row 1: the true images of the first N test captions. Row 2: what the model writes for each
 caption (greedy, the MSE head's regressed tokens). Row 3: the same with each written token
@@ -27,6 +27,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bank", required=True, help="a token bank (`setok bank DATA --model RUN --out FILE`)")
     ap.add_argument("--data", required=True, help="a split folder of the shapes world (pairs.json)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--pairs", default="pairs.json",
+                    help="the captions file in --data (pairs_reading.json: reading order)")
     ap.add_argument("--n", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -38,7 +40,7 @@ def main(argv=None) -> None:
     from setok_cli.tasks.setokim import Sampling, edit, generate, load_setokim
     torch.set_num_threads(a.threads)
     model = load_setokim(a.model)
-    pairs = load(Path(a.data) / "pairs.json", "pairs")[: a.n]
+    pairs = load(Path(a.data) / a.pairs, "pairs")[: a.n]
     caps = [p["caption"] for p in pairs]
     size = np.asarray(load_image(pairs[0]["image"])).shape[0]
     banked = Sampling(bank=load_bank(a.bank, model))
