@@ -23,11 +23,16 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def caption(scene: dict, rng: np.random.Generator) -> str:
+def _group_phrases(objects: list[dict]) -> list[str]:
+    """One counted phrase per (colour, shape), in the order of each group's first object."""
     groups: dict[tuple[str, str], int] = {}
-    for o in scene["objects"]:
+    for o in objects:
         groups[(o["color"], o["shape"])] = groups.get((o["color"], o["shape"]), 0) + 1
-    parts = [count_phrase(k, c, s) for (c, s), k in groups.items()]
+    return [count_phrase(k, c, s) for (c, s), k in groups.items()]
+
+
+def caption(scene: dict, rng: np.random.Generator) -> str:
+    parts = _group_phrases(scene["objects"])
     n = len(scene["objects"])
     noun = "object" if n == 1 else "objects"
     t = int(rng.integers(3))
@@ -53,10 +58,7 @@ def caption_in_reading_order(text: str, objects: list[dict], rows: int = 16) -> 
     head, sep, _ = text.rpartition(": ")
     if not sep:
         raise ValueError(f"not a world caption (no ': ' before its list): {text!r}")
-    groups: dict[tuple[str, str], int] = {}
-    for o in reading_order(objects, rows):
-        groups[(o["color"], o["shape"])] = groups.get((o["color"], o["shape"]), 0) + 1
-    return f"{head}: {_join([count_phrase(k, c, s) for (c, s), k in groups.items()])}."
+    return f"{head}: {_join(_group_phrases(reading_order(objects, rows)))}."
 
 
 DESCRIBE_BY_SHAPE = "List the objects by shape."
