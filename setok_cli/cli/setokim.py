@@ -38,6 +38,11 @@ def _sampling_options(f):
 
 
 def _bank_option(f):
+    f = click.option("--snap-metric", default="cos", show_default=True, type=click.Choice(["cos", "l2"]),
+                     help="With --bank: the nearest token by L2, or by direction (cos).")(f)
+    f = click.option("--max-overlap", default=0.25, show_default=True, type=click.FloatRange(0, 1),
+                     help="With a bank that stores layouts: an object token is snapped only where at most this share "
+                          "of it lies on the objects already written in the image (1: no check).")(f)
     f = click.option("--source-margin", default=2.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
                      help="With --bank: snap to the input image's nearest token unless the bank's is this many "
                           "times closer.")(f)
@@ -46,11 +51,15 @@ def _bank_option(f):
                              "input image): `setok bank DATA --model RUN --out FILE` makes one.")(f)
 
 
-def _use_bank(opts, bank_path, model, source_margin) -> None:
-    opts.source_margin = source_margin
+def _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric) -> None:
+    opts.source_margin, opts.max_overlap, opts.snap_metric = source_margin, max_overlap, snap_metric
     if bank_path:
-        from ..models.setokim.bank import load_bank
+        from ..models.setokim.bank import load_bank, load_bank_layouts
         opts.bank = load_bank(bank_path, model)
+        opts.bank_layouts = load_bank_layouts(bank_path) if max_overlap < 1 else None
+        if max_overlap < 1 and opts.bank_layouts is None:
+            click.echo(f"note: {bank_path} stores no token layouts, so written objects are not kept apart; "
+                       "rebuild it with `setok bank` to use --max-overlap", err=True)
 
 
 def _check_bank(bank_path) -> None:
@@ -152,7 +161,7 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
 @_bank_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
                  seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, guidance, bank_path,
-                 source_margin):
+                 source_margin, max_overlap, snap_metric):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
@@ -167,7 +176,7 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
     model = load_setokim(model_path)
     if guidance != 1 and model.config.visual_head == "diffusion":
         raise UserError("--guidance works with the mse and codebook visual heads, this model has a diffusion head")
-    _use_bank(opts, bank_path, model, source_margin)
+    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric)
     if data:
         return _run_file(model, "generate", data, pred_out, opts, batch_size, size, limit)
     stem = "_".join(prompt.lower().split())[:40].strip("_") or "image"
@@ -186,7 +195,8 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
 @_bank_option
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
-             copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin):
+             copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin,
+             max_overlap, snap_metric):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
@@ -195,7 +205,7 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
-    _use_bank(opts, bank_path, model, source_margin)
+    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
     out = edit(model, [src], [instruction], opts, size)[0]
@@ -292,7 +302,7 @@ def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, vi
 @click.option("--size", type=click.IntRange(min=8), help="Side of written images (default: the detokenizer's).")
 @_bank_option
 def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed,
-             batch_size, threads, out_dir, size, bank_path, source_margin):
+             batch_size, threads, out_dir, size, bank_path, source_margin, max_overlap, snap_metric):
     """Talk with the model about IMAGE (optional). Commands: /image PATH, /reset, /quit."""
     _check_bank(bank_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
@@ -301,7 +311,7 @@ def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps
     from ..tasks.setokim import load_setokim
     pic = load_image(image) if image else None
     model = load_setokim(model_path)
-    _use_bank(opts, bank_path, model, source_margin)
+    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric)
     chat = ChatSession(model, pic, opts, out_dir, size)
     if pic is not None:
         click.echo(f"[{image}: {int(chat.pending[0].shape[0])} tokens]", err=True)
@@ -381,8 +391,8 @@ def bank_cmd(data, model_path, out_path, limit, batch_size, threads):
     with Progress(TextColumn("bank"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(file=sys.stderr), transient=True) as bar:
         t = bar.add_task("bank", total=len(images))
-        tokens = build_bank(model, images, batch_size, on_batch=lambda n: bar.advance(t, n))
-    save_bank(out_path, tokens, model)
+        tokens, layouts = build_bank(model, images, batch_size, on_batch=lambda n: bar.advance(t, n))
+    save_bank(out_path, tokens, model, layouts)
     click.echo(f"{tokens.shape[0]} tokens of {len(images)} images -> {out_path}")
 
 

@@ -62,6 +62,9 @@ class Sampling:
     source_margin: float = 2.5                  # with a bank: the input image's token wins unless the bank's is
                                                 # this many times closer
     guidance: float = 1.0                       # classifier-free guidance of generation (1: none)
+    bank_layouts: Optional[torch.Tensor] = None  # the bank tokens' regions (M, P): keep written objects apart
+    max_overlap: float = 0.25                   # with bank_layouts: a token's largest share on objects placed before
+    snap_metric: str = "cos"                    # with a bank: "cos" (nearest by direction) or "l2"
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
@@ -81,7 +84,9 @@ def load_setokim(path):
 def _kw(opts: Sampling, generator: torch.Generator) -> dict:
     return dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
                 visual_steps=opts.visual_steps, visual_temperature=opts.visual_temperature, copy=opts.copy,
-                generator=generator, bank=opts.bank, source_margin=opts.source_margin)
+                generator=generator, bank=opts.bank, source_margin=opts.source_margin,
+                bank_layouts=opts.bank_layouts if opts.bank is not None else None, max_overlap=opts.max_overlap,
+                snap_metric=opts.snap_metric)
 
 
 def _decode(model, token_sets: list[torch.Tensor], opts: Sampling, generator: torch.Generator,
@@ -155,10 +160,15 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
     _check_texts(instructions, "instruction")
     if len(images) != len(instructions):
         raise UserError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
-    sets = model.image_token_sets(list(images))
+    lay = {}
+    if opts.bank is not None and opts.bank_layouts is not None:      # the source's tokens are kept apart too
+        from ..models.setokim.bank import token_sets_with_layouts
+        sets, lay["image_layouts"] = token_sets_with_layouts(model, list(images))
+    else:
+        sets = model.image_token_sets(list(images))
     texts = [TASK_PROMPTS["edit"].format(instruction=t.strip()) for t in instructions]
     g = torch.Generator().manual_seed(opts.seed)
-    gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets], start_image=True), **_kw(opts, g))
+    gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets], start_image=True), **_kw(opts, g), **lay)
     return _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
 
 

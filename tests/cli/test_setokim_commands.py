@@ -118,6 +118,14 @@ def test_bank_then_generate_and_edit_with_it(run, stage2_world, tmp_path):
                 "--threads", "1", "--size", "24", "--bank", bank])
     assert res.exit_code == 0, res.output
     assert len(json.loads((tmp_path / "e.json").read_text())) == 2
+    # a bank written before layouts existed still works, with a note that objects are not kept apart
+    from setok_cli.models.setokim.bank import load_bank, save_bank
+    from setok_cli.tasks.setokim import load_setokim
+    model = load_setokim(run)
+    save_bank(tmp_path / "old.safetensors", load_bank(bank, model), model)
+    res = _run(["generate", "two red circles", "--model", run, "--out", tmp_path / "old", "--size", "24",
+                "--threads", "1", "--bank", tmp_path / "old.safetensors", "--snap-metric", "l2"])
+    assert res.exit_code == 0 and "stores no token layouts" in res.output, res.output
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -142,3 +150,9 @@ def test_bad_inputs_are_one_line(run, stage2_world, tmp_path, args, msg):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("opt,value", [("--max-overlap", "1.5"), ("--snap-metric", "dot")])
+def test_bad_snap_options_are_usage_errors(run, opt, value):
+    res = _run(["generate", "a red circle", "--model", run, opt, value])
+    assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.output and "Traceback" not in res.output

@@ -10,7 +10,7 @@ import torch
 from setok_cli.errors import UserError
 from setok_cli.models.setokim import (Setokim, SetokimConfig, build_word_tokenizer, collate_conversations,
                                       pack_token_sets, prompt_batch, render_conversation)
-from setok_cli.models.setokim.bank import build_bank, load_bank, nearest, save_bank
+from setok_cli.models.setokim.bank import build_bank, load_bank, load_bank_layouts, nearest, save_bank
 
 TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=256)
@@ -201,10 +201,17 @@ def test_generation_writes_only_bank_or_source_tokens(folders):
 def test_save_load_and_mismatch(folders, tmp_path):
     m = banked(folders)
     imgs = [torch.randint(0, 255, (40, 40, 3), dtype=torch.uint8).numpy() for _ in range(3)]
-    tokens = build_bank(m, imgs, batch_size=2)
+    tokens, layouts = build_bank(m, imgs, batch_size=2)
     assert tokens.shape[0] == sum(t.shape[0] for t in m.image_token_sets(imgs)) and tokens.shape[1] == 8
-    save_bank(tmp_path / "bank.safetensors", tokens, m)
+    assert layouts.shape == (tokens.shape[0], 256) and layouts.dtype == torch.bool
+    save_bank(tmp_path / "bank.safetensors", tokens, m, layouts)
     assert torch.equal(load_bank(tmp_path / "bank.safetensors", m), tokens)
+    assert torch.equal(load_bank_layouts(tmp_path / "bank.safetensors"), layouts)
+    save_bank(tmp_path / "old.safetensors", tokens, m)                 # a bank without layouts still loads
+    assert torch.equal(load_bank(tmp_path / "old.safetensors", m), tokens)
+    assert load_bank_layouts(tmp_path / "old.safetensors") is None
+    with pytest.raises(UserError, match="layouts"):
+        save_bank(tmp_path / "bad.safetensors", tokens, m, layouts[:, :10])
     with pytest.raises(UserError, match="no such token bank"):
         load_bank(tmp_path / "nope.safetensors", m)
     (tmp_path / "junk.safetensors").write_bytes(b"not a bank")

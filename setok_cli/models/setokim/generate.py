@@ -78,7 +78,9 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              max_visual_tokens: Optional[int] = None, use_cache: bool = True,
              generator: Optional[torch.Generator] = None, text_only: bool = False,
              copy: str = "hard", bank: Optional[Tensor] = None, source_margin: float = 2.5,
-             guidance: float = 1.0, uncond: Optional[tuple[Tensor, Tensor]] = None) -> list[Generated]:
+             guidance: float = 1.0, uncond: Optional[tuple[Tensor, Tensor]] = None,
+             bank_layouts: Optional[Tensor] = None, image_layouts: Optional[Sequence[Tensor]] = None,
+             max_overlap: float = 0.25, snap_metric: str = "cos") -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
     (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
@@ -86,7 +88,12 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     the source token the pointer weighs most, "soft" the pointer's weighted mean (as trained).
     bank (M, T): real tokens (`bank.load_bank`); each written token is replaced by the
     nearest of the bank or of the row's prompt images (these preferred unless the bank's is
-    `source_margin` times closer) before it is fed back (`bank.nearest`).
+    `source_margin` times closer) before it is fed back (`bank.nearest`). bank_layouts (M, P)
+    bool: the bank tokens' regions; with them each image's object tokens are kept apart
+    (`bank.snap_placed`, at most `max_overlap` of a token on the objects placed before it),
+    and image_layouts [(K_j, P)], one per prompt image (its unpadded tokens), do the same
+    for the prompt images' tokens (without them those are never checked). snap_metric: "l2"
+    or "cos" (snap by direction: `bank._dist`).
     guidance g != 1 with uncond (input_ids, attention_mask) (B, L1): the same rows' prompts
     without their condition (left-padded, no images; e.g. `UNCOND_GENERATE` with
     start_image) run beside them, fed the same tokens, and each visual token is drawn from
@@ -109,6 +116,12 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise UserError(f"token bank {tuple(bank.shape)}: need (M >= 1, {T})")
     if not source_margin > 0:
         raise UserError(f"source_margin must be > 0, got {source_margin}")
+    if bank_layouts is not None and (bank is None or bank_layouts.ndim != 2 or bank_layouts.shape[0] != bank.shape[0]):
+        raise UserError("bank_layouts: one row per bank token, and a bank")
+    if snap_metric not in ("l2", "cos"):
+        raise UserError(f"snap_metric must be 'l2' or 'cos', got {snap_metric!r}")
+    if not 0 <= max_overlap <= 1:
+        raise UserError(f"max_overlap must be in [0, 1], got {max_overlap}")
     if not guidance >= 0:
         raise UserError(f"guidance must be >= 0, got {guidance}")
     if guidance != 1:
@@ -128,7 +141,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         return _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new_tokens,
                          temperature, top_p, visual_steps, visual_temperature,
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
-                         copy == "hard", bank, source_margin, guidance if guidance != 1 else None)
+                         copy == "hard", bank, source_margin, guidance if guidance != 1 else None,
+                         bank_layouts, image_layouts, max_overlap, snap_metric)
     finally:
         model.train(was_training)
 
@@ -146,10 +160,11 @@ def _stack_left(model, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tu
 
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
               vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
-              bank=None, source_margin=2.5, guidance=None) -> list[Generated]:
+              bank=None, source_margin=2.5, guidance=None, bank_layouts=None, image_layouts=None,
+              max_overlap=0.25, snap_metric="cos") -> list[Generated]:
     from transformers import DynamicCache
 
-    from .bank import nearest
+    from .bank import nearest, snap_placed
     sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
     emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
     attn, pos = sp.attention_mask, sp.position_ids
@@ -174,6 +189,16 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         for n in per_row:
             cum.append(cum[-1] + n)
         row_src = [torch.cat(src[cum[b]:cum[b + 1]]) if cum[b + 1] > cum[b] else bank[:0] for b in range(B)]
+        if bank_layouts is not None:     # each row's placed object patches, cleared when an image starts
+            bank_layouts = bank_layouts.to(dev).bool()
+            P = bank_layouts.shape[1]
+            lays = ([torch.zeros(s.shape[0], P, dtype=torch.bool, device=dev) for s in src] if image_layouts is None
+                    else [lay.to(dev).bool() for lay in image_layouts])
+            if [lay.shape for lay in lays] != [(s.shape[0], P) for s in src]:
+                raise UserError(f"image_layouts: one (K_j, {P}) per prompt image, as its tokens")
+            row_lay = [torch.cat(lays[cum[b]:cum[b + 1]]) if cum[b + 1] > cum[b] else bank_layouts[:0]
+                       for b in range(B)]
+            used = torch.zeros(B, P, dtype=torch.bool, device=dev)
     Bc = B // 2 if guidance is not None else B                             # rows B / 2.. are the unconditional ones
     while not bool(done.all()):
         logits = lm_head(h).float()
@@ -195,8 +220,14 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
             if model.copy_head is not None:     # the pointer: the prompt's images stand before every step
                 vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
                                             (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
-            if bank is not None:
-                vis[rows] = nearest(vis[rows], bank, [row_src[r] for r in rows.tolist()], source_margin)
+            if bank is not None and bank_layouts is not None:
+                vis[rows], placed = snap_placed(vis[rows], bank, bank_layouts, used[rows],
+                                                [row_src[r] for r in rows.tolist()],
+                                                [row_lay[r] for r in rows.tolist()], source_margin, max_overlap,
+                                                snap_metric)
+                used[rows] |= placed
+            elif bank is not None:
+                vis[rows] = nearest(vis[rows], bank, [row_src[r] for r in rows.tolist()], source_margin, snap_metric)
             if guidance is not None:
                 vis[rows + Bc] = vis[rows]
         text_rows = ~image_mode & ~done
@@ -211,6 +242,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         rec_ids.append(next_id)
         rec_vis.append(model.denormalize(vis))
         starts = text_rows & (tok == s_id)
+        if bank is not None and bank_layouts is not None:
+            used[starts] = False
         n_vis = torch.where(emit_vis, n_vis + 1, torch.where(starts, 0, n_vis))
         image_mode = (image_mode & ~end_img) | starts
         n_text = n_text + text_rows.long()
