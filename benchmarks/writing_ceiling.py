@@ -1,7 +1,7 @@
 """How well can Setokim write at best? Decode each target image's own SeTok tokens.
 
     python benchmarks/writing_ceiling.py --model runs/tiny-stage2 --data data/shapes/val \
-        [--limit 150] [--out benchmarks/results/writing_ceiling.json]
+        [--limit 150] [--decode-steps N] [--out benchmarks/results/writing_ceiling.json]
 
 A generated or edited image is the stage-1 detokenizer's picture of the tokens the LM wrote.
 An LM that wrote the target image's tokens exactly (in the order Setokim writes them) would
@@ -25,7 +25,7 @@ from setok_cli.eval.harness import eval_edit, eval_generate
 from setok_cli.tasks.setokim import Sampling, _decode, load_setokim, save_png
 
 
-def ceiling(model, task: str, data: Path, limit: int, size: int, tmp: Path) -> dict:
+def ceiling(model, task: str, data: Path, limit: int, size: int, tmp: Path, steps=None) -> dict:
     entries = load(data, "edits" if task == "edit" else "pairs")[:limit]
     sub = tmp / f"{task}.json"                                        # the scored entries, as a data file
     raw = json.load(open(data))[:limit]
@@ -38,7 +38,7 @@ def ceiling(model, task: str, data: Path, limit: int, size: int, tmp: Path) -> d
     for start in range(0, len(entries), 16):
         chunk = entries[start:start + 16]
         sets = model.image_token_sets([e[key] for e in chunk])
-        ims = _decode(model, sets, Sampling(), torch.Generator().manual_seed(0), size)
+        ims = _decode(model, sets, Sampling(decode_steps=steps), torch.Generator().manual_seed(0), size)
         for k, (e, im) in enumerate(zip(chunk, ims)):
             name = f"{task}_images/{start + k:06d}.png"
             save_png(tmp / name, im)
@@ -58,17 +58,18 @@ def main():
     ap.add_argument("--limit", type=int, default=150)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-steps", type=int, help="the detokenizer's sampling steps (default: its config's)")
     ap.add_argument("--out", default="benchmarks/results/writing_ceiling.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_setokim(a.model)
     split = Path(a.data)
     pairs = split / "pairs_reading.json" if (split / "pairs_reading.json").is_file() else split / "pairs.json"
-    res = {"model": a.model, "data": a.data, "limit": a.limit, "size": a.size}
+    res = {"model": a.model, "data": a.data, "limit": a.limit, "size": a.size, "decode_steps": a.decode_steps}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        res["generate"] = ceiling(model, "generate", pairs, a.limit, a.size, Path(tmp))
-        res["edit"] = ceiling(model, "edit", split / "edits.json", a.limit, a.size, Path(tmp))
+        res["generate"] = ceiling(model, "generate", pairs, a.limit, a.size, Path(tmp), a.decode_steps)
+        res["edit"] = ceiling(model, "edit", split / "edits.json", a.limit, a.size, Path(tmp), a.decode_steps)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     for task in ("generate", "edit"):
         s = res[task]
