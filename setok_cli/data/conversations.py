@@ -108,6 +108,28 @@ def read_mask(path: str, shape) -> "np.ndarray":
         return np.asarray(im) > 127
 
 
+def question_objects(conv: Sequence[dict], image: str) -> Optional[dict]:
+    """A question conversation about a world image -> {"instances": the image's instance-map
+    PNG, "turns": per answer turn the instance ids (object index + 1) its question is about
+    (`shapes_text.referred_objects`; [] for none)}, read from the scene the world writes beside
+    the image (`scenes/`, `instances/`); None where there is none."""
+    import json
+
+    from .shapes_text import referred_objects
+    img = Path(image)
+    scene, inst = img.parent.parent / "scenes" / f"{img.stem}.json", img.parent.parent / "instances" / img.name
+    if not (scene.is_file() and inst.is_file()):
+        return None
+    objects = json.loads(scene.read_text())["objects"]
+    turns, question = [], ""
+    for t in conv:
+        if t["from"] in ("human", "user"):
+            question = str(t["value"]).replace(IMAGE_TOKEN, " ")
+        else:
+            turns.append([j + 1 for j in referred_objects(question, objects)])
+    return {"instances": str(inst), "turns": turns}
+
+
 class ConversationDataset(Dataset):
     """One SPEC file read as one task. Items: {"index", "conversations", "pixel_values":
     [(3, S, S) float in [0, 1]], "image_keys": [str]}. `turns` (chat only): at most this many
@@ -142,6 +164,8 @@ class ConversationDataset(Dataset):
         if self.task == "segment":
             _, mask, key = self.segment_entry(i)
             item["segment"] = {"mask": torch.from_numpy(read_mask(mask, pix[0].shape[-2:])), "key": key}
+        if self.task in ("instruct", "chat"):
+            item["attend"] = question_objects(conv, paths[0])
         return item
 
     def segment_entry(self, i: int) -> tuple[str, str, str]:
@@ -197,7 +221,7 @@ class MixtureDataset(Dataset):
 def collate_conversations_batch(items: Sequence[dict]) -> dict:
     """Items -> {"index" (B,), "conversations": B lists, "pixel_values" (N, 3, S, S) every
     image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B,
-    "segment": B x (None | {"mask": (S, S) bool, "key"})}."""
+    "segment": B x (None | {"mask": (S, S) bool, "key"}), "attend": B x (None | `question_objects`)}."""
     pix = [p for it in items for p in it["pixel_values"]]
     if pix and any(p.shape != pix[0].shape for p in pix):
         raise UserError("images of one batch differ in size: set data.image_size")
@@ -207,4 +231,5 @@ def collate_conversations_batch(items: Sequence[dict]) -> dict:
             "image_keys": [k for it in items for k in it["image_keys"]],
             "image_counts": torch.tensor([len(it["pixel_values"]) for it in items]),
             "task": [it["task"] for it in items],
-            "segment": [it.get("segment") for it in items]}
+            "segment": [it.get("segment") for it in items],
+            "attend": [it.get("attend") for it in items]}

@@ -105,6 +105,26 @@ def referring_expression(objects: list[dict], i: int) -> str | None:
     return None
 
 
+def referred_objects(question: str, objects: list[dict]) -> list[int]:
+    """The objects a world question is about (indices into `objects`): every noun phrase
+    ("the green hexagon", "the red object", "hexagons", "a yellow circle") names the objects of
+    its colour and shape; phrases naming neither ("How many objects") name none. Superlatives
+    ("the leftmost ...") are not resolved: all objects of that colour and shape count."""
+    words = question.lower().replace("?", " ").replace(".", " ").replace(",", " ").split()
+    singular = {v: k for k, v in PLURALS.items()}
+    out: set[int] = set()
+    for i, w in enumerate(words):
+        shape = w if w in SHAPES else singular.get(w)
+        if shape is None and w not in ("object", "objects"):
+            continue
+        color = words[i - 1] if i and words[i - 1] in COLOR_NAMES else None
+        if shape is None and color is None:
+            continue
+        out |= {j for j, o in enumerate(objects)
+                if (shape is None or o["shape"] == shape) and (color is None or o["color"] == color)}
+    return sorted(out)
+
+
 def _relation(a: dict, b: dict, rng: np.random.Generator) -> tuple[str, bool] | None:
     dx, dy = b["center"][0] - a["center"][0], b["center"][1] - a["center"][1]
     opts = []

@@ -74,6 +74,10 @@ class LossRecipe:
     clustering_grad: str = "all"
     contrastive: float = 1.0   # image <-> caption InfoNCE
     phrase: float = 1.0        # token <-> phrase
+    # stages II / III: attention supervision of question answers (models/setokim/attend.py;
+    # 0: off) and the LM layer it supervises
+    attend: float = 0.0
+    attend_layer: int = -1
 
 
 @dataclass

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,10 +37,13 @@ __all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_mod
 class Stage2Model(nn.Module):
     """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}."""
 
-    def __init__(self, setokim: Setokim, cache_tokens: bool = True, row_groups: int = 1):
+    def __init__(self, setokim: Setokim, cache_tokens: bool = True, row_groups: int = 1, attend: float = 0.0,
+                 attend_layer: int = -1):
         super().__init__()
         self.setokim = setokim
         self.row_groups = int(row_groups)            # `train.length_groups` (Setokim.hidden_in_groups)
+        self.attend, self.attend_layer = float(attend), int(attend_layer)   # `loss.attend` (models/setokim/attend.py)
+        self._objects: dict[str, Tensor] = {}
         self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
         self._cache: dict[str, Tensor] = {}
         self._regions: dict[str, Tensor] = {}
@@ -173,6 +177,32 @@ class Stage2Model(nn.Module):
                 self._regions[segs[b]["key"]] = t.detach().unsqueeze(0)
         return {b: self._regions[s["key"]] for b, s in enumerate(segs) if s is not None}
 
+    @torch.no_grad()
+    def attend_targets(self, batch: dict) -> list[tuple[int, int, Tensor]]:
+        """Question items -> (row, answer turn, bool (K,) over the row's image tokens in
+        generation order: those of the objects its question names), for `attend.attend_loss`.
+        Each image's token objects are computed once (`attend.token_objects`)."""
+        from PIL import Image
+
+        from ..models.setokim.attend import token_objects
+        first = [0] + torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()[:-1]
+        items = [(b, a) for b, a in enumerate(batch.get("attend") or []) if a is not None]
+        todo = {batch["image_keys"][first[b]]: (first[b], a["instances"]) for b, a in items
+                if batch["image_keys"][first[b]] not in self._objects}
+        if todo:
+            keys = list(todo)
+            out = self.setokim.setok.tokenize(self._arrays(batch["pixel_values"][[todo[k][0] for k in keys]]))
+            for i, k in enumerate(keys):
+                with Image.open(todo[k][1]) as im:              # the grid covers the whole image (squash)
+                    self._objects[k] = token_objects(out, i, np.asarray(im))
+        targets = []
+        for b, a in items:
+            objs = self._objects[batch["image_keys"][first[b]]]
+            for turn, ids in enumerate(a["turns"]):
+                if ids:
+                    targets.append((b, turn, torch.isin(objs, torch.tensor(ids))))
+        return targets
+
     # ---- the step --------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Tensor]:
         m = self.setokim
@@ -183,10 +213,24 @@ class Stage2Model(nn.Module):
                    for j, (i, c, a, b) in enumerate(zip(batch["index"], batch["conversations"],
                                                         [0] + per_item[:-1], per_item))]
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
-        out = m(**kw, row_groups=self.row_groups)
-        return {"loss": out.loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
-                "stop": out.stop_loss.detach(),
-                "visual_tokens": torch.tensor(float(out.num_visual) / max(len(samples), 1))}
+        targets = self.attend_targets(batch) if self.attend > 0 else []
+        if not targets:
+            out = m(**kw, row_groups=self.row_groups)
+            attend = None
+        else:
+            from ..models.setokim.attend import AttentionTap, attend_loss
+            tap = AttentionTap(m, self.attend_layer)
+            with tap.on():
+                out = m(**kw, row_groups=self.row_groups)
+            sp = m.splice(kw["input_ids"], kw["labels"], kw["attention_mask"], kw["image_token_mask"])
+            attend = attend_loss(tap.weights, sp, sp.attention_mask, self.row_groups, targets)
+        loss = out.loss if attend is None else out.loss + self.attend * attend
+        res = {"loss": loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
+               "stop": out.stop_loss.detach(),
+               "visual_tokens": torch.tensor(float(out.num_visual) / max(len(samples), 1))}
+        if self.attend > 0:
+            res["attend"] = attend.detach() if attend is not None else torch.tensor(float("nan"))
+        return res
 
     def save_parts(self, folder: str | Path) -> None:
         """setokim/: the whole Setokim folder (what `setok caption/generate/edit --model` read)."""
@@ -232,7 +276,14 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
     else:
         setokim = Setokim.from_config(cfg)
     setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
-    return Stage2Model(setokim, row_groups=_row_groups(recipe))
+    return Stage2Model(setokim, row_groups=_row_groups(recipe), **_attend(recipe))
+
+
+def _attend(recipe: Recipe) -> dict:
+    w, layer = recipe.loss.attend, recipe.loss.attend_layer
+    if not isinstance(w, (int, float)) or w < 0 or not isinstance(layer, int):
+        raise UserError(f"loss.attend must be a number >= 0 and loss.attend_layer an integer, got {w!r}, {layer!r}")
+    return {"attend": float(w), "attend_layer": layer}
 
 
 def _row_groups(recipe: Recipe) -> int:

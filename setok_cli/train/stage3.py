@@ -21,7 +21,7 @@ import torch
 from ..errors import UserError
 from ..models.setokim import Setokim
 from .recipe import Recipe
-from .stage2 import Stage2Model, _main, _mixture, _row_groups, meta_stage2_model, parameter_report  # noqa: F401 (the report of META)
+from .stage2 import Stage2Model, _attend, _main, _mixture, _row_groups, meta_stage2_model, parameter_report  # noqa: F401 (the report of META)
 
 __all__ = ["build_stage3", "build_stage3_model", "meta_stage3_model"]
 
@@ -47,7 +47,7 @@ def build_stage3_model(recipe: Recipe) -> Stage2Model:
     statistics, projector and heads carried over; `model.setokim`, if any, only sizes
     `--dry-run`)."""
     setokim = Setokim.from_pretrained(_source(recipe))
-    return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe))
+    return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))
 
 
 def build_stage3(recipe: Recipe, accelerator=None):
