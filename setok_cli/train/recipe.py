@@ -75,9 +75,10 @@ class LossRecipe:
     contrastive: float = 1.0   # image <-> caption InfoNCE
     phrase: float = 1.0        # token <-> phrase
     # stages II / III: attention supervision of question answers (models/setokim/attend.py;
-    # 0: off) and the LM layer it supervises
+    # 0: off), the LM layer it supervises, and whether one head ("max") or all ("mean") must look
     attend: float = 0.0
     attend_layer: int = -1
+    attend_heads: str = "max"
 
 
 @dataclass

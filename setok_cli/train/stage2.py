@@ -38,11 +38,12 @@ class Stage2Model(nn.Module):
     """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}."""
 
     def __init__(self, setokim: Setokim, cache_tokens: bool = True, row_groups: int = 1, attend: float = 0.0,
-                 attend_layer: int = -1):
+                 attend_layer: int = -1, attend_heads: str = "max"):
         super().__init__()
         self.setokim = setokim
         self.row_groups = int(row_groups)            # `train.length_groups` (Setokim.hidden_in_groups)
         self.attend, self.attend_layer = float(attend), int(attend_layer)   # `loss.attend` (models/setokim/attend.py)
+        self.attend_heads = attend_heads
         self._objects: dict[str, Tensor] = {}
         self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
         self._cache: dict[str, Tensor] = {}
@@ -223,7 +224,7 @@ class Stage2Model(nn.Module):
             with tap.on():
                 out = m(**kw, row_groups=self.row_groups)
             sp = m.splice(kw["input_ids"], kw["labels"], kw["attention_mask"], kw["image_token_mask"])
-            attend = attend_loss(tap.weights, sp, sp.attention_mask, self.row_groups, targets)
+            attend = attend_loss(tap.weights, sp, sp.attention_mask, self.row_groups, targets, self.attend_heads)
         loss = out.loss if attend is None else out.loss + self.attend * attend
         res = {"loss": loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
                "stop": out.stop_loss.detach(),
@@ -280,10 +281,11 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
 
 
 def _attend(recipe: Recipe) -> dict:
-    w, layer = recipe.loss.attend, recipe.loss.attend_layer
-    if not isinstance(w, (int, float)) or w < 0 or not isinstance(layer, int):
-        raise UserError(f"loss.attend must be a number >= 0 and loss.attend_layer an integer, got {w!r}, {layer!r}")
-    return {"attend": float(w), "attend_layer": layer}
+    w, layer, heads = recipe.loss.attend, recipe.loss.attend_layer, recipe.loss.attend_heads
+    if not isinstance(w, (int, float)) or w < 0 or not isinstance(layer, int) or heads not in ("max", "mean"):
+        raise UserError(f"loss.attend must be a number >= 0, loss.attend_layer an integer and loss.attend_heads "
+                        f"max or mean; got {w!r}, {layer!r}, {heads!r}")
+    return {"attend": float(w), "attend_layer": layer, "attend_heads": heads}
 
 
 def _row_groups(recipe: Recipe) -> int:

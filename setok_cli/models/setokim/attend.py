@@ -8,9 +8,11 @@ pulled towards the tokens of the objects the question names
 (`data.shapes_text.referred_objects`):
 
     share_h = sum_{t in object} a_h[q, t] / sum_{t in image} a_h[q, t]      (per head h)
-    L_attend = mean over answers of  -log(max_h share_h + 1e-6)
+    L_attend = mean over answers of  -log(max_h share_h + 1e-6)     (`heads: max`, the default)
+                                     -log(mean_h share_h + 1e-6)    (`heads: mean`)
 
-so one head of that layer has to find the object, and the others stay free. A token belongs
+so with `max` one head of that layer has to find the object and the others stay free; with
+`mean` every head looks at it. A token belongs
 to the object that holds more than half of its patches (`token_objects`, the world's
 instance maps); answers whose question names no object (or none with a token) are left out.
 The attention weights come from a hook on that layer (`AttentionTap`), which runs the LM with
@@ -82,11 +84,14 @@ def answer_queries(labels: Tensor) -> list[list[int]]:
 
 
 def attend_loss(weights: Sequence[Tensor], sp, attention_mask: Tensor, groups: int,
-                targets: Sequence[tuple[int, int, Tensor]]) -> Optional[Tensor]:
+                targets: Sequence[tuple[int, int, Tensor]], heads: str = "max") -> Optional[Tensor]:
     """weights: what an AttentionTap kept over one `Setokim.hidden_in_groups` call (one
     (B_g, H, n_g, n_g) per group, in its order); sp: the batch's Spliced; attention_mask: the
     spliced mask it ran with; targets: (row, answer turn, bool (K_row,) over the row's first
-    image's tokens) -> L_attend (module docstring), or None where no answer has a target."""
+    image's tokens) -> L_attend (module docstring; heads "max" or "mean"), or None where no
+    answer has a target."""
+    if heads not in ("max", "mean"):
+        raise ValueError(f"heads must be 'max' or 'mean', got {heads!r}")
     B, L = sp.labels.shape
     if groups <= 1 or B <= 1:
         where = {b: (0, b) for b in range(B)}
@@ -105,5 +110,5 @@ def attend_loss(weights: Sequence[Tensor], sp, attention_mask: Tensor, groups: i
         g, r = where[b]
         w = weights[g][r, :, queries[b][turn], cols].float()                # (H, K)
         share = (w * obj).sum(-1) / w.sum(-1).clamp_min(1e-9)               # (H,)
-        losses.append(-torch.log(share.max() + 1e-6))
+        losses.append(-torch.log((share.max() if heads == "max" else share.mean()) + 1e-6))
     return torch.stack(losses).mean() if losses else None
