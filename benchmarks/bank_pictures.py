@@ -36,14 +36,14 @@ def main(argv=None) -> None:
 
     from setok_cli.data.formats import load
     from setok_cli.images import load_image
-    from setok_cli.models.setokim.bank import load_bank
+    from setok_cli.models.setokim.bank import load_bank, load_bank_layouts
     from setok_cli.tasks.setokim import Sampling, edit, generate, load_setokim
     torch.set_num_threads(a.threads)
     model = load_setokim(a.model)
     pairs = load(Path(a.data) / a.pairs, "pairs")[: a.n]
     caps = [p["caption"] for p in pairs]
     size = np.asarray(load_image(pairs[0]["image"])).shape[0]
-    banked = Sampling(bank=load_bank(a.bank, model))
+    banked = Sampling(bank=load_bank(a.bank, model), bank_layouts=load_bank_layouts(a.bank))   # the CLI's defaults
     plain = generate(model, caps, 1, Sampling(), size)
     snapped = generate(model, caps, 1, banked, size)
     eds = load(Path(a.data) / "edits.json", "edits")[: max(1, a.n // 2)]

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
 
     from setok_cli.data.formats import load
     from setok_cli.images import load_image
-    from setok_cli.models.setokim.bank import load_bank
+    from setok_cli.models.setokim.bank import load_bank, load_bank_layouts
     from setok_cli.tasks.setokim import Sampling, generate, load_setokim
     torch.set_num_threads(a.threads)
     pairs = load(Path(a.data) / "pairs.json", "pairs")[: a.n]
@@ -56,7 +56,8 @@ def main(argv=None) -> None:
         model = load_setokim(run)
         opts = Sampling(visual_temperature=float(kw["temp"]) if "temp" in kw else None,
                         guidance=float(kw.get("guidance", 1.0)),
-                        bank=load_bank(kw["bank"], model) if "bank" in kw else None)
+                        bank=load_bank(kw["bank"], model) if "bank" in kw else None,
+                        bank_layouts=load_bank_layouts(kw["bank"]) if "bank" in kw else None)
         rows.append(_row([_cell(g[0], [label]) for g in generate(model, caps, 1, opts, size)]))
     _save_stacked(rows, a.out)
     print(json.dumps({"out": a.out, "captions": len(caps), "rows": len(a.row)}))
