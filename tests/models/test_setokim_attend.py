@@ -147,3 +147,20 @@ def test_tap_groups_and_learning(folders):
     _, last = run_loss(m, kw, 1, targets)
     last = float(last.detach())
     assert first > 0.9 and last < 0.2, (first, last)                     # share from ~0.3 to > 0.8
+
+
+def test_stage_model_adds_the_term(stage2_world, tmp_path):
+    from setok_cli.train.stage2 import Stage2Model
+    tr = stage2_world / "shapes" / "train"
+    entries = json.loads((tr / "instruct.json").read_text())
+    build_word_tokenizer(extra_texts=[t["value"] for e in entries for t in e["conversations"]]).save_pretrained(
+        tmp_path / "tok")
+    torch.manual_seed(0)
+    m = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tmp_path / "tok"),
+                                          stage1=str(stage2_world / "stage1")))
+    ds = ConversationDataset(tr / "instruct.json", "chat", image_size=32)
+    batch = MixtureDataset.collate([ds[i] for i in range(4)])
+    plain = Stage2Model(m, row_groups=2)(batch)
+    res = Stage2Model(m, row_groups=2, attend=0.5)(batch)
+    assert "attend" not in plain and torch.isfinite(res["attend"]) and res["attend"] > 0
+    assert torch.allclose(res["loss"], plain["loss"] + 0.5 * res["attend"], atol=1e-5)

@@ -20,8 +20,8 @@ is only taken where it overlaps the objects already placed in the image by at mo
 free). Tokens whose region covers more than half the grid (the background) are neither
 checked nor recorded.
 
-    tokens = build_bank(model, image_paths)                    # (M, T), as the SeTok gives them
-    save_bank("out/bank.safetensors", tokens, model)           # `setok bank DATA --model RUN --out FILE`
+    tokens, layouts = build_bank(model, image_paths)           # (M, T) as the SeTok gives them, (M, 256) bool
+    save_bank("out/bank.safetensors", tokens, model, layouts)  # `setok bank DATA --model RUN --out FILE`
     tokens = load_bank("out/bank.safetensors", model)          # checked against the model's SeTok
     layouts = load_bank_layouts("out/bank.safetensors")         # (M, 256) bool, None for a bank without them
 """
