@@ -1,7 +1,7 @@
 """How well can Setokim write at best? Decode each target image's own SeTok tokens.
 
     python benchmarks/writing_ceiling.py --model runs/tiny-stage2 --data data/shapes/val \
-        [--limit 150] [--decode-steps N] [--out benchmarks/results/writing_ceiling.json]
+        [--limit 150] [--decode-steps N] [--detokenizer RUN] [--out benchmarks/results/writing_ceiling.json]
 
 A generated or edited image is the stage-1 detokenizer's picture of the tokens the LM wrote.
 An LM that wrote the target image's tokens exactly (in the order Setokim writes them) would
@@ -22,6 +22,7 @@ import torch
 
 from setok_cli.data.formats import load
 from setok_cli.eval.harness import eval_edit, eval_generate
+from setok_cli.models.setokim import use_detokenizer
 from setok_cli.tasks.setokim import Sampling, _decode, load_setokim, save_png
 
 
@@ -59,13 +60,17 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-steps", type=int, help="the detokenizer's sampling steps (default: its config's)")
+    ap.add_argument("--detokenizer", help="decode with this stage-1 run's detokenizer (same tokenizer; "
+                                          "`setok generate --detokenizer`)")
     ap.add_argument("--out", default="benchmarks/results/writing_ceiling.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_setokim(a.model)
+    if a.detokenizer:
+        use_detokenizer(model, a.detokenizer)
     split = Path(a.data)
     pairs = split / "pairs_reading.json" if (split / "pairs_reading.json").is_file() else split / "pairs.json"
-    res = {"model": a.model, "data": a.data, "limit": a.limit, "size": a.size, "decode_steps": a.decode_steps}
+    res = {"model": a.model, "detokenizer": a.detokenizer, "data": a.data, "limit": a.limit, "size": a.size, "decode_steps": a.decode_steps}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         res["generate"] = ceiling(model, "generate", pairs, a.limit, a.size, Path(tmp), a.decode_steps)

@@ -51,6 +51,18 @@ def _bank_option(f):
                              "input image): `setok bank DATA --model RUN --out FILE` makes one.")(f)
 
 
+def _detok_option(f):
+    return click.option("--detokenizer", "detok_path", metavar="RUN",
+                        help="Decode written images with this stage-1 run's detokenizer instead of the model's own: "
+                             "one trained over the same tokenizer (recipes/tiny/detokenizer.yaml).")(f)
+
+
+def _use_detokenizer(model, detok_path) -> None:
+    if detok_path:
+        from ..models.setokim import use_detokenizer
+        use_detokenizer(model, detok_path)
+
+
 def _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric) -> None:
     opts.source_margin, opts.max_overlap, opts.snap_metric = source_margin, max_overlap, snap_metric
     if bank_path:
@@ -62,8 +74,11 @@ def _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric) -
                        "rebuild it with `setok bank` to use --max-overlap", err=True)
 
 
-def _check_bank(bank_path) -> None:
-    """Before the model loads: a named bank file must exist."""
+def _check_bank(bank_path, detok_path=None) -> None:
+    """Before the model loads: a named bank file and detokenizer run must exist."""
+    if detok_path:
+        from ..models.stage1 import stage1_folder
+        stage1_folder(detok_path)
     if bank_path and not Path(bank_path).is_file():
         raise UserError(f"{bank_path}: no such token bank (make one with `setok bank DATA --model RUN --out FILE`)")
 
@@ -159,14 +174,15 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
               help="Classifier-free guidance scale (1: none); for a model trained with the generate_uncond "
                    "task (mse or codebook head).")
 @_bank_option
+@_detok_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
                  seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, guidance, bank_path,
-                 source_margin, max_overlap, snap_metric):
+                 source_margin, max_overlap, snap_metric, detok_path):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt")
-    _check_bank(bank_path)
+    _check_bank(bank_path, detok_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     opts.guidance = guidance
     from ..files import ensure_dir
@@ -177,6 +193,7 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
     if guidance != 1 and model.config.visual_head == "diffusion":
         raise UserError("--guidance works with the mse and codebook visual heads, this model has a diffusion head")
     _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric)
+    _use_detokenizer(model, detok_path)
     if data:
         return _run_file(model, "generate", data, pred_out, opts, batch_size, size, limit)
     stem = "_".join(prompt.lower().split())[:40].strip("_") or "image"
@@ -194,18 +211,20 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @click.option("--out", "out_dir", default=".", show_default=True, metavar="DIR", help="Folder for the PNGs.")
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
 @_bank_option
+@_detok_option
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
              copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin,
-             max_overlap, snap_metric):
+             max_overlap, snap_metric, detok_path):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
     from ..tasks.setokim import edit, save_png, side_by_side
-    _check_bank(bank_path)
+    _check_bank(bank_path, detok_path)
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
     _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric)
+    _use_detokenizer(model, detok_path)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
     out = edit(model, [src], [instruction], opts, size)[0]
@@ -301,10 +320,11 @@ def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, vi
               help="Folder for the images the model writes.")
 @click.option("--size", type=click.IntRange(min=8), help="Side of written images (default: the detokenizer's).")
 @_bank_option
+@_detok_option
 def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed,
-             batch_size, threads, out_dir, size, bank_path, source_margin, max_overlap, snap_metric):
+             batch_size, threads, out_dir, size, bank_path, source_margin, max_overlap, snap_metric, detok_path):
     """Talk with the model about IMAGE (optional). Commands: /image PATH, /reset, /quit."""
-    _check_bank(bank_path)
+    _check_bank(bank_path, detok_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     from ..images import load_image
     from ..tasks.chat import ChatSession
@@ -312,6 +332,7 @@ def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps
     pic = load_image(image) if image else None
     model = load_setokim(model_path)
     _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric)
+    _use_detokenizer(model, detok_path)
     chat = ChatSession(model, pic, opts, out_dir, size)
     if pic is not None:
         click.echo(f"[{image}: {int(chat.pending[0].shape[0])} tokens]", err=True)

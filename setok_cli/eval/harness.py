@@ -400,13 +400,17 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
     """Edited images against their targets: scene-parse accuracy with positions (centres
     within `pos_tol` of the image side), L1 to the target image (mean absolute difference
     in [0, 1]) and preservation (the fraction of objects the edit should leave untouched,
-    per the entry's "edit.preserved" target ids, that are found unchanged)."""
+    per the entry's "edit.preserved" target ids, that are found unchanged). Entries whose
+    "edit" names its `op` (the shapes world's) are also scored per op: `applied/{op}`, the
+    share whose edit shows (the changed or added objects found where the target has them;
+    for a removal, the removed object no longer found), and `kept/{op}`, `images/{op}`."""
     from ..data.scene_parser import parse_scene
 
     entries = formats.load(data, "edits", check_files=False)
     aligned = _align_by_image_and_text(pred, entries, "source", "instruction", "image",
                                        ("the source image", "the instruction", "the edited PNG"))
     l1s, kept, keep_total = [], 0, 0
+    per_op: dict[str, list] = defaultdict(lambda: [0, 0, 0, 0])      # op -> [images, applied, kept, to keep]
 
     def truth(e):
         scene = load_scene(e.get("target_scene"))
@@ -425,12 +429,43 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
         else:
             l1s.append(1.0)
         preserved = (e.get("edit") or {}).get("preserved")
+        hit = {j for _, j in m["pairs"]}
         if preserved is not None:
-            hit = {j for _, j in m["pairs"]}
             keep_total += len(preserved)
             kept += sum((pid - 1) in hit for pid in preserved)
+        applied = _edit_applied(e, parsed, gt, hit, pos_tol)
+        if applied is not None:
+            row = per_op[e["edit"]["op"]]
+            row[0] += 1
+            row[1] += applied
+            if preserved:
+                row[2] += sum((pid - 1) in hit for pid in preserved)
+                row[3] += len(preserved)
 
     out = _score_images(entries, aligned, truth, pos_tol, "edit", data, extra)
     out["l1"] = _mean(l1s)
     out["preservation"] = kept / keep_total if keep_total else None
+    for op in sorted(per_op):
+        n, ok, k, kt = per_op[op]
+        out[f"applied/{op}"] = ok / n
+        out[f"kept/{op}"] = k / kt if kt else None
+        out[f"images/{op}"] = n
     return out
+
+
+def _edit_applied(e: dict, parsed: list, gt: list, hit: set, pos_tol: float):
+    """Whether an edit of the shapes world shows in the edited image: the target objects it
+    changed or added (the target's ids outside `edit.preserved`) are all found (`hit`: the
+    target indices matched), or, for a removal, the removed source object (`edit.object`) is
+    not found. None when the entry does not say (no `edit.op`, no source scene for a removal)."""
+    from ..data.scene_parser import match_objects
+    ed = e.get("edit") or {}
+    if "op" not in ed or ed.get("preserved") is None:
+        return None
+    if ed["op"] == "remove":
+        scene = load_scene(e.get("source_scene"))
+        gone = [o for o in (scene or {}).get("objects", []) if o.get("id") == ed.get("object")]
+        return None if not gone else match_objects(parsed, gone, pos_tol)["correct"] == 0
+    keep = set(ed["preserved"])
+    changed = [j for j, o in enumerate(gt) if o.get("id", j + 1) not in keep]
+    return bool(changed) and all(j in hit for j in changed)

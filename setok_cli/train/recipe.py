@@ -50,6 +50,9 @@ class ModelRecipe:
     alignment: Optional[AlignmentConfig] = field(default_factory=AlignmentConfig)
     setokim: Optional[SetokimConfig] = None        # stage II: the MLLM over SeTok tokens
     setokim_from: Optional[str] = None             # stage III: the stage-2 run / checkpoint / Setokim folder to tune
+    stage1_from: Optional[str] = None              # stage I: start each part from this stage-1 run / checkpoint's
+                                                   # weights (the recipe's architecture; e.g. to refine the
+                                                   # detokenizer over a frozen tokenizer)
     lora: Optional[LoraSpec] = None                # stage III: LoRA adapters on the LM (peft)
 
 
@@ -79,6 +82,10 @@ class LossRecipe:
     attend: float = 0.0
     attend_layer: int = -1
     attend_heads: str = "max"
+    # stages II / III, MSE head: the weight of a written token that no token of the images its
+    # row read matches (an edit's changed or added object; `changed_token_weights`), against 1
+    # for the tokens it copies; the visual loss stays a weighted mean (1: every token alike)
+    edit_changed: float = 1.0
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..models.detokenizer import Detokenizer, instance_canvas_targets
 from ..models.mask_decoder import MaskDecoder, mask_consistency_kl, mask_losses
 from .recipe import LossRecipe, Recipe
 
-__all__ = ["Stage1Model", "build_stage1", "build_stage1_model", "build_tokenizer", "encoder_width",
+__all__ = ["Stage1Model", "build_stage1", "build_stage1_model", "build_tokenizer", "encoder_width", "init_from_stage1",
            "ENCODER_PRESETS", "meta_stage1_model", "parameter_report"]
 
 # Architectures of the paper's encoders, to size a recipe without the weights on disk
@@ -241,6 +241,8 @@ def build_stage1(recipe: Recipe, accelerator=None):
     if not recipe.data.train:
         raise UserError("data.train lists no data file: give one or more SPEC-format JSON files")
     model = build_stage1_model(recipe)
+    if recipe.model.stage1_from:
+        init_from_stage1(model, recipe.model.stage1_from)
     sets = [build_dataset(p, recipe.data.format, recipe.data.image_size, recipe.data.cache)
             for p in recipe.data.train]
     offset = 0
@@ -250,6 +252,26 @@ def build_stage1(recipe: Recipe, accelerator=None):
         offset += len(d)
     dataset = sets[0] if len(sets) == 1 else ConcatDataset(sets)
     return model, dataset
+
+
+def init_from_stage1(model: Stage1Model, path: str) -> list[str]:
+    """Copy each part's weights from a stage-1 run / checkpoint (`model.stage1_from`) into the
+    recipe's model; the parts must have the same architecture. -> the names of the parts copied.
+    A part the recipe has but the checkpoint did not save is one UserError line."""
+    from ..models.stage1 import load_stage1, stage1_folder
+    folder = stage1_folder(path)
+    names = [n for n in ("setok", "detokenizer", "mask_decoder", "alignment") if getattr(model, n) is not None]
+    parts = load_stage1(folder, names)
+    for name in names:
+        src = parts[name]
+        if src is None:
+            raise UserError(f"model.stage1_from: {folder} saved no {name}/ (set model.{name}=null to leave it out)")
+        try:
+            getattr(model, name).load_state_dict(src.state_dict(), strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"model.stage1_from: {folder}/{name} does not fit the recipe's {name} ({first})") from None
+    return names
 
 
 def _encoder_architecture(spec: str) -> nn.Module:

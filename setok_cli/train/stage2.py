@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -38,9 +39,12 @@ class Stage2Model(nn.Module):
     """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}."""
 
     def __init__(self, setokim: Setokim, cache_tokens: bool = True, row_groups: int = 1, attend: float = 0.0,
-                 attend_layer: int = -1, attend_heads: str = "max"):
+                 attend_layer: int = -1, attend_heads: str = "max", edit_changed: float = 1.0):
         super().__init__()
         self.setokim = setokim
+        self.edit_changed = float(edit_changed)     # `loss.edit_changed` (changed_token_weights)
+        if self.edit_changed != 1 and (setokim.config.visual_head != "mse" or setokim.copy_head is not None):
+            raise UserError("loss.edit_changed weighs the MSE head's loss: it needs visual_head mse and no copy head")
         self.row_groups = int(row_groups)            # `train.length_groups` (Setokim.hidden_in_groups)
         self.attend, self.attend_layer = float(attend), int(attend_layer)   # `loss.attend` (models/setokim/attend.py)
         self.attend_heads = attend_heads
@@ -214,6 +218,9 @@ class Stage2Model(nn.Module):
                    for j, (i, c, a, b) in enumerate(zip(batch["index"], batch["conversations"],
                                                         [0] + per_item[:-1], per_item))]
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
+        if self.edit_changed != 1:
+            std = lambda t: m.normalize(t.to(m.token_mean.device)).cpu()     # noqa: E731
+            kw["visual_weight"] = pack_weights(changed_token_weights(samples, self.edit_changed, std))
         targets = self.attend_targets(batch) if self.attend > 0 else []
         if not targets:
             out = m(**kw, row_groups=self.row_groups)
@@ -281,11 +288,49 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
 
 
 def _attend(recipe: Recipe) -> dict:
+    """The Stage2Model options of the recipe's `loss` section (attention, edit weights)."""
     w, layer, heads = recipe.loss.attend, recipe.loss.attend_layer, recipe.loss.attend_heads
     if not isinstance(w, (int, float)) or w < 0 or not isinstance(layer, int) or heads not in ("max", "mean"):
         raise UserError(f"loss.attend must be a number >= 0, loss.attend_layer an integer and loss.attend_heads "
                         f"max or mean; got {w!r}, {layer!r}, {heads!r}")
-    return {"attend": float(w), "attend_layer": layer, "attend_heads": heads}
+    ec = recipe.loss.edit_changed
+    if not isinstance(ec, (int, float)) or ec <= 0:
+        raise UserError(f"loss.edit_changed must be a number > 0, got {ec!r}")
+    return {"attend": float(w), "attend_layer": layer, "attend_heads": heads, "edit_changed": float(ec)}
+
+
+def changed_token_weights(samples: list[dict], weight: float, standardize=None, min_cos: float = 0.9) -> list[Tensor]:
+    """Per image of `samples` (collate's order: each sample's "images" in reading order), a
+    weight per token (K_i,): `weight` for a token of an image the row writes (an `<image>` in
+    an assistant turn) that no token of the images the row read before it matches (cosine >=
+    `min_cos` after `standardize`), 1 for every other token. Rows that read no image first
+    (generation from text) keep 1: only an edit's changed, moved or added object is weighted."""
+    from ..models.setokim.text import IMAGE_TOKEN
+    out: list[Tensor] = []
+    for s in samples:
+        imgs = list(s.get("images") or [])
+        written = [str(t.get("from", "")) in ("gpt", "assistant") for t in s["conversations"]
+                   for _ in range(str(t.get("value", "")).count(IMAGE_TOKEN))]
+        read: list[Tensor] = []
+        for tokens, w in zip(imgs, written):
+            x = tokens.float() if standardize is None else standardize(tokens.float())
+            x = F.normalize(x, dim=-1)
+            wt = torch.ones(tokens.shape[0])
+            if w and read:
+                best = (x @ torch.cat(read).T).max(-1).values
+                wt[best < min_cos] = weight
+            read.append(x)
+            out.append(wt)
+    return out
+
+
+def pack_weights(weights: list[Tensor]) -> Tensor:
+    """[(K_i,)] -> (N, K_max), zero-padded as `pack_token_sets` pads the tokens."""
+    K = max([int(w.shape[0]) for w in weights] + [1])
+    out = torch.zeros(len(weights), K)
+    for i, w in enumerate(weights):
+        out[i, : w.shape[0]] = w
+    return out
 
 
 def _row_groups(recipe: Recipe) -> int:

@@ -156,3 +156,40 @@ def test_bad_inputs_are_one_line(run, stage2_world, tmp_path, args, msg):
 def test_bad_snap_options_are_usage_errors(run, opt, value):
     res = _run(["generate", "a red circle", "--model", run, opt, value])
     assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.output and "Traceback" not in res.output
+
+
+def test_detokenizer_option_decodes_with_another_stage1_run(run, stage2_world, tmp_path, write_tiny_stage1):
+    """--detokenizer RUN: the same tokenizer's detokenizer decodes (its own stage-1 folder gives the
+    same picture; new detokenizer weights a different one); another tokenizer is one line."""
+    import shutil
+
+    import torch
+
+    from setok_cli.models.detokenizer import Detokenizer
+    prompt = ["generate", "two red circles", "--model", run, "--size", "16", "--threads", "1"]
+    pics = {}
+    for name, extra in (("own", []), ("same", ["--detokenizer", stage2_world / "stage1"])):
+        res = _run([*prompt, "--out", tmp_path / name, *extra])
+        assert res.exit_code == 0, res.output
+        pics[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png"))))
+    assert np.array_equal(pics["own"], pics["same"])
+    ck = next((stage2_world / "stage1" / "checkpoints").iterdir())
+    other = tmp_path / "refined"
+    shutil.copytree(ck, other)
+    det = Detokenizer.from_pretrained(other / "detokenizer")
+    with torch.no_grad():
+        for p in det.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    det.save_pretrained(other / "detokenizer")
+    res = _run([*prompt, "--out", tmp_path / "refined_out", "--detokenizer", other])
+    assert res.exit_code == 0, res.output
+    assert not np.array_equal(pics["own"], np.asarray(Image.open(next((tmp_path / "refined_out").glob("*.png")))))
+
+    alien = write_tiny_stage1(tmp_path / "alien", merger_dim=24)
+    res = _run([*prompt, "--out", tmp_path / "alien_out", "--detokenizer", alien])
+    assert res.exit_code == 2
+    assert res.output.startswith("error:") and "tokenizer is not this model's" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not list((tmp_path / "alien_out").glob("*.png"))
+    res = _run([*prompt, "--out", tmp_path / "x", "--detokenizer", tmp_path / "nowhere"])
+    assert res.exit_code == 2 and res.output.startswith("error:") and len(res.output.strip().splitlines()) == 1

@@ -423,6 +423,25 @@ def test_losses_match_hand_computed(folders):
     assert out.num_text == n_caption + 2
 
 
+def test_visual_weight_is_a_weighted_mean_of_token_errors(folders):
+    torch.manual_seed(0)
+    m = make(folders)
+    ids, labels, attn, tokens, mask = batch(m)
+    base = m(ids, labels, attn, tokens, mask)
+    ones = m(ids, labels, attn, tokens, mask, visual_weight=torch.ones(mask.shape))
+    assert ones.visual_loss.item() == pytest.approx(base.visual_loss.item(), rel=1e-6)
+    w = torch.ones(mask.shape)
+    w[1, 1] = 4.0                                   # the second token of the written image
+    out = m(ids, labels, attn, tokens, mask, visual_weight=w)
+    sp = m.splice(ids, labels, attn, mask)
+    h = m.hidden(m.embed(sp, tokens, mask), sp.attention_mask, sp.position_ids).last_hidden_state
+    s = int((sp.ids[1] == m.img_start_id).nonzero()[0])
+    err = ((m.visual_head(h[1, s:s + 2]) - tokens[1, :2]) ** 2).sum(-1)
+    want = (err[0] + 4 * err[1]) / (5 * tokens.shape[-1])
+    assert out.visual_loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.text_loss.item() == pytest.approx(base.text_loss.item(), rel=1e-6)
+
+
 def test_collate_and_padding_do_not_leak(folders):
     m = make(folders)
     g = torch.Generator().manual_seed(0)

@@ -160,3 +160,44 @@ def test_feature_cache_same_outputs_and_unique_keys(tmp_path, crop):
     assert model.feature_cache == {}
     keys = collate([ds[i] for i in range(len(ds))])["index"].tolist()
     assert keys == list(range(7))
+
+
+def test_detokenizer_recipe_trains_only_the_detokenizer_from_stage1(shapes, tmp_path):
+    """recipes/tiny/detokenizer.yaml: every part starts from the stage-1 run (`model.stage1_from`), the
+    detokenizer alone changes, so the tokens stay the stage-1 tokens; a part that does not fit is one line."""
+    from safetensors.torch import load_file
+
+    from setok_cli.errors import UserError
+    small = ["model.detokenizer.image_size=16",
+             "model.detokenizer.unet={sample_size: 16, block_out_channels: [16, 32], "
+             "down_block_types: [DownBlock2D, CrossAttnDownBlock2D], up_block_types: [CrossAttnUpBlock2D, UpBlock2D]}",
+             f"data.train=[{shapes / 'train' / 'pairs.json'}]", "data.batch_size=8", "train.max_steps=4",
+             "train.log_every=1", "train.checkpoint_every=4", "train.progress=false", "optim.warmup_steps=1"]
+    torch.manual_seed(0)
+    s1 = Trainer(load_recipe(RECIPES / "tiny" / "stage1.yaml", [*small, f"output_dir={tmp_path / 's1'}"])).train()
+    r = load_recipe(RECIPES / "tiny" / "detokenizer.yaml",
+                    [*small, f"output_dir={tmp_path / 'dt'}", f"model.stage1_from={tmp_path / 's1'}"])
+    assert r.train.trainable == ["detokenizer.*"]
+    dt = Trainer(r).train()
+    log = [json.loads(x) for x in (tmp_path / "dt" / "log.jsonl").read_text().splitlines()]
+    assert {"diffusion", "loss"} <= set(log[0]) and "bce" not in log[0] and "phrase" not in log[0]
+    for part in ("setok", "mask_decoder", "alignment", "detokenizer"):
+        a = load_file(s1.last_checkpoint / part / "model.safetensors")
+        b = load_file(dt.last_checkpoint / part / "model.safetensors")
+        assert a.keys() == b.keys()
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        assert same == (part != "detokenizer"), part
+
+    # the detokenizer started from stage I's, not from scratch: its first loss is stage I's last level
+    fresh = load_recipe(RECIPES / "tiny" / "detokenizer.yaml",
+                        [*small, f"output_dir={tmp_path / 'fresh'}", "model.stage1_from=null", "train.max_steps=1"])
+    torch.manual_seed(0)
+    Trainer(fresh).train()
+    first_fresh = json.loads((tmp_path / "fresh" / "log.jsonl").read_text().splitlines()[0])["diffusion"]
+    assert log[0]["diffusion"] < first_fresh
+
+    bad = load_recipe(RECIPES / "tiny" / "detokenizer.yaml",
+                      [*small, f"output_dir={tmp_path / 'bad'}", f"model.stage1_from={tmp_path / 's1'}",
+                       "model.detokenizer.mapper.hidden_size=32"])
+    with pytest.raises(UserError, match="does not fit the recipe's detokenizer"):
+        Trainer(bad).train()

@@ -171,3 +171,37 @@ def test_ddp_two_processes_train_stage2(stage2_world, tmp_path):
     from setok_cli.models.setokim import Setokim
     m = Setokim.from_pretrained(out)
     assert (out / "checkpoints" / "step_00000004" / "setokim").is_dir() and m.config.visual_head == "mse"
+
+
+def test_changed_token_weights_known_values():
+    """`loss.edit_changed`: only a written token that no token read before matches is weighted."""
+    from setok_cli.train.stage2 import changed_token_weights, pack_weights
+    e = torch.eye(8)
+    near_b = 0.99 * e[1] + 0.1 * e[3]                       # cos 0.995 with b: the same object redrawn
+    edit = {"conversations": [{"from": "human", "value": "<image>\nMake the red circle blue."},
+                              {"from": "gpt", "value": "<image>"}],
+            "images": [torch.stack([e[0], e[1]]), torch.stack([e[0], e[2], near_b])]}
+    gen = {"conversations": [{"from": "human", "value": "Generate an image: a red circle."},
+                             {"from": "gpt", "value": "<image>"}], "images": [e[2:4]]}
+    cap = {"conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                             {"from": "gpt", "value": "A red circle."}], "images": [e[5:6]]}
+    w = changed_token_weights([edit, gen, cap], 5.0)
+    assert [x.tolist() for x in w] == [[1, 1], [1, 5, 1], [1, 1], [1]]
+    # the standardisation is applied first: a shift that makes e[2] look like e[0]
+    w = changed_token_weights([edit], 5.0, standardize=lambda t: t + 10 * e[0])
+    assert w[1].tolist() == [1, 1, 1]
+    assert pack_weights(changed_token_weights([edit, cap], 3.0)).tolist() == [[1, 1, 0], [1, 3, 1], [1, 0, 0]]
+
+
+def test_edit_changed_trains_and_needs_the_mse_head(stage2_world, tmp_path):
+    from setok_cli.train.stage2 import build_stage2_model
+    r = _recipe(stage2_world, tmp_path / "w", "loss.edit_changed=4.0", "train.max_steps=2",
+                "train.checkpoint_every=2")
+    res = Trainer(r).train()
+    log = [json.loads(x) for x in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(x["visual"] > 0 for x in log) and res.last_checkpoint.is_dir()
+    with pytest.raises(UserError, match="needs visual_head mse"):
+        build_stage2_model(_recipe(stage2_world, tmp_path / "d", "loss.edit_changed=4.0",
+                                   "model.setokim.visual_head=diffusion"))
+    with pytest.raises(UserError, match="edit_changed must be a number > 0"):
+        build_stage2_model(_recipe(stage2_world, tmp_path / "z", "loss.edit_changed=0"))

@@ -63,7 +63,7 @@ built from as a record; loading reads the folder's own copies.
 from .config import LM_PRESETS, CodebookHeadConfig, DiffusionHeadConfig, LoraSpec, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
 from .heads import CodebookHead, CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
-from .loading import load_stage1, stage1_folder
+from .loading import load_stage1, stage1_folder, use_detokenizer
 from .model import Setokim, SetokimOutput
 from .report import parameter_table
 from .splice import Spliced, splice
@@ -74,7 +74,7 @@ from .text import (IGNORE_INDEX, IMAGE_PLACEMENTS, IMAGE_TOKEN, IMAGE_TOKEN_INDE
                    tokenize_with_images, world_texts)
 
 __all__ = ["SetokimConfig", "DiffusionHeadConfig", "CodebookHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim",
-           "SetokimOutput", "parameter_table", "stage1_folder", "load_stage1", "Projector", "MSEHead", "DiffusionHead",
+           "SetokimOutput", "parameter_table", "stage1_folder", "load_stage1", "use_detokenizer", "Projector", "MSEHead", "DiffusionHead",
            "CodebookHead", "CopyHead", "order_tokens",
            "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images",
            "IMAGE_TOKEN",

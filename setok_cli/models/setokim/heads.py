@@ -40,10 +40,13 @@ class MSEHead(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.net(h)
 
-    def loss(self, h: Tensor, target: Tensor) -> Tensor:
-        """Mean squared error over every element; 0 (with gradients) when M = 0."""
+    def loss(self, h: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """Mean squared error over every element; 0 (with gradients) when M = 0. weight (M,):
+        each token's share in a weighted mean (None: all alike)."""
         d = self(h).float() - target.float()
-        return (d * d).sum() / max(d.numel(), 1)
+        if weight is None:
+            return (d * d).sum() / max(d.numel(), 1)
+        return (weight.float() * (d * d).sum(-1)).sum() / (weight.float().sum() * d.shape[-1]).clamp_min(1)
 
     def sample(self, h: Tensor, uncond: Optional[Tensor] = None, guidance: float = 1.0, **_) -> Tensor:
         """h (M, H) -> tokens (M, T); guided by `uncond` (M, H): x_u + g (x_c - x_u)."""

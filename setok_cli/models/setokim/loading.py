@@ -16,7 +16,7 @@ from ..stage1 import stage1_folder  # noqa: F401 (re-exported)
 from .config import LM_PRESETS
 
 __all__ = ["stage1_folder", "load_stage1", "lm_config", "load_lm", "load_text_tokenizer", "quiet", "first_line",
-           "STAGE1_PARTS"]
+           "STAGE1_PARTS", "use_detokenizer"]
 
 STAGE1_PARTS = ("setok", "detokenizer", "mask_decoder")   # what Setokim reads and writes with
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -30,6 +30,31 @@ def first_line(e: BaseException) -> str:
 def load_stage1(folder: Path) -> dict[str, Optional[nn.Module]]:
     """The SeTok and, where saved, the detokenizer and mask decoder of a stage-1 folder."""
     return _load_stage1(folder, STAGE1_PARTS)
+
+
+def use_detokenizer(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
+    """Decode `model`'s images with the detokenizer of another stage-1 run / checkpoint, one
+    trained over the same tokenizer (e.g. `recipes/tiny/detokenizer.yaml`'s run). Its SeTok must
+    equal the model's tensor for tensor, or the detokenizer would read tokens it was never shown:
+    otherwise one UserError line, and the model is left as it was. -> the checkpoint folder."""
+    from ..stage1 import load_stage1 as _load
+    folder = stage1_folder(path)
+    parts = _load(folder, ("setok", "detokenizer"))
+    if parts["detokenizer"] is None:
+        raise UserError(f"{folder}: saved no detokenizer/")
+    if model.setok is None or model.setok.config.to_dict() != parts["setok"].config.to_dict() \
+            or not _same_weights(model.setok, parts["setok"]):
+        raise UserError(f"{folder}: its tokenizer is not this model's, so its detokenizer would decode other tokens "
+                        f"(train it over the model's stage-1 run: recipes/tiny/detokenizer.yaml)")
+    ref = next(model.parameters())
+    model.detokenizer = parts["detokenizer"].to(ref.device).requires_grad_(False).eval()
+    return folder
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu())
+                                          for k in sa)
 
 
 def lm_config(spec: Union[str, dict], text_vocab: Optional[int], meta: bool):

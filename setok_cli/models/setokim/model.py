@@ -404,10 +404,11 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 image_tokens: Optional[Tensor] = None, image_token_mask: Optional[Tensor] = None,
-                row_groups: int = 1) -> SetokimOutput:
+                row_groups: int = 1, visual_weight: Optional[Tensor] = None) -> SetokimOutput:
         """input_ids, labels, attention_mask (B, L0) from `collate_conversations`;
         image_tokens (N, K, T), image_token_mask (N, K): the images of the batch in
-        reading order, in generation order within each (`encode_images` / `order`).
+        reading order, in generation order within each (`encode_images` / `order`);
+        visual_weight (N, K): each written token's weight in the MSE head's loss (None: alike).
         row_groups: run the LM over rows of similar length in up to this many groups
         (`hidden_in_groups`: the same loss, less padding computed)."""
         sp = self.splice(input_ids, labels, attention_mask, image_token_mask)
@@ -425,7 +426,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
         hf = hf.to(self.head_dtype)                         # an LM loaded in bf16 under fp32 heads
         hp = hf[sp.pred_pos]
-        if self.copy_head is None:
+        if visual_weight is not None:          # only the MSE head takes weights (`loss.edit_changed`)
+            visual_loss = self.visual_head.loss(hp, target, visual_weight.to(hp.device)[image_token_mask][sp.pred_src])
+        elif self.copy_head is None:
             visual_loss = self.visual_head.loss(hp, target)
         else:   # pointer-generator: gate * copy + (1 - gate) * head; the head's own MSE beside, weighted
             own = self.visual_head(hp).float()
