@@ -401,8 +401,8 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
     within `pos_tol` of the image side), L1 to the target image (mean absolute difference
     in [0, 1]) and preservation (the fraction of objects the edit should leave untouched,
     per the entry's "edit.preserved" target ids, that are found unchanged). Entries whose
-    "edit" names its `op` (the shapes world's) are also scored per op: `applied/{op}`, the
-    share whose edit shows (the changed or added objects found where the target has them;
+    "edit" names its `op` (the shapes world's) are also scored per op: `applied/{op}` (and
+    `applied` over all), the share whose edit shows (the changed or added objects found where the target has them;
     for a removal, the removed object no longer found), and `kept/{op}`, `images/{op}`."""
     from ..data.scene_parser import parse_scene
 
@@ -445,6 +445,8 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
     out = _score_images(entries, aligned, truth, pos_tol, "edit", data, extra)
     out["l1"] = _mean(l1s)
     out["preservation"] = kept / keep_total if keep_total else None
+    if per_op:            # "edits right": a copy of the source keeps every object and applies none
+        out["applied"] = sum(r[1] for r in per_op.values()) / sum(r[0] for r in per_op.values())
     for op in sorted(per_op):
         n, ok, k, kt = per_op[op]
         out[f"applied/{op}"] = ok / n

@@ -94,10 +94,19 @@ def test_edit_perfect_and_source_copy(world, tmp_path):
                for e in entries]
     r = T.eval_edit(data, _dump(tmp_path / "p.json", perfect))
     assert r["scene_accuracy"] == 1.0 and r["l1"] == 0.0 and r["preservation"] == 1.0
+    ops = sorted({e["edit"]["op"] for e in entries})
+    assert r["applied"] == 1.0 and all(r[f"applied/{op}"] == 1.0 for op in ops)
+    assert sum(r[f"images/{op}"] for op in ops) == len(entries)
     # returning the source unchanged preserves everything but does not do the edit
     copy = [{"index": i, "image": str(world / e["source"])} for i, e in enumerate(entries)]
     r = T.eval_edit(data, _dump(tmp_path / "c.json", copy))
     assert r["scene_accuracy"] == 0.0 and r["l1"] > 0 and r["preservation"] == 1.0
+    assert r["applied"] == 0.0 and all(r[f"applied/{op}"] == 0.0 for op in ops)
+    assert all(r[f"kept/{op}"] in (1.0, None) for op in ops)
+    # the target for half the entries, the source for the rest: applied is the share of targets
+    half = [{"index": i, "image": str(world / (e["target"] if i % 2 else e["source"]))} for i, e in enumerate(entries)]
+    r = T.eval_edit(data, _dump(tmp_path / "h.json", half))
+    assert r["applied"] == pytest.approx(sum(i % 2 for i in range(len(entries))) / len(entries))
 
 
 def test_prediction_errors(world, tmp_path):
