@@ -78,7 +78,8 @@ def main():
     res["seconds"] = round(time.perf_counter() - t0, 1)
     for task in ("generate", "edit"):
         s = res[task]
-        extra = f", count {s['count_accuracy']:.3f}" if task == "generate" else f", kept {s['preservation']:.3f}"
+        extra = f", count {s['count_accuracy']:.3f}" if task == "generate" else \
+            f", kept {s['preservation']:.3f}, applied {s.get('applied', float('nan')):.3f}"
         print(f"{task}: objects recall {s['object_recall']:.3f} / precision {s['object_precision']:.3f}{extra}"
               f" ({s['images']} images)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
