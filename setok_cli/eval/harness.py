@@ -401,9 +401,8 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
     within `pos_tol` of the image side), L1 to the target image (mean absolute difference
     in [0, 1]) and preservation (the fraction of objects the edit should leave untouched,
     per the entry's "edit.preserved" target ids, that are found unchanged). Entries whose
-    "edit" names its `op` (the shapes world's) are also scored per op: `applied/{op}` (and
-    `applied` over all), the share whose edit shows (the changed or added objects found where the target has them;
-    for a removal, the removed object no longer found), and `kept/{op}`, `images/{op}`."""
+    "edit" names its `op` (the shapes world's) are also scored per op (`metrics.edit_applied`):
+    `applied/{op}` (`applied`: over all), the share whose edit shows, `kept/{op}`, `images/{op}`."""
     from ..data.scene_parser import parse_scene
 
     entries = formats.load(data, "edits", check_files=False)
@@ -428,46 +427,22 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
             l1s.append(M.l1(out, target))
         else:
             l1s.append(1.0)
-        preserved = (e.get("edit") or {}).get("preserved")
-        hit = {j for _, j in m["pairs"]}
-        if preserved is not None:
-            keep_total += len(preserved)
-            kept += sum((pid - 1) in hit for pid in preserved)
-        applied = _edit_applied(e, parsed, gt, hit, pos_tol)
+        ed = e.get("edit") or {}
+        hit, preserved = {j for _, j in m["pairs"]}, ed.get("preserved")
+        k = sum((pid - 1) in hit for pid in preserved or [])
+        kept, keep_total = kept + k, keep_total + len(preserved or [])
+        scene = load_scene(e.get("source_scene")) if ed.get("op") == "remove" else None
+        gone = [o for o in (scene or {}).get("objects", []) if o.get("id") == ed.get("object")] or None
+        applied = M.edit_applied(ed, gt, hit, parsed, gone, pos_tol)
         if applied is not None:
-            row = per_op[e["edit"]["op"]]
-            row[0] += 1
-            row[1] += applied
-            if preserved:
-                row[2] += sum((pid - 1) in hit for pid in preserved)
-                row[3] += len(preserved)
+            row = per_op[ed["op"]]
+            row[:] = [row[0] + 1, row[1] + applied, row[2] + k, row[3] + len(preserved)]
 
     out = _score_images(entries, aligned, truth, pos_tol, "edit", data, extra)
     out["l1"] = _mean(l1s)
     out["preservation"] = kept / keep_total if keep_total else None
     if per_op:            # "edits right": a copy of the source keeps every object and applies none
         out["applied"] = sum(r[1] for r in per_op.values()) / sum(r[0] for r in per_op.values())
-    for op in sorted(per_op):
-        n, ok, k, kt = per_op[op]
-        out[f"applied/{op}"] = ok / n
-        out[f"kept/{op}"] = k / kt if kt else None
-        out[f"images/{op}"] = n
+    for op, (n, ok, k, kt) in sorted(per_op.items()):
+        out.update({f"applied/{op}": ok / n, f"kept/{op}": k / kt if kt else None, f"images/{op}": n})
     return out
-
-
-def _edit_applied(e: dict, parsed: list, gt: list, hit: set, pos_tol: float):
-    """Whether an edit of the shapes world shows in the edited image: the target objects it
-    changed or added (the target's ids outside `edit.preserved`) are all found (`hit`: the
-    target indices matched), or, for a removal, the removed source object (`edit.object`) is
-    not found. None when the entry does not say (no `edit.op`, no source scene for a removal)."""
-    from ..data.scene_parser import match_objects
-    ed = e.get("edit") or {}
-    if "op" not in ed or ed.get("preserved") is None:
-        return None
-    if ed["op"] == "remove":
-        scene = load_scene(e.get("source_scene"))
-        gone = [o for o in (scene or {}).get("objects", []) if o.get("id") == ed.get("object")]
-        return None if not gone else match_objects(parsed, gone, pos_tol)["correct"] == 0
-    keep = set(ed["preserved"])
-    changed = [j for j, o in enumerate(gt) if o.get("id", j + 1) not in keep]
-    return bool(changed) and all(j in hit for j in changed)

@@ -214,3 +214,21 @@ def fact_scores(stated: dict[str, set], truth: dict[str, set]) -> dict[str, tupl
         s, t = stated.get(k, set()), truth[k]
         out[k] = (len(s & t), len(s), len(t))
     return out
+
+
+def edit_applied(edit: dict, gt: list[dict], hit: set, parsed: list[dict], removed: list[dict] | None,
+                 pos_tol: float = 0.1) -> bool | None:
+    """Whether a shapes-world edit shows in the edited image. `edit`: the entry's {"op",
+    "object", "preserved"}; `gt`: the target scene's objects; `hit`: the target indices the
+    edited image matched; `parsed`: its objects; `removed`: the source object a removal takes
+    away. An add, move or recolour shows when the target objects it changed or added (ids
+    outside "preserved") are all matched; a removal when `removed` is no longer found. None
+    when the entry does not say (no op, or a removal without its source object)."""
+    from ..data.scene_parser import match_objects
+    if "op" not in edit or edit.get("preserved") is None:
+        return None
+    if edit["op"] == "remove":
+        return None if not removed else match_objects(parsed, removed, pos_tol)["correct"] == 0
+    keep = set(edit["preserved"])
+    changed = [j for j, o in enumerate(gt) if o.get("id", j + 1) not in keep]
+    return bool(changed) and all(j in hit for j in changed)
