@@ -70,7 +70,8 @@ def main():
         use_detokenizer(model, a.detokenizer)
     split = Path(a.data)
     pairs = split / "pairs_reading.json" if (split / "pairs_reading.json").is_file() else split / "pairs.json"
-    res = {"model": a.model, "detokenizer": a.detokenizer, "data": a.data, "limit": a.limit, "size": a.size, "decode_steps": a.decode_steps}
+    res = {"model": a.model, "detokenizer": a.detokenizer, "data": a.data, "limit": a.limit, "size": a.size,
+           "decode_steps": a.decode_steps}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         res["generate"] = ceiling(model, "generate", pairs, a.limit, a.size, Path(tmp), a.decode_steps)
