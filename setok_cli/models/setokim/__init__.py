@@ -74,8 +74,8 @@ from .text import (IGNORE_INDEX, IMAGE_PLACEMENTS, IMAGE_TOKEN, IMAGE_TOKEN_INDE
                    tokenize_with_images, world_texts)
 
 __all__ = ["SetokimConfig", "DiffusionHeadConfig", "CodebookHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim",
-           "SetokimOutput", "parameter_table", "stage1_folder", "load_stage1", "use_detokenizer", "Projector", "MSEHead",
-           "DiffusionHead",
+           "SetokimOutput", "parameter_table", "stage1_folder", "load_stage1", "use_detokenizer", "Projector",
+           "MSEHead", "DiffusionHead",
            "CodebookHead", "CopyHead", "order_tokens",
            "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images",
            "IMAGE_TOKEN",
