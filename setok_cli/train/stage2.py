@@ -51,6 +51,7 @@ class Stage2Model(nn.Module):
         self._objects: dict[str, Tensor] = {}
         self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
         self._cache: dict[str, Tensor] = {}
+        self._seeds: dict[str, Tensor] = {}          # with a place head: each cached image's token seeds
         self._regions: dict[str, Tensor] = {}
 
     # ---- image tokens ----------------------------------------------------------------
@@ -58,23 +59,36 @@ class Stage2Model(nn.Module):
     def _arrays(pixel_values: Tensor) -> list:
         return [(x.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy() for x in pixel_values]
 
-    def _encode(self, pixel_values: Tensor) -> list[Tensor]:
+    def _encode(self, pixel_values: Tensor, seeds: bool = False):
         """The inference pipelines' path (SeTok.tokenize: its own resize and padding), so a
         user's image is tokenized exactly as the training images were."""
-        return self.setokim.image_token_sets(self._arrays(pixel_values))
+        return self.setokim.image_token_sets(self._arrays(pixel_values), seeds=seeds)
+
+    def image_token_seeds(self, keys: list[str]) -> list[Tensor]:
+        """The seeds (K_i,) of images already tokenized under `keys` (a place head's targets)."""
+        return [self._seeds[k] for k in keys]
 
     def image_token_sets(self, pixel_values: Tensor, keys: list[str]) -> list[Tensor]:
         """pixel_values (N, 3, S, S) in [0, 1], keys: N cache keys -> N token sets (K_i, T) in
         generation order. With a frozen tokenizer each image is tokenized once."""
+        place = self.setokim.place_head is not None
         if not self.cache_tokens:
             if not self.setokim.config.freeze_tokenizer:
                 raise UserError("freeze_tokenizer: false is not supported by stage 2 yet (the tokens are "
                                 "computed without gradients)")
-            return self._encode(pixel_values)
+            if not place:
+                return self._encode(pixel_values)
+            sets, seeds = self._encode(pixel_values, seeds=True)
+            self._seeds.update(zip(keys, seeds))
+            return sets
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
-            for i, t in zip(todo, self._encode(pixel_values[todo])):
+            got = self._encode(pixel_values[todo], seeds=place)
+            sets, seeds = got if place else (got, [None] * len(todo))
+            for i, t, sd in zip(todo, sets, seeds):
                 self._cache[keys[i]] = t.detach()
+                if sd is not None:
+                    self._seeds[keys[i]] = sd
         return [self._cache[k] for k in keys]
 
     def image_tokens(self, pixel_values: Tensor, keys: list[str]) -> tuple[Tensor, Tensor]:
@@ -217,6 +231,10 @@ class Stage2Model(nn.Module):
         samples = [{"id": int(i), "conversations": c, "images": sets[a:b] + ([regions[j]] if j in regions else [])}
                    for j, (i, c, a, b) in enumerate(zip(batch["index"], batch["conversations"],
                                                         [0] + per_item[:-1], per_item))]
+        if m.place_head is not None:            # a segment answer's region token: place unknown
+            seeds = self.image_token_seeds(batch["image_keys"])
+            for s, a, b in zip(samples, [0] + per_item[:-1], per_item):
+                s["seeds"] = seeds[a:b] + [None] * (len(s["images"]) - (b - a))
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
         if self.edit_changed != 1:
             std = lambda t: m.normalize(t.to(m.token_mean.device)).cpu()     # noqa: E731
@@ -235,6 +253,7 @@ class Stage2Model(nn.Module):
         loss = out.loss if attend is None else out.loss + self.attend * attend
         res = {"loss": loss, "text": out.text_loss.detach(), "visual": out.visual_loss.detach(),
                "stop": out.stop_loss.detach(),
+               **({} if out.place_loss is None else {"place": out.place_loss.detach()}),
                "visual_tokens": torch.tensor(float(out.num_visual) / max(len(samples), 1))}
         if self.attend > 0:
             res["attend"] = attend.detach() if attend is not None else torch.tensor(float("nan"))

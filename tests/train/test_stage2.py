@@ -205,3 +205,18 @@ def test_edit_changed_trains_and_needs_the_mse_head(stage2_world, tmp_path):
                                    "model.setokim.visual_head=diffusion"))
     with pytest.raises(UserError, match="edit_changed must be a number > 0"):
         build_stage2_model(_recipe(stage2_world, tmp_path / "z", "loss.edit_changed=0"))
+
+
+def test_place_head_trains_on_cached_seeds(stage2_world, tmp_path):
+    from setok_cli.train.stage2 import build_stage2_model
+    r = _recipe(stage2_world, tmp_path / "p", "model.setokim.place_head=256", "train.max_steps=2",
+                "train.checkpoint_every=2")
+    res = Trainer(r).train()
+    log = [json.loads(x) for x in (tmp_path / "p" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(x["place"] > 0 and x["visual"] > 0 for x in log)
+    from setok_cli.tasks.setokim import load_setokim
+    assert load_setokim(tmp_path / "p").place_head.cells == 256          # the checkpoint keeps the head
+    with pytest.raises(UserError, match="place_head needs token_order: raster"):
+        build_stage2_model(_recipe(stage2_world, tmp_path / "g", "model.setokim.place_head=256",
+                                   "model.setokim.token_order=given"))
+    assert res.last_checkpoint.is_dir()

@@ -167,6 +167,10 @@ class SetokimConfig:
     # mixed token's (so the LM still regresses what the pointer copies); 0 = the mixed loss only
     copy_head_own_loss: float = 0.0
     token_order: str = "raster"             # see the package docstring
+    # choose where each written token's seed lies before regressing it (heads.PlaceHead; not in the
+    # paper): 0 = no, else the tokenizer's patch cells (h * w of its grid; 256 at tiny scale)
+    place_head: int = 0
+    place_loss_weight: float = 1.0
     # the projector reads the standardised tokens whitened (ZCA fitted with the token statistics;
     # not in the paper), so directions of little variance enter as strongly as the rest
     projector_whiten: bool = False
@@ -207,6 +211,11 @@ class SetokimConfig:
                             f"got {self.copy_head!r}")
         if not (isinstance(self.copy_head_own_loss, (int, float)) and self.copy_head_own_loss >= 0):
             raise UserError(f"copy_head_own_loss must be a number >= 0, got {self.copy_head_own_loss!r}")
+        if not (isinstance(self.place_head, int) and not isinstance(self.place_head, bool) and self.place_head >= 0):
+            raise UserError(f"place_head must be 0 (none) or the tokenizer's patch cells (an integer), "
+                            f"got {self.place_head!r}")
+        if self.place_head and self.token_order != "raster":
+            raise UserError("place_head needs token_order: raster (a token's place is drawn after the previous one's)")
         if self.copy_head and self.visual_head != "mse":
             raise UserError("copy_head works with visual_head: mse (it mixes the regressed token with the copied one)")
         if self.token_dim is not None and not (isinstance(self.token_dim, int) and self.token_dim >= 1):

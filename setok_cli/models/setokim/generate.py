@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import UserError
+from .heads import NO_SEED
 from .text import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, collate_conversations, pack_token_sets, render_conversation
 
 __all__ = ["Generated", "generate", "prompt_batch", "sample_logits", "decode_images"]
@@ -80,7 +81,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              copy: str = "hard", bank: Optional[Tensor] = None, source_margin: float = 2.5,
              guidance: float = 1.0, uncond: Optional[tuple[Tensor, Tensor]] = None,
              bank_layouts: Optional[Tensor] = None, image_layouts: Optional[Sequence[Tensor]] = None,
-             max_overlap: float = 0.25, snap_metric: str = "cos") -> list[Generated]:
+             max_overlap: float = 0.25, snap_metric: str = "cos", place_temperature: float = 1.0) -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
     (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
@@ -97,7 +98,9 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     guidance g != 1 with uncond (input_ids, attention_mask) (B, L1): the same rows' prompts
     without their condition (left-padded, no images; e.g. `UNCOND_GENERATE` with
     start_image) run beside them, fed the same tokens, and each visual token is drawn from
-    the guided head (classifier-free guidance: logits or predictions u + g (c - u))."""
+    the guided head (classifier-free guidance: logits or predictions u + g (c - u)).
+    place_temperature: with a place head, each token's seed cell is drawn at this temperature
+    (0: the most likely cell) before the visual head writes the token there (heads.PlaceHead)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -124,6 +127,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise UserError(f"max_overlap must be in [0, 1], got {max_overlap}")
     if not guidance >= 0:
         raise UserError(f"guidance must be >= 0, got {guidance}")
+    if not place_temperature >= 0:
+        raise UserError(f"place_temperature must be >= 0, got {place_temperature}")
     if guidance != 1:
         if uncond is None:
             raise UserError("guidance needs the unconditional prompts (uncond)")
@@ -142,7 +147,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                          temperature, top_p, visual_steps, visual_temperature,
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
                          copy == "hard", bank, source_margin, guidance if guidance != 1 else None,
-                         bank_layouts, image_layouts, max_overlap, snap_metric)
+                         bank_layouts, image_layouts, max_overlap, snap_metric, place_temperature)
     finally:
         model.train(was_training)
 
@@ -161,7 +166,7 @@ def _stack_left(model, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tu
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
               vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
               bank=None, source_margin=2.5, guidance=None, bank_layouts=None, image_layouts=None,
-              max_overlap=0.25, snap_metric="cos") -> list[Generated]:
+              max_overlap=0.25, snap_metric="cos", place_temperature=1.0) -> list[Generated]:
     from transformers import DynamicCache
 
     from .bank import nearest, snap_placed
@@ -179,6 +184,9 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     n_text = torch.zeros(B, dtype=torch.long, device=dev)
     n_vis = torch.zeros(B, dtype=torch.long, device=dev)
+    place = model.place_head
+    last_seed = torch.full((B,), NO_SEED, dtype=torch.long, device=dev)    # the place head's previous cell
+    seed = last_seed.clone()
     rec_ids, rec_vis, rec_kind = [], [], []                                # per step: (B,), (B, T), (B,)
     if bank is not None:                  # snap targets, standardised: the bank and each row's prompt images
         bank = model.normalize(bank.to(dev).float())
@@ -214,8 +222,13 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         if guidance is not None:           # the unconditional rows follow their conditional row
             tok, stop, rows = tok[:Bc].repeat(2), stop[:Bc].repeat(2), rows[rows < Bc]
         if rows.numel():
-            g = {} if guidance is None else dict(uncond=hh[rows + Bc], guidance=guidance)
-            vis[rows] = model.visual_head.sample(hh[rows], steps=vsteps, temperature=vtemp,
+            hr, hu = hh[rows], (hh[rows + Bc] if guidance is not None else None)
+            if place is not None:          # where, then what: the cell drawn after the previous one
+                seed[rows] = place.sample(hr, last_seed[rows], place_temperature, generator)
+                hr = place.condition(hr, seed[rows])
+                hu = None if hu is None else place.condition(hu, seed[rows])
+            g = {} if guidance is None else dict(uncond=hu, guidance=guidance)
+            vis[rows] = model.visual_head.sample(hr, steps=vsteps, temperature=vtemp,
                                                  generator=generator, **g).float()
             if model.copy_head is not None:     # the pointer: the prompt's images stand before every step
                 vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
@@ -245,6 +258,9 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         if bank is not None and bank_layouts is not None:
             used[starts] = False
         n_vis = torch.where(emit_vis, n_vis + 1, torch.where(starts, 0, n_vis))
+        if place is not None:               # a seedless token is the last kind: only seedless ones follow it
+            written = torch.where(seed >= 0, seed, torch.full_like(seed, place.cells))
+            last_seed = torch.where(emit_vis, written, torch.where(starts, NO_SEED, last_seed))
         image_mode = (image_mode & ~end_img) | starts
         n_text = n_text + text_rows.long()
         done = done | (text_rows & ((tok == eos) | (n_text >= max_new)))

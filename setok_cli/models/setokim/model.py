@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from ...errors import UserError
 from ..hub import CONFIG_NAME, PretrainedModel
 from .config import SetokimConfig
-from .heads import CopyHead, Projector, make_visual_head, order_tokens, zca
+from .heads import UNKNOWN_SEED, CopyHead, PlaceHead, Projector, make_visual_head, order_seeds, order_tokens, zca
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
 from .lora import _base_state_dict, is_adapter_param, is_peft, wrap_lora  # noqa: F401 (is_peft: the package API)
-from .splice import Spliced, length_groups, read_sources, splice, token_rank  # noqa: F401 (length_groups: API)
+from .splice import Spliced, in_groups, length_groups, splice, token_rank, with_copy  # noqa: F401 (length_groups: API)
 from .text import IMG_END, IMG_START
 
 __all__ = ["Setokim", "SetokimOutput", "is_peft", "length_groups", "ADAPTER_DIR"]
@@ -34,6 +34,7 @@ class SetokimOutput:
     stop_loss: Tensor
     num_text: int           # counted text targets
     num_visual: int         # counted visual targets
+    place_loss: Optional[Tensor] = None     # with a place head (in `loss`, weighted by place_loss_weight)
 
 
 class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig, part_name="Setokim model",
@@ -76,6 +77,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             self.visual_head = make_visual_head(H, c)
             self.stop_head = nn.Linear(H, 1)
             self.copy_head = CopyHead(H, c.token_dim, c.max_visual_tokens, c.copy_head) if c.copy_head else None
+            self.place_head = PlaceHead(H, c.place_head) if c.place_head else None
         # tokens are standardised per channel before the projector and the heads (the
         # diffusion schedule assumes unit scale); `fit_token_stats` sets these from data
         self.register_buffer("token_mean", torch.zeros(c.token_dim, device=dev))
@@ -304,14 +306,18 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         return self.order(out.tokens, out.token_mask, out.seeds)
 
     @torch.no_grad()
-    def image_token_sets(self, images) -> list[Tensor]:
-        """Paths / PIL images / arrays of any size -> [tokens (K_i, T)] in generation order
-        (SeTok.tokenize's resize and padding), what `prompt_batch` takes."""
+    def image_token_sets(self, images, seeds: bool = False):
+        """Paths / PIL images / arrays -> [tokens (K_i, T)] in generation order (SeTok.tokenize's
+        resize and padding), what `prompt_batch` takes; `seeds`: also [seeds (K_i,)] beside them."""
         if self.setok is None:
             raise UserError("this Setokim has no SeTok (its stage-1 parts were not saved with it)")
         out = self.setok.tokenize(images)
         tokens, mask = self.order(out.tokens, out.token_mask, out.seeds)
-        return [t[m] for t, m in zip(tokens, mask)]
+        sets = [t[m] for t, m in zip(tokens, mask)]
+        if not seeds:
+            return sets
+        s = order_seeds(out.token_mask, out.seeds) if self.config.token_order == "raster" else out.seeds.long()
+        return sets, [x[m] for x, m in zip(s, mask)]
 
     def order(self, tokens: Tensor, token_mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
         if self.config.token_order == "given":
@@ -321,9 +327,10 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
     def collate(self, samples) -> dict:
         """Training samples -> `forward`'s keyword arguments. A sample is
         {"conversations": LLaVA turns, "images": [tokens (K_i, T)] in reading order (ordered
-        as `encode_images` / `image_token_sets` give them), "id"?: for messages}."""
+        as `encode_images` / `image_token_sets` give them), "seeds"?: [seeds (K_i,) or None]
+        beside them (a place head's targets; None or missing: unknown), "id"?: for messages}."""
         from .text import IMAGE_TOKEN, collate_conversations, pack_token_sets, render_conversation
-        rendered, sets = [], []
+        rendered, sets, seeds = [], [], []
         for i, s in enumerate(samples):
             where = f"sample {s.get('id', i)}"
             rendered.append(render_conversation(s["conversations"], self.text_tokenizer, where=where,
@@ -333,10 +340,16 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             if need != len(imgs):
                 raise UserError(f"{where}: {need} <image> mark(s) but {len(imgs)} image(s)")
             sets += imgs
+            seeds += [x if x is not None else torch.full((len(t),), UNKNOWN_SEED)
+                      for x, t in zip(s.get("seeds") or [None] * len(imgs), imgs)]
         input_ids, labels, attention_mask = collate_conversations(rendered, self.pad_id)
         tokens, mask = pack_token_sets(sets, self.config.token_dim)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "image_tokens": tokens, "image_token_mask": mask}
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+               "image_tokens": tokens, "image_token_mask": mask}
+        if self.place_head is not None:
+            s, _ = pack_token_sets([x.view(-1, 1).float() for x in seeds], 1)
+            out["image_token_seeds"] = s.squeeze(-1).round().long().masked_fill(~mask, UNKNOWN_SEED)
+        return out
 
     # ---- forward ----------------------------------------------------------------------
     def splice(self, input_ids: Tensor, labels: Optional[Tensor], attention_mask: Optional[Tensor],
@@ -357,19 +370,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         B, L, H = emb.shape
         return emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
 
-    def with_copy(self, generated: Tensor, sp: Spliced, image_tokens: Optional[Tensor],
-                  image_token_mask: Optional[Tensor], h: Tensor, at: Tensor, rank: Tensor,
-                  hard: bool = False) -> Tensor:
-        """generated (M, T): the visual head's tokens from h (M, H) at flat positions `at` (M,)
-        of `sp`'s layout, of index rank (M,) in the image written; the pointer reads
-        `splice.read_sources` (hard: CopyHead's argmax). -> gate * copy + (1 - gate) * generated."""
-        generated = generated.float()
-        if image_token_mask is None or not sp.vis_src.numel():
-            return generated
-        src, src_rank, allowed = read_sources(sp, image_token_mask, at)
-        x = self.normalize(image_tokens[image_token_mask][src].float()).to(self.head_dtype)
-        copy, gate = self.copy_head(h, rank, x, src_rank, allowed, hard=hard)
-        return gate * copy + (1 - gate) * generated
+    def with_copy(self, *args, **kwargs) -> Tensor:
+        """See `splice.with_copy` (the copy head's pointer mixed into the visual head's tokens)."""
+        return with_copy(self, *args, **kwargs)
 
     @property
     def cache_kwarg(self) -> str:
@@ -384,31 +387,20 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
 
     def hidden_in_groups(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
                          groups: int = 1) -> Tensor:
-        """The last hidden states (B, L, H) of a right-padded batch, the rows run through the
-        LM in up to `groups` groups of similar length, each cut to its own longest row (the
-        rows that share a padded length are the same computation, so the valid positions get
-        the same states: only less padding is computed). Padding positions come back as 0."""
-        B, L, _ = inputs_embeds.shape
-        if groups <= 1 or B <= 1:
-            return self.hidden(inputs_embeds, attention_mask, position_ids, use_cache=False).last_hidden_state
-        parts, rows = [], []
-        for idx in length_groups(attention_mask.sum(1), groups):
-            n = int(attention_mask[idx].sum(1).max())
-            h = self.hidden(inputs_embeds[idx, :n], attention_mask[idx, :n], position_ids[idx, :n],
-                            use_cache=False).last_hidden_state
-            parts.append(F.pad(h, (0, 0, 0, L - n)))
-            rows.append(idx)
-        inverse = torch.empty(B, dtype=torch.long, device=inputs_embeds.device)
-        inverse[torch.cat(rows)] = torch.arange(B, device=inputs_embeds.device)
-        return torch.cat(parts)[inverse]
+        """The last hidden states (B, L, H) of a right-padded batch, run in up to `groups` groups
+        of similar length (`splice.in_groups`: the same states, less padding computed)."""
+        return in_groups(lambda *a: self.hidden(*a, use_cache=False).last_hidden_state,
+                         inputs_embeds, attention_mask, position_ids, groups)
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 image_tokens: Optional[Tensor] = None, image_token_mask: Optional[Tensor] = None,
-                row_groups: int = 1, visual_weight: Optional[Tensor] = None) -> SetokimOutput:
+                row_groups: int = 1, visual_weight: Optional[Tensor] = None,
+                image_token_seeds: Optional[Tensor] = None) -> SetokimOutput:
         """input_ids, labels, attention_mask (B, L0) from `collate_conversations`;
         image_tokens (N, K, T), image_token_mask (N, K): the images of the batch in
         reading order, in generation order within each (`encode_images` / `order`);
-        visual_weight (N, K): each written token's weight in the MSE head's loss (None: alike).
+        visual_weight (N, K): each written token's weight in the MSE head's loss (None: alike);
+        image_token_seeds (N, K): the tokens' seeds, a place head's targets (None: unknown).
         row_groups: run the LM over rows of similar length in up to this many groups
         (`hidden_in_groups`: the same loss, less padding computed)."""
         sp = self.splice(input_ids, labels, attention_mask, image_token_mask)
@@ -426,6 +418,12 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             target = hf.new_zeros(0, int(self.config.token_dim), dtype=torch.float32)
         hf = hf.to(self.head_dtype)                         # an LM loaded in bf16 under fp32 heads
         hp = hf[sp.pred_pos]
+        place_loss = None
+        if self.place_head is not None:         # where first, then the token there (PlaceHead)
+            seeds = (hp.new_full((hp.shape[0],), UNKNOWN_SEED, dtype=torch.long) if image_token_seeds is None
+                     else image_token_seeds.to(hp.device)[image_token_mask][sp.pred_src])
+            place_loss = self.place_head.loss(hp, seeds)
+            hp = self.place_head.condition(hp, seeds)
         if visual_weight is not None:          # only the MSE head takes weights (`loss.edit_changed`)
             visual_loss = self.visual_head.loss(hp, target, visual_weight.to(hp.device)[image_token_mask][sp.pred_src])
         elif self.copy_head is None:
@@ -441,7 +439,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             / max(sp.stop_pos.numel(), 1)
         c = self.config
         loss = text_loss + c.visual_loss_weight * visual_loss + c.stop_loss_weight * stop_loss
-        return SetokimOutput(loss, text_loss, visual_loss, stop_loss, n_text, int(sp.pred_pos.numel()))
+        if place_loss is not None:
+            loss = loss + c.place_loss_weight * place_loss
+        return SetokimOutput(loss, text_loss, visual_loss, stop_loss, n_text, int(sp.pred_pos.numel()), place_loss)
 
     def generate(self, *args, **kwargs):
         """See `setokim.generate.generate`."""

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-__all__ = ["Spliced", "splice", "length_groups", "token_rank", "read_sources"]
+__all__ = ["Spliced", "splice", "length_groups", "in_groups", "token_rank", "read_sources", "with_copy"]
 
 
 @dataclass
@@ -172,3 +173,37 @@ def length_groups(lengths: Tensor, groups: int) -> list[Tensor]:
         i, j = cut[j][i], j - 1
     dev = lengths.device
     return [order[a:b].to(dev) for a, b in reversed(bounds) if b > a]
+
+
+def in_groups(hidden, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, groups: int = 1) -> Tensor:
+    """hidden(embeds, mask, positions) -> (b, n, H) over a right-padded batch (B, L, H), the rows
+    run in up to `groups` groups of similar length (`length_groups`), each cut to its own longest
+    row (the rows that share a padded length are the same computation, so the valid positions
+    get the same states: only less padding is computed). Padding positions come back as 0."""
+    B, L, _ = inputs_embeds.shape
+    if groups <= 1 or B <= 1:
+        return hidden(inputs_embeds, attention_mask, position_ids)
+    parts, rows = [], []
+    for idx in length_groups(attention_mask.sum(1), groups):
+        n = int(attention_mask[idx].sum(1).max())
+        h = hidden(inputs_embeds[idx, :n], attention_mask[idx, :n], position_ids[idx, :n])
+        parts.append(F.pad(h, (0, 0, 0, L - n)))
+        rows.append(idx)
+    inverse = torch.empty(B, dtype=torch.long, device=inputs_embeds.device)
+    inverse[torch.cat(rows)] = torch.arange(B, device=inputs_embeds.device)
+    return torch.cat(parts)[inverse]
+
+
+def with_copy(model, generated: Tensor, sp: Spliced, image_tokens: Optional[Tensor],
+              image_token_mask: Optional[Tensor], h: Tensor, at: Tensor, rank: Tensor,
+              hard: bool = False) -> Tensor:
+    """generated (M, T): the visual head's tokens from h (M, H) at flat positions `at` (M,)
+    of `sp`'s layout, of index rank (M,) in the image written; the pointer reads
+    `splice.read_sources` (hard: CopyHead's argmax). -> gate * copy + (1 - gate) * generated."""
+    generated = generated.float()
+    if image_token_mask is None or not sp.vis_src.numel():
+        return generated
+    src, src_rank, allowed = read_sources(sp, image_token_mask, at)
+    x = model.normalize(image_tokens[image_token_mask][src].float()).to(model.head_dtype)
+    copy, gate = model.copy_head(h, rank, x, src_rank, allowed, hard=hard)
+    return gate * copy + (1 - gate) * generated

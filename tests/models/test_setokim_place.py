@@ -1,0 +1,167 @@
+"""The place head: where a written token's seed lies, drawn before the token (heads.PlaceHead)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from setok_cli.errors import UserError
+from setok_cli.models.setokim import MSEHead, Setokim, SetokimConfig, build_word_tokenizer, prompt_batch
+from setok_cli.models.setokim.heads import NO_SEED, UNKNOWN_SEED, PlaceHead, order_seeds
+
+TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, max_position_embeddings=256)
+TEXTS = ["A red circle and two blue squares.", "Generate an image: a red circle.", "Make the red circle blue."]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, write_tiny_stage1):
+    root = tmp_path_factory.mktemp("place")
+    write_tiny_stage1(root / "stage1" / "checkpoints" / "step_00000010")
+    build_word_tokenizer(extra_texts=TEXTS).save_pretrained(root / "tok")
+    return root
+
+
+def make(folders, **kw) -> Setokim:
+    return Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(folders / "tok"),
+                                             stage1=str(folders / "stage1"), **kw))
+
+
+def _image():
+    img = np.full((64, 64, 3), 30, np.uint8)
+    img[4:24, 40:60] = (220, 30, 30)
+    img[40:60, 4:24] = (30, 30, 220)
+    return img
+
+
+def test_classes_loss_and_condition_known_values():
+    torch.manual_seed(0)
+    head = PlaceHead(8, 5)
+    seeds = torch.tensor([3, NO_SEED, UNKNOWN_SEED, 0])
+    assert head.classes(seeds).tolist() == [3, 5, 6, 0]
+    h = torch.randn(4, 8)
+    want = F.cross_entropy(head.logits(h[[0, 1, 3]]), torch.tensor([3, 5, 0]))    # the unknown one has no loss
+    assert head.loss(h, seeds).item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.allclose(head.condition(h, seeds), h + head.embed.weight[[3, 5, 6, 0]])
+    assert head.loss(h[:0], seeds[:0]).item() == 0
+    with pytest.raises(UserError, match="place_head has 5 cells"):
+        head.classes(torch.tensor([5]))
+
+
+def test_sample_draws_only_cells_after_the_previous_one():
+    torch.manual_seed(0)
+    head = PlaceHead(8, 6)
+    with torch.no_grad():
+        head.logits.weight.zero_()
+        head.logits.bias.copy_(torch.tensor([5.0, 4, 3, 2, 1, 0, -1]))    # cell 0 most likely, "no seed" least
+    h = torch.zeros(4, 8)
+    after = torch.tensor([NO_SEED, 0, 4, 6])          # 6 = P: after a seedless token only seedless ones follow
+    assert head.sample(h, after, temperature=0).tolist() == [0, 1, 5, NO_SEED]
+    draws = head.sample(torch.zeros(2000, 8), torch.full((2000,), 2), temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    vals = set(draws.tolist())
+    assert vals <= {3, 4, 5, NO_SEED} and len(vals) == 4
+    p = torch.softmax(torch.tensor([2.0, 1, 0, -1]), 0)                  # cells 3, 4, 5, no seed
+    assert (draws == 3).float().mean().item() == pytest.approx(p[0].item(), abs=0.04)
+
+
+def test_place_then_token_draws_modes_where_mse_averages():
+    """Targets +a at cell 2 and -a at cell 7, half each, under one condition: the MSE head alone
+    learns their mean (neither); drawn place first, the token regressed at it is the mode of
+    that place, and both places are drawn about half the time."""
+    torch.manual_seed(0)
+    a = torch.tensor([3.0, -2.0, 1.0, 2.5])
+    cond = torch.randn(1, 16).expand(128, 16)
+    targets = torch.cat([a.expand(64, 4), -a.expand(64, 4)])
+    seeds = torch.tensor([2] * 64 + [7] * 64)
+    alone, head, place = MSEHead(16, 4), MSEHead(16, 4), PlaceHead(16, 10)
+    opt = torch.optim.AdamW([*alone.parameters(), *head.parameters(), *place.parameters()], lr=1e-2)
+    for _ in range(400):
+        loss = alone.loss(cond, targets) + head.loss(place.condition(cond, seeds), targets) + place.loss(cond, seeds)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert alone(cond[:1]).abs().max().item() < 0.2
+    s = place.sample(cond[:1].expand(400, 16), torch.full((400,), NO_SEED), 1.0, torch.Generator().manual_seed(0))
+    mode = (s == 2) | (s == 7)
+    assert mode.float().mean().item() > 0.97 and 0.4 < (s[mode] == 2).float().mean().item() < 0.6
+    x = head(place.condition(cond[:1].expand(400, 16), s)).detach()[mode]
+    want = torch.where((s[mode] == 2).unsqueeze(1), a, -a)
+    assert (x - want).abs().max().item() < 0.1
+
+
+def test_image_token_sets_give_their_seeds_in_order(folders):
+    m = make(folders)
+    sets, seeds = m.image_token_sets([_image()], seeds=True)
+    out = m.setok.tokenize([_image()])
+    n = int(out.num_tokens[0])
+    s = out.seeds[0, :n].tolist()
+    order = sorted(range(n), key=lambda i: (s[i] < 0, s[i] if s[i] >= 0 else 0, i))
+    assert torch.equal(sets[0], m.image_token_sets([_image()])[0])
+    assert seeds[0].tolist() == [s[i] for i in order] and seeds[0].shape == (n,)
+    assert order_seeds(torch.tensor([[True, True, False]]), torch.tensor([[4, -1, 2]])).tolist() == [[4, -1, 2]]
+
+
+def _cells(m):
+    return int(np.prod(m.setok.tokenize([_image()]).grid))
+
+
+def test_forward_adds_the_place_loss_and_conditions_the_head(folders):
+    torch.manual_seed(0)
+    probe = make(folders)
+    m = make(folders, place_head=_cells(probe))
+    sets, seeds = m.image_token_sets([_image()], seeds=True)
+    conv = [{"from": "human", "value": "Generate an image: a red circle."}, {"from": "gpt", "value": "<image>"}]
+    kw = m.collate([{"conversations": conv, "images": sets, "seeds": seeds}])
+    assert torch.equal(kw["image_token_seeds"][0, :len(seeds[0])], seeds[0])
+    out = m(**kw)
+    sp = m.splice(kw["input_ids"], kw["labels"], kw["attention_mask"], kw["image_token_mask"])
+    h = m.hidden(m.embed(sp, kw["image_tokens"], kw["image_token_mask"]), sp.attention_mask,
+                 sp.position_ids).last_hidden_state
+    s = int((sp.ids[0] == m.img_start_id).nonzero()[0])
+    K = len(seeds[0])
+    hp = h[0, s:s + K]
+    want_place = F.cross_entropy(m.place_head.logits(hp), m.place_head.classes(seeds[0]))
+    target = m.normalize(sets[0])
+    want_vis = ((m.visual_head(m.place_head.condition(hp, seeds[0])) - target) ** 2).mean()
+    assert out.place_loss.item() == pytest.approx(want_place.item(), rel=1e-5)
+    assert out.visual_loss.item() == pytest.approx(want_vis.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((out.text_loss + out.visual_loss + out.stop_loss
+                                             + out.place_loss).item(), rel=1e-5)
+    unknown = m(**m.collate([{"conversations": conv, "images": sets}]))      # seeds not given: no place loss
+    assert unknown.place_loss.item() == 0 and unknown.visual_loss.item() != out.visual_loss.item()
+    assert make(folders)(**kw).place_loss is None                           # no place head: as before
+
+
+def test_generation_with_a_place_head_cache_save_load(folders, tmp_path):
+    torch.manual_seed(3)
+    m = make(folders, place_head=_cells(make(folders)), max_visual_tokens=4)
+    with torch.no_grad():
+        m.stop_head.bias.fill_(-5.0)
+        m.lm.get_output_embeddings().weight[m.eos_id] = 0
+    args = prompt_batch(m, ["Generate an image: a red circle.", "Generate an image: a red circle."], start_image=True)
+    kw = dict(max_new_tokens=3, place_temperature=1.0)
+    a = m.generate(*args, use_cache=True, generator=torch.Generator().manual_seed(5), **kw)
+    b = m.generate(*args, use_cache=False, generator=torch.Generator().manual_seed(5), **kw)
+    assert all(torch.allclose(i, j, atol=2e-5) for x, y in zip(a, b) for i, j in zip(x.images, y.images))
+    assert len(a[0].images[0]) == 4
+    drawn = []                                        # the cells drawn within one image only ever increase
+    orig = m.place_head.sample
+    m.place_head.sample = lambda *x, **k: drawn.append(orig(*x, **k)) or drawn[-1]
+    m.generate(*prompt_batch(m, ["Generate an image: a red circle."], start_image=True), max_new_tokens=1,
+               generator=torch.Generator().manual_seed(1))
+    cells = [int(d[0]) for d in drawn][:4]       # a fifth draw comes with the stop (max_visual_tokens), unused
+    seeded = [c for c in cells if c >= 0]
+    assert len(cells) == 4 and seeded == sorted(set(seeded)) and cells == seeded + [NO_SEED] * (4 - len(seeded))
+    m.place_head.sample = orig
+    m.save_pretrained(tmp_path / "p")
+    m2 = Setokim.from_pretrained(tmp_path / "p")
+    assert m2.config.place_head == m.config.place_head
+    assert torch.equal(m2.place_head.embed.weight, m.place_head.embed.weight)
+    c = m2.generate(*args, generator=torch.Generator().manual_seed(5), **kw)
+    assert all(torch.equal(i, j) for x, y in zip(a, c) for i, j in zip(x.images, y.images))
+    with pytest.raises(UserError, match="place_head must be 0"):
+        SetokimConfig(lm=dict(TINY_LM), place_head=-1)
+    with pytest.raises(UserError, match="place_temperature must be >= 0"):
+        m.generate(*args, place_temperature=-1)
