@@ -231,10 +231,11 @@ class Stage2Model(nn.Module):
         samples = [{"id": int(i), "conversations": c, "images": sets[a:b] + ([regions[j]] if j in regions else [])}
                    for j, (i, c, a, b) in enumerate(zip(batch["index"], batch["conversations"],
                                                         [0] + per_item[:-1], per_item))]
-        if m.place_head is not None:            # a segment answer's region token: place unknown
+        if m.place_head is not None:   # a segment answer is one of its input image's tokens: that token's seed
             seeds = self.image_token_seeds(batch["image_keys"])
-            for s, a, b in zip(samples, [0] + per_item[:-1], per_item):
-                s["seeds"] = seeds[a:b] + [None] * (len(s["images"]) - (b - a))
+            for j, (s, a, b) in enumerate(zip(samples, [0] + per_item[:-1], per_item)):
+                k = int(torch.cdist(regions[j].float(), sets[a].float()).argmin()) if j in regions else 0
+                s["seeds"] = seeds[a:b] + ([seeds[a][k:k + 1]] if j in regions else [])
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
         if self.edit_changed != 1:
             std = lambda t: m.normalize(t.to(m.token_mean.device)).cpu()     # noqa: E731

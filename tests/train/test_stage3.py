@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from setok_cli.errors import UserError
+from setok_cli.models.setokim.heads import PlaceHead
 from setok_cli.train.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -73,6 +74,30 @@ def test_region_targets_up_front_equal_batch_by_batch(stage3_runs, monkeypatch):
     images = {ds.sets[0].segment_entry(i)[0] for i in range(len(ds.sets[0]))}
     assert sum(decoded) == len(images) < len(want)            # each image once, not once per expression
     assert ahead.fit_region_targets(ds, progress=False) == 0  # all cached
+
+
+def test_place_head_gets_the_segment_answers_seed(stage3_runs, monkeypatch):
+    """With a place head, a segment answer (one of its input image's tokens) is trained at that
+    token's own seed, so the place drawn at inference means what it meant in training."""
+    from setok_cli.data.conversations import ConversationDataset, MixtureDataset
+    from setok_cli.models.setokim import Setokim
+    from setok_cli.train.stage2 import Stage2Model
+    tr = stage3_runs["world"] / "shapes" / "train"
+    ds = MixtureDataset([(ConversationDataset(tr / "referring.json", "segment", 32), 1.0)])
+    setokim = Setokim.from_pretrained(stage3_runs["stage2"])
+    setokim.config.place_head = 1024
+    setokim.place_head = PlaceHead(int(setokim.lm.config.hidden_size), 1024)
+    sm = Stage2Model(setokim)
+    seen = []
+    real = setokim.collate
+    monkeypatch.setattr(setokim, "collate", lambda samples: seen.extend(samples) or real(samples))
+    batch = ds.collate([ds[i] for i in range(4)])
+    out = sm(batch)
+    assert out["place"] > 0 and len(seen) == 4
+    for s in seen:
+        (image, answer), (seeds, answer_seed) = s["images"], s["seeds"]
+        k = int((image - answer).abs().sum(-1).argmin())
+        assert torch.allclose(image[k], answer[0]) and answer_seed.tolist() == [int(seeds[k])]
 
 
 def test_stage3_lowers_its_losses_and_saves_the_adapter(stage3_runs):
