@@ -165,3 +165,19 @@ def test_generation_with_a_place_head_cache_save_load(folders, tmp_path):
         SetokimConfig(lm=dict(TINY_LM), place_head=-1)
     with pytest.raises(UserError, match="place_temperature must be >= 0"):
         m.generate(*args, place_temperature=-1)
+
+
+def test_snap_keeps_to_the_drawn_cell():
+    from setok_cli.models.setokim.bank import layout_cell, snap_placed
+    assert layout_cell(torch.tensor([0, 17, 255, NO_SEED]), 256).tolist() == [0, 17, 255, -1]
+    assert layout_cell(torch.tensor([9]), 64).tolist() == [2 * 16 + 2]           # (1, 1) of 8 x 8 -> (2, 2) of 16
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8]])              # A nearest to x, B farther
+    lay = torch.zeros(2, 256, dtype=torch.bool)
+    lay[0, :10] = True                                          # A covers cells 0-9, B covers 100-109
+    lay[1, 100:110] = True
+    x = torch.tensor([[1.0, 0.1], [1.0, 0.1], [1.0, 0.1], [1.0, 0.1]])
+    used = torch.zeros(4, 256, dtype=torch.bool)
+    out, _ = snap_placed(x, bank, lay, used, metric="l2", at=torch.tensor([105, -1, 3, 200]))
+    assert out.tolist() == [bank[1].tolist(), bank[0].tolist(), bank[0].tolist(), bank[0].tolist()]
+    same, _ = snap_placed(x, bank, lay, used, metric="l2")
+    assert torch.equal(same, bank[[0, 0, 0, 0]])

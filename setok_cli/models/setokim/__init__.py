@@ -43,6 +43,13 @@ read (generation from text) get the head alone, as without the pointer. At infer
 pointer copies its argmax source (`generate(copy="hard")`, the default) or, as trained,
 the weighted mean (`copy="soft"`).
 
+Placing (`place_head: P`, not in the paper; 0 = off). A prompt names what to draw, not
+where, and the MSE head writes the mean over the places it allows. With a place head the
+hidden state first classifies the next token's seed among the tokenizer's P patch cells (and
+"no seed"), the true seed in training (cross-entropy), one drawn after the previous token's
+cell at inference (`generate(place_temperature=)`); the visual head then reads the hidden
+state plus that cell's embedding (heads.PlaceHead).
+
 Token order. An image's tokens are a set; the model writes them by their seed's position
 in raster order (row, then column, of the patch grid), tokens without a seed (the scope
 remainder) last, padding never (`token_order: raster`, heads.order_tokens). Training
@@ -62,7 +69,7 @@ built from as a record; loading reads the folder's own copies.
 """
 from .config import LM_PRESETS, CodebookHeadConfig, DiffusionHeadConfig, LoraSpec, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
-from .heads import CodebookHead, CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
+from .heads import CodebookHead, CopyHead, DiffusionHead, MSEHead, PlaceHead, Projector, order_tokens
 from .loading import load_stage1, stage1_folder, use_detokenizer
 from .model import Setokim, SetokimOutput
 from .report import parameter_table
@@ -76,7 +83,7 @@ from .text import (IGNORE_INDEX, IMAGE_PLACEMENTS, IMAGE_TOKEN, IMAGE_TOKEN_INDE
 __all__ = ["SetokimConfig", "DiffusionHeadConfig", "CodebookHeadConfig", "LoraSpec", "LM_PRESETS", "Setokim",
            "SetokimOutput", "parameter_table", "stage1_folder", "load_stage1", "use_detokenizer", "Projector",
            "MSEHead", "DiffusionHead",
-           "CodebookHead", "CopyHead", "order_tokens",
+           "CodebookHead", "CopyHead", "PlaceHead", "order_tokens",
            "Spliced", "splice", "Generated", "generate", "prompt_batch", "sample_logits", "decode_images",
            "IMAGE_TOKEN",
            "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "IMG_START", "IMG_END", "VICUNA_SYSTEM", "TASK_PROMPTS",

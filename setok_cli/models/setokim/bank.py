@@ -37,7 +37,7 @@ from torch import Tensor
 from ...errors import UserError
 
 __all__ = ["build_bank", "save_bank", "load_bank", "load_bank_layouts", "nearest", "snap_placed", "setok_fingerprint",
-           "METRICS", "token_sets_with_layouts", "LAYOUT_GRID"]
+           "METRICS", "token_sets_with_layouts", "LAYOUT_GRID", "layout_cell"]
 
 FORMAT = "setok-token-bank-v1"
 LAYOUT_GRID = 16            # layouts: each token's region on a LAYOUT_GRID x LAYOUT_GRID grid over the image
@@ -143,6 +143,15 @@ def load_bank_layouts(path) -> Optional[Tensor]:
 METRICS = ("l2", "cos")
 
 
+def layout_cell(seeds: Tensor, cells: int) -> Tensor:
+    """A place head's seeds (R,) on a square grid of `cells` patches -> the LAYOUT_GRID cell
+    holding each (-1 for NO_SEED)."""
+    side = max(int(round(cells ** 0.5)), 1)
+    r, c = seeds.clamp(min=0) // side, seeds.clamp(min=0) % side
+    out = (r * LAYOUT_GRID // side) * LAYOUT_GRID + c * LAYOUT_GRID // side
+    return torch.where(seeds >= 0, out, torch.full_like(out, -1))
+
+
 def _dist(x: Tensor, cands: Tensor, metric: str) -> Tensor:
     """x (R, T), cands (C, T) or (R, C, T) -> distances (R, C): L2, or ("cos") the L2 between
     unit vectors, a function of the angle alone (a regressed token shrinks towards the mean,
@@ -180,11 +189,14 @@ def nearest(x: Tensor, bank: Tensor, extra: Optional[Sequence[Tensor]] = None,
 
 def snap_placed(x: Tensor, bank: Tensor, bank_layouts: Tensor, used: Tensor,
                 extra: Optional[Sequence[Tensor]] = None, extra_layouts: Optional[Sequence[Tensor]] = None,
-                source_margin: float = 1.0, max_overlap: float = 0.25, metric: str = "l2") -> tuple[Tensor, Tensor]:
+                source_margin: float = 1.0, max_overlap: float = 0.25, metric: str = "l2",
+                at: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Layout-aware `nearest` (module docstring). x (R, T) standardised tokens; bank (M, T)
     with bank_layouts (M, P) bool; used (R, P) bool: the object patches already placed in each
     row's image; extra[r] (K_r, T) with extra_layouts[r] (K_r, P): the row's input images'
-    tokens, preferred as in `nearest`. -> (tokens (R, T), object patches to add to used (R, P))."""
+    tokens, preferred as in `nearest`; at (R,): a layout cell each row's token must cover (a
+    place head's drawn seed, `layout_cell`; -1: any), where any candidate does.
+    -> (tokens (R, T), object patches to add to used (R, P))."""
     def free_dist(cands: Tensor, lay: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """cands (R, C, T) or (C, T), lay like it with P -> distances (R, C), inf where taken."""
         d = _dist(x, cands, metric)
@@ -195,6 +207,12 @@ def snap_placed(x: Tensor, bank: Tensor, bank_layouts: Tensor, used: Tensor,
         taken = obj & (over > max_overlap * area)
         if valid is not None:
             d = d.masked_fill(~valid, float("inf"))
+        if at is not None:                 # candidates over the drawn cell, where there are any
+            cell = at.clamp(min=0).view(-1, 1, 1).expand(-1, lay.shape[1], 1)
+            covers = lay.expand(x.shape[0], -1, -1).gather(2, cell).squeeze(2) > 0.5     # (R, C)
+            off = ~covers & (at >= 0).unsqueeze(1)
+            some = (~off & ~torch.isinf(d)).any(1, keepdim=True)
+            d = torch.where(some, d.masked_fill(off, float("inf")), d)
         free = d.masked_fill(taken, float("inf"))
         none_free = torch.isinf(free).all(1, keepdim=True)
         return torch.where(none_free, d, free)                   # no free token: the nearest of all

@@ -169,7 +169,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
               max_overlap=0.25, snap_metric="cos", place_temperature=1.0) -> list[Generated]:
     from transformers import DynamicCache
 
-    from .bank import nearest, snap_placed
+    from .bank import layout_cell, nearest, snap_placed
     sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
     emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
     attn, pos = sp.attention_mask, sp.position_ids
@@ -234,10 +234,11 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
                 vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
                                             (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
             if bank is not None and bank_layouts is not None:
+                at = None if place is None else layout_cell(seed[rows], place.cells)
                 vis[rows], placed = snap_placed(vis[rows], bank, bank_layouts, used[rows],
                                                 [row_src[r] for r in rows.tolist()],
                                                 [row_lay[r] for r in rows.tolist()], source_margin, max_overlap,
-                                                snap_metric)
+                                                snap_metric, at)
                 used[rows] |= placed
             elif bank is not None:
                 vis[rows] = nearest(vis[rows], bank, [row_src[r] for r in rows.tolist()], source_margin, snap_metric)

@@ -18,7 +18,8 @@ def parameter_table(model) -> list[tuple[str, int, int]]:
                  ("lm (LoRA adapters)", sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad))]
         lm_rows = []
     for name, mod in [*lm_rows, ("projector", model.projector), (head, model.visual_head),
-                      ("stop_head", model.stop_head), ("copy_head", model.copy_head), ("setok", model.setok),
+                      ("stop_head", model.stop_head), ("copy_head", model.copy_head), ("place_head", model.place_head),
+                      ("setok", model.setok),
                       ("detokenizer", model.detokenizer), ("mask_decoder", model.mask_decoder)]:
         if mod is None:
             continue
