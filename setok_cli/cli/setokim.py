@@ -41,6 +41,10 @@ def _bank_option(f):
     f = click.option("--place-temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
                      help="A model with a place head: temperature of each token's drawn seed cell (0: the most "
                           "likely).")(f)
+    f = click.option("--place", "place_mode", default="auto", show_default=True,
+                     type=click.Choice(["auto", "draw", "off"]),
+                     help="A model with a place head: which images draw their tokens' places (auto: those "
+                          "written without an input image; an edit keeps its source's places).")(f)
     f = click.option("--snap-metric", default="cos", show_default=True, type=click.Choice(["cos", "l2"]),
                      help="With --bank: the nearest token by L2, or by direction (cos).")(f)
     f = click.option("--max-overlap", default=0.25, show_default=True, type=click.FloatRange(0, 1),
@@ -66,9 +70,10 @@ def _use_detokenizer(model, detok_path) -> None:
         use_detokenizer(model, detok_path)
 
 
-def _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_temperature=1.0) -> None:
+def _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_mode="auto",
+              place_temperature=1.0) -> None:
     opts.source_margin, opts.max_overlap, opts.snap_metric = source_margin, max_overlap, snap_metric
-    opts.place_temperature = place_temperature
+    opts.place, opts.place_temperature = place_mode, place_temperature
     if bank_path:
         from ..models.setokim.bank import load_bank, load_bank_layouts
         opts.bank = load_bank(bank_path, model)
@@ -181,7 +186,7 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
 @_detok_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
                  seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, guidance, bank_path,
-                 source_margin, max_overlap, snap_metric, place_temperature, detok_path):
+                 source_margin, max_overlap, snap_metric, place_mode, place_temperature, detok_path):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
@@ -196,7 +201,7 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
     model = load_setokim(model_path)
     if guidance != 1 and model.config.visual_head == "diffusion":
         raise UserError("--guidance works with the mse and codebook visual heads, this model has a diffusion head")
-    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_temperature)
+    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_mode, place_temperature)
     _use_detokenizer(model, detok_path)
     if data:
         return _run_file(model, "generate", data, pred_out, opts, batch_size, size, limit)
@@ -218,7 +223,7 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @_detok_option
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
              copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin,
-             max_overlap, snap_metric, place_temperature, detok_path):
+             max_overlap, snap_metric, place_mode, place_temperature, detok_path):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
@@ -227,7 +232,7 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
-    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_temperature)
+    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_mode, place_temperature)
     _use_detokenizer(model, detok_path)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
@@ -326,8 +331,8 @@ def segment_cmd(image, query, model_path, temperature, top_p, max_new_tokens, vi
 @_bank_option
 @_detok_option
 def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed,
-             batch_size, threads, out_dir, size, bank_path, source_margin, max_overlap, snap_metric, place_temperature,
-             detok_path):
+             batch_size, threads, out_dir, size, bank_path, source_margin, max_overlap, snap_metric, place_mode,
+             place_temperature, detok_path):
     """Talk with the model about IMAGE (optional). Commands: /image PATH, /reset, /quit."""
     _check_bank(bank_path, detok_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
@@ -336,7 +341,7 @@ def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps
     from ..tasks.setokim import load_setokim
     pic = load_image(image) if image else None
     model = load_setokim(model_path)
-    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_temperature)
+    _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_mode, place_temperature)
     _use_detokenizer(model, detok_path)
     chat = ChatSession(model, pic, opts, out_dir, size)
     if pic is not None:

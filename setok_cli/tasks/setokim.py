@@ -66,6 +66,7 @@ class Sampling:
     max_overlap: float = 0.25                   # with bank_layouts: a token's largest share on objects placed before
     snap_metric: str = "cos"                    # with a bank: "cos" (nearest by direction) or "l2"
     place_temperature: float = 1.0              # a place head's temperature over seed cells (0: most likely)
+    place: str = "auto"                         # which rows draw a place: auto (no input image), draw, off
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
@@ -87,7 +88,8 @@ def _kw(opts: Sampling, generator: torch.Generator) -> dict:
                 visual_steps=opts.visual_steps, visual_temperature=opts.visual_temperature, copy=opts.copy,
                 generator=generator, bank=opts.bank, source_margin=opts.source_margin,
                 bank_layouts=opts.bank_layouts if opts.bank is not None else None, max_overlap=opts.max_overlap,
-                snap_metric=opts.snap_metric, place_temperature=opts.place_temperature)
+                snap_metric=opts.snap_metric, place_temperature=opts.place_temperature,
+                place=opts.place)
 
 
 def _decode(model, token_sets: list[torch.Tensor], opts: Sampling, generator: torch.Generator,

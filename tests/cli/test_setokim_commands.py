@@ -86,6 +86,38 @@ def test_codebook_run_with_guidance(stage2_world, tmp_path):
     assert res.exit_code != 0 and "Traceback" not in res.output
 
 
+def test_place_head_run_generates_and_edits(stage2_world, tmp_path):
+    """A stage-2 run with a place head (`model.setokim.place_head`), trained by `setok train`;
+    `setok generate` and `setok edit` take --place and --place-temperature, the same seed gives
+    the same picture, and a bad mode is a usage error."""
+    tr, out = stage2_world / "shapes" / "train", tmp_path / "run"
+    res = _run(["train", RECIPES / "tiny" / "stage2.yaml",
+                "--set", f"model.setokim.stage1={stage2_world / 'stage1'}", "--output-dir", out,
+                "--set", "model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                         "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}",
+                "--set", "model.setokim.place_head=256", "--set", "model.setokim.place_loss_weight=0.1",
+                "--set", f"data.mixture=[{{task: generate, path: {tr / 'pairs.json'}}}, "
+                         f"{{task: edit, path: {tr / 'edits.json'}}}]",
+                "--set", "data.image_size=32", "--set", "data.batch_size=6", "--set", "train.max_steps=4",
+                "--set", "data.vocab_files=[]", "--set", "train.checkpoint_every=4", "--set", "train.progress=false",
+                "--set", "train.threads=1", "--set", "model.setokim.max_visual_tokens=4"])
+    assert res.exit_code == 0, res.output
+    pics = []
+    for name, extra in (("a", []), ("b", []), ("c", ["--place-temperature", "0"])):
+        res = _run(["generate", "two red circles", "--model", out, "--out", tmp_path / name, "--size", "16",
+                    "--threads", "1", "--place", "draw", *extra])
+        assert res.exit_code == 0, res.output
+        pics.append(np.asarray(Image.open(next((tmp_path / name).glob("*.png")))))
+    assert np.array_equal(pics[0], pics[1])
+    img = next((stage2_world / "shapes" / "test" / "images").glob("*.png"))
+    for mode in ("auto", "draw", "off"):
+        res = _run(["edit", img, "--instruction", "make the red circle blue", "--model", out, "--out",
+                    tmp_path / f"e_{mode}", "--size", "16", "--threads", "1", "--place", mode])
+        assert res.exit_code == 0, res.output
+    res = _run(["generate", "a red circle", "--model", out, "--out", tmp_path, "--place", "never"])
+    assert res.exit_code == 2 and "Invalid value for '--place'" in res.output and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("task,kind", [("caption", "pairs"), ("generate", "pairs"), ("edit", "edits")])
 def test_data_file_predictions_are_what_eval_reads(run, stage2_world, tmp_path, task, kind):
     data = stage2_world / "shapes" / "test" / f"{kind}.json"

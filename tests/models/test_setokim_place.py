@@ -181,3 +181,26 @@ def test_snap_keeps_to_the_drawn_cell():
     assert out.tolist() == [bank[1].tolist(), bank[0].tolist(), bank[0].tolist(), bank[0].tolist()]
     same, _ = snap_placed(x, bank, lay, used, metric="l2")
     assert torch.equal(same, bank[[0, 0, 0, 0]])
+
+
+def test_place_modes_draw_for_text_prompts_and_keep_edits_unplaced(folders):
+    torch.manual_seed(4)
+    m = make(folders, place_head=_cells(make(folders)), max_visual_tokens=2)
+    assert m.place_head.embed.weight[-1].abs().sum() == 0          # "unknown": h itself until trained
+    with torch.no_grad():
+        m.stop_head.bias.fill_(-5.0)
+    seen = []
+    orig = m.place_head.condition
+    m.place_head.condition = lambda h, s: seen.append(s.clone()) or orig(h, s)
+    src = [torch.randn(2, 8)]
+    args = prompt_batch(m, ["<image>\nMake the red circle blue.", "Generate an image: a red circle."],
+                        images=[src, []], start_image=True)
+    for mode, want_edit, want_gen in (("auto", False, True), ("draw", True, True), ("off", False, False)):
+        seen.clear()
+        m.generate(*args, max_new_tokens=1, place=mode, generator=torch.Generator().manual_seed(0))
+        rows = torch.stack(seen[:2])                                  # (steps, rows): the two tokens of each image
+        assert bool((rows[:, 0] != UNKNOWN_SEED).all()) == want_edit, mode
+        assert bool((rows[:, 1] != UNKNOWN_SEED).all()) == want_gen, mode
+        assert bool((rows[:, 0] == UNKNOWN_SEED).all()) != want_edit, mode
+    with pytest.raises(UserError, match="place must be one of"):
+        m.generate(*args, place="sometimes")

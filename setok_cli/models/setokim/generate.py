@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import UserError
-from .heads import NO_SEED
+from .heads import NO_SEED, UNKNOWN_SEED
 from .text import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, collate_conversations, pack_token_sets, render_conversation
 
 __all__ = ["Generated", "generate", "prompt_batch", "sample_logits", "decode_images"]
@@ -81,7 +81,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              copy: str = "hard", bank: Optional[Tensor] = None, source_margin: float = 2.5,
              guidance: float = 1.0, uncond: Optional[tuple[Tensor, Tensor]] = None,
              bank_layouts: Optional[Tensor] = None, image_layouts: Optional[Sequence[Tensor]] = None,
-             max_overlap: float = 0.25, snap_metric: str = "cos", place_temperature: float = 1.0) -> list[Generated]:
+             max_overlap: float = 0.25, snap_metric: str = "cos", place_temperature: float = 1.0,
+             place: str = "auto") -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
     (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
@@ -100,7 +101,9 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     start_image) run beside them, fed the same tokens, and each visual token is drawn from
     the guided head (classifier-free guidance: logits or predictions u + g (c - u)).
     place_temperature: with a place head, each token's seed cell is drawn at this temperature
-    (0: the most likely cell) before the visual head writes the token there (heads.PlaceHead)."""
+    (0: the most likely cell) before the visual head writes the token there (heads.PlaceHead).
+    place: which rows draw a place: "draw" all, "off" none (the head reads the "unknown place"
+    embedding), "auto" the rows whose prompt reads no image (an edit keeps its source's places)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -129,6 +132,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise UserError(f"guidance must be >= 0, got {guidance}")
     if not place_temperature >= 0:
         raise UserError(f"place_temperature must be >= 0, got {place_temperature}")
+    if place not in PLACE_MODES:
+        raise UserError(f"place must be one of {', '.join(PLACE_MODES)}, got {place!r}")
     if guidance != 1:
         if uncond is None:
             raise UserError("guidance needs the unconditional prompts (uncond)")
@@ -147,9 +152,12 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                          temperature, top_p, visual_steps, visual_temperature,
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
                          copy == "hard", bank, source_margin, guidance if guidance != 1 else None,
-                         bank_layouts, image_layouts, max_overlap, snap_metric, place_temperature)
+                         bank_layouts, image_layouts, max_overlap, snap_metric, place_temperature, place)
     finally:
         model.train(was_training)
+
+
+PLACE_MODES = ("auto", "draw", "off")
 
 
 def _stack_left(model, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -166,7 +174,7 @@ def _stack_left(model, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tu
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
               vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
               bank=None, source_margin=2.5, guidance=None, bank_layouts=None, image_layouts=None,
-              max_overlap=0.25, snap_metric="cos", place_temperature=1.0) -> list[Generated]:
+              max_overlap=0.25, snap_metric="cos", place_temperature=1.0, place_mode="auto") -> list[Generated]:
     from transformers import DynamicCache
 
     from .bank import layout_cell, nearest, snap_placed
@@ -185,6 +193,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     n_text = torch.zeros(B, dtype=torch.long, device=dev)
     n_vis = torch.zeros(B, dtype=torch.long, device=dev)
     place = model.place_head
+    reads = (input_ids == IMAGE_TOKEN_INDEX).any(1).to(dev)
+    draw = torch.full((B,), place_mode == "draw", device=dev) if place_mode != "auto" else ~reads
     last_seed = torch.full((B,), NO_SEED, dtype=torch.long, device=dev)    # the place head's previous cell
     seed = last_seed.clone()
     rec_ids, rec_vis, rec_kind = [], [], []                                # per step: (B,), (B, T), (B,)
@@ -224,7 +234,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         if rows.numel():
             hr, hu = hh[rows], (hh[rows + Bc] if guidance is not None else None)
             if place is not None:          # where, then what: the cell drawn after the previous one
-                seed[rows] = place.sample(hr, last_seed[rows], place_temperature, generator)
+                drawn = place.sample(hr, last_seed[rows], place_temperature, generator)
+                seed[rows] = torch.where(draw[rows], drawn, torch.full_like(drawn, UNKNOWN_SEED))
                 hr = place.condition(hr, seed[rows])
                 hu = None if hu is None else place.condition(hu, seed[rows])
             g = {} if guidance is None else dict(uncond=hu, guidance=guidance)

@@ -328,6 +328,8 @@ class PlaceHead(nn.Module):
         self.logits = nn.Linear(hidden, self.cells + 1)
         self.embed = nn.Embedding(self.cells + 2, hidden)       # P cells, no seed, unknown
         nn.init.normal_(self.embed.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[-1].zero_()                       # unknown: the head reads h itself until trained
 
     def classes(self, seeds: Tensor) -> Tensor:
         """seeds (M,) -> class indices (M,): the cell, P for no seed, P + 1 for unknown."""
