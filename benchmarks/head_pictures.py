@@ -7,7 +7,8 @@ sampling settings, one row each, under the true images.
         --row "codebook + guidance 3, temp 0=runs/exp-S2KR,temp=0,guidance=3"
 
 A row is LABEL=RUN[,temp=T][,guidance=G][,bank=FILE]: the same call as `setok generate
---visual-temperature T --guidance G --bank FILE` on the first --n captions of DATA/pairs.json.
+--visual-temperature T --guidance G --bank FILE` on the first --n captions of DATA/pairs.json
+(`--file pairs_reading.json`: of another file of the split).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--row", action="append", required=True, help="LABEL=RUN[,temp=T][,guidance=G][,bank=FILE]")
     ap.add_argument("--n", type=int, default=6)
+    ap.add_argument("--file", default="pairs.json", help="the split's pairs file")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     import torch
@@ -47,7 +49,7 @@ def main(argv=None) -> None:
     from setok_cli.models.setokim.bank import load_bank, load_bank_layouts
     from setok_cli.tasks.setokim import Sampling, generate, load_setokim
     torch.set_num_threads(a.threads)
-    pairs = load(Path(a.data) / "pairs.json", "pairs")[: a.n]
+    pairs = load(Path(a.data) / a.file, "pairs")[: a.n]
     caps = [p["caption"] for p in pairs]
     size = np.asarray(load_image(pairs[0]["image"])).shape[0]
     rows = [_row([_cell(np.asarray(load_image(p["image"])), [f"truth: {p['caption']}"]) for p in pairs])]
