@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=6)
     ap.add_argument("--snap", action="store_true", help="segment with --snap")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bank", help="edits snap to this token bank (setok edit --bank)")
     a = ap.parse_args(argv)
     import torch
 
@@ -114,6 +115,9 @@ def main(argv=None) -> None:
     rows.append(_row(cells))
 
     eds = load(split / "edits.json", "edits")[: a.n // 2]
+    if a.bank:
+        from setok_cli.models.setokim.bank import load_bank, load_bank_layouts
+        opts = Sampling(max_new_tokens=8, bank=load_bank(a.bank, model), bank_layouts=load_bank_layouts(a.bank))
     outs = edit(model, [e["source"] for e in eds], [e["instruction"] for e in eds], opts,
                 size=np.asarray(load_image(eds[0]["source"])).shape[0])
     rows.append(_row([_cell(side_by_side(np.asarray(load_image(e["source"])), o), [e["instruction"]], 2 * CELL)
