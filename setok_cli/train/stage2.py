@@ -79,7 +79,7 @@ class Stage2Model(nn.Module):
             if not place:
                 return self._encode(pixel_values)
             sets, seeds = self._encode(pixel_values, seeds=True)
-            self._seeds.update(zip(keys, seeds))
+            self._seeds = dict(zip(keys, seeds))          # nothing is cached: this batch's only
             return sets
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
