@@ -70,6 +70,28 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def atomic_folder(path: PathLike, write: Callable[[Path], None]) -> None:
+    """write(tmp_folder) then swap it in for the folder `path` (the old one, if any, is moved
+    aside first and removed after), so a crash leaves the old folder or the new one, never a mix."""
+    import shutil
+    dest = Path(path)
+    ensure_dir(dest.parent if str(dest.parent) else Path("."))
+    old = tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
+        write(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".old-{dest.name}-"))
+            os.replace(dest, old / "x")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise UserError(f"cannot write {os_error_message(e, dest)}") from None
+    finally:
+        for d in (tmp, old):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def _unlink_quietly(p: str) -> None:
     try:
         os.unlink(p)

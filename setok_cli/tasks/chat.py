@@ -36,17 +36,17 @@ class ChatSession:
         self.model, self.opts, self.size = model, opts or Sampling(), size
         self.out_dir = Path(out_dir)
         self.turns: list[dict] = []
-        self.images: list[torch.Tensor] = []       # token sets, one per <image> mark in `turns`, in order
-        self.pending: list[torch.Tensor] = []      # attached, not yet asked about
+        self.images: list = []       # token sets (with seeds: `Setokim.readable`), one per <image> mark, in order
+        self.pending: list = []      # attached, not yet asked about
         self.written = 0
         if image is not None:
             self.attach(image)
 
     def attach(self, image) -> int:
         """Tokenize `image` (path / PIL / array) for the next user turn; -> its token count."""
-        s = self.model.image_token_sets([image])[0]
+        s = self.model.read_sets([image])[0]
         self.pending.append(s)
-        return int(s.shape[0])
+        return int((s[0] if isinstance(s, tuple) else s).shape[0])
 
     def reset(self) -> None:
         self.turns, self.images, self.pending = [], [], []
@@ -71,7 +71,7 @@ class ChatSession:
                 paths.append(p)
         answer = out.text if out.text.strip() else "<image>" * len(out.images)
         self.turns = conv + [{"from": "gpt", "value": answer}]
-        self.images = images + [x for x in out.images]
+        self.images = images + self.model.readable(out.images, out.seeds)
         self.pending = []
         n_marks = sum(t["value"].count("<image>") for t in self.turns)
         if n_marks != len(self.images):        # an image cut off without its mark: keep the history consistent

@@ -119,7 +119,7 @@ def caption(model, images: Sequence, opts: Optional[Sampling] = None) -> list[st
     """Images (paths, PIL images or uint8 arrays) -> one caption each."""
     from ..models.setokim import TASK_PROMPTS, prompt_batch
     opts = opts or Sampling()
-    sets = model.image_token_sets(list(images))
+    sets = model.read_sets(list(images))
     args = prompt_batch(model, [TASK_PROMPTS["caption"]] * len(sets), [[s] for s in sets])
     g = torch.Generator().manual_seed(opts.seed)
     return [o.text for o in model.generate(*args, **_kw(opts, g))]
@@ -166,9 +166,10 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
     lay = {}
     if opts.bank is not None and opts.bank_layouts is not None:      # the source's tokens are kept apart too
         from ..models.setokim.bank import token_sets_with_layouts
-        sets, lay["image_layouts"] = token_sets_with_layouts(model, list(images))
+        sets, lay["image_layouts"], seeds = token_sets_with_layouts(model, list(images), seeds=True)
+        sets = model.readable(sets, seeds)
     else:
-        sets = model.image_token_sets(list(images))
+        sets = model.read_sets(list(images))
     texts = [TASK_PROMPTS["edit"].format(instruction=t.strip()) for t in instructions]
     g = torch.Generator().manual_seed(opts.seed)
     gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets], start_image=True), **_kw(opts, g), **lay)
@@ -184,7 +185,7 @@ def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampli
     _check_texts(questions, "question")
     if len(images) != len(questions):
         raise UserError(f"{len(images)} image(s) but {len(questions)} question(s)")
-    sets = model.image_token_sets(list(images))
+    sets = model.read_sets(list(images))
     texts = [TASK_PROMPTS["ask"].format(question=q.replace("<image>", " ").strip()) for q in questions]
     g = torch.Generator().manual_seed(opts.seed)
     return [o.text for o in model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **_kw(opts, g),
@@ -215,8 +216,8 @@ def segment(model, images: Sequence, queries: Sequence[str], opts: Optional[Samp
     sets = seen.token_sets(model)
     texts = [TASK_PROMPTS["segment"].format(expression=q.strip().rstrip(".")) for q in queries]
     g = torch.Generator().manual_seed(opts.seed)
-    gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets], start_image=True),
-                         **{**_kw(opts, g), "max_visual_tokens": 1})
+    gen = model.generate(*prompt_batch(model, texts, [[s] for s in model.readable(sets, seen.seeds(model))],
+                                       start_image=True), **{**_kw(opts, g), "max_visual_tokens": 1})
     produced = [bool(o.images and o.images[0].shape[0]) for o in gen]
     T = int(model.config.token_dim)
     first = torch.stack([o.images[0][0] if p else torch.zeros(T) for o, p in zip(gen, produced)]).to(model.device)

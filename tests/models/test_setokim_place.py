@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from setok_cli.errors import UserError
 from setok_cli.models.setokim import MSEHead, Setokim, SetokimConfig, build_word_tokenizer, prompt_batch
-from setok_cli.models.setokim.heads import NO_SEED, UNKNOWN_SEED, PlaceHead, order_seeds
+from setok_cli.models.setokim.heads import order_seeds
+from setok_cli.models.setokim.place import NO_SEED, UNKNOWN_SEED, PlaceHead, place_features
 
 TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=256)
@@ -204,3 +205,93 @@ def test_place_modes_draw_for_text_prompts_and_keep_edits_unplaced(folders):
         assert bool((rows[:, 0] == UNKNOWN_SEED).all()) != want_edit, mode
     with pytest.raises(UserError, match="place must be one of"):
         m.generate(*args, place="sometimes")
+
+
+def test_place_input_adds_each_read_tokens_place(folders):
+    torch.manual_seed(5)
+    cells = _cells(make(folders))
+    m = make(folders, place_head=cells, place_input=True)
+    sets, seeds = m.image_token_sets([_image()], seeds=True)
+    conv = [{"from": "human", "value": "<image>\nMake the red circle blue."}, {"from": "gpt", "value": "<image>"}]
+    kw = m.collate([{"conversations": conv, "images": sets * 2, "seeds": seeds * 2}])
+    sp = m.splice(kw["input_ids"], kw["labels"], kw["attention_mask"], kw["image_token_mask"])
+    placed = m.embed(sp, kw["image_tokens"], kw["image_token_mask"], kw["image_token_seeds"])[0]
+    plain = m.embed(sp, kw["image_tokens"], kw["image_token_mask"])[0]    # no seeds: the "unknown" place
+    K = len(seeds[0])
+    read = int((sp.ids[0] == m.img_start_id).nonzero()[0]) + 1               # the source's tokens
+    fed = int((sp.ids[0] == m.img_start_id).nonzero()[1]) + 1                # the written ones fed back
+    E = m.place_head.read(torch.arange(-1, cells))                      # no seed, then cells 0 .. P - 1
+    unknown = m.place_head.read(torch.tensor([UNKNOWN_SEED]))
+    want = E[seeds[0] + 1] - unknown
+    assert torch.allclose(placed[read:read + K] - plain[read:read + K], want, atol=1e-5)
+    assert torch.allclose(placed[fed:fed + K - 1] - plain[fed:fed + K - 1], want[:-1], atol=1e-5)
+    vis = torch.zeros(placed.shape[0], dtype=torch.bool)
+    vis[sp.vis_dst] = True
+    assert torch.equal(placed[~vis], plain[~vis])                          # text positions: as before
+    assert make(folders, place_head=cells).place_head.inputs is None
+    with pytest.raises(UserError, match="place_input needs a place head"):
+        SetokimConfig(lm=dict(TINY_LM), place_input=True)
+    with pytest.raises(UserError, match="square patch grid"):
+        PlaceHead(8, 12, inputs=True)
+
+
+def test_place_features_known_values():
+    f = place_features(16)                                               # a 4 x 4 grid, frequencies pi, 2pi, 4pi
+    assert f.shape == (18, 4 * 3 + 2)
+    y, x = 1, 2                                                          # cell 6
+    a = torch.tensor([y / 4, x / 4]).unsqueeze(-1) * (torch.pi * torch.tensor([1.0, 2, 4]))
+    assert torch.allclose(f[6, :-2], torch.cat([a.sin(), a.cos()], -1).reshape(-1), atol=1e-6)
+    assert f[16].tolist() == [0.0] * 12 + [1.0, 0.0] and f[17].tolist() == [0.0] * 13 + [1.0]
+    assert len({tuple(r) for r in f.tolist()}) == 18                     # every cell its own features
+
+
+def test_place_input_generation_feeds_back_the_drawn_places(folders):
+    """Generating with a model that reads places, then teacher-forcing its own output with the
+    places it drew, gives the same tokens back (MSE 0): the loop feeds each written token at
+    the place it was drawn at, as training does; with and without the KV cache alike."""
+    torch.manual_seed(6)
+    m = make(folders, place_head=_cells(make(folders)), place_input=True, max_visual_tokens=4)
+    with torch.no_grad():
+        m.stop_head.bias.fill_(-5.0)
+    src_sets, src_seeds = m.image_token_sets([_image()], seeds=True)
+    prompt = "<image>\nMake the red circle blue."
+    args = prompt_batch(m, [prompt], [m.readable(src_sets, src_seeds)], start_image=True)
+    assert torch.equal(args[4][0, :len(src_seeds[0])], src_seeds[0])
+    a = m.generate(*args, max_new_tokens=1, generator=torch.Generator().manual_seed(2))[0]
+    b = m.generate(*args, max_new_tokens=1, generator=torch.Generator().manual_seed(2), use_cache=False)[0]
+    assert torch.allclose(a.images[0], b.images[0], atol=2e-5) and torch.equal(a.seeds[0], b.seeds[0])
+    assert a.images[0].shape[0] == 4 and a.seeds[0].shape == (4,) and bool((a.seeds[0] != UNKNOWN_SEED).all())
+    conv = [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<image>"}]
+    kw = m.collate([{"conversations": conv, "images": src_sets + a.images, "seeds": src_seeds + a.seeds}])
+    same = m(**kw).visual_loss.item()
+    assert same < 1e-8
+    other = m(**m.collate([{"conversations": conv, "images": src_sets + a.images,
+                            "seeds": [torch.full_like(src_seeds[0], NO_SEED)] + a.seeds}]))
+    assert other.visual_loss.item() > 1e-6 + 100 * same                   # the source's places are read
+    assert m.readable(a.images, a.seeds)[0][1] is a.seeds[0]
+
+
+def test_place_input_lets_the_lm_copy_a_read_tokens_place(folders):
+    """One source token at a random cell, the target the same token: the place of the written
+    token is the source's. Reading places, the place loss falls towards 0; without them the
+    tokens (random, independent of their cells) carry no place and it stays near log(8)."""
+    cells = _cells(make(folders))
+    g = torch.Generator().manual_seed(0)
+    conv = [{"from": "human", "value": "<image>\nMake the red circle blue."}, {"from": "gpt", "value": "<image>"}]
+
+    def run(place_input):
+        torch.manual_seed(0)
+        m = make(folders, place_head=cells, place_input=place_input, place_loss_weight=1.0)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+        T = int(m.config.token_dim)
+        for _ in range(120):
+            toks = torch.randn(32, 1, T, generator=g)
+            seeds = (torch.randint(0, 8, (32, 1), generator=g) * (cells // 8))
+            kw = m.collate([{"conversations": conv, "images": [t, t], "seeds": [s, s]} for t, s in zip(toks, seeds)])
+            out = m(**kw)
+            opt.zero_grad()
+            out.place_loss.backward()
+            opt.step()
+        return out.place_loss.item()
+    a, b = run(True), run(False)
+    assert a < 0.3 < 1.5 < b

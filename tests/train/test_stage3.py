@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from setok_cli.errors import UserError
-from setok_cli.models.setokim.heads import PlaceHead
+from setok_cli.models.setokim.place import PlaceHead
 from setok_cli.train.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

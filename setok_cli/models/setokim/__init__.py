@@ -48,7 +48,11 @@ where, and the MSE head writes the mean over the places it allows. With a place 
 hidden state first classifies the next token's seed among the tokenizer's P patch cells (and
 "no seed"), the true seed in training (cross-entropy), one drawn after the previous token's
 cell at inference (`generate(place_temperature=)`); the visual head then reads the hidden
-state plus that cell's embedding (heads.PlaceHead).
+state plus that cell's embedding (place.PlaceHead). With `place_input: true` every visual
+token the LM reads, an input image's or a written one fed back, also carries an embedding
+of its seed cell (a second table of the head), so the LM sees where objects lie: an edit can
+keep its source's places and a question can ask what is left of what. Prompts then take
+(tokens, seeds) pairs (`Setokim.read_sets` / `readable`), and every image draws its places.
 
 Token order. An image's tokens are a set; the model writes them by their seed's position
 in raster order (row, then column, of the patch grid), tokens without a seed (the scope
@@ -69,7 +73,8 @@ built from as a record; loading reads the folder's own copies.
 """
 from .config import LM_PRESETS, CodebookHeadConfig, DiffusionHeadConfig, LoraSpec, SetokimConfig
 from .generate import Generated, decode_images, generate, prompt_batch, sample_logits
-from .heads import CodebookHead, CopyHead, DiffusionHead, MSEHead, PlaceHead, Projector, order_tokens
+from .heads import CodebookHead, CopyHead, DiffusionHead, MSEHead, Projector, order_tokens
+from .place import PlaceHead
 from .loading import load_stage1, stage1_folder, use_detokenizer
 from .model import Setokim, SetokimOutput
 from .report import parameter_table

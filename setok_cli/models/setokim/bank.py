@@ -53,10 +53,11 @@ def setok_fingerprint(model) -> float:
 
 
 @torch.no_grad()
-def token_sets_with_layouts(model, images: Sequence) -> tuple[list[Tensor], list[Tensor]]:
+def token_sets_with_layouts(model, images: Sequence, seeds: bool = False):
     """Images -> ([tokens (K_i, T)] as `model.image_token_sets` gives them, [layouts (K_i, P)
     bool]): each token's region on the image's own patch grid, resized (nearest) to
-    LAYOUT_GRID x LAYOUT_GRID, P = LAYOUT_GRID ** 2, in the same order."""
+    LAYOUT_GRID x LAYOUT_GRID, P = LAYOUT_GRID ** 2, in the same order; `seeds`: also
+    [seeds (K_i,)] in that order, third."""
     if model.setok is None:
         raise UserError("this Setokim has no SeTok (its stage-1 parts were not saved with it)")
     out = model.setok.tokenize(list(images))
@@ -72,7 +73,10 @@ def token_sets_with_layouts(model, images: Sequence) -> tuple[list[Tensor], list
     both = torch.cat([out.tokens.float(), torch.stack(lay).to(out.tokens.device).float()], -1)
     both, mask = model.order(both, out.token_mask, out.seeds)
     sets = [b[mk, :T].to(out.tokens.dtype) for b, mk in zip(both, mask)]
-    return sets, [b[mk, T:] > 0.5 for b, mk in zip(both, mask)]
+    lays = [b[mk, T:] > 0.5 for b, mk in zip(both, mask)]
+    if not seeds:
+        return sets, lays
+    return sets, lays, model.token_sets_of(out, seeds=True)[1]
 
 
 @torch.no_grad()

@@ -167,10 +167,14 @@ class SetokimConfig:
     # mixed token's (so the LM still regresses what the pointer copies); 0 = the mixed loss only
     copy_head_own_loss: float = 0.0
     token_order: str = "raster"             # see the package docstring
-    # choose where each written token's seed lies before regressing it (heads.PlaceHead; not in the
+    # choose where each written token's seed lies before regressing it (place.PlaceHead; not in the
     # paper): 0 = no, else the tokenizer's patch cells (h * w of its grid; 256 at tiny scale)
     place_head: int = 0
     place_loss_weight: float = 1.0
+    # with a place head: every visual token the LM reads (input images, and the written tokens fed
+    # back) also carries its seed cell's embedding, so the LM sees where objects lie (an edit can
+    # keep its source's places, a question can ask what is left of what)
+    place_input: bool = False
     # the projector reads the standardised tokens whitened (ZCA fitted with the token statistics;
     # not in the paper), so directions of little variance enter as strongly as the rest
     projector_whiten: bool = False
@@ -214,6 +218,8 @@ class SetokimConfig:
         if not (isinstance(self.place_head, int) and not isinstance(self.place_head, bool) and self.place_head >= 0):
             raise UserError(f"place_head must be 0 (none) or the tokenizer's patch cells (an integer), "
                             f"got {self.place_head!r}")
+        if self.place_input and not self.place_head:
+            raise UserError("place_input needs a place head (place_head: the tokenizer's patch cells)")
         if self.place_head and self.token_order != "raster":
             raise UserError("place_head needs token_order: raster (a token's place is drawn after the previous one's)")
         if self.copy_head and self.visual_head != "mse":

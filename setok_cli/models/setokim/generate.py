@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import UserError
-from .heads import NO_SEED, UNKNOWN_SEED
+from .place import NO_SEED, UNKNOWN_SEED
 from .text import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, collate_conversations, pack_token_sets, render_conversation
 
 __all__ = ["Generated", "generate", "prompt_batch", "sample_logits", "decode_images"]
@@ -31,6 +31,7 @@ class Generated:
     text: str                          # the answer, "<image>" where an image was produced
     ids: list[int]                     # text ids produced ([Img] / [/Img] included)
     images: list[Tensor] = field(default_factory=list)   # per produced image: tokens (K_i, T)
+    seeds: list[Tensor] = field(default_factory=list)    # beside them, their seed cells (K_i,) (place head)
 
 
 def sample_logits(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -50,10 +51,13 @@ def prompt_batch(model, prompts: Sequence, images: Optional[Sequence[Sequence[Te
                  start_image: bool = False):
     """Prompts -> the tensors `generate` takes. A prompt is a string (one user turn) or a
     LLaVA `conversations` list ending with a user turn; `images[i]` are prompt i's input
-    images as token sets (K_j, T) in generation order, one per `<image>`. start_image:
-    end each prompt with `[Img]` (ask for an image)."""
+    images as token sets (K_j, T) in generation order, one per `<image>`, or (tokens, seeds)
+    pairs (`Setokim.readable`: a model that reads places). start_image: end each prompt
+    with `[Img]` (ask for an image). -> input_ids, attention_mask (B, L0), image_tokens
+    (N, K, T), image_token_mask (N, K), image_token_seeds (N, K) or None (no place head)."""
+    from .place import pack_seeds
     tok = model.text_tokenizer
-    rendered, sets = [], []
+    rendered, sets, seeds = [], [], []
     for i, p in enumerate(prompts):
         conv = [{"from": "human", "value": p}] if isinstance(p, str) else list(p)
         ids, labels = render_conversation(conv, tok, add_generation_prompt=True, where=f"prompt {i}",
@@ -65,16 +69,21 @@ def prompt_batch(model, prompts: Sequence, images: Optional[Sequence[Sequence[Te
         if need != len(imgs):
             raise UserError(f"prompt {i}: {need} <image> mark(s) but {len(imgs)} image(s)")
         rendered.append((ids, labels))
-        sets += imgs
+        for x in imgs:
+            t, s = x if isinstance(x, (tuple, list)) else (x, None)
+            sets.append(t)
+            seeds.append(s)
     input_ids, _, attention_mask = collate_conversations(rendered, model.pad_id, padding_side="left")
     tokens, mask = pack_token_sets(sets, model.config.token_dim)
     dev = model.device
-    return input_ids.to(dev), attention_mask.to(dev), tokens.to(dev), mask.to(dev)
+    placed = pack_seeds(seeds, sets, mask).to(dev) if model.place_head is not None else None
+    return input_ids.to(dev), attention_mask.to(dev), tokens.to(dev), mask.to(dev), placed
 
 
 @torch.no_grad()
 def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, image_tokens: Optional[Tensor] = None,
-             image_token_mask: Optional[Tensor] = None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             image_token_mask: Optional[Tensor] = None, image_token_seeds: Optional[Tensor] = None, *,
+             max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, visual_steps: Optional[int] = None, visual_temperature: Optional[float] = None,
              max_visual_tokens: Optional[int] = None, use_cache: bool = True,
              generator: Optional[torch.Generator] = None, text_only: bool = False,
@@ -84,8 +93,9 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              max_overlap: float = 0.25, snap_metric: str = "cos", place_temperature: float = 1.0,
              place: str = "auto") -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
-    placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images
-    (`prompt_batch` makes all four) -> one Generated per row. text_only: `[Img]` is never
+    placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images,
+    image_token_seeds (N, K) their tokens' seeds (None: unknown; read by a model with
+    `place_input`) (`prompt_batch` makes all five) -> one Generated per row. text_only: `[Img]` is never
     sampled (an answer in words, e.g. `setok ask`). copy: with a copy head, "hard" copies
     the source token the pointer weighs most, "soft" the pointer's weighted mean (as trained).
     bank (M, T): real tokens (`bank.load_bank`); each written token is replaced by the
@@ -101,9 +111,10 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     start_image) run beside them, fed the same tokens, and each visual token is drawn from
     the guided head (classifier-free guidance: logits or predictions u + g (c - u)).
     place_temperature: with a place head, each token's seed cell is drawn at this temperature
-    (0: the most likely cell) before the visual head writes the token there (heads.PlaceHead).
+    (0: the most likely cell) before the visual head writes the token there (place.PlaceHead).
     place: which rows draw a place: "draw" all, "off" none (the head reads the "unknown place"
-    embedding), "auto" the rows whose prompt reads no image (an edit keeps its source's places)."""
+    embedding), "auto" all when the model reads places (it sees the source's), else the rows
+    whose prompt reads no image (an edit keeps its source's places)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -152,7 +163,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                          temperature, top_p, visual_steps, visual_temperature,
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
                          copy == "hard", bank, source_margin, guidance if guidance != 1 else None,
-                         bank_layouts, image_layouts, max_overlap, snap_metric, place_temperature, place)
+                         bank_layouts, image_layouts, max_overlap, snap_metric, place_temperature, place,
+                         image_token_seeds)
     finally:
         model.train(was_training)
 
@@ -174,12 +186,13 @@ def _stack_left(model, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tu
 def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, max_new, temperature, top_p,
               vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
               bank=None, source_margin=2.5, guidance=None, bank_layouts=None, image_layouts=None,
-              max_overlap=0.25, snap_metric="cos", place_temperature=1.0, place_mode="auto") -> list[Generated]:
+              max_overlap=0.25, snap_metric="cos", place_temperature=1.0, place_mode="auto",
+              image_token_seeds=None) -> list[Generated]:
     from transformers import DynamicCache
 
     from .bank import layout_cell, nearest, snap_placed
     sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
-    emb = model.embed(sp, image_tokens, image_token_mask)                  # (B, L, H)
+    emb = model.embed(sp, image_tokens, image_token_mask, image_token_seeds)   # (B, L, H)
     attn, pos = sp.attention_mask, sp.position_ids
     B, dev = emb.shape[0], emb.device
     head_dtype = model.head_dtype
@@ -194,10 +207,11 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     n_vis = torch.zeros(B, dtype=torch.long, device=dev)
     place = model.place_head
     reads = (input_ids == IMAGE_TOKEN_INDEX).any(1).to(dev)
-    draw = torch.full((B,), place_mode == "draw", device=dev) if place_mode != "auto" else ~reads
+    draw = (torch.full((B,), place_mode == "draw", device=dev) if place_mode != "auto"
+            else ~reads | model.reads_places)
     last_seed = torch.full((B,), NO_SEED, dtype=torch.long, device=dev)    # the place head's previous cell
     seed = last_seed.clone()
-    rec_ids, rec_vis, rec_kind = [], [], []                                # per step: (B,), (B, T), (B,)
+    rec_ids, rec_vis, rec_kind, rec_seed = [], [], [], []          # per step: (B,), (B, T), (B,), (B,)
     if bank is not None:                  # snap targets, standardised: the bank and each row's prompt images
         bank = model.normalize(bank.to(dev).float())
         per_row = (input_ids == IMAGE_TOKEN_INDEX).sum(1).tolist()
@@ -238,6 +252,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
                 seed[rows] = torch.where(draw[rows], drawn, torch.full_like(drawn, UNKNOWN_SEED))
                 hr = place.condition(hr, seed[rows])
                 hu = None if hu is None else place.condition(hu, seed[rows])
+                if guidance is not None:
+                    seed[rows + Bc] = seed[rows]
             g = {} if guidance is None else dict(uncond=hu, guidance=guidance)
             vis[rows] = model.visual_head.sample(hr, steps=vsteps, temperature=vtemp,
                                                  generator=generator, **g).float()
@@ -261,11 +277,15 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         next_id = torch.where(text_rows, tok, torch.where(end_img, torch.full_like(tok, e_id),
                                                           torch.full_like(tok, model.pad_id)))
         e = table(next_id)
-        e = torch.where(emit_vis.view(B, 1), model.project(vis.to(head_dtype)).to(e.dtype), e)
+        fed = model.project(vis.to(head_dtype))
+        if model.reads_places:           # the written token is read at the place it was written at
+            fed = fed + place.read(seed)
+        e = torch.where(emit_vis.view(B, 1), fed.to(e.dtype), e)
         # 0 nothing, 1 text id, 2 visual token
         rec_kind.append(torch.where(emit_vis, 2, torch.where(text_rows | end_img, 1, 0)))
         rec_ids.append(next_id)
         rec_vis.append(model.denormalize(vis))
+        rec_seed.append(seed.clone())
         starts = text_rows & (tok == s_id)
         if bank is not None and bank_layouts is not None:
             used[starts] = False
@@ -286,23 +306,24 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
             emb = torch.cat([emb, e.unsqueeze(1)], 1)
             out = model.hidden(emb, attn, pos, use_cache=False)
         h = out.last_hidden_state[:, -1]
-    return _collect(model, torch.stack(rec_kind, 1)[:Bc], torch.stack(rec_ids, 1)[:Bc], torch.stack(rec_vis, 1)[:Bc])
+    return _collect(model, torch.stack(rec_kind, 1)[:Bc], torch.stack(rec_ids, 1)[:Bc], torch.stack(rec_vis, 1)[:Bc],
+                    torch.stack(rec_seed, 1)[:Bc])
 
 
-def _collect(model, kind: Tensor, ids: Tensor, vis: Tensor) -> list[Generated]:
-    """Per row: the text ids and the visual tokens grouped by image."""
+def _collect(model, kind: Tensor, ids: Tensor, vis: Tensor, seed: Tensor) -> list[Generated]:
+    """Per row: the text ids and the visual tokens (and their seeds) grouped by image."""
     tok = model.text_tokenizer
     res = []
     for b in range(kind.shape[0]):
         k, i = kind[b].tolist(), ids[b].tolist()
-        out_ids, images, current, pieces, words = [], [], [], [], []
+        out_ids, spans, current, pieces, words = [], [], [], [], []     # spans: per image, its steps
         for t, (kt, it) in enumerate(zip(k, i)):
             if kt == 2:
-                current.append(vis[b, t])
+                current.append(t)
             elif kt == 1:
                 out_ids.append(it)
                 if it == model.img_end_id:
-                    images.append(torch.stack(current) if current else vis.new_zeros(0, vis.shape[-1]))
+                    spans.append(current)
                     current = []
                     pieces.append(IMAGE_TOKEN)
                 elif it == model.img_start_id:
@@ -312,11 +333,13 @@ def _collect(model, kind: Tensor, ids: Tensor, vis: Tensor) -> list[Generated]:
                 elif it != model.eos_id:
                     words.append(it)
         if current:                                   # an image cut off by the step limit
-            images.append(torch.stack(current))
+            spans.append(current)
         if words:
             pieces.append(words)
         text = " ".join(p if isinstance(p, str) else tok.decode(p, skip_special_tokens=True) for p in pieces)
-        res.append(Generated(text=text.strip(), ids=out_ids, images=images))
+        images = [vis[b, torch.tensor(x, dtype=torch.long, device=vis.device)] for x in spans]
+        seeds = [seed[b, torch.tensor(x, dtype=torch.long, device=seed.device)] for x in spans]
+        res.append(Generated(text=text.strip(), ids=out_ids, images=images, seeds=seeds))
     return res
 
 

@@ -13,12 +13,12 @@ from torch import Tensor, nn
 
 from ...errors import UserError
 from .config import CodebookHeadConfig, DiffusionHeadConfig, SetokimConfig
+from .place import NO_SEED, UNKNOWN_SEED, PlaceHead, flat_seeds, pack_seeds, place_features  # noqa: F401 (API)
 
 __all__ = ["Projector", "MSEHead", "DiffusionHead", "CodebookHead", "CopyHead", "PlaceHead", "make_visual_head",
-           "order_tokens", "order_seeds", "zca", "NO_SEED", "UNKNOWN_SEED"]
+           "order_tokens", "order_seeds", "pack_seeds", "flat_seeds", "place_features", "zca", "NO_SEED",
+           "UNKNOWN_SEED"]
 
-NO_SEED = -1          # a token without a seed (the scope remainder): written after the seeded ones
-UNKNOWN_SEED = -100   # a target whose seed was not recorded (a segment answer): no place loss
 
 
 class Projector(nn.Module):
@@ -303,69 +303,6 @@ class CodebookHead(nn.Module):
         else:
             idx = torch.multinomial(torch.softmax(logits / temp, -1), 1, generator=generator).squeeze(-1)
         return self.token(h, idx)
-
-
-class PlaceHead(nn.Module):
-    """Where the next token's seed lies, chosen before what the token is (not in the paper).
-
-    A prompt names what to draw but not where, so the MSE head, asked for the token, writes the
-    mean over every place the prompt allows. This head first classifies the next token's seed
-    among the tokenizer's P patch cells and one "no seed" class (the scope remainder), a
-    categorical that sampling draws one place from; an embedding of that place is then added to
-    the hidden state the visual head reads, so the head regresses a token *at* one place:
-
-        p(cell | h) = softmax(W h)                          (M, P + 1), cross-entropy on the true seed
-        token = visual_head(h + E[cell])                    teacher forced with the true cell
-
-    Tokens are written by seed in raster order (`order_tokens`), so at inference a cell is drawn
-    among those after the previous token's (and "no seed" is always allowed, and final).
-    h (M, H); seeds (M,) flat patch indices, NO_SEED, or UNKNOWN_SEED (no loss, a learnt
-    "unknown place" embedding)."""
-
-    def __init__(self, hidden: int, cells: int):
-        super().__init__()
-        self.cells = int(cells)
-        self.logits = nn.Linear(hidden, self.cells + 1)
-        self.embed = nn.Embedding(self.cells + 2, hidden)       # P cells, no seed, unknown
-        nn.init.normal_(self.embed.weight, std=0.02)
-        with torch.no_grad():
-            self.embed.weight[-1].zero_()                       # unknown: the head reads h itself until trained
-
-    def classes(self, seeds: Tensor) -> Tensor:
-        """seeds (M,) -> class indices (M,): the cell, P for no seed, P + 1 for unknown."""
-        seeds = seeds.long()
-        if bool((seeds >= self.cells).any()):
-            raise UserError(f"a token's seed is patch {int(seeds.max())} but place_head has {self.cells} cells: "
-                            "set model.setokim.place_head to the tokenizer's patch grid (h * w)")
-        c = torch.where(seeds >= 0, seeds, torch.full_like(seeds, self.cells))
-        return torch.where(seeds == UNKNOWN_SEED, torch.full_like(seeds, self.cells + 1), c)
-
-    def loss(self, h: Tensor, seeds: Tensor) -> Tensor:
-        """Mean cross-entropy of the true places over the targets whose seed is known; 0 (with
-        gradients) when there are none."""
-        known = seeds != UNKNOWN_SEED
-        logits = self.logits(h[known]).float()
-        return F.cross_entropy(logits, self.classes(seeds[known]), reduction="sum") / max(int(known.sum()), 1)
-
-    def condition(self, h: Tensor, seeds: Tensor) -> Tensor:
-        """h (M, H) with the places' embedding added: what the visual head reads."""
-        return h + self.embed(self.classes(seeds)).to(h.dtype)
-
-    @torch.no_grad()
-    def sample(self, h: Tensor, after: Tensor, temperature: float = 1.0,
-               generator: Optional[torch.Generator] = None) -> Tensor:
-        """h (M, H), after (M,): the previous token's seed in this image (NO_SEED before the
-        first token, P after a seedless one) -> seeds (M,) drawn at `temperature` (0: the most
-        likely) among the cells after `after`, or NO_SEED."""
-        logits = self.logits(h).float()
-        idx = torch.arange(self.cells + 1, device=h.device)
-        allowed = (idx.unsqueeze(0) > after.to(h.device).long().unsqueeze(1)) | (idx == self.cells)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        if temperature <= 0 or h.shape[0] == 0:
-            c = logits.argmax(-1)
-        else:
-            c = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
-        return torch.where(c == self.cells, torch.full_like(c, NO_SEED), c)
 
 
 def make_visual_head(hidden: int, config: SetokimConfig) -> nn.Module:

@@ -1,7 +1,11 @@
 """What stage III (LoRA through peft) adds to the LM: wrapping it, the names it adds, the base weights under it."""
 from __future__ import annotations
 
-__all__ = ["is_adapter_param", "is_peft", "wrap_lora", "_base_state_dict"]
+from pathlib import Path
+
+from ...errors import UserError
+
+__all__ = ["is_adapter_param", "is_peft", "wrap_lora", "load_adapters", "_base_state_dict"]
 
 
 def is_adapter_param(name: str) -> bool:
@@ -39,7 +43,6 @@ def wrap_lora(lm, spec, seed: int):
     from peft import get_peft_model
     from torch import nn
 
-    from ...errors import UserError
     names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in spec.target_modules if t not in names]
     if missing:
@@ -54,3 +57,18 @@ def wrap_lora(lm, spec, seed: int):
         warnings.simplefilter("ignore", FutureWarning)     # peft's own call of a renamed transformers API
         torch.manual_seed(seed)
         return get_peft_model(lm, spec.peft_config())
+
+
+def load_adapters(lm, folder: Path):
+    """The LM with the LoRA adapters saved in `folder` (peft's format), for inference."""
+    import warnings
+
+    from peft import PeftModel
+
+    from .loading import quiet
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise UserError(f"{Path(folder).parent}: its config has `lora` but there is no "
+                        f"{Path(folder).name}/adapter_config.json")
+    with quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(lm, str(folder), is_trainable=False)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -15,9 +13,11 @@ from torch import Tensor, nn
 from ...errors import UserError
 from ..hub import CONFIG_NAME, PretrainedModel
 from .config import SetokimConfig
-from .heads import UNKNOWN_SEED, CopyHead, PlaceHead, Projector, make_visual_head, order_seeds, order_tokens, zca
+from .heads import CopyHead, Projector, make_visual_head, order_seeds, order_tokens, zca
+from .place import PlaceHead, flat_seeds, pack_seeds
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
-from .lora import _base_state_dict, is_adapter_param, is_peft, wrap_lora  # noqa: F401 (is_peft: the package API)
+from .lora import (_base_state_dict, is_adapter_param, is_peft, load_adapters,  # noqa: F401 (is_peft: API)
+                   wrap_lora)
 from .splice import Spliced, in_groups, length_groups, splice, token_rank, with_copy  # noqa: F401 (length_groups: API)
 from .text import IMG_END, IMG_START
 
@@ -77,7 +77,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             self.visual_head = make_visual_head(H, c)
             self.stop_head = nn.Linear(H, 1)
             self.copy_head = CopyHead(H, c.token_dim, c.max_visual_tokens, c.copy_head) if c.copy_head else None
-            self.place_head = PlaceHead(H, c.place_head) if c.place_head else None
+            self.place_head = PlaceHead(H, c.place_head, c.place_input) if c.place_head else None
         # tokens are standardised per channel before the projector and the heads (the
         # diffusion schedule assumes unit scale); `fit_token_stats` sets these from data
         self.register_buffer("token_mean", torch.zeros(c.token_dim, device=dev))
@@ -150,14 +150,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         tok = load_text_tokenizer(folder / "tokenizer")
         lm = load_lm(str(folder / "lm"), config.lm_dtype, None, config.init_seed)
         if config.lora is not None:
-            if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
-                raise UserError(f"{folder}: its config has `lora` but there is no {ADAPTER_DIR}/adapter_config.json")
-            import warnings
-
-            from peft import PeftModel
-            with quiet(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                lm = PeftModel.from_pretrained(lm, str(folder / ADAPTER_DIR), is_trainable=False)
+            lm = load_adapters(lm, folder / ADAPTER_DIR)
         return cls(config, lm=lm, text_tokenizer=tok, **parts)
 
     # ---- LoRA (stage III) -------------------------------------------------------------
@@ -230,28 +223,15 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         loading then reads them from config.stage1, the reference."""
         from huggingface_hub import PyTorchModelHubMixin
 
-        from ...files import ensure_dir, os_error_message
-        dest = Path(save_directory)
-        ensure_dir(dest.parent if str(dest.parent) else Path("."))
-        old = tmp = None
-        try:
-            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
+        from ...files import atomic_folder
+
+        def write(tmp: Path) -> None:
             self._save_stage1 = save_stage1
             try:
                 PyTorchModelHubMixin.save_pretrained(self, tmp, **kwargs)
             finally:
                 del self._save_stage1
-            if dest.exists():
-                old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".old-{dest.name}-"))
-                os.replace(dest, old / "x")
-            os.replace(tmp, dest)
-        except OSError as e:
-            raise UserError(f"cannot write {os_error_message(e, dest)}") from None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+        atomic_folder(save_directory, write)
 
     # ---- modes ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Setokim":
@@ -311,13 +291,30 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         resize and padding), what `prompt_batch` takes; `seeds`: also [seeds (K_i,)] beside them."""
         if self.setok is None:
             raise UserError("this Setokim has no SeTok (its stage-1 parts were not saved with it)")
-        out = self.setok.tokenize(images)
+        return self.token_sets_of(self.setok.tokenize(images), seeds)
+
+    def token_sets_of(self, out, seeds: bool = False):
+        """A SeTok output (tokens, token_mask, seeds) -> [tokens (K_i, T)] in generation order,
+        and with `seeds` [seeds (K_i,)] beside them (flat patch indices, NO_SEED for none)."""
         tokens, mask = self.order(out.tokens, out.token_mask, out.seeds)
         sets = [t[m] for t, m in zip(tokens, mask)]
         if not seeds:
             return sets
         s = order_seeds(out.token_mask, out.seeds) if self.config.token_order == "raster" else out.seeds.long()
         return sets, [x[m] for x, m in zip(s, mask)]
+
+    @property
+    def reads_places(self) -> bool:
+        return self.place_head is not None and self.place_head.inputs is not None
+
+    def readable(self, sets: list, seeds: Optional[list]) -> list:
+        """Token sets [(K_i, T)] and their seeds [(K_i,)] -> what `prompt_batch` takes as images:
+        the sets, or (tokens, seeds) pairs when the model reads places (`config.place_input`)."""
+        return list(zip(sets, seeds)) if self.reads_places and seeds is not None else list(sets)
+
+    def read_sets(self, images) -> list:
+        """Paths / PIL images / arrays -> their token sets as prompts take them (`readable`)."""
+        return self.readable(*self.image_token_sets(images, seeds=True))
 
     def order(self, tokens: Tensor, token_mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
         if self.config.token_order == "given":
@@ -340,15 +337,13 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
             if need != len(imgs):
                 raise UserError(f"{where}: {need} <image> mark(s) but {len(imgs)} image(s)")
             sets += imgs
-            seeds += [x if x is not None else torch.full((len(t),), UNKNOWN_SEED)
-                      for x, t in zip(s.get("seeds") or [None] * len(imgs), imgs)]
+            seeds += list(s.get("seeds") or [None] * len(imgs))
         input_ids, labels, attention_mask = collate_conversations(rendered, self.pad_id)
         tokens, mask = pack_token_sets(sets, self.config.token_dim)
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                "image_tokens": tokens, "image_token_mask": mask}
         if self.place_head is not None:
-            s, _ = pack_token_sets([x.view(-1, 1).float() for x in seeds], 1)
-            out["image_token_seeds"] = s.squeeze(-1).round().long().masked_fill(~mask, UNKNOWN_SEED)
+            out["image_token_seeds"] = pack_seeds(seeds, sets, mask)
         return out
 
     # ---- forward ----------------------------------------------------------------------
@@ -358,15 +353,19 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
                       img_end_id=self.img_end_id, pad_id=self.pad_id, max_length=self.config.max_length,
                       padding_side=padding_side)
 
-    def embed(self, sp: Spliced, image_tokens: Optional[Tensor], image_token_mask: Optional[Tensor]) -> Tensor:
+    def embed(self, sp: Spliced, image_tokens: Optional[Tensor], image_token_mask: Optional[Tensor],
+              image_token_seeds: Optional[Tensor] = None) -> Tensor:
         """The spliced sequence's input embeddings (B, L, H): text ids through the LM's
-        table, visual tokens through the projector."""
+        table, visual tokens through the projector (plus their places' embeddings when the
+        model reads places; image_token_seeds (N, K), None: unknown)."""
         emb = self.lm.get_input_embeddings()(sp.ids.clamp(min=0))
         if sp.vis_dst.numel():
             src = image_tokens[image_token_mask][sp.vis_src]
         else:   # no image: the projector still runs, on nothing (LLaVA's [0:0]), so DDP sees its grads
             src = emb.new_zeros(0, int(self.config.token_dim))
         vis = self.project(self.normalize(src).to(self.head_dtype))
+        if self.reads_places:
+            vis = vis + self.place_head.read(flat_seeds(image_token_seeds, image_token_mask, sp.vis_src, vis))
         B, L, H = emb.shape
         return emb.reshape(B * L, H).index_copy(0, sp.vis_dst, vis.to(emb.dtype)).view(B, L, H)
 
@@ -404,8 +403,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         row_groups: run the LM over rows of similar length in up to this many groups
         (`hidden_in_groups`: the same loss, less padding computed)."""
         sp = self.splice(input_ids, labels, attention_mask, image_token_mask)
-        h = self.hidden_in_groups(self.embed(sp, image_tokens, image_token_mask), sp.attention_mask,
-                                  sp.position_ids, row_groups)               # (B, L, H)
+        h = self.hidden_in_groups(self.embed(sp, image_tokens, image_token_mask, image_token_seeds),
+                                  sp.attention_mask, sp.position_ids, row_groups)               # (B, L, H)
         lab = sp.labels[:, 1:]
         sel = lab != -100
         logits = self.lm.get_output_embeddings()(h[:, :-1][sel]).float()    # (n, V): only where counted
@@ -420,8 +419,7 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         hp = hf[sp.pred_pos]
         place_loss = None
         if self.place_head is not None:         # where first, then the token there (PlaceHead)
-            seeds = (hp.new_full((hp.shape[0],), UNKNOWN_SEED, dtype=torch.long) if image_token_seeds is None
-                     else image_token_seeds.to(hp.device)[image_token_mask][sp.pred_src])
+            seeds = flat_seeds(image_token_seeds, image_token_mask, sp.pred_src, hp)
             place_loss = self.place_head.loss(hp, seeds)
             hp = self.place_head.condition(hp, seeds)
         if visual_weight is not None:          # only the MSE head takes weights (`loss.edit_changed`)

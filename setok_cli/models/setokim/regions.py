@@ -42,8 +42,11 @@ class Seen:
 
     def token_sets(self, model) -> list[Tensor]:
         """[tokens (K_i, T)] in generation order (what prompts take)."""
-        tokens, mask = model.order(self.out.tokens, self.out.token_mask, self.out.seeds)
-        return [t[m] for t, m in zip(tokens, mask)]
+        return model.token_sets_of(self.out)
+
+    def seeds(self, model) -> list[Tensor]:
+        """[seeds (K_i,)] beside `token_sets` (flat patch indices, NO_SEED for none)."""
+        return model.token_sets_of(self.out, seeds=True)[1]
 
 
 def _need(model, part: str):
