@@ -43,8 +43,8 @@ def _bank_option(f):
                           "likely).")(f)
     f = click.option("--place", "place_mode", default="auto", show_default=True,
                      type=click.Choice(["auto", "draw", "off"]),
-                     help="A model with a place head: which images draw their tokens' places (auto: all when "
-                          "the model reads places, else those written without an input image).")(f)
+                     help="A model with a place head: which images draw their tokens' places (auto: those "
+                          "written without an input image; an edit keeps its source's places).")(f)
     f = click.option("--snap-metric", default="cos", show_default=True, type=click.Choice(["cos", "l2"]),
                      help="With --bank: the nearest token by L2, or by direction (cos).")(f)
     f = click.option("--max-overlap", default=0.25, show_default=True, type=click.FloatRange(0, 1),

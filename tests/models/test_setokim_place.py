@@ -257,8 +257,9 @@ def test_place_input_generation_feeds_back_the_drawn_places(folders):
     prompt = "<image>\nMake the red circle blue."
     args = prompt_batch(m, [prompt], [m.readable(src_sets, src_seeds)], start_image=True)
     assert torch.equal(args[4][0, :len(src_seeds[0])], src_seeds[0])
-    a = m.generate(*args, max_new_tokens=1, generator=torch.Generator().manual_seed(2))[0]
-    b = m.generate(*args, max_new_tokens=1, generator=torch.Generator().manual_seed(2), use_cache=False)[0]
+    a = m.generate(*args, max_new_tokens=1, place="draw", generator=torch.Generator().manual_seed(2))[0]
+    b = m.generate(*args, max_new_tokens=1, place="draw", generator=torch.Generator().manual_seed(2),
+                   use_cache=False)[0]
     assert torch.allclose(a.images[0], b.images[0], atol=2e-5) and torch.equal(a.seeds[0], b.seeds[0])
     assert a.images[0].shape[0] == 4 and a.seeds[0].shape == (4,) and bool((a.seeds[0] != UNKNOWN_SEED).all())
     conv = [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<image>"}]

@@ -52,7 +52,7 @@ state plus that cell's embedding (place.PlaceHead). With `place_input: true` eve
 token the LM reads, an input image's or a written one fed back, also carries an embedding
 of its seed cell (a second table of the head), so the LM sees where objects lie: an edit can
 keep its source's places and a question can ask what is left of what. Prompts then take
-(tokens, seeds) pairs (`Setokim.read_sets` / `readable`), and every image draws its places.
+(tokens, seeds) pairs (`Setokim.read_sets` / `readable`).
 
 Token order. An image's tokens are a set; the model writes them by their seed's position
 in raster order (row, then column, of the patch grid), tokens without a seed (the scope

@@ -113,8 +113,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     place_temperature: with a place head, each token's seed cell is drawn at this temperature
     (0: the most likely cell) before the visual head writes the token there (place.PlaceHead).
     place: which rows draw a place: "draw" all, "off" none (the head reads the "unknown place"
-    embedding), "auto" all when the model reads places (it sees the source's), else the rows
-    whose prompt reads no image (an edit keeps its source's places)."""
+    embedding), "auto" the rows whose prompt reads no image (an edit keeps its source's places:
+    drawing them scores worse on val even when the model reads places, README)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -207,8 +207,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     n_vis = torch.zeros(B, dtype=torch.long, device=dev)
     place = model.place_head
     reads = (input_ids == IMAGE_TOKEN_INDEX).any(1).to(dev)
-    draw = (torch.full((B,), place_mode == "draw", device=dev) if place_mode != "auto"
-            else ~reads | model.reads_places)
+    draw = torch.full((B,), place_mode == "draw", device=dev) if place_mode != "auto" else ~reads
     last_seed = torch.full((B,), NO_SEED, dtype=torch.long, device=dev)    # the place head's previous cell
     seed = last_seed.clone()
     rec_ids, rec_vis, rec_kind, rec_seed = [], [], [], []          # per step: (B,), (B, T), (B,), (B,)
