@@ -296,3 +296,29 @@ def test_place_input_lets_the_lm_copy_a_read_tokens_place(folders):
         return out.place_loss.item()
     a, b = run(True), run(False)
     assert a < 0.3 < 1.5 < b
+
+
+def test_place_dropout_trains_the_unknown_place_and_keeps_the_place_loss(folders):
+    from setok_cli.models.setokim.place import drop_places
+    s = torch.arange(12).view(4, 3)
+    assert drop_places(s, 0.0) is s and drop_places(None, 0.5) is None
+    assert bool((drop_places(s, 1.0) == UNKNOWN_SEED).all())
+    torch.manual_seed(0)
+    d = drop_places(torch.arange(300).view(100, 3), 0.3)
+    rows = (d == UNKNOWN_SEED).all(1)
+    assert bool(((d == UNKNOWN_SEED).any(1) == rows).all()) and 15 < int(rows.sum()) < 45   # whole images
+    torch.manual_seed(7)
+    m = make(folders, place_head=_cells(make(folders)), place_dropout=1.0)
+    sets, seeds = m.image_token_sets([_image()], seeds=True)
+    conv = [{"from": "human", "value": "Generate an image: a red circle."}, {"from": "gpt", "value": "<image>"}]
+    kw = m.collate([{"conversations": conv, "images": sets, "seeds": seeds}])
+    unknown = m(**m.collate([{"conversations": conv, "images": sets}]))
+    m.eval()
+    placed = m(**kw)
+    m.train()
+    dropped = m(**kw)
+    assert dropped.place_loss.item() == pytest.approx(placed.place_loss.item(), rel=1e-6)       # true seeds
+    assert dropped.visual_loss.item() == pytest.approx(unknown.visual_loss.item(), rel=1e-6)    # at "unknown"
+    assert dropped.visual_loss.item() != pytest.approx(placed.visual_loss.item(), rel=1e-3)
+    with pytest.raises(UserError, match="place_dropout must be in"):
+        SetokimConfig(lm=dict(TINY_LM), place_dropout=2)

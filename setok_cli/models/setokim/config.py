@@ -175,6 +175,9 @@ class SetokimConfig:
     # back) also carries its seed cell's embedding, so the LM sees where objects lie (an edit can
     # keep its source's places, a question can ask what is left of what)
     place_input: bool = False
+    # in training, this share of the images is read and conditioned on at the "unknown place"
+    # (their place loss still counts): the mode edits are written in (`generate(place="auto")`)
+    place_dropout: float = 0.0
     # the projector reads the standardised tokens whitened (ZCA fitted with the token statistics;
     # not in the paper), so directions of little variance enter as strongly as the rest
     projector_whiten: bool = False
@@ -218,6 +221,8 @@ class SetokimConfig:
         if not (isinstance(self.place_head, int) and not isinstance(self.place_head, bool) and self.place_head >= 0):
             raise UserError(f"place_head must be 0 (none) or the tokenizer's patch cells (an integer), "
                             f"got {self.place_head!r}")
+        if not (isinstance(self.place_dropout, (int, float)) and 0 <= self.place_dropout <= 1):
+            raise UserError(f"place_dropout must be in [0, 1], got {self.place_dropout!r}")
         if self.place_input and not self.place_head:
             raise UserError("place_input needs a place head (place_head: the tokenizer's patch cells)")
         if self.place_head and self.token_order != "raster":

@@ -14,7 +14,7 @@ from ...errors import UserError
 from ..hub import CONFIG_NAME, PretrainedModel
 from .config import SetokimConfig
 from .heads import CopyHead, Projector, make_visual_head, order_seeds, order_tokens, zca
-from .place import PlaceHead, flat_seeds, pack_seeds
+from .place import PlaceHead, drop_places, flat_seeds, pack_seeds
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
 from .lora import (_base_state_dict, is_adapter_param, is_peft, load_adapters,  # noqa: F401 (is_peft: API)
                    wrap_lora)
@@ -401,9 +401,11 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         visual_weight (N, K): each written token's weight in the MSE head's loss (None: alike);
         image_token_seeds (N, K): the tokens' seeds, a place head's targets (None: unknown).
         row_groups: run the LM over rows of similar length in up to this many groups
-        (`hidden_in_groups`: the same loss, less padding computed)."""
+        (`hidden_in_groups`: the same loss, less padding computed). In training, `place_dropout`
+        of the images are given (read and conditioned on) at the unknown place (`drop_places`)."""
         sp = self.splice(input_ids, labels, attention_mask, image_token_mask)
-        h = self.hidden_in_groups(self.embed(sp, image_tokens, image_token_mask, image_token_seeds),
+        given = drop_places(image_token_seeds, self.config.place_dropout if self.training else 0.0)
+        h = self.hidden_in_groups(self.embed(sp, image_tokens, image_token_mask, given),
                                   sp.attention_mask, sp.position_ids, row_groups)               # (B, L, H)
         lab = sp.labels[:, 1:]
         sel = lab != -100
@@ -419,9 +421,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         hp = hf[sp.pred_pos]
         place_loss = None
         if self.place_head is not None:         # where first, then the token there (PlaceHead)
-            seeds = flat_seeds(image_token_seeds, image_token_mask, sp.pred_src, hp)
-            place_loss = self.place_head.loss(hp, seeds)
-            hp = self.place_head.condition(hp, seeds)
+            place_loss = self.place_head.loss(hp, flat_seeds(image_token_seeds, image_token_mask, sp.pred_src, hp))
+            hp = self.place_head.condition(hp, flat_seeds(given, image_token_mask, sp.pred_src, hp))
         if visual_weight is not None:          # only the MSE head takes weights (`loss.edit_changed`)
             visual_loss = self.visual_head.loss(hp, target, visual_weight.to(hp.device)[image_token_mask][sp.pred_src])
         elif self.copy_head is None:

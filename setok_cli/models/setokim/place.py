@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ...errors import UserError
 
-__all__ = ["PlaceHead", "place_features", "pack_seeds", "flat_seeds", "NO_SEED", "UNKNOWN_SEED"]
+__all__ = ["PlaceHead", "place_features", "pack_seeds", "flat_seeds", "drop_places", "NO_SEED", "UNKNOWN_SEED"]
 
 NO_SEED = -1          # a token without a seed (the scope remainder): written after the seeded ones
 UNKNOWN_SEED = -100   # a target whose seed was not recorded (a segment answer): no place loss
@@ -141,3 +141,12 @@ def flat_seeds(image_token_seeds: Optional[Tensor], image_token_mask: Optional[T
     if image_token_seeds is None or image_token_mask is None or not idx.numel():
         return torch.full((idx.numel(),), UNKNOWN_SEED, dtype=torch.long, device=like.device)
     return image_token_seeds.to(like.device)[image_token_mask.to(like.device)][idx.to(like.device)]
+
+
+def drop_places(seeds: Optional[Tensor], p: float) -> Optional[Tensor]:
+    """seeds (N, K) with each image's row set to UNKNOWN_SEED with probability p (place
+    dropout: the "unknown place" an edit is written at by default is then trained too)."""
+    if seeds is None or p <= 0:
+        return seeds
+    drop = torch.rand(seeds.shape[0], device=seeds.device) < p
+    return seeds.masked_fill(drop.unsqueeze(1), UNKNOWN_SEED)
