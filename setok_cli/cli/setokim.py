@@ -337,7 +337,7 @@ def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps
     _check_bank(bank_path, detok_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
     from ..images import load_image
-    from ..tasks.chat import ChatSession
+    from ..tasks.chat import ChatSession, token_count
     from ..tasks.setokim import load_setokim
     pic = load_image(image) if image else None
     model = load_setokim(model_path)
@@ -345,7 +345,7 @@ def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps
     _use_detokenizer(model, detok_path)
     chat = ChatSession(model, pic, opts, out_dir, size)
     if pic is not None:
-        click.echo(f"[{image}: {int(chat.pending[0].shape[0])} tokens]", err=True)
+        click.echo(f"[{image}: {token_count(chat.pending[0])} tokens]", err=True)
     click.echo("type a message; /image PATH attaches an image, /reset clears, /quit or Ctrl-D ends", err=True)
     while True:
         try:

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..files import ensure_dir
 from .setokim import Sampling, _decode, _kw, save_png
 
-__all__ = ["ChatSession", "Reply"]
+__all__ = ["ChatSession", "Reply", "token_count"]
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ChatSession:
         """Tokenize `image` (path / PIL / array) for the next user turn; -> its token count."""
         s = self.model.read_sets([image])[0]
         self.pending.append(s)
-        return int((s[0] if isinstance(s, tuple) else s).shape[0])
+        return token_count(s)
 
     def reset(self) -> None:
         self.turns, self.images, self.pending = [], [], []
@@ -78,3 +78,8 @@ class ChatSession:
             self.turns[-1]["value"] = answer.replace("<image>", " ")
             self.images = images
         return Reply(out.text, paths)
+
+
+def token_count(entry) -> int:
+    """The number of tokens of a history image (a token set, or a (tokens, seeds) pair)."""
+    return int((entry[0] if isinstance(entry, tuple) else entry).shape[0])
