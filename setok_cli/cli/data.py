@@ -67,6 +67,22 @@ def describe(split, by):
     click.echo(f"{n} descriptions -> {path}")
 
 
+@data.command("edits")
+@click.argument("split", type=click.Path(file_okay=False))
+@click.option("--per-image", default=3, show_default=True, type=int, help="Edits added to each image.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the added edits.")
+def edits(split, per_image, seed):
+    """Write SPLIT/edits_all.json: the world's edits.json plus PER_IMAGE more edits of each
+    image (recolour, move, add, remove), re-rendered from its scene graph; a stage-II set."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from ..data.shapes import edits_all
+    with Progress("edits", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("edits", total=None)
+        path, n = edits_all(split, per_image, seed, advance=lambda: bar.advance(task))
+    click.echo(f"{n} edits -> {path}")
+
+
 @data.command("questions")
 @click.argument("split", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of each image's question order.")

@@ -23,7 +23,7 @@ from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
-__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all",
+__all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all", "edits_all",
            "captions_reading", "parse_splits",
            "split_counts", "scene_record", "png_bytes",
            "all_questions", "caption", "caption_in_reading_order", "count_phrase", "reading_order", "describe_by_shape",
@@ -268,6 +268,44 @@ def questions_all(split: str | Path, seed: int = 0) -> tuple[Path, int]:
             out.append({"id": f"{stem}_a{k}", "image": image, "type": kind,
                         "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
     path = d / "instruct_all.json"
+    atomic_write_json(path, out, indent=None)
+    return path, len(out)
+
+
+def edits_all(split: str | Path, per_image: int = 3, seed: int = 0, advance=None) -> tuple[Path, int]:
+    """A written split -> `edits_all.json` beside its other files: the world's edits.json
+    plus `per_image` more edits of every image (`sample_edit` with rng (seed, image number,
+    k); targets `edits/<stem>_<k>.png` and `.json`, k >= 1), re-rendered from each image's
+    scene graph. A stage-II set: the world writes one edit per image, so each kind of edit
+    (recolour, move, add, remove) is seen off a few hundred examples. Returns (path, number)."""
+    from ..errors import UserError
+    if per_image < 1:
+        raise UserError(f"--per-image must be at least 1, got {per_image}")
+    d, entries = _world_pairs(split, ("scene",))
+    own = d / "edits.json"
+    out: list[dict] = json.loads(own.read_text()) if own.is_file() else []
+    for i, (e, objs) in enumerate(entries):
+        rec = json.loads(Path(e["scene"]).read_text())
+        scene = {"version": rec.get("version", 1), "background": rec["background"],
+                 "objects": [{k: o[k] for k in ("shape", "color", "center", "size")} for o in objs]}
+        size = int(rec.get("size", 64))
+        stem = Path(e["image"]).stem
+        rng = np.random.default_rng([seed, int(stem) if stem.isdigit() else i, 7])
+        for k in range(1, per_image + 1):
+            ed = sample_edit(scene, rng)
+            if ed is None:
+                continue
+            tscene, instr, info = ed
+            tr = render(tscene, size)
+            tgt, tscn = f"edits/{stem}_{k}.png", f"edits/{stem}_{k}.json"
+            atomic_write_bytes(d / tgt, png_bytes(tr.image))
+            atomic_write_json(d / tscn, scene_record(tscene, tr, size), indent=None)
+            out.append({"source": Path(e["image"]).relative_to(d.resolve()).as_posix(), "target": tgt,
+                        "instruction": instr, "source_scene": Path(e["scene"]).relative_to(d.resolve()).as_posix(),
+                        "target_scene": tscn, "edit": info})
+        if advance is not None:
+            advance()
+    path = d / "edits_all.json"
     atomic_write_json(path, out, indent=None)
     return path, len(out)
 

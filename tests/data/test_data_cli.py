@@ -242,3 +242,51 @@ def test_setok_data_reading(world, tmp_path):
     for args in (["reading", str(tmp_path / "nope")], ["reading", str(split), "--rows", "0"]):
         r = CliRunner().invoke(cli, ["data", *args])
         assert r.exit_code == 2 and _error_lines(r.output), r.output
+
+
+def test_setok_data_edits_each_target_is_its_instruction(world, tmp_path):
+    """Every added edit: its target scene is the source's with exactly the named change, its
+    PNG is that scene rendered, the world's own edits come first, and the file is seeded."""
+    import numpy as np
+    from PIL import Image
+
+    from setok_cli.data.formats import load
+    from setok_cli.data.shapes import render
+    split, r = _split_copy(world, tmp_path, "edits", "--per-image", "2")
+    own = load(split / "edits.json", "edits")
+    entries = load(split / "edits_all.json", "edits")                   # a valid SPEC edits file
+    n_images = len(load(split / "pairs.json", "pairs"))
+    assert entries[:len(own)] == own and len(entries) == len(own) + 2 * n_images and f"{len(entries)} edits" in r.output
+    ops = set()
+    for e in entries[len(own):]:
+        src = json.loads((split / e["source_scene"]).read_text())["objects"]
+        tgt_rec = json.loads((split / e["target_scene"]).read_text())
+        tgt, op, words = tgt_rec["objects"], e["edit"]["op"], e["instruction"].rstrip(".").split()
+        key = lambda o: (o["shape"], o["color"], tuple(o["center"]))            # noqa: E731
+        ops.add(op)
+        if op == "remove":
+            assert len(tgt) == len(src) - 1 and words[0] == "Remove"
+            gone = src[e["edit"]["object"] - 1]
+            assert sorted(map(key, tgt)) == sorted(key(o) for o in src if o is not gone)
+        elif op == "add":
+            assert len(tgt) == len(src) + 1 and words[0] == "Add"
+            assert tgt[-1]["shape"] in words and tgt[-1]["color"] in words
+        elif op == "recolor":
+            i = e["edit"]["object"] - 1
+            assert [key(o) for k, o in enumerate(tgt) if k != i] == [key(o) for k, o in enumerate(src) if k != i]
+            assert tgt[i]["color"] != src[i]["color"] and words[-1] == tgt[i]["color"] and words[0] == "Make"
+        else:
+            i = e["edit"]["object"] - 1
+            assert op == "move" and words[0] == "Move" and tgt[i]["center"] != src[i]["center"]
+            assert [(o["shape"], o["color"]) for o in tgt] == [(o["shape"], o["color"]) for o in src]
+        scene = {"background": tgt_rec["background"],
+                 "objects": [{k: o[k] for k in ("shape", "color", "center", "size")} for o in tgt]}
+        png = np.asarray(Image.open(split / e["target"]).convert("RGB"))
+        assert np.array_equal(png, render(scene, tgt_rec["size"]).image)
+    assert len(ops) >= 3
+    first = (split / "edits_all.json").read_bytes()
+    assert CliRunner().invoke(cli, ["data", "edits", str(split), "--per-image", "2"]).exit_code == 0
+    assert (split / "edits_all.json").read_bytes() == first                          # seeded
+    for args in ([str(tmp_path / "nope")], [str(split), "--per-image", "0"]):
+        r = CliRunner().invoke(cli, ["data", "edits", *args])
+        assert r.exit_code == 2 and len(_error_lines(r.output)) == 1 and "Traceback" not in r.output
