@@ -52,7 +52,8 @@ mBO trained vs untrained, image <-> caption retrieval R@1/R@5.
 @click.option("--bandwidth", type=float, help="tokenizer: clustering bandwidth.")
 @click.option("--max-tokens", type=int, help="tokenizer: most tokens per image.")
 @click.option("--batch-size", type=click.IntRange(1), help="tokenizer, reconstruct: images per batch (default 16 and 25).")
-@click.option("--limit", type=click.IntRange(1), help="Score only the first N entries (tokenizer, reconstruct).")
+@click.option("--limit", type=click.IntRange(1),
+              help="Score only the first N entries of --data (as `setok ask|caption|... --limit N` writes them).")
 @click.option("--steps", type=click.IntRange(1), help="reconstruct: sampling steps (default: the detokenizer's).")
 @click.option("--seed", type=int, help="reconstruct: seed of the sampling noise [0].")
 @click.option("--grid", type=click.Path(dir_okay=False),
@@ -71,8 +72,8 @@ def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_
     if task in ("tokenizer", "reconstruct"):
         if pred is not None:
             raise UserError(f"--pred is not used by the {task} task (it runs the model itself)")
-    elif any(v is not None for v in (model, batch_size, limit, *tok_opts.values())):
-        raise UserError(f"--model/--encoder/--mode/--k/--bandwidth/--max-tokens/--batch-size/--limit apply to the "
+    elif any(v is not None for v in (model, batch_size, *tok_opts.values())):
+        raise UserError(f"--model/--encoder/--mode/--k/--bandwidth/--max-tokens/--batch-size apply to the "
                         f"tokenizer and reconstruct tasks only, not {task}")
     if task == "tokenizer":
         res = T.eval_tokenizer(data, model=model, batch_size=batch_size or 16, limit=limit,
@@ -80,7 +81,7 @@ def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_
     elif task == "reconstruct":
         res = _reconstruct(data, model, as_json, batch_size, limit, tok_opts, **rec_opts)
     else:
-        res = getattr(T, f"eval_{task}")(data, pred)
+        res = getattr(T, f"eval_{task}")(data, pred, limit=limit)
     if as_json:
         click.echo(json.dumps(res))
         return

@@ -20,6 +20,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -220,9 +221,9 @@ def vqa_questions(entries: list[dict]) -> list[dict]:
     return qs
 
 
-def eval_vqa(data: str, pred: str) -> dict:
+def eval_vqa(data: str, pred: str, limit: Optional[int] = None) -> dict:
     """Exact match after `normalize_answer`, overall and per question type."""
-    entries = formats.load(data, "instruct", check_files=False)
+    entries = list(formats.load(data, "instruct", check_files=False))[:limit]
     qs = vqa_questions(entries)
     preds = read_predictions(pred, {"question_id": "the instruct entry's id", "answer": "the model's answer"},
                              {"question_id": ("id",)}, match_keys=("question_id",))
@@ -264,10 +265,10 @@ def _truth_objects(entry: dict, scene_key: str = "scene", caption_key: str = "ca
     return objs
 
 
-def eval_caption(data: str, pred: str) -> dict:
+def eval_caption(data: str, pred: str, limit: Optional[int] = None) -> dict:
     """Recall and precision of scene facts (objects, colours, shapes, counts) stated in
     the captions, micro-averaged over the data set, per fact type and overall."""
-    entries = formats.load(data, "pairs", check_files=False)
+    entries = list(formats.load(data, "pairs", check_files=False))[:limit]
     preds = read_predictions(pred, {"image_key": "the image the caption is for", "caption": "the caption"},
                              {"image_key": ("image",)}, paths=("image",), match_keys=("image_key",))
     aligned = _index(preds, [_name(e["image"]) for e in entries], lambda p: _name(p["image_key"]))
@@ -303,11 +304,11 @@ def _resize_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return a[ys][:, xs]
 
 
-def eval_segment(data: str, pred: str) -> dict:
+def eval_segment(data: str, pred: str, limit: Optional[int] = None) -> dict:
     """mIoU (mean of per-expression IoU), cIoU (total intersection / total union) and
     precision at IoU 0.5. Predicted masks: PNG, foreground = value > 127 (or > 0 for a
     0/1 mask), resized to the reference mask by nearest neighbour if needed."""
-    entries = formats.load(data, "referring", check_files=False)
+    entries = list(formats.load(data, "referring", check_files=False))[:limit]
     aligned = _align_by_image_and_text(pred, entries, "image", "expression", "mask",
                                        ("the image", "the referring expression", "the predicted mask PNG"))
     ious, inter, union, missing = [], 0, 0, 0
@@ -358,13 +359,13 @@ def _norm_text(s: str) -> str:
     return " ".join(str(s).lower().split())
 
 
-def eval_generate(data: str, pred: str) -> dict:
+def eval_generate(data: str, pred: str, limit: Optional[int] = None) -> dict:
     """Scene-parse accuracy of generated images against their captions: the parser's
     objects are matched one to one with the caption's (colour, shape) objects (positions
     are not in a caption, so not scored). object_recall = matched / true objects,
     object_precision = matched / parsed objects, count_accuracy = the parsed count is
     right, scene_accuracy = all objects right and nothing extra."""
-    entries = formats.load(data, "pairs", check_files=False)
+    entries = list(formats.load(data, "pairs", check_files=False))[:limit]
     preds = read_predictions(pred, {"caption": "the prompt", "image": "the generated PNG"},
                              {"caption": ("prompt",)}, paths=("image",), match_keys=("caption",))
     aligned = _index(preds, [_norm_text(e["caption"]) for e in entries], lambda p: _norm_text(p["caption"]))
@@ -396,7 +397,7 @@ def _score_images(entries, aligned, truth_of, pos_tol, task, data, extra=None) -
             "count_accuracy": float(np.mean(counts)) if counts else None}
 
 
-def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
+def eval_edit(data: str, pred: str, pos_tol: float = 0.1, limit: Optional[int] = None) -> dict:
     """Edited images against their targets: scene-parse accuracy with positions (centres
     within `pos_tol` of the image side), L1 to the target image (mean absolute difference
     in [0, 1]) and preservation (the fraction of objects the edit should leave untouched,
@@ -405,7 +406,7 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1) -> dict:
     `applied/{op}` (`applied`: over all), the share whose edit shows, `kept/{op}`, `images/{op}`."""
     from ..data.scene_parser import parse_scene
 
-    entries = formats.load(data, "edits", check_files=False)
+    entries = list(formats.load(data, "edits", check_files=False))[:limit]
     aligned = _align_by_image_and_text(pred, entries, "source", "instruction", "image",
                                        ("the source image", "the instruction", "the edited PNG"))
     l1s, kept, keep_total = [], 0, 0

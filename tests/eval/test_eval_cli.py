@@ -25,6 +25,27 @@ def test_eval_vqa_table_and_json(world, tmp_path):
     assert r.exit_code == 0 and "accuracy" in r.output
 
 
+def test_eval_limit_scores_the_first_entries(world, tmp_path):
+    """--limit N on a prediction task: only the first N entries count (none missing), so a
+    prediction file for the first N questions scores as it would on a file of those N."""
+    entries = formats.load(world / "instruct.json", "instruct")
+    qs = vqa_questions(entries)
+    n = len(qs) // 2
+    pred = tmp_path / "p.json"
+    pred.write_text(json.dumps([{"question_id": q["id"], "answer": q["answer"] if i % 2 else "wrong"}
+                                for i, q in enumerate(qs[:n])]))
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(entries[:n]))
+    limited = json.loads(_run("vqa", "--data", str(world / "instruct.json"), "--pred", str(pred), "--limit", str(n),
+                              "--json").output)
+    assert limited["missing"] == 0 and limited["questions"] == n
+    assert limited["accuracy"] == pytest.approx((n // 2) / n)
+    whole = json.loads(_run("vqa", "--data", str(part), "--pred", str(pred), "--json").output)
+    assert {k: v for k, v in limited.items() if k != "data"} == {k: v for k, v in whole.items() if k != "data"}
+    full = json.loads(_run("vqa", "--data", str(world / "instruct.json"), "--pred", str(pred), "--json").output)
+    assert full["missing"] == len(qs) - n
+
+
 @pytest.mark.parametrize("args, message", [
     (["vqa", "--data", "missing.json", "--pred", "p.json"], "data file not found"),
     (["segment", "--data", "{w}/referring.json"], "needs --pred"),
