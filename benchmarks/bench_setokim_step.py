@@ -1,7 +1,11 @@
 """A Setokim training step (forward + backward) with `train.length_groups` 1 against G, in one process.
 
     python benchmarks/bench_setokim_step.py recipes/tiny/stage3.yaml [--groups 4] [--batches 12]
-        [--repeats 3] [--threads 2] [--precision no|bf16]
+        [--repeats 3] [--threads 2] [--precision no|bf16] [--versus-bf16]
+
+`--versus-bf16` times float32 against bf16 autocast instead, both at G groups: whether bf16
+pays on this CPU for this model (`train.mixed_precision: auto` picks it wherever the CPU has
+bf16 units).
 
 The recipe's model and mixture, its batch size; the batches' image tokens and region targets
 are computed before timing (the trainer caches them too), so only the step is timed. Each
@@ -28,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["no", "bf16"], default="no")
+    ap.add_argument("--versus-bf16", action="store_true", help="float32 against bf16 autocast, both at --groups")
     ap.add_argument("--set", action="append", default=[], help="recipe overrides, as `setok train --set`")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -55,14 +60,16 @@ def main() -> None:
                    for j, (i, c, x, y) in enumerate(zip(batch["index"], batch["conversations"], [0] + per[:-1], per))]
         inputs.append(m.collate(samples))
 
-    def step(kw, groups):
+    def step(kw, groups, precision=a.precision):
         m.zero_grad(set_to_none=True)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = m(**kw, row_groups=groups)
         out.loss.backward()
         return time.perf_counter() - t, float(out.loss)
 
+    if a.versus_bf16:
+        return _versus_bf16(a, inputs, step)
     from setok_cli.models.setokim.splice import length_groups
     times = {1: [], a.groups: []}
     diff, padded = 0.0, {1: 0, a.groups: 0}
@@ -87,6 +94,23 @@ def main() -> None:
                       "speedup": round(med[1] / med[a.groups], 3),
                       "lm_positions": {str(k): v for k, v in padded.items()},
                       "max_loss_difference": diff}, indent=1))
+
+
+def _versus_bf16(a, inputs, step) -> None:
+    """float32 and bf16 autocast steps alternated over the same batches; medians and ratio."""
+    times = {"no": [], "bf16": []}
+    for kw in inputs[:2]:                                   # warm-up
+        step(kw, a.groups, "no"), step(kw, a.groups, "bf16")
+    for _ in range(a.repeats):
+        for kw in inputs:
+            for p in times:
+                times[p].append(step(kw, a.groups, p)[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"recipe": a.recipe, "batch_size": len(inputs[0]["input_ids"]), "batches": a.batches,
+                      "repeats": a.repeats, "threads": a.threads, "groups": a.groups,
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "median_step_s": {k: round(v, 4) for k, v in med.items()},
+                      "bf16_over_fp32": round(med["bf16"] / med["no"], 3)}, indent=1))
 
 
 if __name__ == "__main__":
