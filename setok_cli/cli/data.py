@@ -86,11 +86,13 @@ def edits(split, per_image, seed):
 @data.command("questions")
 @click.argument("split", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of each image's question order.")
-def questions(split, seed):
+@click.option("--types", default="", help="Only these kinds, comma-separated (color, shape, count, exist, "
+              "relation), written to instruct_<kinds>.json, e.g. instruct_count_relation.json.")
+def questions(split, seed, types):
     """Write SPLIT/instruct_all.json: every question of the five VQA types that each image
     answers (instruct.json keeps one per type), a denser stage-III set on the same images."""
     from ..data.shapes import questions_all
-    path, n = questions_all(split, seed)
+    path, n = questions_all(split, seed, tuple(t.strip() for t in types.split(",") if t.strip()))
     click.echo(f"{n} questions -> {path}")
 
 

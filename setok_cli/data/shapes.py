@@ -16,9 +16,9 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, all_questions, caption, caption_in_reading_order, count_phrase,
-                          describe_by_shape, phrase, questions, reading_order, referring_expression, region_name,
-                          sample_edit)
+from .shapes_text import (DESCRIBE_BY_SHAPE, QUESTION_TYPES, all_questions, caption, caption_in_reading_order,
+                          count_phrase, describe_by_shape, phrase, questions, reading_order, referring_expression,
+                          region_name, sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
@@ -251,13 +251,19 @@ def describe_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
     return path, len(out)
 
 
-def questions_all(split: str | Path, seed: int = 0) -> tuple[Path, int]:
+def questions_all(split: str | Path, seed: int = 0, types: tuple[str, ...] = ()) -> tuple[Path, int]:
     """A written split -> `instruct_all.json` beside its other files: SPEC instruct entries,
     every question `all_questions` finds for each image (the world's instruct.json keeps one
     per type, 4-5 an image), ids `<stem>_a<k>`, shuffled per image by (seed, image number).
     A stage-III set: ~5.5x the questions of instruct.json on the same images, so the lookups
     (an object found by its shape, colour or place) are not learnt off a few thousand
-    repeated questions. Returns (path, number of entries)."""
+    repeated questions. `types` (e.g. ("count", "relation")): only those kinds, written to
+    `instruct_count_relation.json` instead (kinds in QUESTION_TYPES order), a mixture row that
+    adds them alone. Returns (path, number of entries)."""
+    from ..errors import UserError
+    bad = sorted(set(types) - set(QUESTION_TYPES))
+    if bad:
+        raise UserError(f"unknown question type {bad[0]!r}: choose from {', '.join(QUESTION_TYPES)}")
     d, entries = _world_pairs(split, ("scene",))
     out: list[dict] = []
     for i, (e, objs) in enumerate(entries):
@@ -265,9 +271,11 @@ def questions_all(split: str | Path, seed: int = 0) -> tuple[Path, int]:
         stem = Path(e["image"]).stem
         rng = np.random.default_rng([seed, int(stem) if stem.isdigit() else i])
         for k, (kind, q, a) in enumerate(all_questions({"objects": objs}, rng)):
+            if types and kind not in types:
+                continue
             out.append({"id": f"{stem}_a{k}", "image": image, "type": kind,
                         "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
-    path = d / "instruct_all.json"
+    path = d / ("instruct_" + ("_".join(t for t in QUESTION_TYPES if t in types) if types else "all") + ".json")
     atomic_write_json(path, out, indent=None)
     return path, len(out)
 

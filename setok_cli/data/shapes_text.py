@@ -125,6 +125,9 @@ def referred_objects(question: str, objects: list[dict]) -> list[int]:
     return sorted(out)
 
 
+QUESTION_TYPES = ("color", "shape", "count", "exist", "relation")   # the world's VQA kinds
+
+
 def _relation(a: dict, b: dict, rng: np.random.Generator) -> tuple[str, bool] | None:
     dx, dy = b["center"][0] - a["center"][0], b["center"][1] - a["center"][1]
     opts = []

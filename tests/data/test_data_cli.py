@@ -198,6 +198,19 @@ def test_setok_data_questions_every_answer_is_the_scenes(world, tmp_path):
     assert r.exit_code == 2 and _error_lines(r.output) and "pairs.json" in r.output
 
 
+def test_setok_data_questions_types_keeps_those_kinds(world, tmp_path):
+    split, _ = _split_copy(world, tmp_path, "questions")
+    every = json.loads((split / "instruct_all.json").read_text())
+    r = CliRunner().invoke(cli, ["data", "questions", str(split), "--types", "relation, count"])
+    assert r.exit_code == 0, r.output
+    some = json.loads((split / "instruct_count_relation.json").read_text())
+    assert some == [e for e in every if e["type"] in ("count", "relation")] and some
+    assert json.loads((split / "instruct_all.json").read_text()) == every            # left as it was
+    r = CliRunner().invoke(cli, ["data", "questions", str(split), "--types", "count,size"])
+    assert r.exit_code != 0 and _error_lines(r.output) and "'size'" in r.output
+    assert not (split / "instruct_count_size.json").exists() and not (split / "instruct_count.json").exists()
+
+
 def test_caption_in_reading_order_known_text():
     from setok_cli.data.shapes_text import caption_in_reading_order
     o = lambda c, s, x, y: {"color": c, "shape": s, "center": [x, y]}               # noqa: E731

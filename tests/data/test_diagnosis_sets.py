@@ -1,0 +1,55 @@
+"""The question sets of the relation diagnosis (benchmarks/side_questions.py, relation_probe.py)."""
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_side_questions_answer_each_scene(world):
+    from setok_cli.data.formats import load
+    from setok_cli.data.shapes_text import referring_expression
+    split = world / "train"
+    r = subprocess.run([sys.executable, str(BENCH / "side_questions.py"), str(split)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    entries = load(split / "instruct_side.json", "instruct")           # a valid SPEC instruct file
+    assert entries and {e["conversations"][1]["value"] for e in entries} == {"yes", "no"}
+    for e in entries:
+        stem, k = re.fullmatch(r"(\d+)_s(\d+)", e["id"]).groups()
+        objs = json.loads((split / "scenes" / f"{stem}.json").read_text())["objects"]
+        name, side = re.fullmatch(r"<image>\nIs (.+) at the (\w+)\?", e["conversations"][0]["value"]).groups()
+        assert referring_expression(objs, int(k)) == name
+        x, y = objs[int(k)]["center"]
+        v, low = (y, "top") if side in ("top", "bottom") else (x, "left")
+        assert abs(v - 0.5) > 0.1
+        assert e["conversations"][1]["value"] == ("yes" if (v < 0.5) == (side == low) else "no"), (e, objs[int(k)])
+    r = subprocess.run([sys.executable, str(BENCH / "side_questions.py"), str(world / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_relation_probe_questions_known_scene():
+    from setok_cli.data.shapes import COLOR_NAMES, SHAPES
+    probe = _module("relation_probe")
+    red = {"color": "red", "shape": "circle", "center": [0.2, 0.3]}
+    blue = {"color": "blue", "shape": "square", "center": [0.8, 0.32]}      # level with red: no above / below
+    twin = [{"color": "green", "shape": "star", "center": [0.5, 0.9]}] * 2  # named twice: never asked about
+    qs = probe.questions([{"objects": [red, blue, *twin]}])
+    C, S = len(COLOR_NAMES), len(SHAPES)
+    got = {(q[0], q[1], q[2 + 0] - C - S, q[3]): yes for _, q, yes, _ in qs}
+    r, c, b, s = COLOR_NAMES.index("red"), SHAPES.index("circle"), COLOR_NAMES.index("blue"), SHAPES.index("square")
+    assert got == {(r, C + c, 0, b): 1, (r, C + c, 1, b): 0, (b, C + s, 0, r): 0, (b, C + s, 1, r): 1}
+    side = probe.questions([{"objects": [red, blue]}], "side")
+    # red: left (x 0.2) and top (y 0.3); blue: right; its y 0.32 is 0.18 from the middle, so top too
+    assert {(q[0], q[2] - C - S - 4, yes) for _, q, yes, _ in side} == {
+        (r, 0, 1), (r, 1, 0), (r, 2, 1), (r, 3, 0), (b, 0, 0), (b, 1, 1), (b, 2, 1), (b, 3, 0)}
