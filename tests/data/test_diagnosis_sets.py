@@ -16,10 +16,13 @@ def _module(name):
     return mod
 
 
-def test_side_questions_answer_each_scene(world):
+def test_side_questions_answer_each_scene(world, tmp_path):
+    import shutil
+
     from setok_cli.data.formats import load
     from setok_cli.data.shapes_text import referring_expression
-    split = world / "train"
+    split = tmp_path / "train"                                   # the script writes beside the split's files
+    shutil.copytree(world / "train", split)
     r = subprocess.run([sys.executable, str(BENCH / "side_questions.py"), str(split)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     entries = load(split / "instruct_side.json", "instruct")           # a valid SPEC instruct file
