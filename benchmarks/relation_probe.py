@@ -133,13 +133,13 @@ def batch(samples: list[tuple], features: torch.Tensor):
 
 
 def run(train: list, val: list, layers: int, places: bool, steps: int, bs: int, seed: int,
-        also: list = ()) -> list[dict]:
+        also: list = (), cells: int = 16 * 16) -> list[dict]:
     """Train a probe on `train` (and, every other step, on `also`), score val every 250 steps."""
     from setok_cli.data.shapes import COLOR_NAMES, SHAPES
     from setok_cli.models.setokim.place import place_features
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    features = place_features(16 * 16)
+    features = place_features(cells)                    # the model's patch grid, as its place head reads it
     D = train[0][0]["x"].shape[1]
     net = Probe(D, features.shape[1] if places else 0, len(COLOR_NAMES) + len(SHAPES) + 2 * len(RELATIONS), layers)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-3)
@@ -191,7 +191,7 @@ def main() -> None:
            "val_yes": round(sum(s[2] for s in va) / max(len(va), 1), 3), "runs": []}
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}), flush=True)
     for n in a.layers:
-        res["runs"] += run(tr, va, n, not a.no_places, a.steps, a.batch, a.seed, also)
+        res["runs"] += run(tr, va, n, not a.no_places, a.steps, a.batch, a.seed, also, model.place_head.cells)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"-> {a.out}")
