@@ -96,6 +96,18 @@ def questions(split, seed, types):
     click.echo(f"{n} questions -> {path}")
 
 
+@data.command("explain")
+@click.argument("file", type=click.Path(dir_okay=False))
+def explain(file):
+    """Write FILE's instruct entries to <name>_explained.json, each relation answer giving both
+    objects' places (0-6 along the compared axis) first, "the red circle at 2, the blue square
+    at 5: yes", and each count by colour or shape the objects counted, "a red circle, a red
+    star: 2". `setok ask --data` and `setok eval vqa` score the part after the last ": "."""
+    from ..data.shapes import explain_answers
+    path, n = explain_answers(file)
+    click.echo(f"{n} answers explained -> {path}")
+
+
 @data.command("reading")
 @click.argument("split", type=click.Path(file_okay=False))
 @click.option("--rows", default=16, show_default=True, type=int,

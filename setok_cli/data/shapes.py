@@ -17,14 +17,14 @@ import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
 from .shapes_text import (DESCRIBE_BY_SHAPE, QUESTION_TYPES, all_questions, caption, caption_in_reading_order,
-                          count_phrase, describe_by_shape, phrase, questions, reading_order, referring_expression,
-                          region_name, sample_edit)
+                          count_phrase, describe_by_shape, explained_answer, phrase, questions, reading_order,
+                          referring_expression, region_name, sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
 
 __all__ = ["generate", "make_example", "write_split", "referring_by", "describe_by", "questions_all", "edits_all",
-           "captions_reading", "parse_splits",
+           "explain_answers", "captions_reading", "parse_splits",
            "split_counts", "scene_record", "png_bytes",
            "all_questions", "caption", "caption_in_reading_order", "count_phrase", "reading_order", "describe_by_shape",
            "phrase", "questions",
@@ -278,6 +278,42 @@ def questions_all(split: str | Path, seed: int = 0, types: tuple[str, ...] = ())
     path = d / ("instruct_" + ("_".join(t for t in QUESTION_TYPES if t in types) if types else "all") + ".json")
     atomic_write_json(path, out, indent=None)
     return path, len(out)
+
+
+def explain_answers(path: str | Path) -> tuple[Path, int]:
+    """An instruct file of a written split (beside its pairs.json) -> `<name>_explained.json`
+    beside it: the same entries, single- and multi-turn, with each answer to a relation
+    question stating both objects' places first ("the red circle at 2, the blue square at 5:
+    yes") and each count by colour or shape listing the objects counted ("a red circle, a red
+    star: 2"), found from the scene. A stage-III set in which each step is one lookup and one
+    place, or one comparison. Returns (path, number of answers explained)."""
+    from ..errors import UserError
+    src = Path(path)
+    if not src.is_file():
+        raise UserError(f"{src}: no such file (an instruct file of a `setok data shapes` split)")
+    d, pairs = _world_pairs(src.parent, ("scene",))
+    scenes = {str(Path(e["image"]).resolve()): objs for e, objs in pairs}
+    entries = json.loads(src.read_text())
+    n = 0
+    for e in entries:
+        turns = e.get("conversations") or []
+        for ask, ans in zip(turns, turns[1:]):
+            if ask.get("from") != "human" or ans.get("from") != "gpt":
+                continue
+            objs = scenes.get(str((d / str(e.get("image"))).resolve()))
+            if objs is None:
+                raise UserError(f"{src}: entry {e.get('id')!r}: {e.get('image')} is not an image of {d / 'pairs.json'}")
+            q = ask.get("value", "").replace("<image>", "").strip()
+            try:
+                said = explained_answer(q, ans.get("value"), objs)
+            except ValueError:
+                raise UserError(f"{src}: entry {e.get('id')!r}: {q!r} is not answered as its scene "
+                                "answers it") from None
+            if said is not None:
+                ans["value"], n = said, n + 1
+    out = src.with_name(src.stem + "_explained.json")
+    atomic_write_json(out, entries, indent=None)
+    return out, n
 
 
 def edits_all(split: str | Path, per_image: int = 3, seed: int = 0, advance=None) -> tuple[Path, int]:

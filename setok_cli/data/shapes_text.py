@@ -2,6 +2,8 @@
 instructions for a scene graph (see `shapes_world` for the graph)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .shapes_world import COLOR_NAMES, MAX_OBJECTS, NUMBER_WORDS, PLURALS, REGIONS, SHAPES, _valid, sample_object
@@ -126,6 +128,63 @@ def referred_objects(question: str, objects: list[dict]) -> list[int]:
 
 
 QUESTION_TYPES = ("color", "shape", "count", "exist", "relation")   # the world's VQA kinds
+PLACE_BINS = 7          # an explained relation states each object's place in 0..6 along the compared axis
+ANSWER_MARK = ": "      # an explained answer ends in ": <answer>" (`final_answer`)
+
+
+def place_bin(v: float) -> int:
+    """A centre coordinate in [0, 1] -> its bin 0..PLACE_BINS-1 (0: left / top)."""
+    return min(PLACE_BINS - 1, max(0, int(v * PLACE_BINS)))
+
+
+def explained_relation(name_a: str, a: dict, name_b: str, b: dict, rel: str, yes: bool) -> str:
+    """The answer of "Is A <rel> B?" with its reasons: each object's place along the axis that
+    `rel` compares, then the answer: "the red circle at 2, the blue square at 5: yes". Bins of
+    1/7 (`place_bin`); a relation holds for centres more than 0.08 apart, so about 4% of
+    them fall in one bin and the reasons do not decide them."""
+    axis = 0 if rel in ("to the left of", "to the right of") else 1
+    pa, pb = place_bin(a["center"][axis]), place_bin(b["center"][axis])
+    return f"{name_a} at {pa}, {name_b} at {pb}{ANSWER_MARK}{'yes' if yes else 'no'}"
+
+
+def explained_count(objects: list[dict], color: str | None = None, shape: str | None = None) -> str:
+    """The answer of "How many red objects / circles are there?" with its reasons: the objects
+    counted, in reading order, then their number: "a red circle, a red star: 2"; "0" when
+    there are none."""
+    found = [o for o in reading_order(objects) if color in (None, o["color"]) and shape in (None, o["shape"])]
+    if not found:
+        return "0"
+    return ", ".join(count_phrase(1, o["color"], o["shape"]) for o in found) + f"{ANSWER_MARK}{len(found)}"
+
+
+RELATION_QUESTION = re.compile(r"Is (the .+) (to the left of|to the right of|above|below) (the .+)\?")
+COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
+
+
+def explained_answer(question: str, answer: str, objs: list[dict]) -> str | None:
+    """A world question's answer with its reasons (relations: `explained_relation`; counts by
+    colour or shape: `explained_count`), None for the other kinds (the total count too: its
+    list would be the whole caption); ValueError if the plain answer is not the scene's."""
+    m = RELATION_QUESTION.fullmatch(question)
+    if m:
+        names = {referring_expression(objs, i): o for i, o in enumerate(objs)}
+        na, rel, nb = m.groups()
+        if na not in names or nb not in names or answer not in ("yes", "no"):
+            raise ValueError(question)
+        return explained_relation(na, names[na], nb, names[nb], rel, answer == "yes")
+    m = COUNT_QUESTION.fullmatch(question)
+    if m and (m.group(1) in COLOR_NAMES or m.group(2) in PLURALS.values()):     # not "How many objects"
+        shape = {p: s for s, p in PLURALS.items()}.get(m.group(2))
+        out = explained_count(objs, m.group(1), shape)
+        if out.rsplit(": ", 1)[-1] != answer:
+            raise ValueError(question)
+        return out
+    return None
+
+
+def final_answer(text: str) -> str:
+    """The answer of an explained answer ("... at 5: yes" -> "yes"); any other text as it is."""
+    return text.rsplit(ANSWER_MARK, 1)[-1] if ANSWER_MARK in text else text
 
 
 def _relation(a: dict, b: dict, rng: np.random.Generator) -> tuple[str, bool] | None:

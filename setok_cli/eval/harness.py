@@ -222,7 +222,10 @@ def vqa_questions(entries: list[dict]) -> list[dict]:
 
 
 def eval_vqa(data: str, pred: str, limit: Optional[int] = None) -> dict:
-    """Exact match after `normalize_answer`, overall and per question type."""
+    """Exact match after `normalize_answer`, overall and per question type. An explained
+    answer ("the red circle at 2, the blue square at 5: yes", in the data or the predictions)
+    counts by its last part (`final_answer`)."""
+    from ..data.shapes_text import final_answer
     entries = list(formats.load(data, "instruct", check_files=False))[:limit]
     qs = vqa_questions(entries)
     preds = read_predictions(pred, {"question_id": "the instruct entry's id", "answer": "the model's answer"},
@@ -241,7 +244,7 @@ def eval_vqa(data: str, pred: str, limit: Optional[int] = None) -> dict:
     for q in qs:
         a = by_id.get(q["id"])
         missing += a is None
-        per_type[q["type"]].append(a is not None and M.exact_match(str(a), q["answer"]))
+        per_type[q["type"]].append(a is not None and M.exact_match(final_answer(str(a)), final_answer(q["answer"])))
     allc = [c for v in per_type.values() for c in v]
     out = {"task": "vqa", "data": str(data), "questions": len(qs), "missing": missing,
            "accuracy": float(np.mean(allc)) if allc else None}

@@ -265,8 +265,10 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
     """Run `task` over a SPEC data file and write the prediction JSON `setok eval` reads
     (each prediction names its data entry by "index": captions repeat in the world).
     caption/generate read pairs, edit reads edits, vqa reads instruct (every question of
-    every entry), segment reads referring."""
+    every entry; an explained answer, "... at 5: yes", is written as "answer": "yes" and
+    "reasons": the whole text), segment reads referring."""
     from ..data.formats import load
+    from ..data.shapes_text import final_answer
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     opts = opts or Sampling()
@@ -288,7 +290,8 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
                 preds.append({"index": start + k, "image": rel(e["image"]), "caption": text})
         elif task == "vqa":
             for e, a in zip(chunk, ask(model, [e["image"] for e in chunk], [e["question"] for e in chunk], opts)):
-                preds.append({"question_id": e["id"], "question": e["question"], "answer": a})
+                preds.append({"question_id": e["id"], "question": e["question"], "answer": final_answer(a),
+                              **({"reasons": a} if final_answer(a) != a else {})})
         elif task == "segment":
             segs = segment(model, [e["image"] for e in chunk], [e["expression"] for e in chunk], opts,
                            snap_to_input=snap_to_input)

@@ -211,6 +211,56 @@ def test_setok_data_questions_types_keeps_those_kinds(world, tmp_path):
     assert not (split / "instruct_count_size.json").exists() and not (split / "instruct_count.json").exists()
 
 
+def test_setok_data_explain_states_both_places(world, tmp_path):
+    """`setok data explain`: the same entries, each relation answer the two objects' place bins
+    (checked against the scenes by hand, not by `place_bin`) and then the plain answer, each
+    count by colour or shape the objects counted; the other answers as they were; a file
+    outside a split is one line and writes nothing."""
+    import re
+
+    from setok_cli.data.formats import load
+    from setok_cli.data.shapes_text import final_answer, referring_expression
+    split, _ = _split_copy(world, tmp_path, "questions")
+    for src in ("instruct_all.json", "instruct.json"):
+        r = CliRunner().invoke(cli, ["data", "explain", str(split / src)])
+        assert r.exit_code == 0, r.output
+    plain = json.loads((split / "instruct_all.json").read_text())
+    said = load(split / "instruct_all_explained.json", "instruct")
+    assert len(said) == len(plain) and any(e["type"] == "relation" for e in said)
+    assert any(e["type"] == "count" and ", " in e["conversations"][1]["value"] for e in said)
+    scenes = {p["image"]: json.loads(open(p["scene"]).read())["objects"] for p in load(split / "pairs.json", "pairs")}
+    for e, p in zip(said, plain):
+        assert e["conversations"][0] == p["conversations"][0] and e["id"] == p["id"]
+        a, q = e["conversations"][1]["value"], e["conversations"][0]["value"]
+        assert final_answer(a) == p["conversations"][1]["value"]
+        objs = scenes[e["image"]]
+        counted = re.fullmatch(r"<image>\nHow many (?:(\w+) objects|(\w+)) are there\?", q)
+        if e["type"] == "count" and counted.group(2) != "objects" and a != "0":
+            listed = [tuple(x.split()[1:]) for x in a.rsplit(": ", 1)[0].split(", ")]  # "a red circle" -> (red, circle)
+            want = [(o["color"], o["shape"]) for o in objs if counted.group(1) in (None, o["color"])
+                    and counted.group(2) in (None, o["shape"] + "s", "crosses" if o["shape"] == "cross" else "")]
+            assert sorted(listed) == sorted(want) and a.endswith(f": {len(want)}"), (q, a, objs)
+            continue
+        if e["type"] != "relation":
+            assert a == p["conversations"][1]["value"]
+            continue
+        na, rel, nb = re.fullmatch(r"<image>\nIs (the .+) (to the left of|to the right of|above|below) (the .+)\?",
+                                   q).groups()
+        m = re.fullmatch(r"(the .+) at (\d), (the .+) at (\d): (yes|no)", a)
+        assert m and (m.group(1), m.group(3)) == (na, nb), a
+        names = {referring_expression(objs, i): o for i, o in enumerate(objs)}
+        axis = 0 if "of" in rel else 1
+        for name, digit in ((na, m.group(2)), (nb, m.group(4))):
+            v = names[name]["center"][axis]
+            assert int(digit) / 7 <= v < (int(digit) + 1) / 7, (name, v, digit)
+    assert (split / "instruct_explained.json").is_file()
+    r = CliRunner().invoke(cli, ["data", "explain", str(tmp_path / "nope.json")])
+    assert r.exit_code != 0 and _error_lines(r.output)
+    (tmp_path / "loose.json").write_text(json.dumps(plain[:3]))
+    r = CliRunner().invoke(cli, ["data", "explain", str(tmp_path / "loose.json")])
+    assert r.exit_code != 0 and _error_lines(r.output) and not (tmp_path / "loose_explained.json").exists()
+
+
 def test_caption_in_reading_order_known_text():
     from setok_cli.data.shapes_text import caption_in_reading_order
     o = lambda c, s, x, y: {"color": c, "shape": s, "center": [x, y]}               # noqa: E731

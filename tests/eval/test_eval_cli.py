@@ -25,6 +25,26 @@ def test_eval_vqa_table_and_json(world, tmp_path):
     assert r.exit_code == 0 and "accuracy" in r.output
 
 
+def test_eval_vqa_explained_answers_count_by_their_last_part(world, tmp_path):
+    """An explained answer ("the red circle at 2, the blue square at 5: yes") counts by its
+    last part, in the data and in the predictions; the places themselves are not scored."""
+    entries = formats.load(world / "instruct.json", "instruct")
+    qs = vqa_questions(entries)
+    pred = tmp_path / "p.json"
+    say = lambda a: f"the red circle at 2, the blue square at 5: {a}"          # noqa: E731
+    wrong = {"yes": "no", "no": "yes"}
+    pred.write_text(json.dumps([{"question_id": q["id"], "answer": say(q["answer"]) if i % 2 else
+                                 say(wrong.get(q["answer"], "no"))} for i, q in enumerate(qs)]))
+    got = json.loads(_run("vqa", "--data", str(world / "instruct.json"), "--pred", str(pred), "--json").output)
+    assert got["accuracy"] == pytest.approx(np.mean([i % 2 == 1 for i in range(len(qs))]))
+    for e in entries:                                                   # the data explained, the answers plain
+        e["conversations"][1]["value"] = say(e["conversations"][1]["value"])
+    data = tmp_path / "explained.json"
+    data.write_text(json.dumps(entries))
+    pred.write_text(json.dumps([{"question_id": q["id"], "answer": q["answer"]} for q in qs]))
+    assert json.loads(_run("vqa", "--data", str(data), "--pred", str(pred), "--json").output)["accuracy"] == 1.0
+
+
 def test_eval_limit_scores_the_first_entries(world, tmp_path):
     """--limit N on a prediction task: only the first N entries count (none missing), so a
     prediction file for the first N questions scores as it would on a file of those N."""
