@@ -16,9 +16,9 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, QUESTION_TYPES, all_questions, caption, caption_in_reading_order,
-                          count_phrase, describe_by_shape, explained_answer, phrase, questions, reading_order,
-                          referring_expression, region_name, sample_edit)
+from .shapes_text import (DESCRIBE_BY_SHAPE, EXPLAINED_KINDS, QUESTION_TYPES, all_questions, caption,
+                          caption_in_reading_order, count_phrase, describe_by_shape, explained_answer, phrase,
+                          questions, reading_order, referring_expression, region_name, sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
@@ -280,14 +280,21 @@ def questions_all(split: str | Path, seed: int = 0, types: tuple[str, ...] = ())
     return path, len(out)
 
 
-def explain_answers(path: str | Path) -> tuple[Path, int]:
+def explain_answers(path: str | Path, kinds: tuple[str, ...] = EXPLAINED_KINDS,
+                    out: str | Path | None = None) -> tuple[Path, int]:
     """An instruct file of a written split (beside its pairs.json) -> `<name>_explained.json`
     beside it: the same entries, single- and multi-turn, with each answer to a relation
     question stating both objects' places first ("the red circle at 2, the blue square at 5:
     yes") and each count by colour or shape listing the objects counted ("a red circle, a red
-    star: 2"), found from the scene. A stage-III set in which each step is one lookup and one
-    place, or one comparison. Returns (path, number of answers explained)."""
+    star: 2") and each existence question the objects of its colour ("a red star, a red circle:
+    yes"), found from the scene; only the question kinds in `kinds`. A stage-III set in which
+    each step is one lookup and one place, or one comparison. `out`: where to write instead.
+    Returns (path, number of answers explained)."""
     from ..errors import UserError
+    bad = sorted(set(kinds) - set(EXPLAINED_KINDS))
+    if bad or not kinds:
+        raise UserError(f"unknown kind {bad[0]!r}: choose from {', '.join(EXPLAINED_KINDS)}" if bad else
+                        f"no kinds: choose from {', '.join(EXPLAINED_KINDS)}")
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src}: no such file (an instruct file of a `setok data shapes` split)")
@@ -305,13 +312,13 @@ def explain_answers(path: str | Path) -> tuple[Path, int]:
                 raise UserError(f"{src}: entry {e.get('id')!r}: {e.get('image')} is not an image of {d / 'pairs.json'}")
             q = ask.get("value", "").replace("<image>", "").strip()
             try:
-                said = explained_answer(q, ans.get("value"), objs)
+                said = explained_answer(q, ans.get("value"), objs, kinds)
             except ValueError:
                 raise UserError(f"{src}: entry {e.get('id')!r}: {q!r} is not answered as its scene "
                                 "answers it") from None
             if said is not None:
                 ans["value"], n = said, n + 1
-    out = src.with_name(src.stem + "_explained.json")
+    out = Path(out) if out else src.with_name(src.stem + "_explained.json")
     atomic_write_json(out, entries, indent=None)
     return out, n
 

@@ -159,14 +159,31 @@ def explained_count(objects: list[dict], color: str | None = None, shape: str | 
 
 RELATION_QUESTION = re.compile(r"Is (the .+) (to the left of|to the right of|above|below) (the .+)\?")
 COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
+EXIST_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
+EXPLAINED_KINDS = ("relation", "count", "exist")        # the kinds `explained_answer` gives reasons for
 
 
-def explained_answer(question: str, answer: str, objs: list[dict]) -> str | None:
+def explained_exist(objects: list[dict], color: str, shape: str) -> str:
+    """The answer of "Is there a red circle?" with its reasons: the objects of that colour, in
+    reading order, then yes or no: "a red star, a red circle: yes"; "no" when no object has
+    that colour."""
+    found = [o for o in reading_order(objects) if o["color"] == color]
+    if not found:
+        return "no"
+    yes = any(o["shape"] == shape for o in found)
+    return ", ".join(count_phrase(1, o["color"], o["shape"]) for o in found) + f"{ANSWER_MARK}{'yes' if yes else 'no'}"
+
+
+def explained_answer(question: str, answer: str, objs: list[dict],
+                     kinds: tuple[str, ...] = EXPLAINED_KINDS) -> str | None:
     """A world question's answer with its reasons (relations: `explained_relation`; counts by
-    colour or shape: `explained_count`), None for the other kinds (the total count too: its
-    list would be the whole caption); ValueError if the plain answer is not the scene's."""
+    colour or shape: `explained_count`; existence: `explained_exist`), None for the other
+    kinds, for kinds not in `kinds` and for the total count (its list would be the whole
+    caption); ValueError if the plain answer is not the scene's."""
     m = RELATION_QUESTION.fullmatch(question)
     if m:
+        if "relation" not in kinds:
+            return None
         names = {referring_expression(objs, i): o for i, o in enumerate(objs)}
         na, rel, nb = m.groups()
         if na not in names or nb not in names or answer not in ("yes", "no"):
@@ -174,12 +191,15 @@ def explained_answer(question: str, answer: str, objs: list[dict]) -> str | None
         return explained_relation(na, names[na], nb, names[nb], rel, answer == "yes")
     m = COUNT_QUESTION.fullmatch(question)
     if m and (m.group(1) in COLOR_NAMES or m.group(2) in PLURALS.values()):     # not "How many objects"
-        shape = {p: s for s, p in PLURALS.items()}.get(m.group(2))
-        out = explained_count(objs, m.group(1), shape)
-        if out.rsplit(": ", 1)[-1] != answer:
-            raise ValueError(question)
-        return out
-    return None
+        out = explained_count(objs, m.group(1), {p: s for s, p in PLURALS.items()}.get(m.group(2)))
+    else:
+        m = EXIST_QUESTION.fullmatch(question)
+        if not m or m.group(1) not in COLOR_NAMES or m.group(2) not in SHAPES:
+            return None
+        out = explained_exist(objs, *m.groups())
+    if final_answer(out) != answer:
+        raise ValueError(question)
+    return out if ("count" if question.startswith("How") else "exist") in kinds else None
 
 
 def final_answer(text: str) -> str:

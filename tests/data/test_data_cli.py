@@ -214,8 +214,9 @@ def test_setok_data_questions_types_keeps_those_kinds(world, tmp_path):
 def test_setok_data_explain_states_both_places(world, tmp_path):
     """`setok data explain`: the same entries, each relation answer the two objects' place bins
     (checked against the scenes by hand, not by `place_bin`) and then the plain answer, each
-    count by colour or shape the objects counted; the other answers as they were; a file
-    outside a split is one line and writes nothing."""
+    count by colour or shape and each existence question the objects of the asked colour; the
+    other answers as they were; --kinds keeps the others plain; a file outside a split is one
+    line and writes nothing."""
     import re
 
     from setok_cli.data.formats import load
@@ -228,6 +229,7 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     said = load(split / "instruct_all_explained.json", "instruct")
     assert len(said) == len(plain) and any(e["type"] == "relation" for e in said)
     assert any(e["type"] == "count" and ", " in e["conversations"][1]["value"] for e in said)
+    assert any(e["type"] == "exist" and e["conversations"][1]["value"].endswith(": no") for e in said)
     scenes = {p["image"]: json.loads(open(p["scene"]).read())["objects"] for p in load(split / "pairs.json", "pairs")}
     for e, p in zip(said, plain):
         assert e["conversations"][0] == p["conversations"][0] and e["id"] == p["id"]
@@ -240,6 +242,14 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
             want = [(o["color"], o["shape"]) for o in objs if counted.group(1) in (None, o["color"])
                     and counted.group(2) in (None, o["shape"] + "s", "crosses" if o["shape"] == "cross" else "")]
             assert sorted(listed) == sorted(want) and a.endswith(f": {len(want)}"), (q, a, objs)
+            continue
+        exists = re.fullmatch(r"<image>\nIs there an? (\w+) (\w+)\?", q)
+        if e["type"] == "exist" and a != "no":
+            listed = [tuple(x.split()[1:]) for x in a.rsplit(": ", 1)[0].split(", ")]
+            assert sorted(listed) == sorted((o["color"], o["shape"]) for o in objs if o["color"] == exists.group(1))
+            continue
+        if e["type"] == "exist":                         # a plain "no": no object of that colour
+            assert all(o["color"] != exists.group(1) for o in objs)
             continue
         if e["type"] != "relation":
             assert a == p["conversations"][1]["value"]
@@ -254,6 +264,15 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
             v = names[name]["center"][axis]
             assert int(digit) / 7 <= v < (int(digit) + 1) / 7, (name, v, digit)
     assert (split / "instruct_explained.json").is_file()
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "relation",
+                                 "--out", str(tmp_path / "rel.json")])
+    assert r.exit_code == 0, r.output
+    only = json.loads((tmp_path / "rel.json").read_text())
+    assert [e for e in only if e["type"] != "relation"] == [e for e in plain if e["type"] != "relation"]
+    every = json.loads((split / "instruct_all_explained.json").read_text())
+    assert [e for e in only if e["type"] == "relation"] == [e for e in every if e["type"] == "relation"]
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "size"])
+    assert r.exit_code != 0 and _error_lines(r.output) and "'size'" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(tmp_path / "nope.json")])
     assert r.exit_code != 0 and _error_lines(r.output)
     (tmp_path / "loose.json").write_text(json.dumps(plain[:3]))
