@@ -298,12 +298,13 @@ def explain_answers(path: str | Path, kinds: tuple[str, ...] = EXPLAINED_KINDS,
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src}: no such file (an instruct file of a `setok data shapes` split)")
+    from .formats import read_json_list
+    entries = read_json_list(src)                                  # one line for a file that is no JSON list
     d, pairs = _world_pairs(src.parent, ("scene",))
     scenes = {str(Path(e["image"]).resolve()): objs for e, objs in pairs}
-    entries = json.loads(src.read_text())
     n = 0
     for e in entries:
-        turns = e.get("conversations") or []
+        turns = (e.get("conversations") or []) if isinstance(e, dict) else []
         for ask, ans in zip(turns, turns[1:]):
             if ask.get("from") != "human" or ans.get("from") != "gpt":
                 continue

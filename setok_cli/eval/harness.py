@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from ..data import formats
+from ..data.shapes_text import final_answer
 from ..errors import UserError
 from ..files import load_ids
 from . import metrics as M
@@ -222,10 +223,7 @@ def vqa_questions(entries: list[dict]) -> list[dict]:
 
 
 def eval_vqa(data: str, pred: str, limit: Optional[int] = None) -> dict:
-    """Exact match after `normalize_answer`, overall and per question type. An explained
-    answer ("the red circle at 2, the blue square at 5: yes", in the data or the predictions)
-    counts by its last part (`final_answer`)."""
-    from ..data.shapes_text import final_answer
+    """Exact match of `final_answer`s after `normalize_answer`, overall and per question type."""
     entries = list(formats.load(data, "instruct", check_files=False))[:limit]
     qs = vqa_questions(entries)
     preds = read_predictions(pred, {"question_id": "the instruct entry's id", "answer": "the model's answer"},
