@@ -152,9 +152,12 @@ def explained_count(objects: list[dict], color: str | None = None, shape: str | 
     counted, in reading order, then their number: "a red circle, a red star: 2"; "0" when
     there are none."""
     found = [o for o in reading_order(objects) if color in (None, o["color"]) and shape in (None, o["shape"])]
-    if not found:
-        return "0"
-    return ", ".join(count_phrase(1, o["color"], o["shape"]) for o in found) + f"{ANSWER_MARK}{len(found)}"
+    return _listed(found, str(len(found))) if found else "0"
+
+
+def _listed(found: list[dict], answer: str) -> str:
+    """Objects listed as a caption names them, then the answer: "a red circle, a red star: 2"."""
+    return ", ".join(count_phrase(1, o["color"], o["shape"]) for o in found) + ANSWER_MARK + answer
 
 
 RELATION_QUESTION = re.compile(r"Is (the .+) (to the left of|to the right of|above|below) (the .+)\?")
@@ -168,10 +171,7 @@ def explained_exist(objects: list[dict], color: str, shape: str) -> str:
     reading order, then yes or no: "a red star, a red circle: yes"; "no" when no object has
     that colour."""
     found = [o for o in reading_order(objects) if o["color"] == color]
-    if not found:
-        return "no"
-    yes = any(o["shape"] == shape for o in found)
-    return ", ".join(count_phrase(1, o["color"], o["shape"]) for o in found) + f"{ANSWER_MARK}{'yes' if yes else 'no'}"
+    return _listed(found, "yes" if any(o["shape"] == shape for o in found) else "no") if found else "no"
 
 
 def explained_answer(question: str, answer: str, objs: list[dict],

@@ -290,8 +290,9 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
                 preds.append({"index": start + k, "image": rel(e["image"]), "caption": text})
         elif task == "vqa":
             for e, a in zip(chunk, ask(model, [e["image"] for e in chunk], [e["question"] for e in chunk], opts)):
-                preds.append({"question_id": e["id"], "question": e["question"], "answer": final_answer(a),
-                              **({"reasons": a} if final_answer(a) != a else {})})
+                short = final_answer(a)
+                preds.append({"question_id": e["id"], "question": e["question"], "answer": short,
+                              **({"reasons": a} if short != a else {})})
         elif task == "segment":
             segs = segment(model, [e["image"] for e in chunk], [e["expression"] for e in chunk], opts,
                            snap_to_input=snap_to_input)
