@@ -98,14 +98,16 @@ def questions(split, seed, types):
 
 @data.command("explain")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--kinds", default="relation,count,exist", show_default=True,
+@click.option("--kinds", default="relation,count,exist,color", show_default=True,
               help="The question kinds whose answers give reasons (comma-separated).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of <name>_explained.json.")
 def explain(file, kinds, out):
     """Write FILE's instruct entries to <name>_explained.json with reasons before the answers:
     relations give both objects' places (0-6 along the compared axis), "the red circle at 2,
     the blue square at 5: yes"; counts by colour or shape the objects counted, "a red circle,
-    a red star: 2"; existence the objects of that colour, "a red star, a red circle: yes".
+    a red star: 2"; existence the objects of that colour, "a red star, a red circle: yes";
+    colour questions the objects in reading order up to the asked one, "a red circle, a blue
+    hexagon: blue".
     `setok ask --data` and `setok eval vqa` score the part after the last ": "."""
     from ..data.shapes import explain_answers
     path, n = explain_answers(file, tuple(k.strip() for k in kinds.split(",") if k.strip()), out)

@@ -163,7 +163,8 @@ def _listed(found: list[dict], answer: str) -> str:
 RELATION_QUESTION = re.compile(r"Is (the .+) (to the left of|to the right of|above|below) (the .+)\?")
 COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
 EXIST_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
-EXPLAINED_KINDS = ("relation", "count", "exist")        # the kinds `explained_answer` gives reasons for
+COLOR_QUESTION = re.compile(r"What color is the (\w+)\?")
+EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explained_answer` gives reasons for
 
 
 def explained_exist(objects: list[dict], color: str, shape: str) -> str:
@@ -174,12 +175,26 @@ def explained_exist(objects: list[dict], color: str, shape: str) -> str:
     return _listed(found, "yes" if any(o["shape"] == shape for o in found) else "no") if found else "no"
 
 
+def explained_color(objects: list[dict], shape: str) -> str:
+    """The answer of "What color is the hexagon?" with its reasons: the objects of the scene
+    in reading order (the order a caption in reading order names them) up to and including the
+    one with that shape, then its colour: "a red circle, a blue hexagon: blue". Each step is a
+    caption's step plus one test, "is the shape just written the asked one?", and the answer is
+    the colour written two words before. ValueError unless exactly one object has that shape
+    (the world asks only those)."""
+    found = [o for o in objects if o["shape"] == shape]
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} objects are {shape}s")
+    seen = reading_order(objects)
+    return _listed(seen[:seen.index(found[0]) + 1], found[0]["color"])
+
+
 def explained_answer(question: str, answer: str, objs: list[dict],
                      kinds: tuple[str, ...] = EXPLAINED_KINDS) -> str | None:
     """A world question's answer with its reasons (relations: `explained_relation`; counts by
-    colour or shape: `explained_count`; existence: `explained_exist`), None for the other
-    kinds, for kinds not in `kinds` and for the total count (its list would be the whole
-    caption); ValueError if the plain answer is not the scene's."""
+    colour or shape: `explained_count`; existence: `explained_exist`; colour:
+    `explained_color`), None for the other kinds, for kinds not in `kinds` and for the total
+    count (its list would be the whole caption); ValueError if the plain answer is not the scene's."""
     m = RELATION_QUESTION.fullmatch(question)
     if m:
         if "relation" not in kinds:
@@ -189,6 +204,14 @@ def explained_answer(question: str, answer: str, objs: list[dict],
         if na not in names or nb not in names or answer not in ("yes", "no"):
             raise ValueError(question)
         return explained_relation(na, names[na], nb, names[nb], rel, answer == "yes")
+    m = COLOR_QUESTION.fullmatch(question)
+    if m:
+        if m.group(1) not in SHAPES:
+            return None
+        out = explained_color(objs, m.group(1))
+        if final_answer(out) != answer:
+            raise ValueError(question)
+        return out if "color" in kinds else None
     m = COUNT_QUESTION.fullmatch(question)
     if m and (m.group(1) in COLOR_NAMES or m.group(2) in PLURALS.values()):     # not "How many objects"
         out = explained_count(objs, m.group(1), {p: s for s, p in PLURALS.items()}.get(m.group(2)))

@@ -17,10 +17,12 @@ noise as the uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from ..data.worker_errors import worker_message
 from ..errors import UserError
 from ..files import ensure_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .precision import Precision, resolve_precision
+from .precision import Precision, measured, resolve_precision, time_steps
 from .recipe import Recipe, dump_recipe
 
 __all__ = ["Trainer", "run", "STAGES", "select_trainable", "build_optimizer", "build_scheduler", "TrainResult"]
@@ -202,21 +204,28 @@ class Trainer:
                     raise UserError("train.tensorboard needs the tensorboard package "
                                     "(pip install 'setok[tensorboard]')") from None
             self.precision = resolve_precision(r.train.mixed_precision)
-            _release_accelerator_state(self.precision.mixed_precision)
+            # auto on a CPU with bf16 units: one process times its step both ways and runs its
+            # own autocast (several processes would have to agree: they keep the units' bf16)
+            self.measured = self.precision.measure and int(os.environ.get("WORLD_SIZE", "1")) == 1
+            mp = "no" if self.measured else self.precision.mixed_precision
+            _release_accelerator_state(mp)
             # on a machine without a GPU, `cpu=True` is what makes accelerate run several
             # processes (torchrun / accelerate launch) as MULTI_CPU over gloo
             accelerator = Accelerator(
                 cpu=not torch.cuda.is_available(),
-                mixed_precision=self.precision.mixed_precision, gradient_accumulation_steps=r.train.grad_accum,
+                mixed_precision=mp, gradient_accumulation_steps=r.train.grad_accum,
                 log_with=log_with,
                 project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                     logging_dir=str(self.output_dir / "tensorboard")),
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         else:
             self.precision = Precision(str(accelerator.mixed_precision), "the accelerator's")
+            self.measured = False
+        self.cpu_bf16 = False                   # our own CPU autocast (`measured` runs only)
         self.accelerator = acc = accelerator
         self.hooks = hooks or {}
-        acc.print(self.precision.line())
+        if not self.measured:
+            acc.print(self.precision.line())
         if self.precision.warning and acc.is_main_process:
             print(f"warning: {self.precision.warning}", file=sys.stderr)
 
@@ -248,10 +257,42 @@ class Trainer:
         # step it once per process); both it and the sampler ride in every checkpoint
         acc.register_for_checkpointing(self.scheduler)
         acc.register_for_checkpointing(self.sampler)
+        if self.measured:
+            self.precision = self._measure_precision()
+            self.cpu_bf16 = self.precision.mixed_precision == "bf16"
+            acc.print(self.precision.line())
         # each process draws its own noise from here on (reseeded by rank), restored on resume
         set_seed(r.seed + 1000 * (acc.process_index + 1))
         self.step = 0
         self.history: list[dict] = []
+
+    def _measure_precision(self, n_batches: int = 4) -> Precision:
+        """Time this run's own step (forward and backward) in float32 and under bf16 autocast
+        over `n_batches` batches drawn with the recipe's seed (the first a warm-up); keep the
+        faster (`precision.measured`). Gradients and buffers are put back as they were, and
+        the sampler (the data order) is not touched."""
+        fn = getattr(self.dataset, "collate", collate)
+        bs, n = self.recipe.data.batch_size, len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed)).tolist()
+        order = (order * (bs * n_batches // n + 1))[:bs * n_batches]     # a data set smaller than the batches
+        batches = [_to_device(fn([self.dataset[i] for i in order[k * bs:(k + 1) * bs]]), self.accelerator.device)
+                   for k in range(n_batches)]
+        saved = [b.detach().clone() for b in self.model.buffers()]
+        self.model.train()
+        steps = [lambda b=b: self.model(b)["loss"].backward() for b in batches]
+        try:
+            for step in steps:      # untimed: what a model computes once per sample (stage II's token cache)
+                step()
+            fp32_s, bf16_s = time_steps(steps, bf16=False), time_steps(steps, bf16=True)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, v in zip(self.model.buffers(), saved):
+                    b.copy_(v)
+        return measured(self.precision, fp32_s, bf16_s)
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_bf16 else contextlib.nullcontext()
 
     # -- data --
     def _loader(self) -> DataLoader:
@@ -274,8 +315,11 @@ class Trainer:
 
     # -- checkpoints --
     def _state(self) -> dict:
-        return {"epoch": self.sampler.epoch, "position": self.sampler.position,
-                "world_size": self.accelerator.num_processes, "seed": self.recipe.seed}
+        state = {"epoch": self.sampler.epoch, "position": self.sampler.position,
+                 "world_size": self.accelerator.num_processes, "seed": self.recipe.seed}
+        if self.measured:                       # a resumed run keeps the precision it measured
+            state["cpu_bf16"] = self.cpu_bf16
+        return state
 
     def save(self) -> Path:
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -300,6 +344,10 @@ class Trainer:
                             f"{self.accelerator.num_processes} (the data order would change)")
         self.step = int(state["step"])
         self.sampler.set_position(state["epoch"], state["position"])
+        if self.measured and "cpu_bf16" in state and bool(state["cpu_bf16"]) != self.cpu_bf16:
+            self.cpu_bf16 = bool(state["cpu_bf16"])
+            self.accelerator.print(f"precision: {'bf16' if self.cpu_bf16 else 'fp32'} (as measured when {path.name} "
+                                   "was trained: a run keeps one precision)")
         return True
 
     # -- the loop --
@@ -338,7 +386,8 @@ class Trainer:
                     except UserError as e:   # from a worker: its own line, not torch's traceback
                         raise UserError(worker_message(str(e))) from None
                     with acc.accumulate(self.model):
-                        out = self.model(batch)
+                        with self._autocast():
+                            out = self.model(batch)
                         loss = out["loss"]
                         if not torch.isfinite(loss):
                             raise RuntimeError(f"non-finite loss {loss.item()} at step {self.step}: "

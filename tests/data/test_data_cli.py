@@ -214,8 +214,9 @@ def test_setok_data_questions_types_keeps_those_kinds(world, tmp_path):
 def test_setok_data_explain_states_both_places(world, tmp_path):
     """`setok data explain`: the same entries, each relation answer the two objects' place bins
     (checked against the scenes by hand, not by `place_bin`) and then the plain answer, each
-    count by colour or shape and each existence question the objects of the asked colour; the
-    other answers as they were; --kinds keeps the others plain; a file outside a split is one
+    count by colour or shape and each existence question the objects of the asked colour, each
+    colour question the objects in reading order up to the asked one; the other answers as they were; --kinds
+    keeps the others plain; a file outside a split is one
     line and writes nothing."""
     import re
 
@@ -230,6 +231,8 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     assert len(said) == len(plain) and any(e["type"] == "relation" for e in said)
     assert any(e["type"] == "count" and ", " in e["conversations"][1]["value"] for e in said)
     assert any(e["type"] == "exist" and e["conversations"][1]["value"].endswith(": no") for e in said)
+    assert any(e["type"] == "color" and e["conversations"][1]["value"].count(", ") >= 2 for e in said)
+    assert any(e["type"] == "color" and ", " not in e["conversations"][1]["value"] for e in said)
     scenes = {p["image"]: json.loads(open(p["scene"]).read())["objects"] for p in load(split / "pairs.json", "pairs")}
     for e, p in zip(said, plain):
         assert e["conversations"][0] == p["conversations"][0] and e["id"] == p["id"]
@@ -247,6 +250,14 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
         if e["type"] == "exist" and a != "no":
             listed = [tuple(x.split()[1:]) for x in a.rsplit(": ", 1)[0].split(", ")]
             assert sorted(listed) == sorted((o["color"], o["shape"]) for o in objs if o["color"] == exists.group(1))
+            continue
+        if e["type"] == "color":                         # top row first, then left to right, up to the asked one
+            listed = [tuple(x.split()[1:]) for x in a.rsplit(": ", 1)[0].split(", ")]
+            rows = sorted(objs, key=lambda o: (int(o["center"][1] * 16), o["center"][0]))
+            asked = re.fullmatch(r"<image>\nWhat color is the (\w+)\?", q).group(1)
+            upto = next(i for i, o in enumerate(rows) if o["shape"] == asked)
+            assert listed == [(o["color"], o["shape"]) for o in rows[:upto + 1]], (a, objs)
+            assert a.endswith(": " + rows[upto]["color"])
             continue
         if e["type"] == "exist":                         # a plain "no": no object of that colour
             assert all(o["color"] != exists.group(1) for o in objs)

@@ -72,7 +72,9 @@ def toy_builder_uncached(recipe, accelerator=None):
 
 
 def toy_recipe(data_json: Path, out: Path, **train) -> object:
-    t = dict(max_steps=6, checkpoint_every=3, keep_last=2, log_every=1, progress=False, grad_accum=2)
+    # fp32 unless asked: `auto` may time a step both ways and pick by the clock (test_trainer)
+    t = dict(max_steps=6, checkpoint_every=3, keep_last=2, log_every=1, progress=False, grad_accum=2,
+             mixed_precision="no")
     t.update(train)
     return recipe_from_dict({"stage": "stage1", "seed": 3, "output_dir": str(out),
                              "data": {"train": [str(data_json)], "batch_size": 4},

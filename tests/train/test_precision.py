@@ -1,7 +1,8 @@
-"""`train.mixed_precision: auto`: bf16 only where the hardware runs it natively."""
+"""`train.mixed_precision: auto`: bf16 only where the hardware runs it natively and a timed
+step says it pays."""
 import pytest
 
-from setok_cli.train.precision import cpu_bf16_flag, cpu_flags, resolve_precision
+from setok_cli.train.precision import cpu_bf16_flag, cpu_flags, measured, resolve_precision, time_steps
 
 AVX2_LAPTOP = {"fpu", "sse4_2", "avx", "avx2", "fma"}
 SAPPHIRE_RAPIDS = AVX2_LAPTOP | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
@@ -18,6 +19,36 @@ SKYLAKE_SERVER = AVX2_LAPTOP | {"avx512f", "avx512bw"}        # AVX512 but no bf
 def test_auto_on_cpus(flags, expect, why):
     p = resolve_precision("auto", cuda=False, flags=flags, capability="AVX2")
     assert (p.mixed_precision, p.why, p.warning) == (expect, why, None)
+    assert p.measure == (expect == "bf16")          # bf16 units: the trainer times a step both ways
+
+
+def test_measured_keeps_the_faster_and_says_both_times():
+    p = resolve_precision("auto", cuda=False, flags=SAPPHIRE_RAPIDS, capability="AVX512")
+    slow = measured(p, fp32_s=0.40, bf16_s=0.72)
+    assert slow.mixed_precision == "no" and not slow.measure
+    assert slow.line() == "precision: fp32 (auto: CPU has amx_bf16, but a step takes 0.72 s in bf16, 0.4 s in fp32)"
+    fast = measured(p, fp32_s=0.90, bf16_s=0.30)
+    assert fast.line() == "precision: bf16 (auto: CPU has amx_bf16; a step takes 0.3 s in bf16, 0.9 s in fp32)"
+    assert measured(p, fp32_s=1.0, bf16_s=0.95).mixed_precision == "no"      # within the margin: fp32
+
+
+def test_time_steps_warm_up_once_and_run_under_autocast_only_when_asked():
+    import torch
+    seen = []
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def step(rows):
+        y = torch.randn(rows, 8) @ w
+        seen.append((rows, y.dtype))
+        y.float().sum().backward()
+    steps = [lambda r=r: step(r) for r in (2, 3, 4)]
+    assert time_steps(steps, bf16=True) > 0
+    assert seen == [(2, torch.bfloat16), (3, torch.bfloat16), (4, torch.bfloat16)]
+    seen.clear()
+    time_steps(steps, bf16=False)
+    assert [d for _, d in seen] == [torch.float32] * 3
+    with pytest.raises(ValueError):
+        time_steps(steps[:1], bf16=False)
 
 
 def test_auto_without_cpu_flags_is_fp32():

@@ -24,7 +24,8 @@ def _recipe(stage2_world, out, *extra):
         f"{{task: generate, path: {tr / 'pairs.json'}, weight: 0.5}}, "
         f"{{task: edit, path: {tr / 'edits.json'}, weight: 1.0}}]",
         "data.image_size=32", "data.batch_size=6", "train.log_every=1", "train.progress=false", "data.vocab_files=[]",
-        "train.threads=1", "optim.warmup_steps=2", "optim.lr=3e-3", *extra])
+        "train.threads=1", "optim.warmup_steps=2", "optim.lr=3e-3",
+        "train.mixed_precision=no", *extra])                 # bit-exact resume: no timed choice
 
 
 def test_mixture_weights_and_items(stage2_world):

@@ -117,12 +117,61 @@ def test_precision_is_chosen_and_said(data, tmp_path, capsys):
     """The default `auto` resolves to what this machine runs natively, in one printed line."""
     from setok_cli.train.precision import resolve_precision
 
-    r = toy_recipe(data, tmp_path / "run", max_steps=1, checkpoint_every=0, grad_accum=1)
+    r = toy_recipe(data, tmp_path / "run", max_steps=1, checkpoint_every=0, grad_accum=1, mixed_precision="auto")
     assert r.train.mixed_precision == "auto"
     t = Trainer(r, builder=toy_builder)
     expect = resolve_precision("auto")
-    assert t.accelerator.mixed_precision == expect.mixed_precision
-    assert expect.line() in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    if expect.measure:                  # bf16 units: a step timed both ways, our own autocast
+        assert t.accelerator.mixed_precision == "no" and t.cpu_bf16 == (t.precision.mixed_precision == "bf16")
+        assert [x for x in out if x.startswith("precision: ")] == [t.precision.line()]
+        assert "in bf16" in t.precision.why and "in fp32" in t.precision.why
+    else:
+        assert t.accelerator.mixed_precision == expect.mixed_precision
+        assert expect.line() in out
+
+
+@pytest.mark.parametrize("pick", ["no", "bf16"])
+def test_measured_auto_trains_as_it_chose_and_resumes_so(data, tmp_path, monkeypatch, capsys, pick):
+    """auto on a CPU with bf16 units (forced here): the timing leaves weights, buffers and
+    gradients as they were, so a run that picks fp32 equals a plain fp32 run; one that picks
+    bf16 runs its forward under autocast; a resumed run keeps the checkpoint's precision
+    even when its own timing says otherwise."""
+    from setok_cli.train import trainer as tr
+    from setok_cli.train.precision import Precision
+
+    units = Precision("bf16", "auto: CPU has amx_bf16", measure=True)
+    monkeypatch.setattr(tr, "resolve_precision", lambda requested: units)
+    monkeypatch.setattr(tr, "measured", lambda p, fp32_s, bf16_s: Precision(pick, f"timed {fp32_s > 0 and bf16_s > 0}"))
+    seen = []
+    orig = ToyStage.forward
+
+    def spy(self, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return orig(self, batch)
+    monkeypatch.setattr(ToyStage, "forward", spy)
+    kw = dict(max_steps=4, checkpoint_every=2, grad_accum=1, mixed_precision="auto")
+    t = Trainer(toy_recipe(data, tmp_path / "auto", **kw), builder=toy_builder)
+    assert t.accelerator.mixed_precision == "no" and t.cpu_bf16 == (pick == "bf16")
+    name = "fp32" if pick == "no" else "bf16"
+    assert f"precision: {name} (timed True)" in capsys.readouterr().out.splitlines()
+    assert seen == [False] * 8 + [True] * 4          # each batch once, then 1 + 3 batches each way
+    seen.clear()
+    t.train(stop_after=2)
+    assert seen == [pick == "bf16"] * 2
+    if pick == "no":
+        plain = Trainer(toy_recipe(data, tmp_path / "plain", **{**kw, "mixed_precision": "no"}), builder=toy_builder)
+        plain.train(stop_after=2)
+        assert torch.equal(flat_params(plain.model), flat_params(t.model))
+    other = "bf16" if pick == "no" else "no"
+    monkeypatch.setattr(tr, "measured", lambda p, fp32_s, bf16_s: Precision(other, "timed again"))
+    resumed = Trainer(toy_recipe(data, tmp_path / "auto", **kw), builder=toy_builder)
+    assert resumed.cpu_bf16 == (other == "bf16")
+    capsys.readouterr()
+    seen.clear()
+    resumed.train(resume=True)
+    assert resumed.step == 4 and seen == [pick == "bf16"] * 2
+    assert any("a run keeps one precision" in x for x in capsys.readouterr().out.splitlines())
 
 
 def _missing_image_data(root: Path) -> Path:
