@@ -288,8 +288,9 @@ def explain_answers(path: str | Path, kinds: tuple[str, ...] = EXPLAINED_KINDS,
     yes") and each count by colour or shape listing the objects counted ("a red circle, a red
     star: 2") and each existence question the objects of its colour ("a red star, a red circle:
     yes") and each colour question the objects in reading order up to the asked one ("a red
-    circle, a blue hexagon: blue"), found from the scene; only the question kinds in `kinds`. A stage-III set in which
-    each step is one lookup and one place, or one comparison. `out`: where to write instead.
+    circle, a blue hexagon: blue"), found from the scene; only the question kinds in `kinds`.
+    A stage-III set in which each step is one lookup and one place, or one comparison. `out`:
+    where to write instead.
     Returns (path, number of answers explained)."""
     from ..errors import UserError
     bad = sorted(set(kinds) - set(EXPLAINED_KINDS))

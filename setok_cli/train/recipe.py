@@ -126,7 +126,7 @@ class OptimRecipe:
 class TrainRecipe:
     max_steps: int = 1000                       # optimizer steps
     grad_accum: int = 1
-    mixed_precision: str = "auto"               # "auto" (bf16 where native and measured faster, else fp32) | "no" | "fp16" | "bf16"
+    mixed_precision: str = "auto"               # "auto" (bf16 where native and timed faster) | "no" | "fp16" | "bf16"
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 2

@@ -215,9 +215,9 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     """`setok data explain`: the same entries, each relation answer the two objects' place bins
     (checked against the scenes by hand, not by `place_bin`) and then the plain answer, each
     count by colour or shape and each existence question the objects of the asked colour, each
-    colour question the objects in reading order up to the asked one; the other answers as they were; --kinds
-    keeps the others plain; a file outside a split is one
-    line and writes nothing."""
+    colour question the objects in reading order up to the asked one; the other answers as
+    they were; --kinds keeps the others plain; a file outside a split is one line and writes
+    nothing."""
     import re
 
     from setok_cli.data.formats import load
