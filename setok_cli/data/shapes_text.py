@@ -204,25 +204,20 @@ def explained_answer(question: str, answer: str, objs: list[dict],
         if na not in names or nb not in names or answer not in ("yes", "no"):
             raise ValueError(question)
         return explained_relation(na, names[na], nb, names[nb], rel, answer == "yes")
-    m = COLOR_QUESTION.fullmatch(question)
-    if m:
-        if m.group(1) not in SHAPES:
-            return None
-        out = explained_color(objs, m.group(1))
-        if final_answer(out) != answer:
-            raise ValueError(question)
-        return out if "color" in kinds else None
-    m = COUNT_QUESTION.fullmatch(question)
-    if m and (m.group(1) in COLOR_NAMES or m.group(2) in PLURALS.values()):     # not "How many objects"
-        out = explained_count(objs, m.group(1), {p: s for s, p in PLURALS.items()}.get(m.group(2)))
+    color, count = COLOR_QUESTION.fullmatch(question), COUNT_QUESTION.fullmatch(question)
+    if color and color.group(1) in SHAPES:
+        kind, out = "color", explained_color(objs, color.group(1))
+    elif count and (count.group(1) in COLOR_NAMES or count.group(2) in PLURALS.values()):   # not "How many objects"
+        shape = {p: s for s, p in PLURALS.items()}.get(count.group(2))
+        kind, out = "count", explained_count(objs, count.group(1), shape)
     else:
         m = EXIST_QUESTION.fullmatch(question)
         if not m or m.group(1) not in COLOR_NAMES or m.group(2) not in SHAPES:
             return None
-        out = explained_exist(objs, *m.groups())
+        kind, out = "exist", explained_exist(objs, *m.groups())
     if final_answer(out) != answer:
         raise ValueError(question)
-    return out if ("count" if question.startswith("How") else "exist") in kinds else None
+    return out if kind in kinds else None
 
 
 def final_answer(text: str) -> str:
