@@ -56,3 +56,24 @@ def test_relation_probe_questions_known_scene():
     # red: left (x 0.2) and top (y 0.3); blue: right; its y 0.32 is 0.18 from the middle, so top too
     assert {(q[0], q[2] - C - S - 4, yes) for _, q, yes, _ in side} == {
         (r, 0, 1), (r, 1, 0), (r, 2, 1), (r, 3, 0), (b, 0, 0), (b, 1, 1), (b, 2, 1), (b, 3, 0)}
+
+
+def test_question_sensitivity_sets_known_scene():
+    """The benchmark asks the world's own questions: a lookup by shape for each shape one
+    object has, by colour for each colour one object has, and "is there" with near misses."""
+    qs = _module("question_sensitivity")
+    objs = [{"color": "red", "shape": "circle", "center": [0.2, 0.3]},
+            {"color": "blue", "shape": "circle", "center": [0.8, 0.7]},
+            {"color": "red", "shape": "star", "center": [0.5, 0.5]}]
+    sets = qs.question_sets(objs, ("color", "shape", "exist"))
+    assert sets["color"] == [("What color is the star?", "red")]          # two circles: never asked by shape
+    assert sets["shape"] == [("What shape is the blue object?", "circle")]
+    exist = dict(sets["exist"])
+    assert {q for q, a in exist.items() if a == "yes"} == {"Is there a red circle?", "Is there a blue circle?",
+                                                            "Is there a red star?"}
+    for q, a in exist.items():
+        if a == "no":                                                      # a near miss: one word off a present object
+            c, s = re.fullmatch(r"Is there an? (\w+) (\w+)\?", q).groups()
+            assert (c, s) not in {(o["color"], o["shape"]) for o in objs}
+            assert any(o["color"] == c or o["shape"] == s for o in objs)
+    assert qs.question_sets(objs, ("color",)) == {"color": sets["color"]}
