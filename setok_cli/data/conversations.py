@@ -180,9 +180,10 @@ class ConversationDataset(Dataset):
 class MixtureDataset(Dataset):
     """The weighted union of data sets: set j contributes round(w_j * len_j) items per
     epoch (whole copies, then a seeded subset for the fraction), fixed by `seed`, so the
-    trainer's seeded sampler shuffles it and resumes it exactly like any data set."""
+    trainer's seeded sampler shuffles it and resumes it exactly like any data set. Each item
+    carries "source": j, its set's index in `names`."""
 
-    def __init__(self, parts: Sequence[tuple[Dataset, float]], seed: int = 0):
+    def __init__(self, parts: Sequence[tuple[Dataset, float]], seed: int = 0, names: Optional[Sequence[str]] = None):
         if not parts:
             raise UserError("data.mixture is empty: list at least one {task, path, weight}")
         g = torch.Generator().manual_seed(seed)
@@ -200,6 +201,7 @@ class MixtureDataset(Dataset):
             owner.append(torch.full((len(idx),), j, dtype=torch.long))
             local.append(idx)
         self.owner, self.local = torch.cat(owner), torch.cat(local)
+        self.names = list(names) if names is not None else [f"set{j}" for j in range(len(parts))]
         if len(self.owner) == 0:
             raise UserError("data.mixture: every weight is 0")
 
@@ -207,7 +209,8 @@ class MixtureDataset(Dataset):
         return len(self.owner)
 
     def __getitem__(self, i: int) -> dict:
-        return self.sets[int(self.owner[i])][int(self.local[i])]
+        j = int(self.owner[i])
+        return {**self.sets[j][int(self.local[i])], "source": j}
 
     @staticmethod
     def collate(items: Sequence[dict]) -> dict:
@@ -220,7 +223,8 @@ class MixtureDataset(Dataset):
 
 def collate_conversations_batch(items: Sequence[dict]) -> dict:
     """Items -> {"index" (B,), "conversations": B lists, "pixel_values" (N, 3, S, S) every
-    image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B,
+    image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B, "source" (B,):
+    each item's set in a `MixtureDataset` (-1 outside one),
     "segment": B x (None | {"mask": (S, S) bool, "key"}), "attend": B x (None | `question_objects`)}."""
     pix = [p for it in items for p in it["pixel_values"]]
     if pix and any(p.shape != pix[0].shape for p in pix):
@@ -231,5 +235,6 @@ def collate_conversations_batch(items: Sequence[dict]) -> dict:
             "image_keys": [k for it in items for k in it["image_keys"]],
             "image_counts": torch.tensor([len(it["pixel_values"]) for it in items]),
             "task": [it["task"] for it in items],
+            "source": torch.tensor([it.get("source", -1) for it in items]),
             "segment": [it.get("segment") for it in items],
             "attend": [it.get("attend") for it in items]}

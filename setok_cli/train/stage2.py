@@ -36,7 +36,9 @@ __all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_mod
 
 
 class Stage2Model(nn.Module):
-    """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}."""
+    """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}, and with
+    `sources` (the mixture's set names) each set's text loss, "text/<task>:<file stem>" (NaN in
+    a batch without its items: the trainer's window mean skips it)."""
 
     def __init__(self, setokim: Setokim, cache_tokens: bool = True, row_groups: int = 1, attend: float = 0.0,
                  attend_layer: int = -1, attend_heads: str = "max", edit_changed: float = 1.0):
@@ -53,6 +55,7 @@ class Stage2Model(nn.Module):
         self._cache: dict[str, Tensor] = {}
         self._seeds: dict[str, Tensor] = {}          # with a place head: each cached image's token seeds
         self._regions: dict[str, Tensor] = {}
+        self.sources: list[str] = []                 # `MixtureDataset.names`, set by the stage builders
 
     # ---- image tokens ----------------------------------------------------------------
     @staticmethod
@@ -256,6 +259,11 @@ class Stage2Model(nn.Module):
                "stop": out.stop_loss.detach(),
                **({} if out.place_loss is None else {"place": out.place_loss.detach()}),
                "visual_tokens": torch.tensor(float(out.num_visual) / max(len(samples), 1))}
+        if self.sources and out.text_rows is not None:
+            src = batch["source"].to(out.text_rows.device)
+            for j, name in enumerate(self.sources):
+                got = out.text_rows[src == j].sum(0)                                 # (2,): summed loss, targets
+                res[f"text/{name}"] = got[0] / got[1] if got[1] > 0 else torch.tensor(float("nan"))
         if self.attend > 0:
             res["attend"] = attend.detach() if attend is not None else torch.tensor(float("nan"))
         return res
@@ -377,13 +385,16 @@ def _mixture(recipe: Recipe):
     for ds, _ in parts:
         ds.index_offset = offset
         offset += len(ds)
-    return MixtureDataset(parts, seed=recipe.seed)
+    names = [f"{m['task']}:{Path(m['path']).stem}" for m in recipe.data.mixture]
+    return MixtureDataset(parts, seed=recipe.seed,
+                          names=[f"{n}#{j}" if names.count(n) > 1 else n for j, n in enumerate(names)])
 
 
 def build_stage2(recipe: Recipe, accelerator=None):
     """The stage builder of the trainer: -> (model, dataset)."""
     dataset = _mixture(recipe)
     model = build_stage2_model(recipe)
+    model.sources = dataset.names
     model.fit_token_stats(dataset)
     model.fit_codebook(dataset, progress=_main(accelerator) and recipe.train.progress)
     model.fit_region_targets(dataset, progress=_main(accelerator) and recipe.train.progress)

@@ -172,9 +172,9 @@ class _Progress:
         fields = {}
         if record is not None:
             fields["speed"] = f"{record['samples_per_s']:.1f} img/s"
-            fields["terms"] = " ".join(f"{k}={v:.3f}" for k, v in record.items()
-                                       if k not in ("step", "epoch", "lr", "samples_per_s", "elapsed_s",
-                                                    "peak_mem_mb", "grad_norm"))
+            fields["terms"] = " ".join(f"{k}={v:.3f}" for k, v in record.items()     # per-set terms: log.jsonl only
+                                       if "/" not in k and k not in ("step", "epoch", "lr", "samples_per_s",
+                                                                     "elapsed_s", "peak_mem_mb", "grad_norm"))
         self.progress.update(self.task, completed=step, **fields)
 
     def close(self):
@@ -372,8 +372,8 @@ class Trainer:
         target = r.train.max_steps if stop_after is None else min(r.train.max_steps, self.step + stop_after)
         progress = _Progress(r.train.progress and acc.is_main_process, r.train.max_steps, self.step)
         batches = self._batches()
-        sums: dict[str, float] = {}
-        count, window_samples = 0, 0
+        sums: dict[str, tuple[float, int]] = {}     # per term: its sum and count over the window
+        window_samples = 0
         t_start = t_window = time.perf_counter()
         last_ckpt = None
         self.model.train()
@@ -398,27 +398,26 @@ class Trainer:
                                 [p for p in self.model.parameters() if p.requires_grad], r.optim.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                    count += 1
+                    for k, v in out.items():     # NaN: a term this batch has none of (a mixture set's loss)
+                        x, (a, n) = float(v.detach()), sums.get(k, (0.0, 0))
+                        sums[k] = (a + x, n + 1) if math.isfinite(x) else (a, n)
                     window_samples += batch["pixel_values"].shape[0] * acc.num_processes
                 self.scheduler.step()
                 self.step += 1
                 if self.step % r.train.log_every == 0 or self.step == target:
-                    means = {k: v / count for k, v in sums.items()}
-                    keys = sorted(means)
-                    t = torch.tensor([means[k] for k in keys], device=acc.device)
-                    t = acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t
+                    keys = sorted(sums)
+                    t = torch.tensor([sums[k][i] for i in (0, 1) for k in keys], device=acc.device)
+                    t = (acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t).tolist()
                     now = time.perf_counter()
                     record = {"step": self.step, "epoch": self.sampler.epoch,
                               "lr": self.scheduler.get_last_lr()[0],
-                              **{k: float(x) for k, x in zip(keys, t.tolist())},
+                              **{k: a / n for k, a, n in zip(keys, t, t[len(keys):]) if n > 0},
                               "grad_norm": float(grad_norm) if grad_norm is not None else None,
                               "samples_per_s": window_samples / max(now - t_window, 1e-9),
                               "elapsed_s": now - t_start, "peak_mem_mb": _peak_mem_mb()}
                     self._log(record)
                     progress.update(self.step, record)
-                    sums, count, window_samples, t_window = {}, 0, 0, now
+                    sums, window_samples, t_window = {}, 0, now
                 else:
                     progress.update(self.step)
                 if "after_step" in self.hooks:

@@ -409,6 +409,17 @@ def test_losses_match_hand_computed(folders):
     hf_loss = m.lm(inputs_embeds=emb, attention_mask=sp.attention_mask, position_ids=sp.position_ids,
                    labels=sp.labels).loss
     assert out.text_loss.item() == pytest.approx(hf_loss.item(), rel=1e-5)
+    # each row's summed text loss and its number of targets (the trainer's per-source losses)
+    logits = m.lm(inputs_embeds=emb, attention_mask=sp.attention_mask, position_ids=sp.position_ids).logits[:, :-1]
+    lab = sp.labels[:, 1:]
+    assert out.text_rows.shape == (ids.shape[0], 2)
+    for b in range(ids.shape[0]):
+        keep = lab[b] != -100
+        want = torch.nn.functional.cross_entropy(logits[b][keep].float(), lab[b][keep], reduction="sum")
+        assert out.text_rows[b, 0].item() == pytest.approx(want.item(), rel=1e-5)
+        assert out.text_rows[b, 1].item() == keep.sum().item() > 0
+    total, n = out.text_rows.sum(0).tolist()
+    assert total / n == pytest.approx(out.text_loss.item(), rel=1e-5)
     h = m.hidden(emb, sp.attention_mask, sp.position_ids).last_hidden_state
     s = int((sp.ids[1] == m.img_start_id).nonzero()[0])
     assert torch.allclose(emb[1, s + 1], m.projector(tokens[1, 0]), atol=1e-6)   # the token is fed back as input

@@ -45,6 +45,9 @@ def test_mixture_weights_and_items(stage2_world):
     assert it["conversations"][0]["value"].endswith(edit.entries[0]["instruction"])
     b = mix.collate([cap[0], edit[0]])
     assert b["pixel_values"].shape == (3, 3, 32, 32) and b["image_counts"].tolist() == [1, 2]
+    assert b["source"].tolist() == [-1, -1] and mix.names == ["set0", "set1"]     # items outside the mixture
+    i = int((mix.owner == 1).nonzero()[0])                                        # a mixture item: its set
+    assert mix[i]["source"] == 1 and mix.collate([mix[0], mix[i]])["source"].tolist() == [0, 1]
     with pytest.raises(UserError, match="weight must be a number >= 0"):
         MixtureDataset([(cap, -1)])
 
@@ -57,6 +60,9 @@ def test_recipe_mixture_passes_chat_turns(stage2_world, tmp_path):
     cut = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turns: 1}}]"))
     n_q = len(json.loads((tr / "instruct.json").read_text()))
     assert len(cut) == n_q > len(whole)                  # one question per conversation
+    two = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}}}, {chat}, turns: 1}}, "
+                                                   f"{{task: caption, path: {tr / 'pairs.json'}}}]"))
+    assert two.names == ["chat:instruct#0", "chat:instruct#1", "caption:pairs"]   # the trainer's text/<name> terms
     assert all(len(cut[i]["conversations"]) == 2 for i in range(len(cut)))
     with pytest.raises(UserError, match=r"weight\[, turns\]"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turn: 2}}]"))

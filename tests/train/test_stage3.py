@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,13 @@ def test_stage3_lowers_its_losses_and_saves_the_adapter(stage3_runs):
     first = sum(x["text"] for x in log[:8]) / 8
     last = sum(x["text"] for x in log[-8:]) / 8
     assert last < 0.7 * first, (first, last)
+    # the text loss of each mixture set beside the total, logged where the step's batch had its items
+    sets = ["text/instruct:instruct", "text/chat:instruct", "text/segment:referring", "text/edit:edits"]
+    seen = {k: [x[k] for x in log if k in x] for k in sets}
+    assert all(len(v) >= 20 and all(map(math.isfinite, v)) for v in seen.values()), {k: len(v) for k, v in seen.items()}
+    assert len(seen["text/edit:edits"]) < len(log)                      # weight 0.2 of batch 8: not in every step
+    for k in sets[:2]:                                                  # the questions are learnt
+        assert sum(seen[k][-8:]) < 0.7 * sum(seen[k][:8]), k
     ck = stage3_runs["stage3"] / "checkpoints" / "step_00000300" / "setokim"
     assert (ck / "adapter" / "adapter_model.safetensors").is_file() and (ck / "lm" / "config.json").is_file()
     cfg = json.loads((ck / "config.json").read_text())

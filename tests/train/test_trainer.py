@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,6 +46,28 @@ def test_loss_goes_down_and_logs(data, tmp_path):
     assert (tmp_path / "run" / "recipe.yaml").exists()
     assert res.last_checkpoint == latest_checkpoint(tmp_path / "run")        # the final one
     assert (res.last_checkpoint / "recipe.yaml").exists() and (res.last_checkpoint / "toy.pt").exists()
+
+
+def test_window_means_skip_terms_a_batch_lacks(data, tmp_path, monkeypatch):
+    """A term given as NaN (a mixture set with no item in the batch) is left out of its
+    window's mean; a term NaN in the whole window is not logged."""
+    calls, forward = [], ToyStage.forward
+
+    def with_terms(self, batch):
+        out = forward(self, batch)
+        calls.append(None)
+        k = len(calls)
+        out["sometimes"] = torch.tensor(float(k) if k % 3 else float("nan"))       # NaN at calls 3 and 6
+        out["never"] = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(ToyStage, "forward", with_terms)
+    r = toy_recipe(data, tmp_path / "run", max_steps=6, checkpoint_every=0, grad_accum=1, log_every=3)
+    Trainer(r, builder=toy_builder).train()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(calls) == 6 and [x["step"] for x in lines] == [3, 6]
+    assert [x["sometimes"] for x in lines] == [1.5, 4.5]                          # (1 + 2) / 2, (4 + 5) / 2
+    assert all("never" not in x and math.isfinite(x["loss"]) for x in lines)
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):

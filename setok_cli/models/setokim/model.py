@@ -16,9 +16,8 @@ from .config import SetokimConfig
 from .heads import CopyHead, Projector, make_visual_head, order_seeds, order_tokens, zca
 from .place import PlaceHead, drop_places, flat_seeds, pack_seeds
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
-from .lora import (_base_state_dict, is_adapter_param, is_peft, load_adapters,  # noqa: F401 (is_peft: API)
-                   wrap_lora)
-from .splice import Spliced, in_groups, length_groups, splice, token_rank, with_copy  # noqa: F401 (length_groups: API)
+from .lora import _base_state_dict, is_adapter_param, is_peft, load_adapters, wrap_lora  # noqa: F401 (is_peft: API)
+from .splice import Spliced, in_groups, length_groups, row_sums, splice, token_rank, with_copy  # noqa: F401 (API)
 from .text import IMG_END, IMG_START
 
 __all__ = ["Setokim", "SetokimOutput", "is_peft", "length_groups", "ADAPTER_DIR"]
@@ -35,6 +34,7 @@ class SetokimOutput:
     num_text: int           # counted text targets
     num_visual: int         # counted visual targets
     place_loss: Optional[Tensor] = None     # with a place head (in `loss`, weighted by place_loss_weight)
+    text_rows: Optional[Tensor] = None      # (B, 2): each row's summed text cross-entropy (detached), its targets
 
 
 class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig, part_name="Setokim model",
@@ -411,7 +411,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         sel = lab != -100
         logits = self.lm.get_output_embeddings()(h[:, :-1][sel]).float()    # (n, V): only where counted
         n_text = int(sel.sum())
-        text_loss = F.cross_entropy(logits, lab[sel], reduction="sum") / max(n_text, 1)
+        ce = F.cross_entropy(logits, lab[sel], reduction="none")                # (n,)
+        text_loss, text_rows = ce.sum() / max(n_text, 1), row_sums(ce.detach(), sel)     # (), (B, 2)
         hf = h.reshape(-1, h.shape[-1])
         if image_tokens is not None and image_token_mask is not None and image_token_mask.shape[0]:
             target = self.normalize(image_tokens[image_token_mask][sp.pred_src].float())
@@ -440,7 +441,8 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         loss = text_loss + c.visual_loss_weight * visual_loss + c.stop_loss_weight * stop_loss
         if place_loss is not None:
             loss = loss + c.place_loss_weight * place_loss
-        return SetokimOutput(loss, text_loss, visual_loss, stop_loss, n_text, int(sp.pred_pos.numel()), place_loss)
+        return SetokimOutput(loss, text_loss, visual_loss, stop_loss, n_text, int(sp.pred_pos.numel()), place_loss,
+                             text_rows)
 
     def generate(self, *args, **kwargs):
         """See `setokim.generate.generate`."""

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-__all__ = ["Spliced", "splice", "length_groups", "in_groups", "token_rank", "read_sources", "with_copy"]
+__all__ = ["Spliced", "splice", "length_groups", "in_groups", "token_rank", "read_sources", "with_copy", "row_sums"]
 
 
 @dataclass
@@ -207,3 +207,11 @@ def with_copy(model, generated: Tensor, sp: Spliced, image_tokens: Optional[Tens
     x = model.normalize(image_tokens[image_token_mask][src].float()).to(model.head_dtype)
     copy, gate = model.copy_head(h, rank, x, src_rank, allowed, hard=hard)
     return gate * copy + (1 - gate) * generated
+
+
+def row_sums(values: Tensor, sel: Tensor) -> Tensor:
+    """values (n,) at the True places of sel (B, L), in row-major order -> (B, 2): each row's sum
+    of its values and their number (a row without any: 0, 0)."""
+    row = sel.nonzero()[:, 0]
+    return torch.stack([values.new_zeros(sel.shape[0]).index_add(0, row, values),
+                        torch.bincount(row, minlength=sel.shape[0]).to(values.dtype)], 1)
