@@ -38,7 +38,7 @@ from ..data.worker_errors import worker_message
 from ..errors import UserError
 from ..files import ensure_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .precision import Precision, measured, resolve_precision, time_steps
+from .precision import Precision, busy, measured, resolve_precision, time_steps
 from .recipe import Recipe, dump_recipe
 
 __all__ = ["Trainer", "run", "STAGES", "select_trainable", "build_optimizer", "build_scheduler", "TrainResult"]
@@ -261,6 +261,8 @@ class Trainer:
             self.precision = self._measure_precision()
             self.cpu_bf16 = self.precision.mixed_precision == "bf16"
             acc.print(self.precision.line())
+            if self.precision.warning and acc.is_main_process:
+                print(f"warning: {self.precision.warning}", file=sys.stderr)
         # each process draws its own noise from here on (reseeded by rank), restored on resume
         set_seed(r.seed + 1000 * (acc.process_index + 1))
         self.step = 0
@@ -289,7 +291,7 @@ class Trainer:
             with torch.no_grad():
                 for b, v in zip(self.model.buffers(), saved):
                     b.copy_(v)
-        return measured(self.precision, fp32_s, bf16_s)
+        return measured(self.precision, fp32_s, bf16_s, busy())
 
     def _autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_bf16 else contextlib.nullcontext()

@@ -30,6 +30,15 @@ def test_measured_keeps_the_faster_and_says_both_times():
     fast = measured(p, fp32_s=0.90, bf16_s=0.30)
     assert fast.line() == "precision: bf16 (auto: CPU has amx_bf16; a step takes 0.3 s in bf16, 0.9 s in fp32)"
     assert measured(p, fp32_s=1.0, bf16_s=0.95).mixed_precision == "no"      # within the margin: fp32
+    assert slow.warning is None and measured(p, 0.4, 0.72, "busy").warning == "busy"
+
+
+def test_busy_warns_only_when_other_work_loads_the_cpu():
+    from setok_cli.train.precision import busy
+    assert busy(load=2.0, cores=2) is None and busy(load=3.0, cores=2) is None      # this run's own threads
+    said = busy(load=3.97, cores=2)                     # two 2-thread jobs on 2 cores (README: measured)
+    assert said.startswith("the CPU is busy (1-minute load 4.0 on 2 cores)") and "train.mixed_precision" in said
+    assert busy(load=3.97, cores=16) is None
 
 
 def test_time_steps_warm_up_once_and_run_under_autocast_only_when_asked():
