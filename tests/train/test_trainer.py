@@ -165,7 +165,8 @@ def test_measured_auto_trains_as_it_chose_and_resumes_so(data, tmp_path, monkeyp
 
     units = Precision("bf16", "auto: CPU has amx_bf16", measure=True)
     monkeypatch.setattr(tr, "resolve_precision", lambda requested: units)
-    monkeypatch.setattr(tr, "measured", lambda p, fp32_s, bf16_s: Precision(pick, f"timed {fp32_s > 0 and bf16_s > 0}"))
+    monkeypatch.setattr(tr, "measured",
+                        lambda p, fp32_s, bf16_s, warning=None: Precision(pick, f"timed {fp32_s > 0 and bf16_s > 0}"))
     seen = []
     orig = ToyStage.forward
 
@@ -187,7 +188,7 @@ def test_measured_auto_trains_as_it_chose_and_resumes_so(data, tmp_path, monkeyp
         plain.train(stop_after=2)
         assert torch.equal(flat_params(plain.model), flat_params(t.model))
     other = "bf16" if pick == "no" else "no"
-    monkeypatch.setattr(tr, "measured", lambda p, fp32_s, bf16_s: Precision(other, "timed again"))
+    monkeypatch.setattr(tr, "measured", lambda p, fp32_s, bf16_s, warning=None: Precision(other, "timed again"))
     resumed = Trainer(toy_recipe(data, tmp_path / "auto", **kw), builder=toy_builder)
     assert resumed.cpu_bf16 == (other == "bf16")
     capsys.readouterr()
