@@ -263,7 +263,7 @@ class Stage2Model(nn.Module):
             src = batch["source"].to(out.text_rows.device)
             for j, name in enumerate(self.sources):
                 got = out.text_rows[src == j].sum(0)                                 # (2,): summed loss, targets
-                res[f"text/{name}"] = got[0] / got[1] if got[1] > 0 else torch.tensor(float("nan"))
+                res[f"text/{name}"] = torch.where(got[1] > 0, got[0] / got[1].clamp(min=1), float("nan"))  # no sync
         if self.attend > 0:
             res["attend"] = attend.detach() if attend is not None else torch.tensor(float("nan"))
         return res
