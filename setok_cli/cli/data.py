@@ -88,18 +88,22 @@ def edits(split, per_image, seed):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of each image's question order.")
 @click.option("--types", default="", help="Only these kinds, comma-separated (color, shape, count, exist, "
               "relation), written to instruct_<kinds>.json, e.g. instruct_count_relation.json.")
-def questions(split, seed, types):
+@click.option("--absent", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Count questions about this many absent colours and as many absent shapes per image "
+                   "(answer 0); other than 1, the file name ends in _absent<N>.")
+def questions(split, seed, types, absent):
     """Write SPLIT/instruct_all.json: every question of the five VQA types that each image
     answers (instruct.json keeps one per type), a denser stage-III set on the same images."""
     from ..data.shapes import questions_all
-    path, n = questions_all(split, seed, tuple(t.strip() for t in types.split(",") if t.strip()))
+    path, n = questions_all(split, seed, tuple(t.strip() for t in types.split(",") if t.strip()), absent)
     click.echo(f"{n} questions -> {path}")
 
 
 @data.command("explain")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kinds", default="relation,count,exist,color", show_default=True,
-              help="The question kinds whose answers give reasons (comma-separated).")
+              help="The question kinds whose answers give reasons (comma-separated); exist_shape in place of "
+                   "exist lists the objects of the asked shape instead: \"a blue circle, a red circle: yes\".")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of <name>_explained.json.")
 def explain(file, kinds, out):
     """Write FILE's instruct entries to <name>_explained.json with reasons before the answers:

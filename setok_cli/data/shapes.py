@@ -16,8 +16,8 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, EXPLAINED_KINDS, QUESTION_TYPES, all_questions, caption,
-                          caption_in_reading_order, count_phrase, describe_by_shape, explained_answer, phrase,
+from .shapes_text import (DESCRIBE_BY_SHAPE, EXPLAINED_KINDS, EXPLAINED_OPTIONAL, QUESTION_TYPES, all_questions,
+                          caption, caption_in_reading_order, count_phrase, describe_by_shape, explained_answer, phrase,
                           questions, reading_order, referring_expression, region_name, sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
@@ -251,7 +251,7 @@ def describe_by(split: str | Path, by: str = "shape") -> tuple[Path, int]:
     return path, len(out)
 
 
-def questions_all(split: str | Path, seed: int = 0, types: tuple[str, ...] = ()) -> tuple[Path, int]:
+def questions_all(split: str | Path, seed: int = 0, types: tuple[str, ...] = (), absent: int = 1) -> tuple[Path, int]:
     """A written split -> `instruct_all.json` beside its other files: SPEC instruct entries,
     every question `all_questions` finds for each image (the world's instruct.json keeps one
     per type, 4-5 an image), ids `<stem>_a<k>`, shuffled per image by (seed, image number).
@@ -259,23 +259,28 @@ def questions_all(split: str | Path, seed: int = 0, types: tuple[str, ...] = ())
     (an object found by its shape, colour or place) are not learnt off a few thousand
     repeated questions. `types` (e.g. ("count", "relation")): only those kinds, written to
     `instruct_count_relation.json` instead (kinds in QUESTION_TYPES order), a mixture row that
-    adds them alone. Returns (path, number of entries)."""
+    adds them alone. `absent`: count questions about that many absent colours and as many
+    absent shapes per image (answer 0; 1 by default), written to `..._absent<N>.json`.
+    Returns (path, number of entries)."""
     from ..errors import UserError
     bad = sorted(set(types) - set(QUESTION_TYPES))
     if bad:
         raise UserError(f"unknown question type {bad[0]!r}: choose from {', '.join(QUESTION_TYPES)}")
+    if isinstance(absent, bool) or not isinstance(absent, int) or absent < 0:
+        raise UserError(f"absent must be an integer >= 0, got {absent!r}")
     d, entries = _world_pairs(split, ("scene",))
     out: list[dict] = []
     for i, (e, objs) in enumerate(entries):
         image = Path(e["image"]).relative_to(d.resolve()).as_posix()
         stem = Path(e["image"]).stem
         rng = np.random.default_rng([seed, int(stem) if stem.isdigit() else i])
-        for k, (kind, q, a) in enumerate(all_questions({"objects": objs}, rng)):
+        for k, (kind, q, a) in enumerate(all_questions({"objects": objs}, rng, absent)):
             if types and kind not in types:
                 continue
             out.append({"id": f"{stem}_a{k}", "image": image, "type": kind,
                         "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
-    path = d / ("instruct_" + ("_".join(t for t in QUESTION_TYPES if t in types) if types else "all") + ".json")
+    path = d / ("instruct_" + ("_".join(t for t in QUESTION_TYPES if t in types) if types else "all")
+                + (f"_absent{absent}" if absent != 1 else "") + ".json")
     atomic_write_json(path, out, indent=None)
     return path, len(out)
 
@@ -293,10 +298,13 @@ def explain_answers(path: str | Path, kinds: tuple[str, ...] = EXPLAINED_KINDS,
     where to write instead.
     Returns (path, number of answers explained)."""
     from ..errors import UserError
-    bad = sorted(set(kinds) - set(EXPLAINED_KINDS))
+    known = EXPLAINED_KINDS + EXPLAINED_OPTIONAL
+    bad = sorted(set(kinds) - set(known))
     if bad or not kinds:
-        raise UserError(f"unknown kind {bad[0]!r}: choose from {', '.join(EXPLAINED_KINDS)}" if bad else
-                        f"no kinds: choose from {', '.join(EXPLAINED_KINDS)}")
+        raise UserError(f"unknown kind {bad[0]!r}: choose from {', '.join(known)}" if bad else
+                        f"no kinds: choose from {', '.join(known)}")
+    if "exist" in kinds and "exist_shape" in kinds:
+        raise UserError("kinds exist and exist_shape both explain existence: choose one")
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src}: no such file (an instruct file of a `setok data shapes` split)")

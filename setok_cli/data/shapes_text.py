@@ -165,14 +165,19 @@ COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
 EXIST_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
 COLOR_QUESTION = re.compile(r"What color is the (\w+)\?")
 EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explained_answer` gives reasons for
+# existence explained by the objects of the asked shape instead (not a default kind)
+EXPLAINED_OPTIONAL = ("exist_shape",)
 
 
-def explained_exist(objects: list[dict], color: str, shape: str) -> str:
-    """The answer of "Is there a red circle?" with its reasons: the objects of that colour, in
-    reading order, then yes or no: "a red star, a red circle: yes"; "no" when no object has
-    that colour."""
-    found = [o for o in reading_order(objects) if o["color"] == color]
-    return _listed(found, "yes" if any(o["shape"] == shape for o in found) else "no") if found else "no"
+def explained_exist(objects: list[dict], color: str, shape: str, by: str = "color") -> str:
+    """The answer of "Is there a red circle?" with its reasons: the objects of that colour
+    (`by` "shape": of that shape), in reading order, then yes or no: "a red star, a red
+    circle: yes" ("a blue circle, a red circle: yes"); "no" when no object has that colour
+    (shape)."""
+    key, want = ("color", color) if by == "color" else ("shape", shape)
+    found = [o for o in reading_order(objects) if o[key] == want]
+    hit = any(o["color"] == color and o["shape"] == shape for o in found)
+    return _listed(found, "yes" if hit else "no") if found else "no"
 
 
 def explained_color(objects: list[dict], shape: str) -> str:
@@ -192,7 +197,8 @@ def explained_color(objects: list[dict], shape: str) -> str:
 def explained_answer(question: str, answer: str, objs: list[dict],
                      kinds: tuple[str, ...] = EXPLAINED_KINDS) -> str | None:
     """A world question's answer with its reasons (relations: `explained_relation`; counts by
-    colour or shape: `explained_count`; existence: `explained_exist`; colour:
+    colour or shape: `explained_count`; existence: `explained_exist`, by the asked shape with
+    the kind "exist_shape"; colour:
     `explained_color`), None for the other kinds, for kinds not in `kinds` and for the total
     count (its list would be the whole caption); ValueError if the plain answer is not the scene's."""
     m = RELATION_QUESTION.fullmatch(question)
@@ -214,7 +220,8 @@ def explained_answer(question: str, answer: str, objs: list[dict],
         m = EXIST_QUESTION.fullmatch(question)
         if not m or m.group(1) not in COLOR_NAMES or m.group(2) not in SHAPES:
             return None
-        kind, out = "exist", explained_exist(objs, *m.groups())
+        kind = "exist_shape" if "exist_shape" in kinds else "exist"
+        out = explained_exist(objs, *m.groups(), by="shape" if kind == "exist_shape" else "color")
     if final_answer(out) != answer:
         raise ValueError(question)
     return out if kind in kinds else None
@@ -283,11 +290,19 @@ def _pick(rng: np.random.Generator, xs: list) -> list:
     return [xs[int(rng.integers(len(xs)))]] if xs else []
 
 
-def all_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def _pick_n(rng: np.random.Generator, xs: list, n: int) -> list:
+    """n elements of xs drawn by rng without replacement (all of them if fewer), in xs' order;
+    n = 1 draws as `_pick` does."""
+    if n == 1:
+        return _pick(rng, xs)
+    return [xs[int(i)] for i in sorted(rng.permutation(len(xs))[:n])]
+
+
+def all_questions(scene: dict, rng: np.random.Generator, absent: int = 1) -> list[tuple[str, str, str]]:
     """Every question of the five types that the scene answers, in `questions`' words, shuffled:
     the colour of each object its shape singles out and the shape of each object its colour
-    singles out; the count of all objects, of each colour and shape present and of one absent
-    colour and shape (0); for each (colour, shape) present, "is there" that and a near miss
+    singles out; the count of all objects, of each colour and shape present and of `absent`
+    absent colours and shapes (0); for each (colour, shape) present, "is there" that and a near miss
     (its colour on an absent shape or its shape in an absent colour: "no"); and a relation
     for up to 2n ordered pairs of named objects; each question once. `questions` keeps one per
     type (k=5)."""
@@ -301,9 +316,9 @@ def all_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str,
         if colors.count(o["color"]) == 1:
             qs.append(("shape", f"What shape is the {o['color']} object?", o["shape"]))
     qs.append(("count", "How many objects are there?", str(len(objs))))
-    for c in sorted(set(colors), key=colors.index) + _pick(rng, [c for c in COLOR_NAMES if c not in colors]):
+    for c in sorted(set(colors), key=colors.index) + _pick_n(rng, [c for c in COLOR_NAMES if c not in colors], absent):
         qs.append(("count", f"How many {c} objects are there?", str(colors.count(c))))
-    for s in sorted(set(shapes), key=shapes.index) + _pick(rng, [s for s in SHAPES if s not in shapes]):
+    for s in sorted(set(shapes), key=shapes.index) + _pick_n(rng, [s for s in SHAPES if s not in shapes], absent):
         qs.append(("count", f"How many {PLURALS[s]} are there?", str(shapes.count(s))))
     present = {(o["color"], o["shape"]) for o in objs}
     for c, s in sorted(present, key=lambda cs: (colors.index(cs[0]), cs[1])):

@@ -86,6 +86,11 @@ class LossRecipe:
     # row read matches (an edit's changed or added object; `changed_token_weights`), against 1
     # for the tokens it copies; the visual loss stays a weighted mean (1: every token alike)
     edit_changed: float = 1.0
+    # stage III: the Setokim's own loss weights for this stage (null: the stage-2 model's
+    # visual_loss_weight, place_loss_weight, stop_loss_weight); the text loss weighs 1
+    visual: Optional[float] = None
+    place: Optional[float] = None
+    stop: Optional[float] = None
 
 
 @dataclass

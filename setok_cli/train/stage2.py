@@ -297,6 +297,10 @@ def _setokim_config(recipe: Recipe) -> SetokimConfig:
 def build_stage2_model(recipe: Recipe) -> Stage2Model:
     """The stage-2 model of a recipe: the LM (from its folder, or from scratch with the
     tiny word-level tokenizer built from the data's text), the stage-1 parts, fresh heads."""
+    for key in ("visual", "place", "stop"):
+        if getattr(recipe.loss, key) is not None:
+            raise UserError(f"loss.{key} weighs a stage-2 Setokim's term in stage III; in stage II set "
+                            f"model.setokim.{key}_loss_weight")
     cfg = _setokim_config(recipe)
     if cfg.text_tokenizer is None and isinstance(cfg.lm, dict):
         # a from-scratch LM: a word-level tokenizer of the training data's text (the same on

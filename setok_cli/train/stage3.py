@@ -15,6 +15,7 @@ adapters into a plain folder.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -42,11 +43,24 @@ def _tune(setokim: Setokim, recipe: Recipe) -> Setokim:
     return setokim
 
 
+def _loss_weights(setokim: Setokim, recipe: Recipe) -> Setokim:
+    """`loss.visual` / `loss.place` / `loss.stop` (when set) replace the stage-2 Setokim's own
+    weights of those terms for this stage; the text loss weighs 1."""
+    for key, field in (("visual", "visual_loss_weight"), ("place", "place_loss_weight"), ("stop", "stop_loss_weight")):
+        w = getattr(recipe.loss, key)
+        if w is None:
+            continue
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise UserError(f"loss.{key} must be a number >= 0 (or null: stage II's {field}), got {w!r}")
+        setattr(setokim.config, field, float(w))
+    return setokim
+
+
 def build_stage3_model(recipe: Recipe) -> Stage2Model:
     """The stage-2 Setokim of `model.setokim_from` with fresh LoRA adapters (its token
     statistics, projector and heads carried over; `model.setokim`, if any, only sizes
-    `--dry-run`)."""
-    setokim = Setokim.from_pretrained(_source(recipe))
+    `--dry-run`), its loss weights as the recipe's `loss` section sets them."""
+    setokim = _loss_weights(Setokim.from_pretrained(_source(recipe)), recipe)
     return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))
 
 

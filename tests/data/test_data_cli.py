@@ -211,6 +211,36 @@ def test_setok_data_questions_types_keeps_those_kinds(world, tmp_path):
     assert not (split / "instruct_count_size.json").exists() and not (split / "instruct_count.json").exists()
 
 
+def test_setok_data_questions_absent_asks_every_missing_colour_and_shape(world, tmp_path):
+    """--absent N: count questions about N absent colours and N absent shapes per image (all of
+    them when fewer are missing), each answered 0 by the scene (the oracle above)."""
+    import re
+
+    from setok_cli.data.shapes import COLOR_NAMES, PLURALS, SHAPES
+    split, _ = _split_copy(world, tmp_path, "questions")
+    r = CliRunner().invoke(cli, ["data", "questions", str(split), "--types", "count", "--absent", "20"])
+    assert r.exit_code == 0, r.output
+    from setok_cli.data.formats import load
+    entries = load(split / "instruct_count_absent20.json", "instruct")
+    pairs = {p["image"]: json.loads(open(p["scene"]).read())["objects"] for p in load(split / "pairs.json", "pairs")}
+    singular = {p: s for s, p in PLURALS.items()}
+    by_image: dict[str, list[str]] = {}
+    for e in entries:
+        q = e["conversations"][0]["value"].removeprefix("<image>\n")
+        objs = pairs[e["image"]]
+        assert e["type"] == "count" and e["conversations"][1]["value"] == _answer(objs, "count", q)
+        by_image.setdefault(e["image"], []).append(q)
+    for name, qs in by_image.items():          # every colour and every shape asked once, and the total
+        colours = {m.group(1) for q in qs if (m := re.fullmatch(r"How many (\w+) objects are there\?", q))}
+        shapes = {singular[m.group(1)] for q in qs if (m := re.fullmatch(r"How many (\w+) are there\?", q))
+                  and m.group(1) != "objects"}
+        assert colours == set(COLOR_NAMES) and shapes == set(SHAPES) and len(qs) == len(COLOR_NAMES) + len(SHAPES) + 1
+    assert len(by_image) == len(pairs)
+    r = CliRunner().invoke(cli, ["data", "questions", str(split), "--types", "count", "--absent", "-1"])
+    assert r.exit_code == 2 and "'--absent': -1 is not in the range x>=0" in r.output
+    assert not (split / "instruct_count_absent-1.json").exists()
+
+
 def test_setok_data_explain_states_both_places(world, tmp_path):
     """`setok data explain`: the same entries, each relation answer the two objects' place bins
     (checked against the scenes by hand, not by `place_bin`) and then the plain answer, each
@@ -282,6 +312,32 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     assert [e for e in only if e["type"] != "relation"] == [e for e in plain if e["type"] != "relation"]
     every = json.loads((split / "instruct_all_explained.json").read_text())
     assert [e for e in only if e["type"] == "relation"] == [e for e in every if e["type"] == "relation"]
+    # exist_shape: existence by the objects of the asked shape, in reading order, the other kinds plain
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "exist_shape",
+                                 "--out", str(tmp_path / "ex.json")])
+    assert r.exit_code == 0, r.output
+    by_shape = json.loads((tmp_path / "ex.json").read_text())
+    assert [e for e in by_shape if e["type"] != "exist"] == [e for e in plain if e["type"] != "exist"]
+    n_listed = 0
+    for e, p in zip(by_shape, plain):
+        if e["type"] != "exist":
+            continue
+        a = e["conversations"][1]["value"]
+        c, sh = re.fullmatch(r"<image>\nIs there an? (\w+) (\w+)\?", e["conversations"][0]["value"]).groups()
+        objs = next(v for k, v in scenes.items() if k.endswith("/" + e["image"]))
+        rows = sorted(objs, key=lambda o: (int(o["center"][1] * 16), o["center"][0]))
+        want = [(o["color"], o["shape"]) for o in rows if o["shape"] == sh]
+        truth = "yes" if (c, sh) in want else "no"
+        assert p["conversations"][1]["value"] == truth
+        if not want:
+            assert a == "no"
+            continue
+        listed = [tuple(x.split()[1:]) for x in a.rsplit(": ", 1)[0].split(", ")]
+        assert listed == want and a.endswith(": " + truth), (a, want)
+        n_listed += 1
+    assert n_listed and any(e["conversations"][1]["value"] == "no" for e in by_shape if e["type"] == "exist")
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "exist,exist_shape"])
+    assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "size"])
     assert r.exit_code != 0 and _error_lines(r.output) and "'size'" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(tmp_path / "nope.json")])

@@ -212,6 +212,8 @@ def test_edit_changed_trains_and_needs_the_mse_head(stage2_world, tmp_path):
                                    "model.setokim.visual_head=diffusion"))
     with pytest.raises(UserError, match="edit_changed must be a number > 0"):
         build_stage2_model(_recipe(stage2_world, tmp_path / "z", "loss.edit_changed=0"))
+    with pytest.raises(UserError, match=r"loss.visual weighs .* in stage II set model.setokim.visual_loss_weight"):
+        build_stage2_model(_recipe(stage2_world, tmp_path / "v", "loss.visual=0.5"))
 
 
 def test_place_head_trains_on_cached_seeds(stage2_world, tmp_path):

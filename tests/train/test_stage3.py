@@ -147,6 +147,18 @@ def test_stage3_recipe_errors_and_dry_run(stage3_runs, tmp_path):
                                                         "train.length_groups=0"])
     with pytest.raises(UserError, match="train.length_groups must be an integer >= 1, got 0"):
         build_stage3_model(r)
+    # loss.visual / place / stop replace stage II's weights of those terms (null keeps them)
+    kept = build_stage3_model(load_recipe(RECIPES / "tiny" / "stage3.yaml",
+                                          [f"model.setokim_from={stage3_runs['stage2']}"])).setokim.config
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+                                                        "loss.visual=0.3", "loss.place=0"])
+    c = build_stage3_model(r).setokim.config
+    assert (c.visual_loss_weight, c.place_loss_weight, c.stop_loss_weight) == (0.3, 0.0, kept.stop_loss_weight)
+    assert (kept.visual_loss_weight, kept.place_loss_weight) != (0.3, 0.0)
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+                                                        "loss.stop=-1"])
+    with pytest.raises(UserError, match="loss.stop must be a number >= 0"):
+        build_stage3_model(r)
     # the tiny recipe sized on meta from the stage-2 run's config: the adapters are what trains in the LM
     r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
                                                         "model.lora.r=8", "model.lora.alpha=16"])
