@@ -6,7 +6,9 @@
 Row 1: the true images of the first N test captions. Row 2: what the model writes for each
 caption (greedy, the MSE head's regressed tokens). Row 3: the same with each written token
 snapped to the nearest token of the bank. Row 4: the first N/2 test edits, source | edited
-without the bank | edited with it. The same calls as `setok generate|edit [--bank FILE]`.
+without the bank | edited with it. Row 5: the same edits, source | with the bank | with the bank
+and the source's pixels kept over the objects the edit copied. The same calls as `setok
+generate|edit [--bank FILE] [--keep-pixels]`.
 """
 from __future__ import annotations
 
@@ -49,13 +51,18 @@ def main(argv=None) -> None:
     eds = load(Path(a.data) / "edits.json", "edits")[: max(1, a.n // 2)]
     srcs, instr = [e["source"] for e in eds], [e["instruction"] for e in eds]
     e_plain, e_snapped = edit(model, srcs, instr, Sampling(), size), edit(model, srcs, instr, banked, size)
-    triples = [np.concatenate([np.asarray(load_image(s_)), np.full((size, 2, 3), 255, np.uint8), p_,
-                               np.full((size, 2, 3), 255, np.uint8), q_], 1)
+    banked.keep_pixels = 1
+    e_kept = edit(model, srcs, instr, banked, size)
+    bar = np.full((size, 2, 3), 255, np.uint8)
+    triples = [np.concatenate([np.asarray(load_image(s_)), bar, p_, bar, q_], 1)
                for s_, p_, q_ in zip(srcs, e_plain, e_snapped)]
+    kept = [np.concatenate([np.asarray(load_image(s_)), bar, q_, bar, k_], 1)
+            for s_, q_, k_ in zip(srcs, e_snapped, e_kept)]
     rows = [_row([_cell(np.asarray(load_image(p["image"])), [f"truth: {p['caption']}"]) for p in pairs]),
             _row([_cell(g[0], ["written (MSE head)"]) for g in plain]),
             _row([_cell(g[0], ["written, snapped to the bank"]) for g in snapped]),
-            _row([_cell(t, [f"{i}: source | plain | bank"], 2 * CELL) for t, i in zip(triples, instr)])]
+            _row([_cell(t, [f"{i}: source | plain | bank"], 2 * CELL) for t, i in zip(triples, instr)]),
+            _row([_cell(t, [f"{i}: source | bank | bank, pixels kept"], 2 * CELL) for t, i in zip(kept, instr)])]
     _save_stacked(rows, a.out)
     print(json.dumps({"out": a.out, "captions": len(caps), "edits": len(eds), "cell": CELL}))
 

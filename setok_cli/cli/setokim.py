@@ -221,18 +221,23 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @click.option("--size", type=click.IntRange(min=8), help="Output side in pixels (default: the detokenizer's).")
 @_bank_option
 @_detok_option
+@click.option("--keep-pixels", type=click.IntRange(min=0), is_flag=False, flag_value=1, metavar="[GROW]",
+              help="With --bank: paste the source's pixels back over each object the edit copied, grown by GROW cells.")
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
              copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin,
-             max_overlap, snap_metric, place_mode, place_temperature, detok_path):
+             max_overlap, snap_metric, place_mode, place_temperature, detok_path, keep_pixels):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
     from ..tasks.setokim import edit, save_png, side_by_side
     _check_bank(bank_path, detok_path)
+    if keep_pixels is not None and not bank_path:
+        raise UserError("--keep-pixels needs --bank FILE (the source tokens an edit copies are found by snapping)")
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
     _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_mode, place_temperature)
+    opts.keep_pixels = keep_pixels
     _use_detokenizer(model, detok_path)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_json, ensure_dir
 
-__all__ = ["Sampling", "load_setokim", "caption", "generate", "edit", "ask", "segment", "Segmented", "overlay",
-           "run_file", "side_by_side", "TASKS"]
+__all__ = ["Sampling", "load_setokim", "caption", "generate", "edit", "keep_source_pixels", "ask", "segment",
+           "Segmented", "overlay", "run_file", "side_by_side", "TASKS"]
 
 TASKS = ("caption", "generate", "edit", "vqa", "segment")
 _KIND = {"caption": "pairs", "generate": "pairs", "edit": "edits", "vqa": "instruct", "segment": "referring"}
@@ -67,6 +67,9 @@ class Sampling:
     snap_metric: str = "cos"                    # with a bank: "cos" (nearest by direction) or "l2"
     place_temperature: float = 1.0              # a place head's temperature over seed cells (0: most likely)
     place: str = "auto"                         # which rows draw a place: auto (no input image), draw, off
+    keep_pixels: Optional[int] = None           # an edit: paste the source's pixels back over the objects it
+                                                # copied token for token, grown by this many layout cells
+                                                # (with a bank that stores layouts; None: off)
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
@@ -170,10 +173,51 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
         sets = model.readable(sets, seeds)
     else:
         sets = model.read_sets(list(images))
+    if opts.keep_pixels is not None and "image_layouts" not in lay:
+        raise UserError("keep_pixels needs a bank that stores token layouts (--bank FILE from `setok bank`, "
+                        "--max-overlap under 1)")
+    source_sets = [s[0] if isinstance(s, tuple) else s for s in sets]
     texts = [TASK_PROMPTS["edit"].format(instruction=t.strip()) for t in instructions]
     g = torch.Generator().manual_seed(opts.seed)
     gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets], start_image=True), **_kw(opts, g), **lay)
-    return _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
+    written = [o.images[0] if o.images else _empty(model) for o in gen]
+    out = _decode(model, written, opts, g, size)
+    if opts.keep_pixels is None:
+        return out
+    from ..images import as_image
+    return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, layout, w, opts.keep_pixels)
+            for im, o, src, layout, w in zip(images, out, source_sets, lay["image_layouts"], written)]
+
+
+def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: torch.Tensor,
+                       source_layouts: torch.Tensor, written: torch.Tensor, grow: int = 1,
+                       rtol: float = 1e-3) -> np.ndarray:
+    """An edit's decoded image with the source's own pixels pasted back over every source object
+    the edit copied token for token (not in the paper; `edit(opts.keep_pixels)`). The stage-1
+    detokenizer redraws even a copied object only approximately, so an edit that keeps an object
+    would otherwise still change it. A source token counts as copied when a written token equals
+    it (L2 within `rtol` of its norm: a bank snap copies it exactly, up to standardising); only
+    object tokens are pasted (layouts over at most half the grid: the background token always
+    comes from the decoder, so what the edit adds or removes shows). The pasted region grows by
+    `grow` layout cells on every side, over the edge of the object the decoder drew slightly
+    elsewhere (chosen on val: README, "Keeping the source's pixels").
+
+    source, edited (S, S, 3) uint8; source_tokens (K, T) and source_layouts (K, P) bool, P = G * G,
+    as `bank.token_sets_with_layouts` gives them; written (K', T) -> (S, S, 3) uint8."""
+    K = source_tokens.shape[0]
+    if source_layouts.shape[0] != K:
+        raise ValueError(f"{K} source tokens but {source_layouts.shape[0]} layouts")
+    if K == 0 or written.shape[0] == 0:
+        return edited
+    d = torch.cdist(source_tokens.float(), written.float().to(source_tokens.device))          # (K, K')
+    copied = (d.min(1).values <= rtol * source_tokens.float().norm(dim=1).clamp_min(1e-6)).cpu()
+    objects = source_layouts.float().mean(1).cpu() <= 0.5
+    keep = source_layouts.cpu()[copied & objects].any(0)                                     # (P,)
+    G = int(round(keep.numel() ** 0.5))
+    keep = keep.float().view(1, 1, G, G)
+    keep = F.max_pool2d(keep, 2 * grow + 1, 1, grow) if grow > 0 else keep
+    m = F.interpolate(keep, size=edited.shape[:2], mode="nearest")[0, 0].numpy() > 0.5
+    return np.where(m[..., None], source, edited).astype(np.uint8)
 
 
 @torch.no_grad()

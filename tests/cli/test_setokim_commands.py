@@ -150,6 +150,14 @@ def test_bank_then_generate_and_edit_with_it(run, stage2_world, tmp_path):
                 "--threads", "1", "--size", "24", "--bank", bank])
     assert res.exit_code == 0, res.output
     assert len(json.loads((tmp_path / "e.json").read_text())) == 2
+    img = sorted((stage2_world / "shapes" / "test" / "images").glob("*.png"))[0]
+    res = _run(["edit", img, "--instruction", "make the red circle blue", "--model", run, "--out", tmp_path / "kp",
+                "--threads", "1", "--size", "24", "--bank", bank, "--keep-pixels"])
+    assert res.exit_code == 0, res.output
+    assert np.asarray(Image.open(tmp_path / "kp" / f"{img.stem}_edited.png")).shape == (24, 24, 3)
+    res = _run(["edit", "--data", data, "--pred-out", tmp_path / "k2.json", "--model", run, "--limit", "1",
+                "--threads", "1", "--size", "24", "--bank", bank, "--keep-pixels", "2"])
+    assert res.exit_code == 0, res.output
     # a bank written before layouts existed still works, with a note that objects are not kept apart
     from setok_cli.models.setokim.bank import load_bank, save_bank
     from setok_cli.tasks.setokim import load_setokim
@@ -171,6 +179,7 @@ def test_bank_then_generate_and_edit_with_it(run, stage2_world, tmp_path):
     (["generate", "a red circle", "--model", "{stage1}"], "holds"),
     (["generate", "a red circle", "--model", "{run}", "--bank", "{nope}"], "no such token bank"),
     (["bank", "{nope}", "--model", "{run}", "--out", "{nope}"], "no such data file"),
+    (["edit", "{img}", "--instruction", "make it red", "--model", "{run}", "--keep-pixels"], "needs --bank"),
 ])
 def test_bad_inputs_are_one_line(run, stage2_world, tmp_path, args, msg):
     img = sorted((stage2_world / "shapes" / "test" / "images").glob("*.png"))[0]

@@ -126,3 +126,27 @@ def test_layouts_match_the_tokens(folders):
         masks = masks[order]
     scale = P / (gh * gw)
     assert torch.allclose(layouts[0].sum(1).float(), masks.float() * scale, rtol=0.35, atol=2)
+
+
+def test_keep_source_pixels_pastes_only_copied_objects():
+    import numpy as np
+
+    from setok_cli.tasks.setokim import keep_source_pixels
+    G, S = LAYOUT_GRID, 2 * LAYOUT_GRID                  # 2 x 2 pixels per layout cell
+    source = np.full((S, S, 3), 10, np.uint8)
+    edited = np.full((S, S, 3), 200, np.uint8)
+    tokens = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    layouts = torch.stack([lay(0), lay(G + 5), lay(*range(1, 200))])   # two objects and the background
+    written = torch.tensor([[1.0, 1e-5, 0.0],             # object 0 copied (up to rounding)
+                            [0.0, 1.8, 0.0],              # object 1 rewritten: not a copy
+                            [0.0, 0.0, 3.0]])             # the background copied
+    out = keep_source_pixels(source, edited, tokens, layouts, written, grow=0)
+    pasted = np.zeros((S, S), bool)
+    pasted[0:2, 0:2] = True                               # cell 0 only: object 1 was not copied, the
+    assert np.array_equal(out[..., 0] == 10, pasted)      # background never comes from the source
+    out = keep_source_pixels(source, edited, tokens, layouts, written)        # grown by a cell: cells 0, 1, G, G + 1
+    pasted[0:4, 0:4] = True
+    assert np.array_equal(out[..., 0] == 10, pasted)
+    assert np.array_equal(keep_source_pixels(source, edited, tokens, layouts, written[1:]), edited)
+    with pytest.raises(ValueError, match="layouts"):
+        keep_source_pixels(source, edited, tokens, layouts[:2], written)
