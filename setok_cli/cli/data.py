@@ -103,7 +103,9 @@ def questions(split, seed, types, absent):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kinds", default="relation,count,exist,color", show_default=True,
               help="The question kinds whose answers give reasons (comma-separated); exist_shape in place of "
-                   "exist lists the objects of the asked shape instead: \"a blue circle, a red circle: yes\".")
+                   "exist lists the objects of the asked shape instead: \"a blue circle, a red circle: yes\"; "
+                   "relation_order in place of relation answers above / below by the objects in reading order "
+                   "up to the first of the two: \"a green star, a blue square: no\".")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of <name>_explained.json.")
 def explain(file, kinds, out):
     """Write FILE's instruct entries to <name>_explained.json with reasons before the answers:

@@ -303,8 +303,10 @@ def explain_answers(path: str | Path, kinds: tuple[str, ...] = EXPLAINED_KINDS,
     if bad or not kinds:
         raise UserError(f"unknown kind {bad[0]!r}: choose from {', '.join(known)}" if bad else
                         f"no kinds: choose from {', '.join(known)}")
-    if "exist" in kinds and "exist_shape" in kinds:
-        raise UserError("kinds exist and exist_shape both explain existence: choose one")
+    for one, other in (("exist", "exist_shape"), ("relation", "relation_order")):
+        if one in kinds and other in kinds:
+            raise UserError(f"kinds {one} and {other} both explain {'existence' if one == 'exist' else 'relations'}: "
+                            "choose one")
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src}: no such file (an instruct file of a `setok data shapes` split)")

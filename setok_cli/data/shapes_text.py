@@ -147,6 +147,20 @@ def explained_relation(name_a: str, a: dict, name_b: str, b: dict, rel: str, yes
     return f"{name_a} at {pa}, {name_b} at {pb}{ANSWER_MARK}{'yes' if yes else 'no'}"
 
 
+def explained_relation_order(objects: list[dict], a: dict, b: dict, rel: str, yes: bool) -> str | None:
+    """The answer of "Is A above / below B?" with its reasons: the scene's objects in reading
+    order (the order Setokim reads an image's tokens in) up to the first of A and B, then the
+    answer: "a green star, a blue square: no" to "Is the red circle above the blue square?".
+    A relation holds for centres more than 0.08 apart, more than a row of the 16-row grid, so the
+    one met first is always the upper one and the reasons decide every answer. None for left /
+    right (reading order does not decide them)."""
+    if rel not in ("above", "below"):
+        return None
+    seen = reading_order(objects)
+    upto = min(seen.index(a), seen.index(b))
+    return _listed(seen[:upto + 1], "yes" if yes else "no")
+
+
 def explained_count(objects: list[dict], color: str | None = None, shape: str | None = None) -> str:
     """The answer of "How many red objects / circles are there?" with its reasons: the objects
     counted, in reading order, then their number: "a red circle, a red star: 2"; "0" when
@@ -165,8 +179,9 @@ COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
 EXIST_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
 COLOR_QUESTION = re.compile(r"What color is the (\w+)\?")
 EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explained_answer` gives reasons for
-# existence explained by the objects of the asked shape instead (not a default kind)
-EXPLAINED_OPTIONAL = ("exist_shape",)
+# existence explained by the objects of the asked shape instead, and above / below by reading order
+# (`explained_relation_order`) instead of places (not default kinds)
+EXPLAINED_OPTIONAL = ("exist_shape", "relation_order")
 
 
 def explained_exist(objects: list[dict], color: str, shape: str, by: str = "color") -> str:
@@ -196,19 +211,26 @@ def explained_color(objects: list[dict], shape: str) -> str:
 
 def explained_answer(question: str, answer: str, objs: list[dict],
                      kinds: tuple[str, ...] = EXPLAINED_KINDS) -> str | None:
-    """A world question's answer with its reasons (relations: `explained_relation`; counts by
+    """A world question's answer with its reasons (relations: `explained_relation`, above / below
+    by `explained_relation_order` with the kind "relation_order"; counts by
     colour or shape: `explained_count`; existence: `explained_exist`, by the asked shape with
     the kind "exist_shape"; colour:
     `explained_color`), None for the other kinds, for kinds not in `kinds` and for the total
     count (its list would be the whole caption); ValueError if the plain answer is not the scene's."""
     m = RELATION_QUESTION.fullmatch(question)
     if m:
-        if "relation" not in kinds:
+        if "relation" not in kinds and "relation_order" not in kinds:
             return None
         names = {referring_expression(objs, i): o for i, o in enumerate(objs)}
         na, rel, nb = m.groups()
         if na not in names or nb not in names or answer not in ("yes", "no"):
             raise ValueError(question)
+        if "relation_order" in kinds:
+            out = explained_relation_order(objs, names[na], names[nb], rel, answer == "yes")
+            a_upper = names[na]["center"][1] < names[nb]["center"][1]
+            if out is not None and (a_upper if rel == "above" else not a_upper) != (answer == "yes"):
+                raise ValueError(question)
+            return out
         return explained_relation(na, names[na], nb, names[nb], rel, answer == "yes")
     color, count = COLOR_QUESTION.fullmatch(question), COUNT_QUESTION.fullmatch(question)
     if color and color.group(1) in SHAPES:

@@ -338,6 +338,35 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     assert n_listed and any(e["conversations"][1]["value"] == "no" for e in by_shape if e["type"] == "exist")
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "exist,exist_shape"])
     assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
+    # relation_order: above / below by the objects in reading order up to the first of the two; left / right plain
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "relation_order",
+                                 "--out", str(tmp_path / "ro.json")])
+    assert r.exit_code == 0, r.output
+    by_order = json.loads((tmp_path / "ro.json").read_text())
+    assert [e for e in by_order if e["type"] != "relation"] == [e for e in plain if e["type"] != "relation"]
+    n_vertical = 0
+    for e, p in zip(by_order, plain):
+        if e["type"] != "relation":
+            continue
+        a, truth = e["conversations"][1]["value"], p["conversations"][1]["value"]
+        na, rel, nb = re.fullmatch(r"<image>\nIs (the .+) (to the left of|to the right of|above|below) (the .+)\?",
+                                   e["conversations"][0]["value"]).groups()
+        if "of" in rel:
+            assert a == truth
+            continue
+        objs = next(v for k, v in scenes.items() if k.endswith("/" + e["image"]))
+        names = {referring_expression(objs, i): o for i, o in enumerate(objs)}
+        rows = sorted(objs, key=lambda o: (int(o["center"][1] * 16), o["center"][0]))
+        first = min(rows.index(names[na]), rows.index(names[nb]))
+        listed = [tuple(x.split()[1:]) for x in a.rsplit(": ", 1)[0].split(", ")]
+        assert listed == [(o["color"], o["shape"]) for o in rows[:first + 1]] and a.endswith(": " + truth), a
+        upper = names[na] if names[na]["center"][1] < names[nb]["center"][1] else names[nb]
+        assert rows[first] is upper                     # the one met first is the upper one
+        n_vertical += 1
+    assert n_vertical
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds",
+                                 "relation,relation_order"])
+    assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "size"])
     assert r.exit_code != 0 and _error_lines(r.output) and "'size'" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(tmp_path / "nope.json")])
