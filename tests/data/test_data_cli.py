@@ -241,6 +241,17 @@ def test_setok_data_questions_absent_asks_every_missing_colour_and_shape(world, 
     assert not (split / "instruct_count_absent-1.json").exists()
 
 
+def _explained_one_kind(split, plain, tmp_path, kind, qtype):
+    """`setok data explain --kinds KIND` of the split's instruct_all.json: its entries, checked
+    to leave every question type but `qtype` as `plain` has it."""
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", kind,
+                                 "--out", str(tmp_path / f"{kind}.json")])
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / f"{kind}.json").read_text())
+    assert [e for e in out if e["type"] != qtype] == [e for e in plain if e["type"] != qtype]
+    return out
+
+
 def test_setok_data_explain_states_both_places(world, tmp_path):
     """`setok data explain`: the same entries, each relation answer the two objects' place bins
     (checked against the scenes by hand, not by `place_bin`) and then the plain answer, each
@@ -313,11 +324,7 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     every = json.loads((split / "instruct_all_explained.json").read_text())
     assert [e for e in only if e["type"] == "relation"] == [e for e in every if e["type"] == "relation"]
     # exist_shape: existence by the objects of the asked shape, in reading order, the other kinds plain
-    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "exist_shape",
-                                 "--out", str(tmp_path / "ex.json")])
-    assert r.exit_code == 0, r.output
-    by_shape = json.loads((tmp_path / "ex.json").read_text())
-    assert [e for e in by_shape if e["type"] != "exist"] == [e for e in plain if e["type"] != "exist"]
+    by_shape = _explained_one_kind(split, plain, tmp_path, "exist_shape", "exist")
     n_listed = 0
     for e, p in zip(by_shape, plain):
         if e["type"] != "exist":
@@ -339,11 +346,7 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "exist,exist_shape"])
     assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
     # relation_order: above / below by the objects in reading order up to the first of the two; left / right plain
-    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "relation_order",
-                                 "--out", str(tmp_path / "ro.json")])
-    assert r.exit_code == 0, r.output
-    by_order = json.loads((tmp_path / "ro.json").read_text())
-    assert [e for e in by_order if e["type"] != "relation"] == [e for e in plain if e["type"] != "relation"]
+    by_order = _explained_one_kind(split, plain, tmp_path, "relation_order", "relation")
     n_vertical = 0
     for e, p in zip(by_order, plain):
         if e["type"] != "relation":
