@@ -197,7 +197,7 @@ def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: to
     detokenizer redraws even a copied object only approximately, so an edit that keeps an object
     would otherwise still change it. A source token counts as copied when a written token equals
     it (L2 within `rtol` of its norm: a bank snap copies it exactly, up to standardising); only
-    object tokens are pasted (layouts over at most half the grid: the background token always
+    object tokens are pasted (layouts over at most `bank.OBJECT_SHARE` of the grid: the background token always
     comes from the decoder, so what the edit adds or removes shows). The pasted region grows by
     `grow` layout cells on every side, over the edge of the object the decoder drew slightly
     elsewhere (chosen on val: README, "Keeping the source's pixels").
@@ -211,7 +211,8 @@ def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: to
         return edited
     d = torch.cdist(source_tokens.float(), written.float().to(source_tokens.device))          # (K, K')
     copied = (d.min(1).values <= rtol * source_tokens.float().norm(dim=1).clamp_min(1e-6)).cpu()
-    objects = source_layouts.float().mean(1).cpu() <= 0.5
+    from ..models.setokim.bank import OBJECT_SHARE
+    objects = source_layouts.float().mean(1).cpu() <= OBJECT_SHARE
     keep = source_layouts.cpu()[copied & objects].any(0)                                     # (P,)
     G = int(round(keep.numel() ** 0.5))
     keep = keep.float().view(1, 1, G, G)
