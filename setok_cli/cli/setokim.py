@@ -222,22 +222,25 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
 @_bank_option
 @_detok_option
 @click.option("--keep-pixels", type=click.IntRange(min=0), is_flag=False, flag_value=1, metavar="[GROW]",
-              help="With --bank: paste the source's pixels back over each object the edit copied, grown by GROW cells.")
+              help="With --bank or --diff: paste the source's pixels back over each object the edit copied, grown "
+                   "by GROW cells.")
+@click.option("--diff", is_flag=True, help="Edit as a token diff: the model names the token to change and writes "
+              "its new one (a model tuned with the edit_diff task); the rest of the source is kept.")
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
              copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin,
-             max_overlap, snap_metric, place_mode, place_temperature, detok_path, keep_pixels):
+             max_overlap, snap_metric, place_mode, place_temperature, detok_path, keep_pixels, diff):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
     from ..tasks.setokim import edit, save_png, side_by_side
     _check_bank(bank_path, detok_path)
-    if keep_pixels is not None and not bank_path:
-        raise UserError("--keep-pixels needs --bank FILE (the source tokens an edit copies are found by snapping)")
+    if keep_pixels is not None and not (bank_path or diff):
+        raise UserError("--keep-pixels needs --bank FILE or --diff (to know which source tokens the edit copies)")
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
     _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_mode, place_temperature)
-    opts.keep_pixels = keep_pixels
+    opts.keep_pixels, opts.diff = keep_pixels, diff
     _use_detokenizer(model, detok_path)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)
@@ -249,15 +252,6 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
     pair = Path(out_dir) / f"{stem}_edit.png"
     save_png(pair, side_by_side(src_arr, out))
     click.echo(f"{edited}\n{pair}")
-
-
-def _is_llava(folder) -> bool:
-    import json
-    cfg = Path(folder) / "config.json"
-    try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in ("llava", "llava_next")
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 @click.command("ask")
@@ -277,7 +271,8 @@ def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, vis
     _need_inputs([image] if image is not None else [], data, "IMAGE \"QUESTION\"")
     if not data and (question is None or not question.strip()):
         raise UserError("empty question: give IMAGE \"QUESTION\"")
-    if _is_llava(model_path):
+    from ..tasks.llava import is_llava_folder
+    if is_llava_folder(model_path):
         if data:
             raise UserError("--data runs a Setokim model; for a LLaVA folder ask one IMAGE \"QUESTION\"")
         if threads:

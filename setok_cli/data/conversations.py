@@ -12,6 +12,8 @@ inference pipelines so that training and inference ask the same way):
     generate_uncond     USER: Generate an image:                     ASSISTANT: <image>   (no caption: the
               pairs     unconditional side of classifier-free guidance)
     edit      edits     USER: <image>\\n{instruction}                 ASSISTANT: <image>   (source, then target)
+    edit_diff edits     USER: <image>\\n{instruction} Segment the object.   ASSISTANT: Make <image> to <image>
+                        (the changed object's old and new token: models/setokim/edit_diff.py)
     instruct  instruct  the entry's own `conversations`, its image at the `<image>` mark
     chat      instruct  the entries of one image as one multi-turn conversation (the image
                         in the first turn, then each entry's turns in file order)
@@ -43,7 +45,7 @@ __all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "colla
 
 # task -> the SPEC kind of the file it reads
 CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "generate_uncond": "pairs", "edit": "edits",
-                      "instruct": "instruct", "chat": "instruct", "segment": "referring"}
+                      "edit_diff": "edits", "instruct": "instruct", "chat": "instruct", "segment": "referring"}
 
 
 def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
@@ -59,6 +61,9 @@ def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
     if task == "edit":
         return ([{"from": "human", "value": TASK_PROMPTS["edit"].format(instruction=entry["instruction"])},
                  {"from": "gpt", "value": IMAGE_TOKEN}], [entry["source"], entry["target"]])
+    if task == "edit_diff":
+        from ..models.setokim.edit_diff import diff_conversation
+        return diff_conversation(entry)
     if task == "segment":
         return ([{"from": "human", "value": TASK_PROMPTS["segment"].format(expression=entry["expression"])},
                  {"from": "gpt", "value": IMAGE_TOKEN}], [entry["image"]])
@@ -166,6 +171,9 @@ class ConversationDataset(Dataset):
             item["segment"] = {"mask": torch.from_numpy(read_mask(mask, pix[0].shape[-2:])), "key": key}
         if self.task in ("instruct", "chat"):
             item["attend"] = question_objects(conv, paths[0])
+        if self.task == "edit_diff":
+            from ..models.setokim.edit_diff import diff_spec
+            item["edit_diff"] = diff_spec(self.entries[i])
         return item
 
     def segment_entry(self, i: int) -> tuple[str, str, str]:
@@ -225,7 +233,8 @@ def collate_conversations_batch(items: Sequence[dict]) -> dict:
     """Items -> {"index" (B,), "conversations": B lists, "pixel_values" (N, 3, S, S) every
     image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B, "source" (B,):
     each item's set in a `MixtureDataset` (-1 outside one),
-    "segment": B x (None | {"mask": (S, S) bool, "key"}), "attend": B x (None | `question_objects`)}."""
+    "segment": B x (None | {"mask": (S, S) bool, "key"}), "attend": B x (None | `question_objects`),
+    "edit_diff": B x (None | `edit_diff.diff_spec`)}."""
     pix = [p for it in items for p in it["pixel_values"]]
     if pix and any(p.shape != pix[0].shape for p in pix):
         raise UserError("images of one batch differ in size: set data.image_size")
@@ -237,4 +246,5 @@ def collate_conversations_batch(items: Sequence[dict]) -> dict:
             "task": [it["task"] for it in items],
             "source": torch.tensor([it.get("source", -1) for it in items]),
             "segment": [it.get("segment") for it in items],
-            "attend": [it.get("attend") for it in items]}
+            "attend": [it.get("attend") for it in items],
+            "edit_diff": [it.get("edit_diff") for it in items]}

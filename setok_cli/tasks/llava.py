@@ -12,9 +12,18 @@ from typing import Optional, Union
 
 from ..errors import UserError
 
-__all__ = ["load_llava", "ask_llava", "llava_prompt"]
+__all__ = ["load_llava", "ask_llava", "llava_prompt", "is_llava_folder"]
 
 PathLike = Union[str, os.PathLike]
+
+
+def is_llava_folder(folder: PathLike) -> bool:
+    """A folder whose config.json names a LLaVA model (else a Setokim run is assumed)."""
+    cfg = Path(folder) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in ("llava", "llava_next")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_folder(folder: PathLike) -> Path:

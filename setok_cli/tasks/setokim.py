@@ -70,6 +70,7 @@ class Sampling:
     keep_pixels: Optional[int] = None           # an edit: paste the source's pixels back over the objects it
                                                 # copied token for token, grown by this many layout cells
                                                 # (with a bank that stores layouts; None: off)
+    diff: bool = False                          # an edit: as a token diff (models/setokim/edit_diff.py)
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
@@ -166,6 +167,8 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
     _check_texts(instructions, "instruction")
     if len(images) != len(instructions):
         raise UserError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
+    if opts.diff:
+        return _edit_diff(model, images, instructions, opts, size)
     lay = {}
     if opts.bank is not None and opts.bank_layouts is not None:      # the source's tokens are kept apart too
         from ..models.setokim.bank import token_sets_with_layouts
@@ -187,6 +190,34 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
     from ..images import as_image
     return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, layout, w, opts.keep_pixels)
             for im, o, src, layout, w in zip(images, out, source_sets, lay["image_layouts"], written)]
+
+
+def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampling,
+               size: Optional[int]) -> list[np.ndarray]:
+    """`edit` as a token diff (models/setokim/edit_diff.py): the model names the source token to
+    drop and writes the new one (one visual token each; with a bank the new one is snapped to
+    its nearest bank token); every other source token is copied exactly."""
+    from ..models.setokim import prompt_batch
+    from ..models.setokim.bank import nearest, token_sets_with_layouts
+    from ..models.setokim.edit_diff import DIFF_PROMPT, apply_diff, parse_diff
+    sets, layouts, seeds = token_sets_with_layouts(model, list(images), seeds=True)
+    texts = [DIFF_PROMPT.format(instruction=t.strip()) for t in instructions]
+    g = torch.Generator().manual_seed(opts.seed)
+    kw = {**_kw(opts, g), "bank": None, "bank_layouts": None, "max_visual_tokens": 1}
+    gen = model.generate(*prompt_batch(model, texts, [[s] for s in model.readable(sets, seeds)]), **kw)
+    edited = []
+    for o, src in zip(gen, sets):
+        old, new = parse_diff(o.text, o.images)
+        if new is not None and opts.bank is not None:
+            bank = model.normalize(opts.bank.to(new.device).float())
+            new = model.denormalize(nearest(model.normalize(new.float().view(1, -1)), bank, metric=opts.snap_metric))[0]
+        edited.append(apply_diff(src, old, new, model.normalize))
+    out = _decode(model, edited, opts, g, size)
+    if opts.keep_pixels is None:
+        return out
+    from ..images import as_image
+    return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, lay, w, opts.keep_pixels)
+            for im, o, src, lay, w in zip(images, out, sets, layouts, edited)]
 
 
 def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: torch.Tensor,

@@ -55,6 +55,7 @@ class Stage2Model(nn.Module):
         self._cache: dict[str, Tensor] = {}
         self._seeds: dict[str, Tensor] = {}          # with a place head: each cached image's token seeds
         self._regions: dict[str, Tensor] = {}
+        self._diffs: dict[str, tuple] = {}           # edit_diff rows: (old, new) token indices
         self.sources: list[str] = []                 # `MixtureDataset.names`, set by the stage builders
 
     # ---- image tokens ----------------------------------------------------------------
@@ -239,6 +240,9 @@ class Stage2Model(nn.Module):
             for j, (s, a, b) in enumerate(zip(samples, [0] + per_item[:-1], per_item)):
                 k = int(torch.cdist(regions[j].float(), sets[a].float()).argmin()) if j in regions else 0
                 s["seeds"] = seeds[a:b] + ([seeds[a][k:k + 1]] if j in regions else [])
+        if any(batch.get("edit_diff") or []):        # the source, its old token, the target's new token
+            from ..models.setokim.edit_diff import diff_samples
+            diff_samples(m, batch, samples, self._diffs, self._arrays)
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
         if self.edit_changed != 1:
             std = lambda t: m.normalize(t.to(m.token_mean.device)).cpu()     # noqa: E731

@@ -128,3 +128,14 @@ def test_generate_and_edit_take_a_stage3_run(run, img, tmp_path):
                 "--size", "16", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / f"{img.stem}_edited.png").is_file()
+
+
+def test_edit_as_a_diff_keeps_pixels_without_a_bank(run, img, tmp_path):
+    res = _run(["edit", img, "--instruction", "Remove the red circle.", "--model", run, "--out", tmp_path,
+                "--threads", "1", "--size", "32", "--diff", "--keep-pixels"])
+    assert res.exit_code == 0, res.output
+    edited = np.asarray(Image.open(tmp_path / f"{img.stem}_edited.png"))
+    assert edited.shape == np.asarray(Image.open(img).convert("RGB")).shape
+    res = _run(["edit", img, "--instruction", "Remove the red circle.", "--model", run, "--out", tmp_path,
+                "--threads", "1", "--keep-pixels"])
+    assert res.exit_code != 0 and "--keep-pixels needs --bank FILE or --diff" in res.output

@@ -31,13 +31,13 @@ from torch import Tensor
 from .heads import order_tokens
 from .splice import length_groups
 
-__all__ = ["token_objects", "AttentionTap", "answer_queries", "attend_loss"]
+__all__ = ["token_objects", "token_object_counts", "AttentionTap", "answer_queries", "attend_loss"]
 
 
-def token_objects(out, i: int, instances: np.ndarray) -> Tensor:
+def token_object_counts(out, i: int, instances: np.ndarray) -> tuple[Tensor, Tensor]:
     """Image i of a TokenizerOutput and its instance map (H, W) (0 background, object j + 1)
-    -> the instance id of each of its tokens in generation order (K_i,), 0 for a token whose
-    patches are not more than half one object's."""
+    -> (each token's area of each instance id (K, n), each token's patches (K,)), in the
+    tokenizer's own token order (K: its padded token count)."""
     labels = out.image_labels(i).cpu()                                       # (gh, gw) token of each patch
     gh, gw = labels.shape
     inst = torch.from_numpy(np.array(instances)).long()
@@ -45,8 +45,15 @@ def token_objects(out, i: int, instances: np.ndarray) -> Tensor:
     share = F.interpolate(F.one_hot(inst, n).permute(2, 0, 1)[None].float(), size=(gh, gw), mode="area")[0]
     K = out.tokens.shape[1]
     onehot = F.one_hot(labels.clamp_min(0), K).float() * (labels >= 0)[..., None]     # (gh, gw, K)
-    counts = torch.einsum("hwk,nhw->kn", onehot, share)                      # (K, n) object area per token
-    size = onehot.sum((0, 1))                                                # (K,) patches per token
+    return torch.einsum("hwk,nhw->kn", onehot, share), onehot.sum((0, 1))
+
+
+def token_objects(out, i: int, instances: np.ndarray) -> Tensor:
+    """Image i of a TokenizerOutput and its instance map (H, W) (0 background, object j + 1)
+    -> the instance id of each of its tokens in generation order (K_i,), 0 for a token whose
+    patches are not more than half one object's."""
+    counts, size = token_object_counts(out, i, instances)                    # (K, n) object area per token
+    K = counts.shape[0]
     best, obj = counts.max(1)
     obj = torch.where((obj > 0) & (best > 0.5 * size), obj, torch.zeros_like(obj))
     idx, mask = order_tokens(obj.view(1, K, 1).float(), out.token_mask[i:i + 1].cpu(), out.seeds[i:i + 1].cpu())

@@ -1,0 +1,158 @@
+"""Edits as token diffs (not in the paper; the stage-III task `edit_diff` and `setok edit --diff`).
+
+An edit of the shapes world changes one object: it removes one, adds one, recolours or moves
+one, and keeps the rest. Written as a whole image (the paper's way, task `edit`), the tiny
+Setokim copies its source token for token, including the object it should change (README,
+"Are the edits done?"): nothing in its training ties the instruction to one token. Written as
+a diff, the answer names that token, as a segmentation answer does, and writes its new form:
+
+    USER: <image>\\n{instruction} Segment the object.
+    ASSISTANT: Remove <image>                 old: the source's token of the object
+               Add <image>                    new: the target's token of the added object
+               Make <image> to <image>        old, new (a recolouring)
+               Move <image> to <image>        old, new (a move)
+
+(each `<image>` one visual token; the first word is the instruction's own; every word is in
+the tiny vocabulary). Training targets (`diff_tokens`): old is the source token holding most
+of the object's pixels (the world's instance map), new the target token holding most of the
+edited or added object's pixels (the target scene rendered again), both in generation order,
+with their seeds for a place head. At inference (`apply_diff`) the written old token picks
+the nearest source token, which is dropped, the new token is appended, and every other source
+token is copied exactly, so `--keep-pixels` pastes their pixels back.
+
+Shapes: source tokens (K, T); old, new (T,) or None; instance maps (H, W) int.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...errors import UserError
+from .attend import token_object_counts
+
+__all__ = ["DIFF_PROMPT", "DIFF_OPS", "diff_conversation", "diff_spec", "object_token", "diff_tokens",
+           "parse_diff", "apply_diff", "diff_samples"]
+
+DIFF_PROMPT = "<image>\n{instruction} Segment the object."
+# op -> (answer word, writes old, writes new)
+DIFF_OPS = {"remove": ("Remove", True, False), "add": ("Add", False, True),
+            "recolor": ("Make", True, True), "move": ("Move", True, True)}
+
+
+def diff_conversation(entry: dict) -> tuple[list[dict], list[str]]:
+    """An edits entry with its `edit` record -> (conversation, [source, target]): the target
+    image is read only for its tokens (the answer's new token)."""
+    op = (entry.get("edit") or {}).get("op")
+    if op not in DIFF_OPS:
+        raise UserError(f"edit_diff needs edits of the shapes world (an 'edit' record with op in "
+                        f"{', '.join(DIFF_OPS)}); entry {entry.get('source', '?')} has {op!r}")
+    word, old, new = DIFF_OPS[op]
+    answer = " to ".join(["<image>"] * (old + new))
+    conv = [{"from": "human", "value": DIFF_PROMPT.format(instruction=entry["instruction"].strip())},
+            {"from": "gpt", "value": f"{word} {answer}"}]
+    return conv, [entry["source"], entry["target"]]
+
+
+def diff_spec(entry: dict) -> dict:
+    """What `diff_tokens` needs of an entry (paths as the data file resolved them): the op,
+    the source's instance map, the target's scene and the instance ids (list index + 1) of the
+    changed object in the source (`old`) and the target (`new`); None where the op has none."""
+    src, tgt = Path(entry["source"]), Path(entry["target"])
+    s_objs = json.loads(Path(entry["source_scene"]).read_text())["objects"]
+    t_objs = json.loads(Path(entry["target_scene"]).read_text())["objects"]
+    op, obj = entry["edit"]["op"], entry["edit"].get("object")
+    _, has_old, has_new = DIFF_OPS[op]
+    if op == "add":
+        known = {o["id"] for o in s_objs}
+        obj = next(o["id"] for o in t_objs if o["id"] not in known)
+    pos = lambda objs: next(i + 1 for i, o in enumerate(objs) if o["id"] == obj)     # noqa: E731
+    return {"op": op, "source_instances": str(src.parent.parent / "instances" / src.name),
+            "target_scene": str(entry["target_scene"]), "old": pos(s_objs) if has_old else None,
+            "new": pos(t_objs) if has_new else None, "key": f"{tgt.resolve()}"}
+
+
+def object_token(model, out, i: int, instances: np.ndarray, inst: int) -> int:
+    """Image i of a TokenizerOutput -> the index, in generation order, of the token holding
+    most of instance `inst`'s pixels (ties: the first)."""
+    counts, _ = token_object_counts(out, i, instances)                              # (K, n)
+    col = counts[:, inst] if inst < counts.shape[1] else torch.zeros(counts.shape[0])
+    K = out.tokens.shape[1]
+    idx, mask = model.order(col.view(1, K, 1).float(), out.token_mask[i:i + 1].cpu(), out.seeds[i:i + 1].cpu())
+    return int(idx[0, :, 0][mask[0]].argmax())
+
+
+@torch.no_grad()
+def diff_tokens(model, specs: list[dict], sources: list[np.ndarray], targets: list[np.ndarray]) -> list[tuple]:
+    """Per edit (spec, source and target images (S, S, 3) uint8) -> (old index into the source's
+    token set or None, new index into the target's or None), both in generation order."""
+    from PIL import Image
+
+    from ...data.shapes_world import render
+    out_s = model.setok.tokenize(sources)
+    out_t = model.setok.tokenize(targets)
+    res = []
+    for i, sp in enumerate(specs):
+        old = new = None
+        if sp["old"] is not None:
+            with Image.open(sp["source_instances"]) as im:
+                old = object_token(model, out_s, i, np.asarray(im), sp["old"])
+        if sp["new"] is not None:
+            scene = json.loads(Path(sp["target_scene"]).read_text())
+            new = object_token(model, out_t, i, render(scene, int(scene.get("size", 64))).instances, sp["new"])
+        res.append((old, new))
+    return res
+
+
+def parse_diff(text: str, images: list[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """A diff answer's text and written images -> (old token, new token): the first word names
+    the op; a missing image is None."""
+    word = (text.split() or [""])[0]
+    first = images[0][0] if images and images[0].shape[0] else None
+    second = images[1][0] if len(images) > 1 and images[1].shape[0] else None
+    if word == "Remove":
+        return first, None
+    if word == "Add":
+        return None, first
+    return first, second
+
+
+def apply_diff(source: Tensor, old: Optional[Tensor], new: Optional[Tensor], norm=lambda t: t) -> Tensor:
+    """source (K, T) + the written old and new tokens (T,) -> the edited token set: the source
+    token nearest to `old` (L2 after `norm`, the model's standardising) dropped, `new` appended;
+    the others copied exactly."""
+    keep = torch.ones(source.shape[0], dtype=torch.bool)
+    if old is not None and source.shape[0]:
+        d = torch.cdist(norm(old.float()).view(1, -1), norm(source.float()))[0]
+        keep[int(d.argmin())] = False
+    parts = [source[keep]] + ([new.view(1, -1).to(source.dtype)] if new is not None else [])
+    return torch.cat(parts, 0)
+
+
+def diff_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -> None:
+    """Stage II/III: each `edit_diff` row's sample images [source, target] (and their seeds) ->
+    [source, its old token, the target's new token] as its answer writes them, in place.
+    The token indices are computed once per edit (`cache`); `arrays` turns pixel values into
+    the uint8 images the tokenizer reads."""
+    specs = batch.get("edit_diff") or []
+    first = [0] + torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()[:-1]
+    items = [(j, sp) for j, sp in enumerate(specs) if sp is not None]
+    todo = [(j, sp) for j, sp in items if sp["key"] not in cache]
+    if todo:
+        pix = batch["pixel_values"]
+        got = diff_tokens(model, [sp for _, sp in todo], arrays(pix[[first[j] for j, _ in todo]]),
+                          arrays(pix[[first[j] + 1 for j, _ in todo]]))
+        cache.update({sp["key"]: t for (_, sp), t in zip(todo, got)})
+    for j, sp in items:
+        old, new = cache[sp["key"]]
+
+        def pick(xs):
+            return ([xs[0]] + ([xs[0][old:old + 1]] if old is not None else [])
+                    + ([xs[1][new:new + 1]] if new is not None else []))
+        samples[j]["images"] = pick(samples[j]["images"])
+        if "seeds" in samples[j]:
+            samples[j]["seeds"] = pick(samples[j]["seeds"])

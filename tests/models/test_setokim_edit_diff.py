@@ -1,0 +1,180 @@
+"""Edits as token diffs (models/setokim/edit_diff.py): the conversations, the training targets
+against the world's scenes and an independent overlap count, the stage model's rows, and the
+inference side's parse and apply."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
+from setok_cli.errors import UserError
+from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer
+from setok_cli.models.setokim.edit_diff import (DIFF_OPS, apply_diff, diff_conversation, diff_spec, diff_tokens,
+                                                object_token, parse_diff)
+
+TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, max_position_embeddings=256)
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def edits(stage2_world):
+    return stage2_world / "shapes" / "train" / "edits.json"
+
+
+@pytest.fixture(scope="module")
+def model(stage2_world, edits, tmp_path_factory):
+    tok = tmp_path_factory.mktemp("diff_tok")
+    build_word_tokenizer([edits]).save_pretrained(tok)
+    probe = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok),
+                                              stage1=str(stage2_world / "stage1")))
+    cells = int(np.prod(probe.setok.tokenize([np.zeros((32, 32, 3), np.uint8)]).grid))
+    torch.manual_seed(0)
+    return Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok), place_head=cells,
+                                             stage1=str(stage2_world / "stage1")))
+
+
+def _entries(edits):
+    from setok_cli.data.formats import load
+    return load(edits, "edits")
+
+
+def test_conversations_name_the_op_and_count_the_images():
+    e = {"source": "s.png", "target": "t.png", "instruction": " Make the red circle blue. "}
+    for op, (word, old, new) in DIFF_OPS.items():
+        conv, paths = diff_conversation({**e, "edit": {"op": op}})
+        assert conv[0]["value"] == "<image>\nMake the red circle blue. Segment the object."
+        assert conv[1]["value"].split()[0] == word and conv[1]["value"].count("<image>") == old + new
+        assert paths == ["s.png", "t.png"]
+    assert diff_conversation({**e, "edit": {"op": "move"}})[0][1]["value"] == "Move <image> to <image>"
+    with pytest.raises(UserError, match="edit_diff needs edits of the shapes world"):
+        diff_conversation(e)
+
+
+def test_specs_name_the_changed_object_in_both_scenes(edits):
+    seen = set()
+    for e in _entries(edits):
+        sp = diff_spec(e)
+        src = json.loads(open(e["source_scene"]).read())["objects"]
+        tgt = json.loads(open(e["target_scene"]).read())["objects"]
+        op = e["edit"]["op"]
+        seen.add(op)
+        if sp["old"] is not None:
+            assert src[sp["old"] - 1]["id"] == e["edit"]["object"]
+        if sp["new"] is not None:
+            o = tgt[sp["new"] - 1]
+            if op == "add":
+                assert o["id"] not in {x["id"] for x in src}
+            else:
+                before = src[sp["old"] - 1]
+                assert o["id"] == before["id"]
+                assert (o["color"] != before["color"]) if op == "recolor" else (o["center"] != before["center"])
+        assert (sp["old"] is None) == (op == "add") and (sp["new"] is None) == (op == "remove")
+    assert seen == set(DIFF_OPS)
+
+
+def _overlap_oracle(out, i, inst_map, inst):
+    """Per token in the tokenizer's order: the object's area over the token's patches, by
+    averaging the instance map over each patch's pixel block (the grid divides the image)."""
+    labels = out.image_labels(i).numpy()
+    gh, gw = labels.shape
+    H, W = inst_map.shape
+    block = (np.asarray(inst_map) == inst).reshape(gh, H // gh, gw, W // gw).mean((1, 3))
+    return np.array([block[labels == k].sum() for k in range(out.tokens.shape[1])])
+
+
+def test_object_token_is_the_token_holding_most_of_the_object(model, edits):
+    entries = [e for e in _entries(edits)][:12]
+    srcs = [np.asarray(Image.open(e["source"]).convert("RGB")) for e in entries]
+    out = model.setok.tokenize(srcs)
+    sets = model.token_sets_of(out)
+    checked = 0
+    for i, e in enumerate(entries):
+        sp = diff_spec(e)
+        if sp["old"] is None:
+            continue
+        inst_map = np.asarray(Image.open(sp["source_instances"]))
+        H, W = inst_map.shape
+        gh, gw = out.image_labels(i).shape
+        assert H % gh == 0 and W % gw == 0
+        area = _overlap_oracle(out, i, inst_map, sp["old"])
+        want = out.tokens[i, int(area.argmax())]
+        got = object_token(model, out, i, inst_map, sp["old"])
+        assert torch.equal(sets[i][got], want)
+        checked += 1
+    assert checked >= 5
+    # diff_tokens: the same indices, the new one from the target scene rendered again
+    tgts = [np.asarray(Image.open(e["target"]).convert("RGB")) for e in entries]
+    got = diff_tokens(model, [diff_spec(e) for e in entries], srcs, tgts)
+    for i, (e, (old, new)) in enumerate(zip(entries, got)):
+        assert (old is None) == (e["edit"]["op"] == "add") and (new is None) == (e["edit"]["op"] == "remove")
+        if old is not None:
+            inst_map = np.asarray(Image.open(diff_spec(e)["source_instances"]))
+            assert old == object_token(model, out, i, inst_map, diff_spec(e)["old"])
+
+
+def test_stage_rows_write_the_old_and_new_tokens_only(model, edits):
+    from setok_cli.train.stage2 import Stage2Model
+    ds = ConversationDataset(edits, "edit_diff", image_size=32)
+    items = [ds[i] for i in range(8)]
+    ops = [it["edit_diff"]["op"] for it in items]
+    batch = collate_conversations_batch(items)
+    sm = Stage2Model(model)
+    out = sm(batch)
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["visual"]) and torch.isfinite(out["place"])
+    written = sum(DIFF_OPS[op][1] + DIFF_OPS[op][2] for op in ops)
+    assert out["visual_tokens"].item() == pytest.approx(written / len(items))
+    out["loss"].backward()
+    # each row's answer tokens are its source's old token and its target's new token, with their seeds
+    sets = sm.image_token_sets(batch["pixel_values"], batch["image_keys"])
+    seeds = sm.image_token_seeds(batch["image_keys"])
+    for j, it in enumerate(items):
+        old, new = sm._diffs[it["edit_diff"]["key"]]
+        src, tgt = sets[2 * j], sets[2 * j + 1]
+        assert (old is None or 0 <= old < src.shape[0]) and (new is None or 0 <= new < tgt.shape[0])
+        assert seeds[2 * j].shape[0] == src.shape[0]
+
+
+def test_parse_and_apply_diff():
+    a, b = torch.ones(1, 4), 2 * torch.ones(1, 4)
+    assert parse_diff("Remove", [a])[0] is not None and parse_diff("Remove", [a])[1] is None
+    old, new = parse_diff("Add", [b])
+    assert old is None and torch.equal(new, b[0])
+    old, new = parse_diff("Make to", [a, b])
+    assert torch.equal(old, a[0]) and torch.equal(new, b[0])
+    old, new = parse_diff("Move", [a])                   # cut off before its new token
+    assert torch.equal(old, a[0]) and new is None and parse_diff("", []) == (None, None)
+    src = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    # the nearest source token to old is dropped, new appended, the rest copied exactly
+    got = apply_diff(src, torch.tensor([0.9, 0.2]), torch.tensor([7.0, 7.0]))
+    assert torch.equal(got, torch.tensor([[0.0, 0.0], [0.0, 5.0], [7.0, 7.0]]))
+    assert torch.equal(apply_diff(src, None, None), src)
+    # nearest after the model's standardising: [0, 5] as given, [1, 0] with the second axis scaled down
+    old = torch.tensor([0.6, 3.0])
+    assert torch.equal(apply_diff(src, old, None), src[:2])
+    assert torch.equal(apply_diff(src, old, None, norm=lambda t: t * torch.tensor([1.0, 0.01])), src[[0, 2]])
+
+
+def test_edit_pipeline_drops_and_adds_what_the_answer_says(stage3_runs, monkeypatch):
+    import setok_cli.tasks.setokim as tasks
+    from setok_cli.models.setokim.bank import token_sets_with_layouts
+    from setok_cli.models.setokim.generate import Generated
+    m = tasks.load_setokim(stage3_runs["stage3"])
+    imgs = sorted((stage3_runs["world"] / "shapes" / "test" / "images").glob("*.png"))
+    img = next(p for p in imgs if token_sets_with_layouts(m, [p])[0][0].shape[0] >= 3)
+    src = token_sets_with_layouts(m, [img])[0][0]
+    new = torch.randn(src.shape[1])
+    answer = Generated(text="Make to", ids=[], images=[src[1:2] + 1e-3, new.view(1, -1)],
+                       seeds=[torch.zeros(1), torch.zeros(1)])
+    monkeypatch.setattr(m, "generate", lambda *a, **k: [answer])
+    seen, real = {}, tasks._decode
+    monkeypatch.setattr(tasks, "_decode", lambda model, sets, *a: seen.setdefault("sets", sets) and real(model, sets, *a))
+    for keep in (None, 0):
+        seen.clear()
+        out = tasks.edit(m, [img], ["Make the red circle blue."], tasks.Sampling(diff=True, keep_pixels=keep))
+        keep_rows = [0] + list(range(2, src.shape[0]))
+        assert torch.equal(seen["sets"][0], torch.cat([src[keep_rows], new.view(1, -1)]))
+        assert out[0].dtype == np.uint8 and out[0].ndim == 3
