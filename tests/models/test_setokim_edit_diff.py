@@ -171,7 +171,11 @@ def test_edit_pipeline_drops_and_adds_what_the_answer_says(stage3_runs, monkeypa
                        seeds=[torch.zeros(1), torch.zeros(1)])
     monkeypatch.setattr(m, "generate", lambda *a, **k: [answer])
     seen, real = {}, tasks._decode
-    monkeypatch.setattr(tasks, "_decode", lambda model, sets, *a: seen.setdefault("sets", sets) and real(model, sets, *a))
+
+    def spy(model, sets, *a):
+        seen["sets"] = sets
+        return real(model, sets, *a)
+    monkeypatch.setattr(tasks, "_decode", spy)
     for keep in (None, 0):
         seen.clear()
         out = tasks.edit(m, [img], ["Make the red circle blue."], tasks.Sampling(diff=True, keep_pixels=keep))
