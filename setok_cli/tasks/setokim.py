@@ -196,33 +196,43 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
                size: Optional[int]) -> list[np.ndarray]:
     """`edit` as a token diff (models/setokim/edit_diff.py): the model names the source token to
     drop and writes the new one (one visual token each; with a bank the new one is snapped to
-    its nearest bank token); every other source token is copied exactly."""
+    its nearest bank token); every other source token is copied exactly. With keep_pixels the
+    dropped token's region, and the new token's where the bank stores layouts, are never pasted."""
     from ..models.setokim import prompt_batch
-    from ..models.setokim.bank import nearest, token_sets_with_layouts
+    from ..models.setokim.bank import _dist, token_sets_with_layouts
     from ..models.setokim.edit_diff import DIFF_PROMPT, apply_diff, parse_diff
     sets, layouts, seeds = token_sets_with_layouts(model, list(images), seeds=True)
     texts = [DIFF_PROMPT.format(instruction=t.strip()) for t in instructions]
     g = torch.Generator().manual_seed(opts.seed)
     kw = {**_kw(opts, g), "bank": None, "bank_layouts": None, "max_visual_tokens": 1}
     gen = model.generate(*prompt_batch(model, texts, [[s] for s in model.readable(sets, seeds)]), **kw)
-    edited = []
-    for o, src in zip(gen, sets):
+    edited, excluded = [], []
+    for o, src, lay in zip(gen, sets, layouts):
         old, new = parse_diff(o.text, o.images)
+        ex = torch.zeros(lay.shape[1], dtype=torch.bool)
         if new is not None and opts.bank is not None:
             bank = model.normalize(opts.bank.to(new.device).float())
-            new = model.denormalize(nearest(model.normalize(new.float().view(1, -1)), bank, metric=opts.snap_metric))[0]
-        edited.append(apply_diff(src, old, new, model.normalize))
+            j = int(_dist(model.normalize(new.float().view(1, -1)), bank, opts.snap_metric)[0].argmin())
+            new = opts.bank[j].to(new)
+            if opts.bank_layouts is not None:
+                ex |= opts.bank_layouts[j].cpu().bool()
+        tokens, dropped = apply_diff(src, old, new, model.normalize)
+        if dropped is not None:
+            ex |= lay[dropped].cpu()
+        edited.append(tokens)
+        excluded.append(ex)
     out = _decode(model, edited, opts, g, size)
     if opts.keep_pixels is None:
         return out
     from ..images import as_image
-    return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, lay, w, opts.keep_pixels)
-            for im, o, src, lay, w in zip(images, out, sets, layouts, edited)]
+    return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, lay, w, opts.keep_pixels,
+                               exclude=ex)
+            for im, o, src, lay, w, ex in zip(images, out, sets, layouts, edited, excluded)]
 
 
 def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: torch.Tensor,
                        source_layouts: torch.Tensor, written: torch.Tensor, grow: int = 1,
-                       rtol: float = 1e-3) -> np.ndarray:
+                       rtol: float = 1e-3, exclude: Optional[torch.Tensor] = None) -> np.ndarray:
     """An edit's decoded image with the source's own pixels pasted back over every source object
     the edit copied token for token (not in the paper; `edit(opts.keep_pixels)`). The stage-1
     detokenizer redraws even a copied object only approximately, so an edit that keeps an object
@@ -231,7 +241,8 @@ def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: to
     object tokens are pasted (layouts over at most `bank.OBJECT_SHARE` of the grid: the background token always
     comes from the decoder, so what the edit adds or removes shows). The pasted region grows by
     `grow` layout cells on every side, over the edge of the object the decoder drew slightly
-    elsewhere (chosen on val: README, "Keeping the source's pixels").
+    elsewhere (chosen on val: README, "Keeping the source's pixels"); cells of `exclude` (P,)
+    bool are never pasted (an edit diff's dropped and new objects).
 
     source, edited (S, S, 3) uint8; source_tokens (K, T) and source_layouts (K, P) bool, P = G * G,
     as `bank.token_sets_with_layouts` gives them; written (K', T) -> (S, S, 3) uint8."""
@@ -248,6 +259,8 @@ def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: to
     G = int(round(keep.numel() ** 0.5))
     keep = keep.float().view(1, 1, G, G)
     keep = F.max_pool2d(keep, 2 * grow + 1, 1, grow) if grow > 0 else keep
+    if exclude is not None:
+        keep = keep * (~exclude.cpu().bool()).float().view(1, 1, G, G)
     m = F.interpolate(keep, size=edited.shape[:2], mode="nearest")[0, 0].numpy() > 0.5
     return np.where(m[..., None], source, edited).astype(np.uint8)
 

@@ -149,13 +149,13 @@ def test_parse_and_apply_diff():
     assert torch.equal(old, a[0]) and new is None and parse_diff("", []) == (None, None)
     src = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
     # the nearest source token to old is dropped, new appended, the rest copied exactly
-    got = apply_diff(src, torch.tensor([0.9, 0.2]), torch.tensor([7.0, 7.0]))
-    assert torch.equal(got, torch.tensor([[0.0, 0.0], [0.0, 5.0], [7.0, 7.0]]))
-    assert torch.equal(apply_diff(src, None, None), src)
+    got, dropped = apply_diff(src, torch.tensor([0.9, 0.2]), torch.tensor([7.0, 7.0]))
+    assert torch.equal(got, torch.tensor([[0.0, 0.0], [0.0, 5.0], [7.0, 7.0]])) and dropped == 1
+    assert torch.equal(apply_diff(src, None, None)[0], src) and apply_diff(src, None, None)[1] is None
     # nearest after the model's standardising: [0, 5] as given, [1, 0] with the second axis scaled down
     old = torch.tensor([0.6, 3.0])
-    assert torch.equal(apply_diff(src, old, None), src[:2])
-    assert torch.equal(apply_diff(src, old, None, norm=lambda t: t * torch.tensor([1.0, 0.01])), src[[0, 2]])
+    assert torch.equal(apply_diff(src, old, None)[0], src[:2])
+    assert torch.equal(apply_diff(src, old, None, norm=lambda t: t * torch.tensor([1.0, 0.01]))[0], src[[0, 2]])
 
 
 def test_edit_pipeline_drops_and_adds_what_the_answer_says(stage3_runs, monkeypatch):

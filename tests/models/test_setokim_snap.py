@@ -147,6 +147,10 @@ def test_keep_source_pixels_pastes_only_copied_objects():
     out = keep_source_pixels(source, edited, tokens, layouts, written)        # grown by a cell: cells 0, 1, G, G + 1
     pasted[0:4, 0:4] = True
     assert np.array_equal(out[..., 0] == 10, pasted)
+    # cells to exclude are never pasted, grown or not (an edit diff's dropped and new objects)
+    out = keep_source_pixels(source, edited, tokens, layouts, written, exclude=lay(1, G))
+    pasted[0:2, 2:4] = pasted[2:4, 0:2] = False
+    assert np.array_equal(out[..., 0] == 10, pasted)
     assert np.array_equal(keep_source_pixels(source, edited, tokens, layouts, written[1:]), edited)
     with pytest.raises(ValueError, match="layouts"):
         keep_source_pixels(source, edited, tokens, layouts[:2], written)

@@ -121,16 +121,19 @@ def parse_diff(text: str, images: list[Tensor]) -> tuple[Optional[Tensor], Optio
     return first, second
 
 
-def apply_diff(source: Tensor, old: Optional[Tensor], new: Optional[Tensor], norm=lambda t: t) -> Tensor:
-    """source (K, T) + the written old and new tokens (T,) -> the edited token set: the source
-    token nearest to `old` (L2 after `norm`, the model's standardising) dropped, `new` appended;
-    the others copied exactly."""
+def apply_diff(source: Tensor, old: Optional[Tensor], new: Optional[Tensor],
+               norm=lambda t: t) -> tuple[Tensor, Optional[int]]:
+    """source (K, T) + the written old and new tokens (T,) -> (the edited token set, the index
+    of the source token dropped or None): the source token nearest to `old` (L2 after `norm`,
+    the model's standardising) dropped, `new` appended; the others copied exactly."""
     keep = torch.ones(source.shape[0], dtype=torch.bool)
+    dropped = None
     if old is not None and source.shape[0]:
         d = torch.cdist(norm(old.float()).view(1, -1), norm(source.float()))[0]
-        keep[int(d.argmin())] = False
+        dropped = int(d.argmin())
+        keep[dropped] = False
     parts = [source[keep]] + ([new.view(1, -1).to(source.dtype)] if new is not None else [])
-    return torch.cat(parts, 0)
+    return torch.cat(parts, 0), dropped
 
 
 def diff_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -> None:
