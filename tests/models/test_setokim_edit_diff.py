@@ -182,3 +182,28 @@ def test_edit_pipeline_drops_and_adds_what_the_answer_says(stage3_runs, monkeypa
         keep_rows = [0] + list(range(2, src.shape[0]))
         assert torch.equal(seen["sets"][0], torch.cat([src[keep_rows], new.view(1, -1)]))
         assert out[0].dtype == np.uint8 and out[0].ndim == 3
+
+
+def test_a_new_token_is_snapped_over_its_seeds_cell(stage3_runs):
+    import setok_cli.tasks.setokim as tasks
+    from setok_cli.models.setokim.bank import OBJECT_SHARE, layout_cell, token_sets_with_layouts
+    m = tasks.load_setokim(stage3_runs["stage3"])
+    assert m.place_head is not None
+    imgs = sorted((stage3_runs["world"] / "shapes").glob("*/images/*.png"))
+    sets, lays, seeds = token_sets_with_layouts(m, imgs, seeds=True)
+    i, k = next((i, k) for i in range(len(sets)) for k in range(sets[i].shape[0])
+                if seeds[i][k] >= 0 and lays[i][k].float().mean() <= OBJECT_SHARE)
+    bank, blay = torch.cat(sets[:i] + sets[i + 1:]), torch.cat(lays[:i] + lays[i + 1:])
+    src, lay, sd = sets[i], lays[i], seeds[i]
+    cell = int(layout_cell(sd[k:k + 1], m.place_head.cells))
+    assert blay[:, cell].any()
+    opts = tasks.Sampling(bank=bank, bank_layouts=blay, max_overlap=1.0)
+    torch.manual_seed(0)
+    for _ in range(3):
+        tok, placed = tasks._snap_new(m, torch.randn(src.shape[1]), sd[k:k + 1], lay, k, opts)
+        j = int((bank - tok).norm(dim=1).argmin())
+        assert torch.allclose(bank[j], tok, atol=1e-5) and bool(blay[j, cell])
+        assert torch.equal(placed, blay[j] & (blay[j].float().mean() <= OBJECT_SHARE))
+    # without layouts: the nearest bank token by direction, and no cells
+    tok, placed = tasks._snap_new(m, bank[3] * 1.5, sd[k:k + 1], lay, k, tasks.Sampling(bank=bank))
+    assert torch.allclose(tok, bank[3], atol=1e-5) and not placed.any()
