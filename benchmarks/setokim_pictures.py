@@ -6,7 +6,9 @@
 Row 1: the first N test images with one question each (cycling over the question types),
 the model's answer and the truth. Row 2: the first N referring expressions, the predicted
 mask over the image (red) and the true outline (green). Row 3: the first N edits, source |
-edited, with the instruction. Greedy, the same calls as `setok ask / segment / edit`.
+edited, with the instruction; with --diff, row 4: the same edits as token diffs (`setok edit
+--diff --keep-pixels --place draw --place-temperature 0`). Greedy, the same calls as `setok ask /
+segment / edit`.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--snap", action="store_true", help="segment with --snap")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bank", help="edits snap to this token bank (setok edit --bank)")
+    ap.add_argument("--diff", action="store_true", help="a 4th row: the edits as token diffs (setok edit --diff)")
     a = ap.parse_args(argv)
     import torch
 
@@ -122,6 +125,13 @@ def main(argv=None) -> None:
                 size=np.asarray(load_image(eds[0]["source"])).shape[0])
     rows.append(_row([_cell(side_by_side(np.asarray(load_image(e["source"])), o), [e["instruction"]], 2 * CELL)
                       for e, o in zip(eds, outs)]))
+    if a.diff:                      # the same edits as token diffs (`setok edit --diff --keep-pixels`)
+        import dataclasses
+        dopts = dataclasses.replace(opts, diff=True, keep_pixels=1, place="draw", place_temperature=0.0)
+        outs = edit(model, [e["source"] for e in eds], [e["instruction"] for e in eds], dopts,
+                    size=np.asarray(load_image(eds[0]["source"])).shape[0])
+        rows.append(_row([_cell(side_by_side(np.asarray(load_image(e["source"])), o),
+                                [f"--diff: {e['instruction']}"], 2 * CELL) for e, o in zip(eds, outs)]))
 
     _save_stacked(rows, a.out)
     print(json.dumps({"out": a.out, "questions": len(picked), "segments": len(refs), "edits": len(eds)}))
