@@ -155,6 +155,9 @@ class ConversationDataset(Dataset):
             self.items = [chat_conversation(g) for g in self.entries]
         else:
             self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
+        if task == "edit_diff":                                           # read once, up front
+            from ..models.setokim.edit_diff import diff_spec
+            self.diff_specs = [diff_spec(e) for e in self.entries]
         self.index_offset = 0
 
     def __len__(self) -> int:
@@ -172,8 +175,7 @@ class ConversationDataset(Dataset):
         if self.task in ("instruct", "chat"):
             item["attend"] = question_objects(conv, paths[0])
         if self.task == "edit_diff":
-            from ..models.setokim.edit_diff import diff_spec
-            item["edit_diff"] = diff_spec(self.entries[i])
+            item["edit_diff"] = self.diff_specs[i]
         return item
 
     def segment_entry(self, i: int) -> tuple[str, str, str]:

@@ -74,6 +74,8 @@ def test_specs_name_the_changed_object_in_both_scenes(edits):
                 assert (o["color"] != before["color"]) if op == "recolor" else (o["center"] != before["center"])
         assert (sp["old"] is None) == (op == "add") and (sp["new"] is None) == (op == "remove")
     assert seen == set(DIFF_OPS)
+    with pytest.raises(UserError, match="scenes and instance maps"):
+        diff_spec({**e, "source_scene": None})
 
 
 def _overlap_oracle(out, i, inst_map, inst):

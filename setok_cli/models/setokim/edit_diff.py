@@ -63,6 +63,10 @@ def diff_spec(entry: dict) -> dict:
     the source's instance map, the target's scene and the instance ids (list index + 1) of the
     changed object in the source (`old`) and the target (`new`); None where the op has none."""
     src, tgt = Path(entry["source"]), Path(entry["target"])
+    inst = src.parent.parent / "instances" / src.name
+    if not (entry.get("source_scene") and entry.get("target_scene") and inst.is_file()):
+        raise UserError(f"edit_diff needs the shapes world's scenes and instance maps beside each edit "
+                        f"(source_scene, target_scene, {inst}); {entry.get('source', '?')} lacks them")
     s_objs = json.loads(Path(entry["source_scene"]).read_text())["objects"]
     t_objs = json.loads(Path(entry["target_scene"]).read_text())["objects"]
     op, obj = entry["edit"]["op"], entry["edit"].get("object")
@@ -71,7 +75,7 @@ def diff_spec(entry: dict) -> dict:
         known = {o["id"] for o in s_objs}
         obj = next(o["id"] for o in t_objs if o["id"] not in known)
     pos = lambda objs: next(i + 1 for i, o in enumerate(objs) if o["id"] == obj)     # noqa: E731
-    return {"op": op, "source_instances": str(src.parent.parent / "instances" / src.name),
+    return {"op": op, "source_instances": str(inst),
             "target_scene": str(entry["target_scene"]), "old": pos(s_objs) if has_old else None,
             "new": pos(t_objs) if has_new else None, "key": f"{tgt.resolve()}"}
 
