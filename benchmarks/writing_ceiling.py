@@ -49,8 +49,10 @@ def diff_sets(model, chunk: list[dict]) -> tuple[list, list, list, list]:
     for s, ly, t, tl, (o, n) in zip(src, lay, tgt, tlay, picks):
         tokens, dropped = apply_diff(s, None if o is None else s[o], None if n is None else t[n], model.normalize)
         ex = torch.zeros(ly.shape[1], dtype=torch.bool)
-        ex |= ly[dropped] if dropped is not None else ex
-        ex |= tl[n] if n is not None else ex
+        if dropped is not None:
+            ex |= ly[dropped]
+        if n is not None:
+            ex |= tl[n]
         sets.append(tokens)
         excluded.append(ex)
     return sets, src, lay, excluded

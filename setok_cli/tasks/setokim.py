@@ -195,9 +195,9 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
 def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampling,
                size: Optional[int]) -> list[np.ndarray]:
     """`edit` as a token diff (models/setokim/edit_diff.py): the model names the source token to
-    drop and writes the new one (one visual token each; with a bank the new one is snapped to
-    its nearest bank token); every other source token is copied exactly. With keep_pixels the
-    dropped token's region, and the new token's where the bank stores layouts, are never pasted."""
+    drop and writes the new one (one visual token each; with a bank the new one is snapped by
+    `_snap_new`); every other source token is copied exactly. With keep_pixels the dropped
+    token's region, and the new token's where the bank stores layouts, are never pasted."""
     from ..models.setokim import prompt_batch
     from ..models.setokim.bank import token_sets_with_layouts
     from ..models.setokim.edit_diff import DIFF_OPS, DIFF_PROMPT, apply_diff, parse_diff
@@ -210,7 +210,7 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
     for o, src, lay, sd in zip(gen, sets, layouts, seeds):
         old, new = parse_diff(o.text, o.images)
         ex = torch.zeros(lay.shape[1], dtype=torch.bool)
-        _, dropped = apply_diff(src, old, None, model.normalize)
+        kept, dropped = apply_diff(src, old, None, model.normalize)
         if dropped is not None:
             ex |= lay[dropped].cpu()
         if new is not None and opts.bank is not None:
@@ -218,7 +218,7 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
             new, placed = _snap_new(model, new, sd[dropped:dropped + 1] if in_place else o.seeds[-1][:1], lay,
                                     dropped, opts)
             ex |= placed
-        edited.append(apply_diff(src, old, new, model.normalize)[0])
+        edited.append(kept if new is None else torch.cat([kept, new.view(1, -1).to(kept.dtype)]))
         excluded.append(ex)
     out = _decode(model, edited, opts, g, size)
     if opts.keep_pixels is None:
