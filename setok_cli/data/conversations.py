@@ -13,7 +13,8 @@ inference pipelines so that training and inference ask the same way):
               pairs     unconditional side of classifier-free guidance)
     edit      edits     USER: <image>\\n{instruction}                 ASSISTANT: <image>   (source, then target)
     edit_diff edits     USER: <image>\\n{instruction} Segment the object.   ASSISTANT: Make <image> to <image>
-                        (the changed object's old and new token: models/setokim/edit_diff.py)
+                        (the changed object's old and new token, a new place first in words:
+                        "Move <image> to 5 3 <image>"; models/setokim/edit_diff.py)
     instruct  instruct  the entry's own `conversations`, its image at the `<image>` mark
     chat      instruct  the entries of one image as one multi-turn conversation (the image
                         in the first turn, then each entry's turns in file order)

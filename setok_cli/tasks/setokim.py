@@ -196,11 +196,12 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
                size: Optional[int]) -> list[np.ndarray]:
     """`edit` as a token diff (models/setokim/edit_diff.py): the model names the source token to
     drop and writes the new one (one visual token each; with a bank the new one is snapped by
-    `_snap_new`); every other source token is copied exactly. With keep_pixels the dropped
-    token's region, and the new token's where the bank stores layouts, are never pasted."""
+    `snap_new`, near the place the answer wrote); every other source token is copied exactly.
+    With keep_pixels the dropped token's region, and the new token's where the bank stores
+    layouts, are never pasted."""
     from ..models.setokim import prompt_batch
     from ..models.setokim.bank import token_sets_with_layouts
-    from ..models.setokim.edit_diff import DIFF_OPS, DIFF_PROMPT, apply_diff, parse_diff
+    from ..models.setokim.edit_diff import DIFF_OPS, DIFF_PROMPT, apply_diff, parse_diff, snap_new, written_place
     sets, layouts, seeds = token_sets_with_layouts(model, list(images), seeds=True)
     texts = [DIFF_PROMPT.format(instruction=t.strip()) for t in instructions]
     g = torch.Generator().manual_seed(opts.seed)
@@ -215,8 +216,10 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
             ex |= lay[dropped].cpu()
         if new is not None and opts.bank is not None:
             in_place = dropped is not None and o.text.split()[:1] == [DIFF_OPS["recolor"][0]]
-            new, placed = _snap_new(model, new, sd[dropped:dropped + 1] if in_place else o.seeds[-1][:1], lay,
-                                    dropped, opts)
+            new, placed = snap_new(model, new, lay, dropped, opts.bank, opts.bank_layouts,
+                                   seed=sd[dropped:dropped + 1] if in_place else o.seeds[-1][:1],
+                                   place=written_place(o.text), recolour=in_place, metric=opts.snap_metric,
+                                   max_overlap=opts.max_overlap)
             ex |= placed
         edited.append(kept if new is None else torch.cat([kept, new.view(1, -1).to(kept.dtype)]))
         excluded.append(ex)
@@ -227,30 +230,6 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
     return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, lay, w, opts.keep_pixels,
                                exclude=ex)
             for im, o, src, lay, w, ex in zip(images, out, sets, layouts, edited, excluded)]
-
-
-def _snap_new(model, new: torch.Tensor, seed: torch.Tensor, layouts: torch.Tensor, dropped: Optional[int],
-              opts: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """An edit diff's written new token (T,) -> (its bank token, that token's object cells (P,) bool,
-    none without bank layouts). With layouts it is snapped as generation snaps (`bank.snap_placed`):
-    over the cell of `seed` (1,) where there is one (the place head's drawn seed; a recolouring's
-    new token keeps the old one's seed), and apart from the source's kept objects."""
-    from ..models.setokim.bank import OBJECT_SHARE, layout_cell, nearest, snap_placed
-    bank = model.normalize(opts.bank.to(new.device).float())
-    x = model.normalize(new.float().view(1, -1))
-    if opts.bank_layouts is None:
-        none = torch.zeros(layouts.shape[1], dtype=torch.bool)
-        return model.denormalize(nearest(x, bank, metric=opts.snap_metric))[0], none
-    kept = torch.ones(layouts.shape[0], dtype=torch.bool)
-    if dropped is not None:
-        kept[dropped] = False
-    obj = layouts[kept] & (layouts[kept].float().mean(1, keepdim=True) <= OBJECT_SHARE)
-    at = None                               # seeds are cells of the place head's grid
-    if model.place_head is not None and seed.numel():
-        at = layout_cell(seed.long().view(-1)[:1], model.place_head.cells)
-    tok, placed = snap_placed(x, bank, opts.bank_layouts.to(x.device).bool(), obj.any(0, keepdim=True).to(x.device),
-                              max_overlap=opts.max_overlap, metric=opts.snap_metric, at=at)
-    return model.denormalize(tok)[0], placed[0].cpu()
 
 
 def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: torch.Tensor,

@@ -11,8 +11,8 @@ from PIL import Image
 from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
 from setok_cli.errors import UserError
 from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer
-from setok_cli.models.setokim.edit_diff import (DIFF_OPS, apply_diff, diff_conversation, diff_spec, diff_tokens,
-                                                object_token, parse_diff)
+from setok_cli.models.setokim.edit_diff import (DIFF_OPS, PLACE_BINS, apply_diff, diff_conversation, diff_spec,
+                                                diff_tokens, object_token, parse_diff, snap_new, written_place)
 
 TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=256)
@@ -42,16 +42,29 @@ def _entries(edits):
     return load(edits, "edits")
 
 
-def test_conversations_name_the_op_and_count_the_images():
-    e = {"source": "s.png", "target": "t.png", "instruction": " Make the red circle blue. "}
+def test_conversations_name_the_op_the_place_and_count_the_images(tmp_path):
+    scene = lambda *objs: {"objects": [{"id": i + 1, "center": c} for i, c in enumerate(objs)]}   # noqa: E731
+    (tmp_path / "s.json").write_text(json.dumps(scene([0.5, 0.5])))
+    (tmp_path / "t.json").write_text(json.dumps(scene([0.9, 0.1], [0.2, 0.75])))
+    e = {"source": "s.png", "target": "t.png", "instruction": " Make the red circle blue. ",
+         "source_scene": str(tmp_path / "s.json"), "target_scene": str(tmp_path / "t.json")}
+    answers = {}
     for op, (word, old, new) in DIFF_OPS.items():
-        conv, paths = diff_conversation({**e, "edit": {"op": op}})
+        conv, paths = diff_conversation({**e, "edit": {"op": op, "object": 1}})
         assert conv[0]["value"] == "<image>\nMake the red circle blue. Segment the object."
         assert conv[1]["value"].split()[0] == word and conv[1]["value"].count("<image>") == old + new
         assert paths == ["s.png", "t.png"]
-    assert diff_conversation({**e, "edit": {"op": "move"}})[0][1]["value"] == "Move <image> to <image>"
+        answers[op] = conv[1]["value"]
+    # 7 bins: x 0.9 -> 6, y 0.1 -> 0 (the moved object 1); the added object 2 at (0.2, 0.75) -> 1 5
+    assert answers == {"remove": "Remove <image>", "recolor": "Make <image> to <image>",
+                       "move": "Move <image> to 6 0 <image>", "add": "Add at 1 5 <image>"}
+    assert written_place(answers["move"]) == (6.5 / PLACE_BINS, 0.5 / PLACE_BINS)
+    assert written_place(answers["add"]) == (1.5 / PLACE_BINS, 5.5 / PLACE_BINS)
+    assert written_place(answers["recolor"]) is None and written_place("Move <image> to <image>") is None
     with pytest.raises(UserError, match="edit_diff needs edits of the shapes world"):
-        diff_conversation(e)
+        diff_conversation({**e, "source_scene": None})
+    with pytest.raises(UserError, match="scenes beside each edit"):
+        diff_conversation({**e, "source_scene": None, "edit": {"op": "move", "object": 1}})
 
 
 def test_specs_name_the_changed_object_in_both_scenes(edits):
@@ -74,7 +87,7 @@ def test_specs_name_the_changed_object_in_both_scenes(edits):
                 assert (o["color"] != before["color"]) if op == "recolor" else (o["center"] != before["center"])
         assert (sp["old"] is None) == (op == "add") and (sp["new"] is None) == (op == "remove")
     assert seen == set(DIFF_OPS)
-    with pytest.raises(UserError, match="scenes and instance maps"):
+    with pytest.raises(UserError, match="scenes beside each edit"):
         diff_spec({**e, "source_scene": None})
 
 
@@ -199,13 +212,30 @@ def test_a_new_token_is_snapped_over_its_seeds_cell(stage3_runs):
     src, lay, sd = sets[i], lays[i], seeds[i]
     cell = int(layout_cell(sd[k:k + 1], m.place_head.cells))
     assert blay[:, cell].any()
-    opts = tasks.Sampling(bank=bank, bank_layouts=blay, max_overlap=1.0)
     torch.manual_seed(0)
     for _ in range(3):
-        tok, placed = tasks._snap_new(m, torch.randn(src.shape[1]), sd[k:k + 1], lay, k, opts)
+        tok, placed = snap_new(m, torch.randn(src.shape[1]), lay, k, bank, blay, seed=sd[k:k + 1], max_overlap=1.0)
         j = int((bank - tok).norm(dim=1).argmin())
         assert torch.allclose(bank[j], tok, atol=1e-5) and bool(blay[j, cell])
         assert torch.equal(placed, blay[j] & (blay[j].float().mean() <= OBJECT_SHARE))
+    # a written place: a bank object centred near it, whatever the seed says
+    from setok_cli.models.setokim.bank import layout_centres
+    from setok_cli.models.setokim.edit_diff import NEAR, SAME_REGION
+    cent, obj = layout_centres(blay), blay.float().mean(1) <= OBJECT_SHARE
+    for q in range(3):
+        where = tuple(cent[torch.where(obj)[0][q * 5]].tolist())
+        tok, _ = snap_new(m, torch.randn(src.shape[1]), lay, k, bank, blay, seed=sd[k:k + 1], place=where,
+                          max_overlap=1.0)
+        j = int((bank - tok).norm(dim=1).argmin())
+        assert bool(obj[j]) and float((cent[j] - torch.tensor(where)).norm()) <= NEAR
+    # a recolouring: a bank token over the old token's region (the old token itself is one)
+    bank2, blay2 = torch.cat([bank, src[k:k + 1]]), torch.cat([blay, lay[k:k + 1]])
+    region = lay[k].float()
+    iou = (blay2.float() @ region) / (blay2.float().sum(1) + region.sum() - blay2.float() @ region)
+    for _ in range(3):
+        tok, _ = snap_new(m, torch.randn(src.shape[1]), lay, k, bank2, blay2, seed=sd[k:k + 1], recolour=True,
+                          max_overlap=1.0)
+        assert float(iou[int((bank2 - tok).norm(dim=1).argmin())]) >= SAME_REGION
     # without layouts: the nearest bank token by direction, and no cells
-    tok, placed = tasks._snap_new(m, bank[3] * 1.5, sd[k:k + 1], lay, k, tasks.Sampling(bank=bank))
+    tok, placed = snap_new(m, bank[3] * 1.5, lay, k, bank, None, seed=sd[k:k + 1])
     assert torch.allclose(tok, bank[3], atol=1e-5) and not placed.any()

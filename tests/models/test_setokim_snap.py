@@ -7,7 +7,8 @@ import torch
 
 from setok_cli.errors import UserError
 from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer, prompt_batch
-from setok_cli.models.setokim.bank import LAYOUT_GRID, _dist, nearest, snap_placed, token_sets_with_layouts
+from setok_cli.models.setokim.bank import (LAYOUT_GRID, _dist, layout_centres, near_centre, nearest, same_region,
+                                           snap_placed, token_sets_with_layouts)
 
 TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=256)
@@ -54,6 +55,22 @@ def test_snap_placed_known_values():
     # background tokens are never taken and never recorded
     outb, placedb = snap_placed(x[1:2], bank, layouts, used[1:2] | background)
     assert torch.equal(outb[0], bank[3]) and not placedb.any()
+
+
+def test_regions_centres_and_allowed_candidates():
+    G = LAYOUT_GRID
+    layouts = torch.stack([lay(0, 1, G, G + 1), lay(G * G - 1), lay(0, 1), lay(*range(200))])
+    assert torch.allclose(layout_centres(layouts)[:3], torch.tensor([[1 / G, 1 / G], [1 - 0.5 / G, 1 - 0.5 / G],
+                                                                      [1 / G, 0.5 / G]]))
+    near = near_centre(layouts, torch.tensor([[0.0, 0.0], [1.0, 1.0]]), radius=0.1)
+    assert near.tolist() == [[True, False, True, False], [False, True, False, False]]     # never the background
+    assert same_region(layouts, lay(0, 1, G, G + 1)[None], 0.5).tolist() == [[True, False, True, False]]
+    assert same_region(layouts, lay(0, 1, G, G + 1)[None], 0.6).tolist() == [[True, False, False, False]]
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    allowed = torch.tensor([[False, True, True], [False, False, False]])   # row 1 allows none: all of them
+    out, _ = snap_placed(x, bank, layouts[:3], torch.zeros(2, G * G, dtype=torch.bool), allowed=allowed)
+    assert torch.equal(out, bank[[2, 0]])
 
 
 def test_snap_placed_source_tokens():

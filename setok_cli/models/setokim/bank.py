@@ -37,7 +37,8 @@ from torch import Tensor
 from ...errors import UserError
 
 __all__ = ["build_bank", "save_bank", "load_bank", "load_bank_layouts", "nearest", "snap_placed", "setok_fingerprint",
-           "METRICS", "token_sets_with_layouts", "LAYOUT_GRID", "layout_cell"]
+           "METRICS", "token_sets_with_layouts", "LAYOUT_GRID", "layout_cell", "layout_centres", "near_centre",
+           "same_region"]
 
 FORMAT = "setok-token-bank-v1"
 LAYOUT_GRID = 16            # layouts: each token's region on a LAYOUT_GRID x LAYOUT_GRID grid over the image
@@ -156,6 +157,34 @@ def layout_cell(seeds: Tensor, cells: int) -> Tensor:
     return torch.where(seeds >= 0, out, torch.full_like(out, -1))
 
 
+def layout_centres(layouts: Tensor) -> Tensor:
+    """layouts (M, P) bool on a square grid -> each region's centre (M, 2) as (x, y) in [0, 1]
+    of the image side (cell centres averaged; 0.5 for an empty layout)."""
+    side = max(int(round(layouts.shape[-1] ** 0.5)), 1)
+    lay = layouts.float()
+    c = (torch.arange(side, dtype=lay.dtype, device=lay.device) + 0.5) / side
+    x, y = c.repeat(side), c.repeat_interleave(side)                                     # (P,) each
+    area = lay.sum(-1)
+    xy = torch.stack([lay @ x, lay @ y], -1) / area.clamp(min=1).unsqueeze(-1)
+    return torch.where((area > 0).unsqueeze(-1), xy, torch.full_like(xy, 0.5))
+
+
+def near_centre(layouts: Tensor, centres: Tensor, radius: float) -> Tensor:
+    """The object tokens (regions over at most OBJECT_SHARE of the grid) whose centre lies
+    within `radius` of each row's centre: layouts (M, P), centres (R, 2) (x, y) -> (R, M) bool."""
+    obj = (layouts.float().sum(-1) <= OBJECT_SHARE * layouts.shape[-1]) & layouts.any(-1)
+    return (torch.cdist(centres.float(), layout_centres(layouts).to(centres.device)) <= radius) & obj.to(centres.device)
+
+
+def same_region(layouts: Tensor, regions: Tensor, min_iou: float) -> Tensor:
+    """The tokens whose region overlaps each row's by an IoU of at least `min_iou`:
+    layouts (M, P), regions (R, P) bool -> (R, M) bool."""
+    a, b = layouts.float(), regions.float().to(layouts.device)
+    inter = b @ a.T                                                                      # (R, M)
+    union = b.sum(-1, keepdim=True) + a.sum(-1) - inter
+    return inter / union.clamp(min=1) >= min_iou
+
+
 def _dist(x: Tensor, cands: Tensor, metric: str) -> Tensor:
     """x (R, T), cands (C, T) or (R, C, T) -> distances (R, C): L2, or ("cos") the L2 between
     unit vectors, a function of the angle alone (a regressed token shrinks towards the mean,
@@ -194,12 +223,13 @@ def nearest(x: Tensor, bank: Tensor, extra: Optional[Sequence[Tensor]] = None,
 def snap_placed(x: Tensor, bank: Tensor, bank_layouts: Tensor, used: Tensor,
                 extra: Optional[Sequence[Tensor]] = None, extra_layouts: Optional[Sequence[Tensor]] = None,
                 source_margin: float = 1.0, max_overlap: float = 0.25, metric: str = "l2",
-                at: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                at: Optional[Tensor] = None, allowed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Layout-aware `nearest` (module docstring). x (R, T) standardised tokens; bank (M, T)
     with bank_layouts (M, P) bool; used (R, P) bool: the object patches already placed in each
     row's image; extra[r] (K_r, T) with extra_layouts[r] (K_r, P): the row's input images'
     tokens, preferred as in `nearest`; at (R,): a layout cell each row's token must cover (a
-    place head's drawn seed, `layout_cell`; -1: any), where any candidate does.
+    place head's drawn seed, `layout_cell`; -1: any), where any candidate does; allowed (R, M)
+    bool: the bank tokens each row may take, where it allows any (`near_centre`, `same_region`).
     -> (tokens (R, T), object patches to add to used (R, P))."""
     def free_dist(cands: Tensor, lay: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """cands (R, C, T) or (C, T), lay like it with P -> distances (R, C), inf where taken."""
@@ -226,7 +256,9 @@ def snap_placed(x: Tensor, bank: Tensor, bank_layouts: Tensor, used: Tensor,
 
     R = x.shape[0]
     rows = torch.arange(R, device=x.device)
-    best, idx = free_dist(bank, bank_layouts).min(1)
+    if allowed is not None:
+        allowed = allowed.to(x.device) | ~allowed.to(x.device).any(1, keepdim=True)
+    best, idx = free_dist(bank, bank_layouts, allowed).min(1)
     out, placed = bank[idx].to(x.dtype), objects(bank_layouts[idx])
     if extra is not None and any(c.shape[0] for c in extra):
         from torch.nn.utils.rnn import pad_sequence

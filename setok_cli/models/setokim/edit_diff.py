@@ -8,23 +8,30 @@ a diff, the answer names that token, as a segmentation answer does, and writes i
 
     USER: <image>\\n{instruction} Segment the object.
     ASSISTANT: Remove <image>                 old: the source's token of the object
-               Add <image>                    new: the target's token of the added object
+               Add at X Y <image>             new: the target's token of the added object
                Make <image> to <image>        old, new (a recolouring)
-               Move <image> to <image>        old, new (a move)
+               Move <image> to X Y <image>    old, new (a move)
 
 (each `<image>` one visual token; the first word is the instruction's own; every word is in
-the tiny vocabulary). Training targets (`diff_tokens`): old is the source token holding most
-of the object's pixels (the world's instance map), new the target token holding most of the
-edited or added object's pixels (the target scene rendered again), both in generation order,
-with their seeds for a place head. At inference (`apply_diff`) the written old token picks
-the nearest source token, which is dropped, the new token is appended, and every other source
-token is copied exactly, so `--keep-pixels` pastes their pixels back.
+the tiny vocabulary). X Y is where the new object's centre lies, its column and row in
+PLACE_BINS bins (0: left / top), written in words as Shikra writes coordinates: the instruction
+says "at the right", and a word is what the LM learns to write best; the place head, asked
+for one of 256 seed cells, drew the right one for 4 in 52 val additions (README). Training
+targets (`diff_tokens`): old is the source token holding most of the object's pixels (the
+world's instance map), new the target token holding most of the edited or added object's
+pixels (the target scene rendered again), both in generation order, with their seeds for a
+place head. At inference (`apply_diff`) the written old token picks the nearest source token,
+which is dropped, the new token is appended, and every other source token is copied exactly,
+so `--keep-pixels` pastes their pixels back. With a bank, `snap_new` takes the new token from
+the bank: near the written place (a move or an addition), or over the old token's region (a
+recolouring).
 
 Shapes: source tokens (K, T); old, new (T,) or None; instance maps (H, W) int.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -35,27 +42,68 @@ from torch import Tensor
 from ...errors import UserError
 from .attend import token_object_counts
 
-__all__ = ["DIFF_PROMPT", "DIFF_OPS", "diff_conversation", "diff_spec", "object_token", "diff_tokens",
-           "parse_diff", "apply_diff", "diff_samples"]
+__all__ = ["DIFF_PROMPT", "DIFF_OPS", "PLACE_BINS", "diff_conversation", "diff_spec", "object_token", "diff_tokens",
+           "parse_diff", "written_place", "apply_diff", "snap_new", "diff_samples"]
 
 DIFF_PROMPT = "<image>\n{instruction} Segment the object."
 # op -> (answer word, writes old, writes new)
 DIFF_OPS = {"remove": ("Remove", True, False), "add": ("Add", False, True),
             "recolor": ("Make", True, True), "move": ("Move", True, True)}
+PLACED = ("add", "move")       # the ops whose answer writes the new object's place
+PLACE_BINS = 7                 # bins per side of a written place (as `setok data explain` bins places)
+NEAR = 0.07                    # a placed new token's bank region centre within this of the written place (val)
+SAME_REGION = 0.4              # a recoloured token's bank region's IoU with the old token's at least this (val)
 
 
 def diff_conversation(entry: dict) -> tuple[list[dict], list[str]]:
-    """An edits entry with its `edit` record -> (conversation, [source, target]): the target
-    image is read only for its tokens (the answer's new token)."""
+    """An edits entry with its `edit` record (and, for an addition or a move, its target
+    scene) -> (conversation, [source, target]): the target image is read only for its tokens
+    (the answer's new token)."""
     op = (entry.get("edit") or {}).get("op")
     if op not in DIFF_OPS:
         raise UserError(f"edit_diff needs edits of the shapes world (an 'edit' record with op in "
                         f"{', '.join(DIFF_OPS)}); entry {entry.get('source', '?')} has {op!r}")
     word, old, new = DIFF_OPS[op]
-    answer = " to ".join(["<image>"] * (old + new))
+    place = ""
+    if op in PLACED:
+        _, t_objs, obj = _changed(entry)
+        place = place_words(next(o for o in t_objs if o["id"] == obj)["center"])
+    parts = ["<image>"] * old + ([f"{place} <image>"] if new else [])
+    answer = " to ".join(parts) if op != "add" else f"at {parts[0]}"
     conv = [{"from": "human", "value": DIFF_PROMPT.format(instruction=entry["instruction"].strip())},
-            {"from": "gpt", "value": f"{word} {answer}"}]
+            {"from": "gpt", "value": f"{word} {answer}".replace("  ", " ")}]
     return conv, [entry["source"], entry["target"]]
+
+
+def place_words(center) -> str:
+    """An object's centre (x, y) in [0, 1] -> "X Y", its column and row in PLACE_BINS bins."""
+    return " ".join(str(min(max(int(float(c) * PLACE_BINS), 0), PLACE_BINS - 1)) for c in center[:2])
+
+
+def written_place(text: str) -> Optional[tuple[float, float]]:
+    """A diff answer's text -> the centre (x, y) in [0, 1] of the bins it wrote ("Move <image>
+    to 5 3 <image>": (0.786, 0.5)), or None where it wrote none (a recolouring, a removal, or a
+    model trained without places)."""
+    m = re.search(r"(?<!\S)(\d+) (\d+)(?!\S)", text)
+    if m is None:
+        return None
+    b = [min(int(g), PLACE_BINS - 1) for g in m.groups()]
+    return ((b[0] + 0.5) / PLACE_BINS, (b[1] + 0.5) / PLACE_BINS)
+
+
+def _changed(entry: dict) -> tuple[list[dict], list[dict], int]:
+    """An edit's (source objects, target objects, the changed object's id: for an addition, the
+    target's new one); one UserError line without the scenes."""
+    if not (entry.get("source_scene") and entry.get("target_scene")):
+        raise UserError(f"edit_diff needs the shapes world's scenes beside each edit (source_scene, "
+                        f"target_scene); {entry.get('source', '?')} lacks them")
+    s_objs = json.loads(Path(entry["source_scene"]).read_text())["objects"]
+    t_objs = json.loads(Path(entry["target_scene"]).read_text())["objects"]
+    obj = entry["edit"].get("object")
+    if entry["edit"]["op"] == "add":
+        known = {o["id"] for o in s_objs}
+        obj = next(o["id"] for o in t_objs if o["id"] not in known)
+    return s_objs, t_objs, obj
 
 
 def diff_spec(entry: dict) -> dict:
@@ -64,16 +112,12 @@ def diff_spec(entry: dict) -> dict:
     changed object in the source (`old`) and the target (`new`); None where the op has none."""
     src, tgt = Path(entry["source"]), Path(entry["target"])
     inst = src.parent.parent / "instances" / src.name
-    if not (entry.get("source_scene") and entry.get("target_scene") and inst.is_file()):
-        raise UserError(f"edit_diff needs the shapes world's scenes and instance maps beside each edit "
-                        f"(source_scene, target_scene, {inst}); {entry.get('source', '?')} lacks them")
-    s_objs = json.loads(Path(entry["source_scene"]).read_text())["objects"]
-    t_objs = json.loads(Path(entry["target_scene"]).read_text())["objects"]
-    op, obj = entry["edit"]["op"], entry["edit"].get("object")
+    if not inst.is_file():
+        raise UserError(f"edit_diff needs the shapes world's instance maps beside each edit ({inst}); "
+                        f"{entry.get('source', '?')} lacks them")
+    s_objs, t_objs, obj = _changed(entry)
+    op = entry["edit"]["op"]
     _, has_old, has_new = DIFF_OPS[op]
-    if op == "add":
-        known = {o["id"] for o in s_objs}
-        obj = next(o["id"] for o in t_objs if o["id"] not in known)
     pos = lambda objs: next(i + 1 for i, o in enumerate(objs) if o["id"] == obj)     # noqa: E731
     return {"op": op, "source_instances": str(inst),
             "target_scene": str(entry["target_scene"]), "old": pos(s_objs) if has_old else None,
@@ -138,6 +182,39 @@ def apply_diff(source: Tensor, old: Optional[Tensor], new: Optional[Tensor],
         keep[dropped] = False
     parts = [source[keep]] + ([new.view(1, -1).to(source.dtype)] if new is not None else [])
     return torch.cat(parts, 0), dropped
+
+
+def snap_new(model, new: Tensor, layouts: Tensor, dropped: Optional[int], bank: Tensor,
+             bank_layouts: Optional[Tensor], seed: Optional[Tensor] = None,
+             place: Optional[tuple[float, float]] = None, recolour: bool = False, metric: str = "cos",
+             max_overlap: float = 0.25) -> tuple[Tensor, Tensor]:
+    """An edit diff's written new token (T,) -> (its bank token, that token's object cells (P,)
+    bool: none without bank layouts). With layouts it is snapped as generation snaps
+    (`bank.snap_placed`: apart from the source's kept objects), among the bank tokens whose
+    region is centred within NEAR of the written `place` (x, y), or, for a recolouring, those
+    whose region overlaps the dropped token's by SAME_REGION IoU (each where there are any),
+    else over the cell of `seed` (1,) (the place head's drawn seed).
+    layouts (K, P) bool: the source tokens' regions; bank (M, T), bank_layouts (M, P)."""
+    from .bank import OBJECT_SHARE, layout_cell, near_centre, nearest, same_region, snap_placed
+    b = model.normalize(bank.to(new.device).float())
+    x = model.normalize(new.float().view(1, -1))
+    if bank_layouts is None:
+        return model.denormalize(nearest(x, b, metric=metric))[0], torch.zeros(layouts.shape[1], dtype=torch.bool)
+    bl = bank_layouts.to(x.device).bool()
+    kept = torch.ones(layouts.shape[0], dtype=torch.bool)
+    if dropped is not None:
+        kept[dropped] = False
+    obj = layouts[kept] & (layouts[kept].float().mean(1, keepdim=True) <= OBJECT_SHARE)
+    at = allowed = None
+    if recolour and dropped is not None:
+        allowed = same_region(bl, layouts[dropped:dropped + 1].to(x.device), SAME_REGION)
+    elif place is not None:
+        allowed = near_centre(bl, torch.tensor([place], device=x.device), NEAR)
+    elif model.place_head is not None and seed is not None and seed.numel():
+        at = layout_cell(seed.long().view(-1)[:1].to(x.device), model.place_head.cells)
+    tok, placed = snap_placed(x, b, bl, obj.any(0, keepdim=True).to(x.device), max_overlap=max_overlap,
+                              metric=metric, at=at, allowed=allowed)
+    return model.denormalize(tok)[0], placed[0].cpu()
 
 
 def diff_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -> None:
