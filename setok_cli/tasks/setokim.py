@@ -208,7 +208,7 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
     kw = {**_kw(opts, g), "bank": None, "bank_layouts": None, "max_visual_tokens": 1}
     gen = model.generate(*prompt_batch(model, texts, [[s] for s in model.readable(sets, seeds)]), **kw)
     edited, excluded = [], []
-    for o, src, lay, sd in zip(gen, sets, layouts, seeds):
+    for o, src, lay in zip(gen, sets, layouts):
         old, new = parse_diff(o.text, o.images)
         ex = torch.zeros(lay.shape[1], dtype=torch.bool)
         kept, dropped = apply_diff(src, old, None, model.normalize)
@@ -216,8 +216,7 @@ def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampl
             ex |= lay[dropped].cpu()
         if new is not None and opts.bank is not None:
             in_place = dropped is not None and o.text.split()[:1] == [DIFF_OPS["recolor"][0]]
-            new, placed = snap_new(model, new, lay, dropped, opts.bank, opts.bank_layouts,
-                                   seed=sd[dropped:dropped + 1] if in_place else o.seeds[-1][:1],
+            new, placed = snap_new(model, new, lay, dropped, opts.bank, opts.bank_layouts, seed=o.seeds[-1][:1],
                                    place=written_place(o.text), recolour=in_place, metric=opts.snap_metric,
                                    max_overlap=opts.max_overlap)
             ex |= placed

@@ -63,15 +63,14 @@ def diff_conversation(entry: dict) -> tuple[list[dict], list[str]]:
     if op not in DIFF_OPS:
         raise UserError(f"edit_diff needs edits of the shapes world (an 'edit' record with op in "
                         f"{', '.join(DIFF_OPS)}); entry {entry.get('source', '?')} has {op!r}")
-    word, old, new = DIFF_OPS[op]
-    place = ""
+    where = ""
     if op in PLACED:
         _, t_objs, obj = _changed(entry)
-        place = place_words(next(o for o in t_objs if o["id"] == obj)["center"])
-    parts = ["<image>"] * old + ([f"{place} <image>"] if new else [])
-    answer = " to ".join(parts) if op != "add" else f"at {parts[0]}"
+        where = place_words(next(o for o in t_objs if o["id"] == obj)["center"]) + " "
+    answer = {"remove": "<image>", "add": f"at {where}<image>", "recolor": "<image> to <image>",
+              "move": f"<image> to {where}<image>"}[op]
     conv = [{"from": "human", "value": DIFF_PROMPT.format(instruction=entry["instruction"].strip())},
-            {"from": "gpt", "value": f"{word} {answer}".replace("  ", " ")}]
+            {"from": "gpt", "value": f"{DIFF_OPS[op][0]} {answer}"}]
     return conv, [entry["source"], entry["target"]]
 
 
