@@ -154,11 +154,12 @@ class ConversationDataset(Dataset):
         if task == "chat":
             self.entries = group_by_image(self.entries, turns)
             self.items = [chat_conversation(g) for g in self.entries]
+        elif task == "edit_diff":                                         # scenes read once, up front
+            from ..models.setokim.edit_diff import diff_conversation, diff_spec
+            self.diff_specs = [diff_spec(e) for e in self.entries]
+            self.items = [diff_conversation(e, sp) for e, sp in zip(self.entries, self.diff_specs)]
         else:
             self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
-        if task == "edit_diff":                                           # read once, up front
-            from ..models.setokim.edit_diff import diff_spec
-            self.diff_specs = [diff_spec(e) for e in self.entries]
         self.index_offset = 0
 
     def __len__(self) -> int:

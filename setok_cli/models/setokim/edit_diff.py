@@ -55,18 +55,18 @@ NEAR = 0.07                    # a placed new token's bank region centre within 
 SAME_REGION = 0.4              # a recoloured token's bank region's IoU with the old token's at least this (val)
 
 
-def diff_conversation(entry: dict) -> tuple[list[dict], list[str]]:
+def diff_conversation(entry: dict, spec: Optional[dict] = None) -> tuple[list[dict], list[str]]:
     """An edits entry with its `edit` record (and, for an addition or a move, its target
-    scene) -> (conversation, [source, target]): the target image is read only for its tokens
-    (the answer's new token)."""
-    op = (entry.get("edit") or {}).get("op")
-    if op not in DIFF_OPS:
-        raise UserError(f"edit_diff needs edits of the shapes world (an 'edit' record with op in "
-                        f"{', '.join(DIFF_OPS)}); entry {entry.get('source', '?')} has {op!r}")
+    scene, or its `diff_spec` already read) -> (conversation, [source, target]): the target
+    image is read only for its tokens (the answer's new token)."""
+    op = _op(entry)
     where = ""
     if op in PLACED:
-        _, t_objs, obj = _changed(entry)
-        where = place_words(next(o for o in t_objs if o["id"] == obj)["center"]) + " "
+        if spec is None:
+            _, t_objs, obj = _changed(entry)
+            where = place_words(next(o for o in t_objs if o["id"] == obj)["center"]) + " "
+        else:
+            where = spec["place"] + " "
     answer = {"remove": "<image>", "add": f"at {where}<image>", "recolor": "<image> to <image>",
               "move": f"<image> to {where}<image>"}[op]
     conv = [{"from": "human", "value": DIFF_PROMPT.format(instruction=entry["instruction"].strip())},
@@ -90,6 +90,15 @@ def written_place(text: str) -> Optional[tuple[float, float]]:
     return ((b[0] + 0.5) / PLACE_BINS, (b[1] + 0.5) / PLACE_BINS)
 
 
+def _op(entry: dict) -> str:
+    """An entry's edit op; one UserError line where it is not one of the shapes world's."""
+    op = (entry.get("edit") or {}).get("op")
+    if op not in DIFF_OPS:
+        raise UserError(f"edit_diff needs edits of the shapes world (an 'edit' record with op in "
+                        f"{', '.join(DIFF_OPS)}); entry {entry.get('source', '?')} has {op!r}")
+    return op
+
+
 def _changed(entry: dict) -> tuple[list[dict], list[dict], int]:
     """An edit's (source objects, target objects, the changed object's id: for an addition, the
     target's new one); one UserError line without the scenes."""
@@ -108,19 +117,21 @@ def _changed(entry: dict) -> tuple[list[dict], list[dict], int]:
 def diff_spec(entry: dict) -> dict:
     """What `diff_tokens` needs of an entry (paths as the data file resolved them): the op,
     the source's instance map, the target's scene and the instance ids (list index + 1) of the
-    changed object in the source (`old`) and the target (`new`); None where the op has none."""
+    changed object in the source (`old`) and the target (`new`), and the answer's `place` words
+    (`place_words`, an addition or a move); None where the op has none."""
+    op = _op(entry)
     src, tgt = Path(entry["source"]), Path(entry["target"])
     inst = src.parent.parent / "instances" / src.name
     if not inst.is_file():
         raise UserError(f"edit_diff needs the shapes world's instance maps beside each edit ({inst}); "
                         f"{entry.get('source', '?')} lacks them")
     s_objs, t_objs, obj = _changed(entry)
-    op = entry["edit"]["op"]
     _, has_old, has_new = DIFF_OPS[op]
     pos = lambda objs: next(i + 1 for i, o in enumerate(objs) if o["id"] == obj)     # noqa: E731
     return {"op": op, "source_instances": str(inst),
             "target_scene": str(entry["target_scene"]), "old": pos(s_objs) if has_old else None,
-            "new": pos(t_objs) if has_new else None, "key": f"{tgt.resolve()}"}
+            "new": pos(t_objs) if has_new else None, "key": f"{tgt.resolve()}",
+            "place": place_words(t_objs[pos(t_objs) - 1]["center"]) if op in PLACED else None}
 
 
 def object_token(model, out, i: int, instances: np.ndarray, inst: int) -> int:
