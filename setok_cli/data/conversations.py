@@ -139,14 +139,19 @@ def question_objects(conv: Sequence[dict], image: str) -> Optional[dict]:
 class ConversationDataset(Dataset):
     """One SPEC file read as one task. Items: {"index", "conversations", "pixel_values":
     [(3, S, S) float in [0, 1]], "image_keys": [str]}. `turns` (chat only): at most this many
-    entries of an image per conversation (an image with more gives several conversations)."""
+    entries of an image per conversation (an image with more gives several conversations).
+    `names` (edit_diff only): the answers write the instruction's words before each token
+    (`edit_diff.diff_conversation`)."""
 
-    def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None):
+    def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
+                 names: bool = False):
         if task not in CONVERSATION_TASKS:
             raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
         if turns is not None and (task != "chat" or not isinstance(turns, int) or isinstance(turns, bool)
                                   or turns < 1):
             raise UserError(f"{path}: turns is for the chat task, an integer >= 1; got {turns!r} for {task}")
+        if names is not False and (task != "edit_diff" or names is not True):
+            raise UserError(f"{path}: names is for the edit_diff task, true or false; got {names!r} for {task}")
         self.path, self.task, self.image_size = str(path), task, image_size
         self.entries = load(path, CONVERSATION_TASKS[task])
         if not self.entries:
@@ -157,7 +162,7 @@ class ConversationDataset(Dataset):
         elif task == "edit_diff":                                         # scenes read once, up front
             from ..models.setokim.edit_diff import diff_conversation, diff_spec
             self.diff_specs = [diff_spec(e) for e in self.entries]
-            self.items = [diff_conversation(e, sp) for e, sp in zip(self.entries, self.diff_specs)]
+            self.items = [diff_conversation(e, sp, names) for e, sp in zip(self.entries, self.diff_specs)]
         else:
             self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
         self.index_offset = 0

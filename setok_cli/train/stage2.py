@@ -383,11 +383,13 @@ def _mixture(recipe: Recipe):
         raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct|chat|segment, "
                         "path, weight}]")
     for j, m in enumerate(recipe.data.mixture):
-        if not isinstance(m, dict) or set(m) - {"task", "path", "weight", "turns"} or not {"task", "path"} <= set(m):
-            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns]}}, got {m!r}")
+        keys = {"task", "path", "weight", "turns", "names"}
+        if not isinstance(m, dict) or set(m) - keys or not {"task", "path"} <= set(m):
+            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns | names]}}, got {m!r}")
         if m["task"] not in CONVERSATION_TASKS:
             raise UserError(f"data.mixture[{j}].task {m['task']!r}: choose from {', '.join(CONVERSATION_TASKS)}")
-        parts.append((ConversationDataset(m["path"], m["task"], recipe.data.image_size, m.get("turns")),
+        parts.append((ConversationDataset(m["path"], m["task"], recipe.data.image_size, m.get("turns"),
+                                          m.get("names", False)),
                       m.get("weight", 1.0)))
     offset = 0
     for ds, _ in parts:

@@ -42,22 +42,28 @@ def _entries(edits):
     return load(edits, "edits")
 
 
-def test_conversations_name_the_op_the_place_and_count_the_images(tmp_path):
-    scene = lambda *objs: {"objects": [{"id": i + 1, "center": c} for i, c in enumerate(objs)]}   # noqa: E731
-    (tmp_path / "s.json").write_text(json.dumps(scene([0.5, 0.5])))
-    (tmp_path / "t.json").write_text(json.dumps(scene([0.9, 0.1], [0.2, 0.75])))
+def test_conversations_name_the_op_the_objects_the_place_and_count_the_images(tmp_path):
+    scene = lambda *objs: {"objects": [{"id": i + 1, "center": c, "color": col, "shape": sh}   # noqa: E731
+                                       for i, (c, col, sh) in enumerate(objs)]}
+    (tmp_path / "s.json").write_text(json.dumps(scene(([0.5, 0.5], "red", "circle"))))
+    (tmp_path / "t.json").write_text(json.dumps(scene(([0.9, 0.1], "blue", "circle"), ([0.2, 0.75], "green", "star"))))
     e = {"source": "s.png", "target": "t.png", "instruction": " Make the red circle blue. ",
          "source_scene": str(tmp_path / "s.json"), "target_scene": str(tmp_path / "t.json")}
-    answers = {}
+    answers, named = {}, {}
     for op, (word, old, new) in DIFF_OPS.items():
         conv, paths = diff_conversation({**e, "edit": {"op": op, "object": 1}})
         assert conv[0]["value"] == "<image>\nMake the red circle blue. Segment the object."
         assert conv[1]["value"].split()[0] == word and conv[1]["value"].count("<image>") == old + new
         assert paths == ["s.png", "t.png"]
         answers[op] = conv[1]["value"]
+        named[op] = diff_conversation({**e, "edit": {"op": op, "object": 1}}, names=True)[0][1]["value"]
     # 7 bins: x 0.9 -> 6, y 0.1 -> 0 (the moved object 1); the added object 2 at (0.2, 0.75) -> 1 5
     assert answers == {"remove": "Remove <image>", "recolor": "Make <image> to <image>",
                        "move": "Move <image> to 6 0 <image>", "add": "Add at 1 5 <image>"}
+    # names: the instruction's words before each token (object 1, alone, is "the red circle",
+    # recoloured blue; the added object 2 is a green star)
+    assert named == {"remove": "Remove red circle <image>", "recolor": "Make red circle <image> to blue <image>",
+                     "move": "Move red circle <image> to 6 0 <image>", "add": "Add green star at 1 5 <image>"}
     assert written_place(answers["move"]) == (6.5 / PLACE_BINS, 0.5 / PLACE_BINS)
     assert written_place(answers["add"]) == (1.5 / PLACE_BINS, 5.5 / PLACE_BINS)
     assert written_place(answers["recolor"]) is None and written_place("Move <image> to <image>") is None
@@ -86,9 +92,30 @@ def test_specs_name_the_changed_object_in_both_scenes(edits):
                 assert o["id"] == before["id"]
                 assert (o["color"] != before["color"]) if op == "recolor" else (o["center"] != before["center"])
         assert (sp["old"] is None) == (op == "add") and (sp["new"] is None) == (op == "remove")
+        # the words written before the tokens are the instruction's own: its referring expression
+        # ("Remove the cyan object." -> "Remove cyan object <image>"), a recolouring's new colour,
+        # an addition's colour and shape
+        answer = diff_conversation(e, sp, names=True)[0][1]["value"]
+        assert answer == diff_conversation(e, names=True)[0][1]["value"]
+        said = e["instruction"].rstrip(".")
+        if op != "add":
+            word = DIFF_OPS[op][0]
+            assert f"{word} the {sp['old_name']}" in said and answer.startswith(f"{word} {sp['old_name']} <image>")
+        if op == "recolor":
+            assert sp["new_name"] == tgt[sp["new"] - 1]["color"] == said.split()[-1]
+            assert answer.endswith(f"to {sp['new_name']} <image>")
+        if op == "add":
+            assert sp["new_name"] == f"{tgt[sp['new'] - 1]['color']} {tgt[sp['new'] - 1]['shape']}" in said
     assert seen == set(DIFF_OPS)
     with pytest.raises(UserError, match="scenes beside each edit"):
         diff_spec({**e, "source_scene": None})
+    from setok_cli.data.conversations import ConversationDataset
+    ds = ConversationDataset(edits, "edit_diff", 32, names=True)
+    assert [ds[i]["conversations"][1]["value"] for i in range(len(ds))] == [
+        diff_conversation(e, names=True)[0][1]["value"] for e in _entries(edits)]
+    for task, names in (("edit", True), ("edit_diff", "yes")):
+        with pytest.raises(UserError, match="names is for the edit_diff task"):
+            ConversationDataset(edits, task, 32, names=names)
 
 
 def _overlap_oracle(out, i, inst_map, inst):

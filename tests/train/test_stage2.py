@@ -64,7 +64,12 @@ def test_recipe_mixture_passes_chat_turns(stage2_world, tmp_path):
                                                    f"{{task: caption, path: {tr / 'pairs.json'}}}]"))
     assert two.names == ["chat:instruct#0", "chat:instruct#1", "caption:pairs"]   # the trainer's text/<name> terms
     assert all(len(cut[i]["conversations"]) == 2 for i in range(len(cut)))
-    with pytest.raises(UserError, match=r"weight\[, turns\]"):
+    named = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{{task: edit_diff, path: {tr / 'edits.json'}, "
+                                                     "names: true}]"))
+    answers = [named[i]["conversations"][1]["value"].split() for i in range(len(named))]
+    olds = [a for a in answers if a[0] in ("Remove", "Make", "Move")]
+    assert olds and all(a[1] != "<image>" for a in olds)          # the object's name before its token
+    with pytest.raises(UserError, match=r"weight\[, turns \| names\]"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turn: 2}}]"))
 
 

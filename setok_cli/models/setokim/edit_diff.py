@@ -13,10 +13,16 @@ a diff, the answer names that token, as a segmentation answer does, and writes i
                Move <image> to X Y <image>    old, new (a move)
 
 (each `<image>` one visual token; the first word is the instruction's own; every word is in
-the tiny vocabulary). X Y is where the new object's centre lies, its column and row in
-PLACE_BINS bins (0: left / top), written in words as Shikra writes coordinates: the instruction
-says "at the right", and a word is what the LM learns to write best; the place head, asked
-for one of 256 seed cells, drew the right one for 4 in 52 val additions (README). Training
+the tiny vocabulary). With `names` (the mixture row's `names: true`) the answer first copies
+the instruction's words for each token: "Remove yellow triangle <image>", "Add red circle at X
+Y <image>", "Make cyan object <image> to pink <image>" (the referring expression without "the",
+an added object's colour and shape, a recolouring's new colour), so that each token is looked
+up by the words just written, as a segmentation answer is by its expression (README: "Names
+before tokens").
+X Y is where the new object's centre lies, its column and row in PLACE_BINS bins (0: left /
+top), written in words as Shikra writes coordinates: the instruction says "at the right", and a
+word is what the LM learns to write best; the place head, asked for one of 256 seed cells, drew
+the right one for 4 in 52 val additions (README). Training
 targets (`diff_tokens`): old is the source token holding most of the object's pixels (the
 world's instance map), new the target token holding most of the edited or added object's
 pixels (the target scene rendered again), both in generation order, with their seeds for a
@@ -39,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...data.shapes_text import phrase
 from ...errors import UserError
 from .attend import token_object_counts
 
@@ -55,23 +62,36 @@ NEAR = 0.07                    # a placed new token's bank region centre within 
 SAME_REGION = 0.4              # a recoloured token's bank region's IoU with the old token's at least this (val)
 
 
-def diff_conversation(entry: dict, spec: Optional[dict] = None) -> tuple[list[dict], list[str]]:
-    """An edits entry with its `edit` record (and, for an addition or a move, its target
-    scene, or its `diff_spec` already read) -> (conversation, [source, target]): the target
-    image is read only for its tokens (the answer's new token)."""
+def diff_conversation(entry: dict, spec: Optional[dict] = None, names: bool = False) -> tuple[list[dict], list[str]]:
+    """An edits entry with its `edit` record and its two scenes (or its `diff_spec` already
+    read) -> (conversation, [source, target]): the target image is read only for its tokens
+    (the answer's new token). `names`: the instruction's words before each token (the mixture
+    row's `names: true`)."""
     op = _op(entry)
-    where = ""
-    if op in PLACED:
-        if spec is None:
-            _, t_objs, obj = _changed(entry)
-            where = place_words(next(o for o in t_objs if o["id"] == obj)["center"]) + " "
-        else:
-            where = spec["place"] + " "
-    answer = {"remove": "<image>", "add": f"at {where}<image>", "recolor": "<image> to <image>",
-              "move": f"<image> to {where}<image>"}[op]
+    words = spec if spec is not None else _answer_words(op, *_changed(entry))
+    where = (words["place"] + " ") if op in PLACED else ""
+    old, new = ((f"{words[k]} " if names and words[k] else "") for k in ("old_name", "new_name"))
+    answer = {"remove": f"{old}<image>", "add": f"{new}at {where}<image>", "recolor": f"{old}<image> to {new}<image>",
+              "move": f"{old}<image> to {where}<image>"}[op]
     conv = [{"from": "human", "value": DIFF_PROMPT.format(instruction=entry["instruction"].strip())},
             {"from": "gpt", "value": f"{DIFF_OPS[op][0]} {answer}"}]
     return conv, [entry["source"], entry["target"]]
+
+
+def _answer_words(op: str, s_objs: list[dict], t_objs: list[dict], obj: int) -> dict:
+    """The words a diff answer writes before its tokens, copied from what the instruction says:
+    the changed object's referring expression without "the" (`old_name`: "yellow triangle",
+    "green object", "leftmost red circle"; None for an addition), the added object's colour and
+    shape or a recolouring's new colour (`new_name`; None otherwise), and the new `place`
+    (`place_words`; None unless an addition or a move)."""
+    from ...data.shapes_text import referring_expression
+    i = next((k for k, o in enumerate(s_objs) if o["id"] == obj), None)
+    t = next((o for o in t_objs if o["id"] == obj), None)
+    old = None
+    if op != "add":
+        old = (referring_expression(s_objs, i) or f"the {phrase(s_objs[i])}").removeprefix("the ")
+    new = {"add": phrase(t) if t else None, "recolor": t["color"] if t else None}.get(op)
+    return {"old_name": old, "new_name": new, "place": place_words(t["center"]) if op in PLACED else None}
 
 
 def place_words(center) -> str:
@@ -131,7 +151,7 @@ def diff_spec(entry: dict) -> dict:
     return {"op": op, "source_instances": str(inst),
             "target_scene": str(entry["target_scene"]), "old": pos(s_objs) if has_old else None,
             "new": pos(t_objs) if has_new else None, "key": f"{tgt.resolve()}",
-            "place": place_words(t_objs[pos(t_objs) - 1]["center"]) if op in PLACED else None}
+            **_answer_words(op, s_objs, t_objs, obj)}
 
 
 def object_token(model, out, i: int, instances: np.ndarray, inst: int) -> int:
