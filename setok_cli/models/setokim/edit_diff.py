@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...data.shapes_text import phrase
+from ...data.shapes_text import phrase, referring_expression
 from ...errors import UserError
 from .attend import token_object_counts
 
@@ -84,7 +84,6 @@ def _answer_words(op: str, s_objs: list[dict], t_objs: list[dict], obj: int) -> 
     "green object", "leftmost red circle"; None for an addition), the added object's colour and
     shape or a recolouring's new colour (`new_name`; None otherwise), and the new `place`
     (`place_words`; None unless an addition or a move)."""
-    from ...data.shapes_text import referring_expression
     i = next((k for k, o in enumerate(s_objs) if o["id"] == obj), None)
     t = next((o for o in t_objs if o["id"] == obj), None)
     old = None
