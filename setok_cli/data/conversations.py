@@ -70,7 +70,7 @@ def task_conversation(task: str, entry: dict) -> tuple[list[dict], list[str]]:
                  {"from": "gpt", "value": IMAGE_TOKEN}], [entry["image"]])
     if task == "instruct":
         conv = entry["conversations"]
-        marks = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in conv)
+        marks = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in conv if t.get("from") in ("human", "user"))
         if marks != 1:
             raise UserError(f"instruct entry {entry.get('id', '?')}: {marks} '<image>' marks, expected 1")
         return list(conv), [entry["image"]]
@@ -141,10 +141,11 @@ class ConversationDataset(Dataset):
     [(3, S, S) float in [0, 1]], "image_keys": [str]}. `turns` (chat only): at most this many
     entries of an image per conversation (an image with more gives several conversations).
     `names` (edit_diff only): the answers write the instruction's words before each token
-    (`edit_diff.diff_conversation`)."""
+    (`edit_diff.diff_conversation`). `look` (instruct and chat): the answers first write the tokens
+    of the objects their question is about (`models/setokim/look.py`); items carry "look"."""
 
     def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
-                 names: bool = False):
+                 names: bool = False, look: bool = False):
         if task not in CONVERSATION_TASKS:
             raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
         if turns is not None and (task != "chat" or not isinstance(turns, int) or isinstance(turns, bool)
@@ -152,19 +153,31 @@ class ConversationDataset(Dataset):
             raise UserError(f"{path}: turns is for the chat task, an integer >= 1; got {turns!r} for {task}")
         if names is not False and (task != "edit_diff" or names is not True):
             raise UserError(f"{path}: names is for the edit_diff task, true or false; got {names!r} for {task}")
+        if look is not False and (task not in ("instruct", "chat") or look is not True):
+            raise UserError(f"{path}: look is for the instruct and chat tasks, true or false; got {look!r} for {task}")
         self.path, self.task, self.image_size = str(path), task, image_size
         self.entries = load(path, CONVERSATION_TASKS[task])
         if not self.entries:
             raise UserError(f"{path}: no entries")
+        self.looks: Optional[list] = None
+        if look:                                                          # scenes read once, up front
+            from ..models.setokim.look import look_entry
+            looked = [look_entry(e) for e in self.entries]
+            self.entries = [e for e, _ in looked]
+            by_id = {id(e): lk for e, lk in looked}
         if task == "chat":
             self.entries = group_by_image(self.entries, turns)
             self.items = [chat_conversation(g) for g in self.entries]
+            if look:
+                from ..models.setokim.look import look_turns
+                self.looks = [look_turns([by_id[id(e)] for e in g]) for g in self.entries]
         elif task == "edit_diff":                                         # scenes read once, up front
             from ..models.setokim.edit_diff import diff_conversation, diff_spec
             self.diff_specs = [diff_spec(e) for e in self.entries]
             self.items = [diff_conversation(e, sp, names) for e, sp in zip(self.entries, self.diff_specs)]
         else:
             self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
+            self.looks = [by_id[id(e)] for e in self.entries] if look else None
         self.index_offset = 0
 
     def __len__(self) -> int:
@@ -181,6 +194,7 @@ class ConversationDataset(Dataset):
             item["segment"] = {"mask": torch.from_numpy(read_mask(mask, pix[0].shape[-2:])), "key": key}
         if self.task in ("instruct", "chat"):
             item["attend"] = question_objects(conv, paths[0])
+            item["look"] = self.looks[i] if self.looks is not None else None
         if self.task == "edit_diff":
             item["edit_diff"] = self.diff_specs[i]
         return item
@@ -243,7 +257,7 @@ def collate_conversations_batch(items: Sequence[dict]) -> dict:
     image of the batch in reading order, "image_keys": N, "image_counts" (B,), "task": B, "source" (B,):
     each item's set in a `MixtureDataset` (-1 outside one),
     "segment": B x (None | {"mask": (S, S) bool, "key"}), "attend": B x (None | `question_objects`),
-    "edit_diff": B x (None | `edit_diff.diff_spec`)}."""
+    "edit_diff": B x (None | `edit_diff.diff_spec`), "look": B x (None | `look.look_entry`'s look)}."""
     pix = [p for it in items for p in it["pixel_values"]]
     if pix and any(p.shape != pix[0].shape for p in pix):
         raise UserError("images of one batch differ in size: set data.image_size")
@@ -256,4 +270,5 @@ def collate_conversations_batch(items: Sequence[dict]) -> dict:
             "source": torch.tensor([it.get("source", -1) for it in items]),
             "segment": [it.get("segment") for it in items],
             "attend": [it.get("attend") for it in items],
-            "edit_diff": [it.get("edit_diff") for it in items]}
+            "edit_diff": [it.get("edit_diff") for it in items],
+            "look": [it.get("look") for it in items]}

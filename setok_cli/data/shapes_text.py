@@ -112,9 +112,16 @@ def referred_objects(question: str, objects: list[dict]) -> list[int]:
     ("the green hexagon", "the red object", "hexagons", "a yellow circle") names the objects of
     its colour and shape; phrases naming neither ("How many objects") name none. Superlatives
     ("the leftmost ...") are not resolved: all objects of that colour and shape count."""
+    return sorted({i for p in phrase_objects(question, objects) for i in p})
+
+
+def phrase_objects(question: str, objects: list[dict], by_shape: bool = False) -> list[list[int]]:
+    """Per noun phrase of a world question, in its order, the objects it names (as
+    `referred_objects`); `by_shape`: a phrase with a shape names every object of that shape,
+    whatever its colour ("a red circle": the circles)."""
     words = question.lower().replace("?", " ").replace(".", " ").replace(",", " ").split()
     singular = {v: k for k, v in PLURALS.items()}
-    out: set[int] = set()
+    out: list[list[int]] = []
     for i, w in enumerate(words):
         shape = w if w in SHAPES else singular.get(w)
         if shape is None and w not in ("object", "objects"):
@@ -122,9 +129,10 @@ def referred_objects(question: str, objects: list[dict]) -> list[int]:
         color = words[i - 1] if i and words[i - 1] in COLOR_NAMES else None
         if shape is None and color is None:
             continue
-        out |= {j for j, o in enumerate(objects)
-                if (shape is None or o["shape"] == shape) and (color is None or o["color"] == color)}
-    return sorted(out)
+        color = None if by_shape and shape is not None else color
+        out.append([j for j, o in enumerate(objects)
+                    if (shape is None or o["shape"] == shape) and (color is None or o["color"] == color)])
+    return out
 
 
 QUESTION_TYPES = ("color", "shape", "count", "exist", "relation")   # the world's VQA kinds

@@ -269,7 +269,9 @@ def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: to
 @torch.no_grad()
 def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampling] = None) -> list[str]:
     """Images + questions (one each) -> answers, in words (`[Img]` is never sampled: ask
-    for pictures with `generate`, `edit` or `chat`)."""
+    for pictures with `generate`, `edit` or `chat`), except by a model whose answers look first
+    (`config.look_answers`, models/setokim/look.py): it writes "<image> <image>: 2", one token per
+    image, each at its most likely place (the part after the last ": " is the answer)."""
     from ..models.setokim import TASK_PROMPTS, prompt_batch
     opts = opts or Sampling()
     _check_texts(questions, "question")
@@ -278,8 +280,9 @@ def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampli
     sets = model.read_sets(list(images))
     texts = [TASK_PROMPTS["ask"].format(question=q.replace("<image>", " ").strip()) for q in questions]
     g = torch.Generator().manual_seed(opts.seed)
-    return [o.text for o in model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **_kw(opts, g),
-                                           text_only=True)]
+    look = bool(model.config.look_answers)
+    kw = {**_kw(opts, g), **(dict(max_visual_tokens=1, place="draw", place_temperature=0.0) if look else {})}
+    return [o.text for o in model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **kw, text_only=not look)]
 
 
 @dataclass

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..models.setokim import Setokim, SetokimConfig, parameter_table
+from ..models.setokim.edit_diff import diff_samples
+from ..models.setokim.look import look_samples
 from ..models.setokim.heads import CodebookHead
 from ..models.setokim.text import pack_token_sets
 from .recipe import Recipe
@@ -56,6 +58,7 @@ class Stage2Model(nn.Module):
         self._seeds: dict[str, Tensor] = {}          # with a place head: each cached image's token seeds
         self._regions: dict[str, Tensor] = {}
         self._diffs: dict[str, tuple] = {}           # edit_diff rows: (old, new) token indices
+        self._looks: dict[str, Tensor] = {}          # looking rows: per image, each object's token
         self.sources: list[str] = []                 # `MixtureDataset.names`, set by the stage builders
 
     # ---- image tokens ----------------------------------------------------------------
@@ -241,8 +244,9 @@ class Stage2Model(nn.Module):
                 k = int(torch.cdist(regions[j].float(), sets[a].float()).argmin()) if j in regions else 0
                 s["seeds"] = seeds[a:b] + ([seeds[a][k:k + 1]] if j in regions else [])
         if any(batch.get("edit_diff") or []):        # the source, its old token, the target's new token
-            from ..models.setokim.edit_diff import diff_samples
             diff_samples(m, batch, samples, self._diffs, self._arrays)
+        if any(batch.get("look") or []):             # the source, then the tokens its answers look up
+            look_samples(m, batch, samples, self._looks, self._arrays)
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
         if self.edit_changed != 1:
             std = lambda t: m.normalize(t.to(m.token_mean.device)).cpu()     # noqa: E731
@@ -363,10 +367,7 @@ def changed_token_weights(samples: list[dict], weight: float, standardize=None, 
 def pack_weights(weights: list[Tensor]) -> Tensor:
     """[(K_i,)] -> (N, K_max), zero-padded as `pack_token_sets` pads the tokens."""
     K = max([int(w.shape[0]) for w in weights] + [1])
-    out = torch.zeros(len(weights), K)
-    for i, w in enumerate(weights):
-        out[i, : w.shape[0]] = w
-    return out
+    return torch.stack([F.pad(w, (0, K - w.shape[0])) for w in weights]) if weights else torch.zeros(0, K)
 
 
 def _row_groups(recipe: Recipe) -> int:
@@ -383,14 +384,13 @@ def _mixture(recipe: Recipe):
         raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct|chat|segment, "
                         "path, weight}]")
     for j, m in enumerate(recipe.data.mixture):
-        keys = {"task", "path", "weight", "turns", "names"}
+        keys = {"task", "path", "weight", "turns", "names", "look"}
         if not isinstance(m, dict) or set(m) - keys or not {"task", "path"} <= set(m):
-            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns | names]}}, got {m!r}")
+            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns | names | look]}}, got {m!r}")
         if m["task"] not in CONVERSATION_TASKS:
             raise UserError(f"data.mixture[{j}].task {m['task']!r}: choose from {', '.join(CONVERSATION_TASKS)}")
         parts.append((ConversationDataset(m["path"], m["task"], recipe.data.image_size, m.get("turns"),
-                                          m.get("names", False)),
-                      m.get("weight", 1.0)))
+                                          m.get("names", False), m.get("look", False)), m.get("weight", 1.0)))
     offset = 0
     for ds, _ in parts:
         ds.index_offset = offset

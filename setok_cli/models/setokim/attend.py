@@ -31,7 +31,7 @@ from torch import Tensor
 from .heads import order_tokens
 from .splice import length_groups
 
-__all__ = ["token_objects", "token_object_counts", "AttentionTap", "answer_queries", "attend_loss"]
+__all__ = ["token_objects", "token_object_counts", "object_tokens", "AttentionTap", "answer_queries", "attend_loss"]
 
 
 def token_object_counts(out, i: int, instances: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -58,6 +58,16 @@ def token_objects(out, i: int, instances: np.ndarray) -> Tensor:
     obj = torch.where((obj > 0) & (best > 0.5 * size), obj, torch.zeros_like(obj))
     idx, mask = order_tokens(obj.view(1, K, 1).float(), out.token_mask[i:i + 1].cpu(), out.seeds[i:i + 1].cpu())
     return idx[0, :, 0][mask[0]].long()
+
+
+def object_tokens(model, out, i: int, instances: np.ndarray) -> Tensor:
+    """Image i of a TokenizerOutput and its instance map -> per instance id (n,), the index in
+    generation order of the token holding most of its pixels (ties: the first; id 0 is the
+    background)."""
+    counts, _ = token_object_counts(out, i, instances)                              # (K, n)
+    K, n = counts.shape
+    idx, mask = model.order(counts.view(1, K, n).float(), out.token_mask[i:i + 1].cpu(), out.seeds[i:i + 1].cpu())
+    return idx[0][mask[0]].argmax(0)
 
 
 class AttentionTap:

@@ -190,6 +190,9 @@ class SetokimConfig:
     stop_loss_weight: float = 1.0
     init_seed: int = 0                      # projector, heads and a from-scratch LM start from this seed
     lora: Optional[LoraSpec] = None         # stage III: LoRA adapters on the LM (its base weights frozen)
+    # answers first write the tokens their question is about (a `look: true` mixture row trained
+    # it; look.py): `setok ask` lets them, one token per image, each read at its drawn place
+    look_answers: bool = False
 
     def __post_init__(self):
         if not isinstance(self.lm, (str, dict)) or (isinstance(self.lm, str) and not self.lm.strip()):

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ...data.shapes_text import phrase, referring_expression
 from ...errors import UserError
-from .attend import token_object_counts
+from .attend import object_tokens
 
 __all__ = ["DIFF_PROMPT", "DIFF_OPS", "PLACE_BINS", "diff_conversation", "diff_spec", "object_token", "diff_tokens",
            "parse_diff", "written_place", "apply_diff", "snap_new", "diff_samples"]
@@ -155,12 +155,9 @@ def diff_spec(entry: dict) -> dict:
 
 def object_token(model, out, i: int, instances: np.ndarray, inst: int) -> int:
     """Image i of a TokenizerOutput -> the index, in generation order, of the token holding
-    most of instance `inst`'s pixels (ties: the first)."""
-    counts, _ = token_object_counts(out, i, instances)                              # (K, n)
-    col = counts[:, inst] if inst < counts.shape[1] else torch.zeros(counts.shape[0])
-    K = out.tokens.shape[1]
-    idx, mask = model.order(col.view(1, K, 1).float(), out.token_mask[i:i + 1].cpu(), out.seeds[i:i + 1].cpu())
-    return int(idx[0, :, 0][mask[0]].argmax())
+    most of instance `inst`'s pixels (ties: the first; `attend.object_tokens`)."""
+    tokens = object_tokens(model, out, i, instances)
+    return int(tokens[inst]) if inst < tokens.shape[0] else 0
 
 
 @torch.no_grad()

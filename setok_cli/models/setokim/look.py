@@ -1,0 +1,116 @@
+"""Answers that look first (not in the paper; the mixture row option `look: true` on instruct / chat rows).
+
+A question about the world names objects ("What color is the hexagon?"). Answered in one word,
+the LM must find the hexagon among the image's tokens and read its colour in one step, a
+lookup that stage III learns late or not at all depending on the seed (README: "The
+minimal-pair chats at twice the weight"). Segmentation ("Segment the hexagon." -> `<image>`, one
+token) learns the same lookup in every seed, because its answer is the token itself, trained
+by the visual loss. A looking answer writes the tokens of the objects the question is about
+first, then the answer, so the lookup is a segmentation answer and the answer reads the
+tokens just written:
+
+    What color is the hexagon?                 <image>: blue                the hexagon
+    What shape is the blue object?             <image>: triangle            the blue objects
+    How many circles are there?                <image> <image>: 2           the circles (all objects
+                                                                            for "How many objects")
+    Is there a red circle?                     <image> <image> a blue circle, a red circle: yes
+                                                                            the objects of the asked shape
+    Is the red circle left of the blue star?   <image> <image>: yes         the red circle, then the star
+
+(each `<image>` one visual token: the source token holding most of the object's pixels, as an
+edit diff's old token, `attend.object_tokens`; a turn about no object keeps its answer;
+`setok ask` and `setok eval vqa` score the part after the last ": "). The tokens are written in
+generation order, a relation's in the question's order.
+
+Shapes: instance maps (H, W) int, 0 background, object j + 1.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ...data.shapes_text import ANSWER_MARK, phrase_objects
+from .text import IMAGE_TOKEN
+
+__all__ = ["look_objects", "look_answer", "look_entry", "look_samples"]
+
+
+def look_objects(qtype: Optional[str], question: str, objects: list[dict]) -> list[int]:
+    """The objects (indices into `objects`) a looking answer writes for a question of type
+    `qtype`: a relation's two phrases' objects in the question's order; existence, the objects
+    of the asked shape (of the asked colour for "a red object"); a count of "objects", all of
+    them; otherwise those the question names (`shapes_text.phrase_objects`). [] for none."""
+    phrases = phrase_objects(question, objects, by_shape=qtype == "exist")
+    if qtype == "relation":
+        return [i for p in phrases for i in p]
+    if qtype == "count" and not phrases:
+        return list(range(len(objects)))
+    return sorted({i for p in phrases for i in p})
+
+
+def look_answer(answer: str, n: int) -> str:
+    """An answer with `n` looked-up tokens before it ("<image> <image>: 2"; n = 0: as it is)."""
+    if n == 0:
+        return answer
+    return " ".join([IMAGE_TOKEN] * n) + (" " if ANSWER_MARK in answer else ANSWER_MARK) + answer
+
+
+def look_entry(entry: dict) -> tuple[dict, Optional[dict]]:
+    """An instruct entry of the world -> (the entry with looking answers, {"instances": its image's
+    instance map, "turns": per answer turn the instance ids (object index + 1) its tokens are of, in
+    writing order}); (the entry, None) where the world wrote no scene beside its image."""
+    img = Path(entry["image"])
+    scene, inst = img.parent.parent / "scenes" / f"{img.stem}.json", img.parent.parent / "instances" / img.name
+    if not (scene.is_file() and inst.is_file()):
+        return entry, None
+    objects = json.loads(scene.read_text())["objects"]
+    conv, turns, question = [], [], ""
+    for t in entry["conversations"]:
+        if t["from"] in ("human", "user"):
+            question = str(t["value"]).replace(IMAGE_TOKEN, " ")
+            conv.append(dict(t))
+            continue
+        ids = [i + 1 for i in look_objects(entry.get("type"), question, objects)]
+        turns.append(ids)
+        conv.append({**t, "value": look_answer(str(t["value"]), len(ids))})
+    return {**entry, "conversations": conv}, {"instances": str(inst), "turns": turns}
+
+
+@torch.no_grad()
+def look_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -> None:
+    """Stage II/III: each looking row's sample images [source] (and seeds) -> [source, then one
+    source token per looked-up object, as its answers write them], in place. Each image's
+    object tokens are computed once (`cache`, by image key); `arrays` turns pixel values into
+    the uint8 images the tokenizer reads."""
+    from PIL import Image
+
+    from .attend import object_tokens
+    looks = batch.get("look") or []
+    first = [0] + torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()[:-1]
+    items = [(j, lk) for j, lk in enumerate(looks) if lk is not None and any(lk["turns"])]
+    todo = {batch["image_keys"][first[j]]: (first[j], lk["instances"]) for j, lk in items
+            if batch["image_keys"][first[j]] not in cache}
+    if todo:
+        keys = list(todo)
+        out = model.setok.tokenize(arrays(batch["pixel_values"][[todo[k][0] for k in keys]]))
+        for i, k in enumerate(keys):
+            with Image.open(todo[k][1]) as im:
+                cache[k] = object_tokens(model, out, i, np.asarray(im))
+    for j, lk in items:
+        tokens = cache[batch["image_keys"][first[j]]]
+        idx = [int(tokens[i]) if i < len(tokens) else 0 for ids in lk["turns"] for i in ids]
+        pick = lambda xs: [xs[0]] + [xs[0][k:k + 1] for k in idx]                  # noqa: E731
+        samples[j]["images"] = pick(samples[j]["images"])
+        if "seeds" in samples[j]:
+            samples[j]["seeds"] = pick(samples[j]["seeds"])
+
+
+def look_turns(groups: Sequence[Optional[dict]]) -> Optional[dict]:
+    """The looks of a chat's entries -> one look of the whole chat (their turns in order)."""
+    if not groups or any(g is None for g in groups):
+        return None
+    return {"instances": groups[0]["instances"], "turns": [t for g in groups for t in g["turns"]]}

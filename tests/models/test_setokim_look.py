@@ -1,0 +1,198 @@
+"""Answers that look first (models/setokim/look.py): which objects each question type looks up
+(hand-made scenes), the answers and the data set over the tiny world, the stage rows' targets
+against an independent overlap count, and `setok ask` letting a looking model write tokens."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
+from setok_cli.errors import UserError
+from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer
+from setok_cli.models.setokim.attend import object_tokens
+from setok_cli.models.setokim.look import look_answer, look_entry, look_objects
+
+TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, max_position_embeddings=512)
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
+
+SCENE = [{"id": 1, "color": "red", "shape": "circle", "center": [0.2, 0.2]},
+         {"id": 2, "color": "blue", "shape": "circle", "center": [0.8, 0.2]},
+         {"id": 3, "color": "blue", "shape": "star", "center": [0.5, 0.8]},
+         {"id": 4, "color": "green", "shape": "hexagon", "center": [0.1, 0.9]}]
+
+
+def test_each_question_type_looks_up_its_objects():
+    assert look_objects("color", "What color is the hexagon?", SCENE) == [3]
+    assert look_objects("shape", "What shape is the red object?", SCENE) == [0]
+    assert look_objects("count", "How many circles are there?", SCENE) == [0, 1]
+    assert look_objects("count", "How many blue objects are there?", SCENE) == [1, 2]
+    assert look_objects("count", "How many objects are there?", SCENE) == [0, 1, 2, 3]
+    # existence: the objects of the asked shape, whatever their colour; none of it: nothing
+    assert look_objects("exist", "Is there a green circle?", SCENE) == [0, 1]
+    assert look_objects("exist", "Is there a yellow square?", SCENE) == []
+    assert look_objects("exist", "Is there a green object?", SCENE) == [3]
+    # a relation: its two objects in the question's order (not sorted)
+    assert look_objects("relation", "Is the blue star below the red circle?", SCENE) == [2, 0]
+    assert look_objects("relation", "Is the red circle above the blue star?", SCENE) == [0, 2]
+    assert look_answer("blue", 1) == "<image>: blue"
+    assert look_answer("a blue circle, a red circle: yes", 2) == "<image> <image> a blue circle, a red circle: yes"
+    assert look_answer("no", 0) == "no"
+
+
+def test_look_entry_rewrites_each_answer_turn(tmp_path):
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "instances").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "scenes" / "000001.json").write_text(json.dumps({"objects": SCENE}))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "instances" / "000001.png")
+    e = {"id": "q", "image": str(tmp_path / "images" / "000001.png"), "type": "relation",
+         "conversations": [{"from": "human", "value": "<image>\nIs the blue star below the red circle?"},
+                           {"from": "gpt", "value": "yes"},
+                           {"from": "human", "value": "Is the red circle above the blue star?"},
+                           {"from": "gpt", "value": "yes"}]}
+    got, look = look_entry(e)
+    assert [t["value"] for t in got["conversations"]] == [e["conversations"][0]["value"], "<image> <image>: yes",
+                                                          e["conversations"][2]["value"], "<image> <image>: yes"]
+    assert look == {"instances": str(tmp_path / "instances" / "000001.png"), "turns": [[3, 1], [1, 3]]}
+    assert e["conversations"][1]["value"] == "yes"                      # the entry itself is not changed
+    assert look_entry({**e, "image": str(tmp_path / "elsewhere.png")}) == ({**e, "image": str(tmp_path / "elsewhere.png")},
+                                                                           None)
+
+
+@pytest.fixture(scope="module")
+def instruct(stage2_world):
+    return stage2_world / "shapes" / "train" / "instruct.json"
+
+
+@pytest.fixture(scope="module")
+def model(stage2_world, instruct, tmp_path_factory):
+    tok = tmp_path_factory.mktemp("look_tok")
+    build_word_tokenizer([instruct]).save_pretrained(tok)
+    probe = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok),
+                                              stage1=str(stage2_world / "stage1")))
+    cells = int(np.prod(probe.setok.tokenize([np.zeros((32, 32, 3), np.uint8)]).grid))
+    torch.manual_seed(0)
+    return Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok), place_head=cells,
+                                             place_input=True, stage1=str(stage2_world / "stage1")))
+
+
+def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
+    from setok_cli.data.formats import load
+    entries = load(instruct, "instruct")
+    ds = ConversationDataset(instruct, "instruct", 32, look=True)
+    plain = ConversationDataset(instruct, "instruct", 32)
+    kinds = set()
+    for i in range(len(ds)):
+        it, e = ds[i], entries[i]
+        scene = Path(ds.looks[i]["instances"].replace("/instances/", "/scenes/")).with_suffix(".json")
+        objs = json.loads(scene.read_text())["objects"]
+        answers = [t["value"] for t in it["conversations"] if t["from"] == "gpt"]
+        assert [a.count("<image>") for a in answers] == [len(ids) for ids in it["look"]["turns"]]
+        for ids, a, p in zip(it["look"]["turns"], answers, [t["value"] for t in plain[i]["conversations"]
+                                                            if t["from"] == "gpt"]):
+            assert a.rsplit(": ", 1)[-1] == p.rsplit(": ", 1)[-1]             # the scored answer is kept
+            named = [objs[k - 1] for k in ids]
+            q = it["conversations"][0]["value"].lower()
+            if e["type"] in ("color", "shape"):                          # the named object(s), of its words
+                assert named and all(o["shape"] in q or o["color"] in q for o in named)
+            if e["type"] == "count" and ids:
+                assert str(len(ids)) == p
+            if e["type"] == "exist" and p.endswith("yes"):
+                assert named
+            kinds.add(e["type"])
+    assert {"color", "shape", "count", "exist", "relation"} <= kinds
+    chat = ConversationDataset(instruct, "chat", 32, turns=3, look=True)
+    for i in range(len(chat)):
+        it = chat[i]
+        answers = [t["value"] for t in it["conversations"] if t["from"] == "gpt"]
+        assert [a.count("<image>") for a in answers] == [len(ids) for ids in it["look"]["turns"]]
+        assert sum(t["value"].count("<image>") for t in it["conversations"] if t["from"] == "human") == 1
+    for task, look in (("segment", True), ("instruct", "yes")):
+        path = instruct.parent / "referring.json" if task == "segment" else instruct
+        with pytest.raises(UserError, match="look is for the instruct and chat tasks"):
+            ConversationDataset(path, task, 32, look=look)
+
+
+def _overlap_oracle(out, i, inst_map, inst):
+    """Per token in the tokenizer's order: the object's area over the token's patches."""
+    labels = out.image_labels(i).numpy()
+    gh, gw = labels.shape
+    H, W = inst_map.shape
+    block = (np.asarray(inst_map) == inst).reshape(gh, H // gh, gw, W // gw).mean((1, 3))
+    return np.array([block[labels == k].sum() for k in range(out.tokens.shape[1])])
+
+
+def test_stage_rows_write_the_looked_up_source_tokens(model, instruct):
+    from setok_cli.train.stage2 import Stage2Model
+    ds = ConversationDataset(instruct, "chat", 32, turns=3, look=True)
+    items = [ds[i] for i in range(6)]
+    batch = collate_conversations_batch(items)
+    sm = Stage2Model(model)
+    seen = {}
+    real = model.collate
+
+    def spy(samples):
+        seen["samples"] = samples
+        return real(samples)
+    model.collate = spy
+    try:
+        out = sm(batch)
+    finally:
+        del model.collate
+    looked = sum(len(ids) for it in items for ids in it["look"]["turns"])
+    assert looked > 0 and out["visual_tokens"].item() == pytest.approx(looked / len(items))
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["visual"])
+    out["loss"].backward()
+    # each written token is the source token holding most of its object's pixels (oracle: area per token)
+    srcs = [np.asarray(Image.open(it["look"]["instances"].replace("/instances/", "/images/")).convert("RGB"))
+            for it in items]
+    tok = model.setok.tokenize(srcs)
+    sets = model.token_sets_of(tok)
+    for j, (it, s) in enumerate(zip(items, seen["samples"])):
+        inst_map = np.asarray(Image.open(it["look"]["instances"]))
+        ids = [k for turn in it["look"]["turns"] for k in turn]
+        assert len(s["images"]) == 1 + len(ids) and torch.allclose(s["images"][0].float(), sets[j].float(), atol=1e-5)
+        for k, written in zip(ids, s["images"][1:]):
+            want = tok.tokens[j, int(_overlap_oracle(tok, j, inst_map, k).argmax())]
+            assert written.shape == (1, want.shape[0]) and torch.allclose(written[0].float(), want.float())
+            assert int(object_tokens(model, tok, j, inst_map)[k]) in range(sets[j].shape[0])
+        assert len(s["seeds"]) == len(s["images"])
+
+
+def test_ask_lets_a_looking_model_write_tokens(stage3_runs, monkeypatch):
+    import setok_cli.tasks.setokim as tasks
+    from setok_cli.models.setokim.generate import Generated
+    m = tasks.load_setokim(stage3_runs["stage3"])
+    img = sorted((stage3_runs["world"] / "shapes" / "test" / "images").glob("*.png"))[0]
+    seen = []
+
+    def fake(*a, **k):
+        seen.append(k)
+        return [Generated(text="<image>: blue", ids=[], images=[], seeds=[])]
+    monkeypatch.setattr(m, "generate", fake)
+    assert m.config.look_answers is False
+    tasks.ask(m, [img], ["What color is the hexagon?"])
+    m.config.look_answers = True
+    assert tasks.ask(m, [img], ["What color is the hexagon?"]) == ["<image>: blue"]
+    assert seen[0]["text_only"] is True
+    assert seen[1]["text_only"] is False and seen[1]["max_visual_tokens"] == 1 and seen[1]["place"] == "draw"
+    monkeypatch.undo()
+    got = tasks.ask(m, [img, img], ["What color is the hexagon?", "How many objects are there?"],
+                    tasks.Sampling(max_new_tokens=12))
+    assert len(got) == 2 and all(isinstance(a, str) for a in got)
+
+
+def test_a_look_row_marks_the_stage3_model(stage3_runs, tmp_path):
+    from setok_cli.train.recipe import load_recipe
+    from setok_cli.train.stage3 import build_stage3_model
+    tr = stage3_runs["world"] / "shapes" / "train"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "stage3.yaml"
+    for look, want in (("", False), (", look: true", True)):
+        r = load_recipe(recipe, [f"model.setokim_from={stage3_runs['stage2']}", f"output_dir={tmp_path}",
+                                 f"data.mixture=[{{task: instruct, path: {tr / 'instruct.json'}{look}}}]"])
+        assert build_stage3_model(r).setokim.config.look_answers is want
