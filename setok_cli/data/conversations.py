@@ -142,10 +142,11 @@ class ConversationDataset(Dataset):
     entries of an image per conversation (an image with more gives several conversations).
     `names` (edit_diff only): the answers write the instruction's words before each token
     (`edit_diff.diff_conversation`). `look` (instruct and chat): the answers first write the tokens
-    of the objects their question is about (`models/setokim/look.py`); items carry "look"."""
+    of the objects their question is about (`models/setokim/look.py`): true for every question type,
+    or a list of types (["color", "shape"]); items carry "look"."""
 
     def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
-                 names: bool = False, look: bool = False):
+                 names: bool = False, look: bool | Sequence[str] = False):
         if task not in CONVERSATION_TASKS:
             raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
         if turns is not None and (task != "chat" or not isinstance(turns, int) or isinstance(turns, bool)
@@ -153,8 +154,11 @@ class ConversationDataset(Dataset):
             raise UserError(f"{path}: turns is for the chat task, an integer >= 1; got {turns!r} for {task}")
         if names is not False and (task != "edit_diff" or names is not True):
             raise UserError(f"{path}: names is for the edit_diff task, true or false; got {names!r} for {task}")
-        if look is not False and (task not in ("instruct", "chat") or look is not True):
-            raise UserError(f"{path}: look is for the instruct and chat tasks, true or false; got {look!r} for {task}")
+        from .shapes_text import QUESTION_TYPES
+        if look is not False and (task not in ("instruct", "chat") or not (look is True or (
+                isinstance(look, (list, tuple)) and look and set(look) <= set(QUESTION_TYPES)))):
+            raise UserError(f"{path}: look is for the instruct and chat tasks, true, false or a list of question "
+                            f"types ({', '.join(QUESTION_TYPES)}); got {look!r} for {task}")
         self.path, self.task, self.image_size = str(path), task, image_size
         self.entries = load(path, CONVERSATION_TASKS[task])
         if not self.entries:
@@ -162,7 +166,7 @@ class ConversationDataset(Dataset):
         self.looks: Optional[list] = None
         if look:                                                          # scenes read once, up front
             from ..models.setokim.look import look_entry
-            looked = [look_entry(e) for e in self.entries]
+            looked = [look_entry(e, None if look is True else look) for e in self.entries]
             self.entries = [e for e, _ in looked]
             by_id = {id(e): lk for e, lk in looked}
         if task == "chat":

@@ -60,6 +60,10 @@ def test_look_entry_rewrites_each_answer_turn(tmp_path):
                                                           e["conversations"][2]["value"], "<image> <image>: yes"]
     assert look == {"instances": str(tmp_path / "instances" / "000001.png"), "turns": [[3, 1], [1, 3]]}
     assert e["conversations"][1]["value"] == "yes"                      # the entry itself is not changed
+    # only the listed question types look; the others keep their answers
+    assert look_entry(e, ["color", "count"]) == ({**e, "conversations": [dict(t) for t in e["conversations"]]},
+                                                 {"instances": look["instances"], "turns": [[], []]})
+    assert look_entry(e, ["relation"])[0] == got
     assert look_entry({**e, "image": str(tmp_path / "elsewhere.png")}) == ({**e, "image": str(tmp_path / "elsewhere.png")},
                                                                            None)
 
@@ -112,7 +116,11 @@ def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
         answers = [t["value"] for t in it["conversations"] if t["from"] == "gpt"]
         assert [a.count("<image>") for a in answers] == [len(ids) for ids in it["look"]["turns"]]
         assert sum(t["value"].count("<image>") for t in it["conversations"] if t["from"] == "human") == 1
-    for task, look in (("segment", True), ("instruct", "yes")):
+    counts_plain = ConversationDataset(instruct, "instruct", 32, look=["color", "shape", "exist", "relation"])
+    for i in range(len(ds)):
+        want = plain[i] if entries[i]["type"] == "count" else ds[i]
+        assert counts_plain[i]["conversations"] == want["conversations"]
+    for task, look in (("segment", True), ("instruct", "yes"), ("instruct", ["colour"]), ("chat", [])):
         path = instruct.parent / "referring.json" if task == "segment" else instruct
         with pytest.raises(UserError, match="look is for the instruct and chat tasks"):
             ConversationDataset(path, task, 32, look=look)

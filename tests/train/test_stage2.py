@@ -69,8 +69,14 @@ def test_recipe_mixture_passes_chat_turns(stage2_world, tmp_path):
     answers = [named[i]["conversations"][1]["value"].split() for i in range(len(named))]
     olds = [a for a in answers if a[0] in ("Remove", "Make", "Move")]
     assert olds and all(a[1] != "<image>" for a in olds)          # the object's name before its token
-    with pytest.raises(UserError, match=r"weight\[, turns \| names\]"):
+    looked = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turns: 1, look: [color]}}]"))
+    for i in range(len(looked)):                                  # colour answers write a token first
+        q, a = (t["value"] for t in looked[i]["conversations"])
+        assert a.startswith("<image>") == q.split("\n")[-1].startswith("What color") and looked[i]["look"] is not None
+    with pytest.raises(UserError, match=r"weight\[, turns \| names \| look\]"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turn: 2}}]"))
+    with pytest.raises(UserError, match="look is for the instruct and chat tasks"):
+        _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, look: [size]}}]"))
 
 
 def test_token_cache_equals_fresh_tokens(stage2_world, tmp_path):

@@ -59,10 +59,11 @@ def look_answer(answer: str, n: int) -> str:
     return " ".join([IMAGE_TOKEN] * n) + (" " if ANSWER_MARK in answer else ANSWER_MARK) + answer
 
 
-def look_entry(entry: dict) -> tuple[dict, Optional[dict]]:
+def look_entry(entry: dict, types: Optional[Sequence[str]] = None) -> tuple[dict, Optional[dict]]:
     """An instruct entry of the world -> (the entry with looking answers, {"instances": its image's
     instance map, "turns": per answer turn the instance ids (object index + 1) its tokens are of, in
-    writing order}); (the entry, None) where the world wrote no scene beside its image."""
+    writing order}); (the entry, None) where the world wrote no scene beside its image. `types`:
+    only entries of these question types look (the others keep their answers, with turns of [])."""
     img = Path(entry["image"])
     scene, inst = img.parent.parent / "scenes" / f"{img.stem}.json", img.parent.parent / "instances" / img.name
     if not (scene.is_file() and inst.is_file()):
@@ -74,7 +75,8 @@ def look_entry(entry: dict) -> tuple[dict, Optional[dict]]:
             question = str(t["value"]).replace(IMAGE_TOKEN, " ")
             conv.append(dict(t))
             continue
-        ids = [i + 1 for i in look_objects(entry.get("type"), question, objects)]
+        looks = types is None or entry.get("type") in types
+        ids = [i + 1 for i in look_objects(entry.get("type"), question, objects)] if looks else []
         turns.append(ids)
         conv.append({**t, "value": look_answer(str(t["value"]), len(ids))})
     return {**entry, "conversations": conv}, {"instances": str(inst), "turns": turns}
