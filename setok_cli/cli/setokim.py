@@ -264,8 +264,10 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
                    "visionzip or prumerge (integrations/reducers.py).")
 @click.option("--budget", type=click.IntRange(min=1), help="With --reduce: tokens per image (default: setok's "
               "and prumerge's own count).")
+@click.option("--show-look", "look_dir", metavar="DIR", help="A model whose answers look first: write "
+              "<stem>_look.png, the regions of the tokens its answer wrote, one colour each.")
 def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
-            copy_mode, seed, batch_size, threads, data, pred_out, limit, reduce_method, budget):
+            copy_mode, seed, batch_size, threads, data, pred_out, limit, reduce_method, budget, look_dir):
     """Answer QUESTION about IMAGE (or every question of --data, an instruct JSON). --model is
     a Setokim run, or a LLaVA-1.5 model folder (then --reduce picks a visual-token reducer)."""
     _need_inputs([image] if image is not None else [], data, "IMAGE \"QUESTION\"")
@@ -290,7 +292,10 @@ def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, vis
                                  copy_mode, seed))
     if data:
         return _run_file(model, "vqa", data, pred_out, opts, batch_size, None, limit)
-    click.echo(ask(model, [pic], [question], opts)[0])
+    if look_dir is None:
+        return click.echo(ask(model, [pic], [question], opts)[0])
+    from ..tasks.setokim import show_look
+    click.echo("%s\n%s" % show_look(model, pic, question, opts, Path(look_dir) / f"{Path(image).stem}_look.png"))
 
 
 @click.command("segment")

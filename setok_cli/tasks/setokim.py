@@ -267,11 +267,13 @@ def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: to
 
 
 @torch.no_grad()
-def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampling] = None) -> list[str]:
+def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampling] = None,
+        tokens: bool = False) -> list:
     """Images + questions (one each) -> answers, in words (`[Img]` is never sampled: ask
     for pictures with `generate`, `edit` or `chat`), except by a model whose answers look first
     (`config.look_answers`, models/setokim/look.py): it writes "<image> <image>: 2", one token per
-    image, each at its most likely place (the part after the last ": " is the answer)."""
+    image, each at its most likely place (the part after the last ": " is the answer). `tokens`:
+    (answer, [each written token (T,)]) per question instead (`look.looked_masks` finds their regions)."""
     from ..models.setokim import TASK_PROMPTS, prompt_batch
     opts = opts or Sampling()
     _check_texts(questions, "question")
@@ -282,7 +284,21 @@ def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampli
     g = torch.Generator().manual_seed(opts.seed)
     look = bool(model.config.look_answers)
     kw = {**_kw(opts, g), **(dict(max_visual_tokens=1, place="draw", place_temperature=0.0) if look else {})}
-    return [o.text for o in model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **kw, text_only=not look)]
+    gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **kw, text_only=not look)
+    return [(o.text, [im[0] for im in o.images if im.shape[0]]) if tokens else o.text for o in gen]
+
+
+def show_look(model, image, question: str, opts: Optional[Sampling], path) -> tuple[str, Path]:
+    """`setok ask --show-look`: the answer of a model whose answers look first, and `path`, a PNG of
+    the image with each token's region it wrote (mask decoder) tinted in its own colour."""
+    from ..images import as_image
+    from ..models.setokim.look import looked_masks, looked_picture
+    if not model.config.look_answers:
+        raise UserError("this model answers without looking (no look row trained it): drop --show-look")
+    answer, tokens = ask(model, [image], [question], opts, tokens=True)[0]
+    ensure_dir(Path(path).parent)
+    save_png(path, looked_picture(np.asarray(as_image(image)), looked_masks(model, image, tokens)))
+    return answer, Path(path)
 
 
 @dataclass

@@ -61,8 +61,8 @@ def build_stage3_model(recipe: Recipe) -> Stage2Model:
     statistics, projector and heads carried over; `model.setokim`, if any, only sizes
     `--dry-run`), its loss weights as the recipe's `loss` section sets them."""
     setokim = _loss_weights(Setokim.from_pretrained(_source(recipe)), recipe)
-    rows = recipe.data.mixture or []
-    setokim.config.look_answers = setokim.config.look_answers or any(isinstance(m, dict) and m.get("look") for m in rows)
+    looks = any(isinstance(m, dict) and m.get("look") for m in recipe.data.mixture or [])
+    setokim.config.look_answers = setokim.config.look_answers or looks        # `setok ask` lets it look
     return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))
 
 

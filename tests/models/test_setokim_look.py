@@ -13,7 +13,7 @@ from setok_cli.data.conversations import ConversationDataset, collate_conversati
 from setok_cli.errors import UserError
 from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer
 from setok_cli.models.setokim.attend import object_tokens
-from setok_cli.models.setokim.look import look_answer, look_entry, look_objects
+from setok_cli.models.setokim.look import look_answer, look_entry, look_objects, looked_picture
 
 TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=512)
@@ -64,8 +64,8 @@ def test_look_entry_rewrites_each_answer_turn(tmp_path):
     assert look_entry(e, ["color", "count"]) == ({**e, "conversations": [dict(t) for t in e["conversations"]]},
                                                  {"instances": look["instances"], "turns": [[], []]})
     assert look_entry(e, ["relation"])[0] == got
-    assert look_entry({**e, "image": str(tmp_path / "elsewhere.png")}) == ({**e, "image": str(tmp_path / "elsewhere.png")},
-                                                                           None)
+    away = {**e, "image": str(tmp_path / "elsewhere.png")}
+    assert look_entry(away) == (away, None)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,39 @@ def test_a_look_row_marks_the_stage3_model(stage3_runs, tmp_path):
         r = load_recipe(recipe, [f"model.setokim_from={stage3_runs['stage2']}", f"output_dir={tmp_path}",
                                  f"data.mixture=[{{task: instruct, path: {tr / 'instruct.json'}{look}}}]"])
         assert build_stage3_model(r).setokim.config.look_answers is want
+
+
+def test_show_look_tints_the_regions_of_the_written_tokens(stage3_runs, monkeypatch, tmp_path):
+    import setok_cli.tasks.setokim as tasks
+    from setok_cli.models.setokim.generate import Generated
+    from setok_cli.models.setokim.look import looked_masks
+    m = tasks.load_setokim(stage3_runs["stage3"])
+    img = sorted((stage3_runs["world"] / "shapes" / "test" / "images").glob("*.png"))[0]
+    src = m.read_sets([img])[0]
+    src = src[0] if isinstance(src, tuple) else src
+    written = [src[0:1], src[-1:]]
+    monkeypatch.setattr(m, "generate", lambda *a, **k: [Generated(text="<image> <image>: 2", ids=[], images=written,
+                                                                   seeds=[torch.zeros(1), torch.zeros(1)])])
+    with pytest.raises(UserError, match="answers without looking"):
+        tasks.show_look(m, img, "How many circles are there?", None, tmp_path / "x.png")
+    m.config.look_answers = True
+    answer, path = tasks.show_look(m, img, "How many circles are there?", None, tmp_path / "sub" / "look.png")
+    assert answer == "<image> <image>: 2" and path == tmp_path / "sub" / "look.png"
+    pic = np.asarray(Image.open(path))
+    base = np.asarray(Image.open(img).convert("RGB"))
+    masks = looked_masks(m, img, [w[0] for w in written])
+    assert len(masks) == 2 and all(k.shape == base.shape[:2] and k.dtype == bool for k in masks)
+    assert np.array_equal(pic, looked_picture(base, masks))
+
+
+def test_looked_picture_tints_each_region_in_its_colour():
+    from setok_cli.models.setokim.look import COLOURS
+    base = np.full((6, 6, 3), 100, np.uint8)
+    a, b = np.zeros((6, 6), bool), np.zeros((6, 6), bool)
+    a[:, :3], b[:, 4:] = True, True
+    out = looked_picture(base, [a, b]).astype(int)
+    assert (out[:, 3] == 100).all()                                          # outside both: untouched
+    assert (out[:, 2] == COLOURS[0]).all() and (out[:, 4] == COLOURS[1]).all()     # outlines in each colour
+    inner = np.zeros((6, 6), bool)
+    inner[1:5, 1] = True                                                   # a region's inside: a 0.4 tint
+    assert np.abs(out[inner] - (0.6 * 100 + 0.4 * np.asarray(COLOURS[0]))).max() <= 1

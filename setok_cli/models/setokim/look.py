@@ -36,7 +36,7 @@ import torch
 from ...data.shapes_text import ANSWER_MARK, phrase_objects
 from .text import IMAGE_TOKEN
 
-__all__ = ["look_objects", "look_answer", "look_entry", "look_samples"]
+__all__ = ["look_objects", "look_answer", "look_entry", "look_samples", "looked_masks", "looked_picture"]
 
 
 def look_objects(qtype: Optional[str], question: str, objects: list[dict]) -> list[int]:
@@ -116,3 +116,28 @@ def look_turns(groups: Sequence[Optional[dict]]) -> Optional[dict]:
     if not groups or any(g is None for g in groups):
         return None
     return {"instances": groups[0]["instances"], "turns": [t for g in groups for t in g["turns"]]}
+
+
+@torch.no_grad()
+def looked_masks(model, image, tokens: Sequence, threshold: float = 0.5) -> list[np.ndarray]:
+    """An image and the tokens a looking answer wrote (each (T,)) -> each token's region (H, W)
+    bool on the image's own pixels, through the stage-1 mask decoder (as `setok segment`)."""
+    from .regions import read_images, region_probs, to_original
+    if not len(tokens):
+        return []
+    seen = read_images(model, [image])
+    x = torch.stack([t.reshape(-1) for t in tokens]).to(model.device)[None]            # (1, n, T)
+    probs = region_probs(model, seen, x)[0]                                                # (n, S, S)
+    return list((to_original(probs, seen, 0) > threshold).cpu().numpy())
+
+
+COLOURS = [(255, 40, 40), (40, 120, 255), (40, 200, 80), (255, 170, 0), (200, 60, 220), (0, 200, 200)]
+
+
+def looked_picture(image: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+    """image (H, W, 3) uint8 with each looked-up region tinted in its own colour, in writing order."""
+    from ...tasks.setokim import overlay
+    out = image
+    for k, m in enumerate(masks):
+        out = overlay(out, m, COLOURS[k % len(COLOURS)], alpha=0.4)
+    return out
