@@ -4,7 +4,8 @@
         --out docs/stage3_tiny.png [--n 6]
 
 Row 1: the first N test images with one question each (cycling over the question types),
-the model's answer and the truth. Row 2: the first N referring expressions, the predicted
+the model's answer and the truth; a model whose answers look first (models/setokim/look.py)
+shows the regions of the tokens it wrote, one colour each. Row 2: the first N referring expressions, the predicted
 mask over the image (red) and the true outline (green). Row 3: the first N edits, source |
 edited, with the instruction; with --diff, row 4: the same edits as token diffs (`setok edit
 --diff --keep-pixels --place draw --place-temperature 0`). Greedy, the same calls as `setok ask /
@@ -80,11 +81,13 @@ def main(argv=None) -> None:
     import torch
 
     from setok_cli.data.formats import load
+    from setok_cli.data.shapes_text import final_answer
     from setok_cli.images import load_image
+    from setok_cli.models.setokim.look import looked_masks, looked_picture
     from setok_cli.tasks.setokim import Sampling, ask, edit, load_setokim, overlay, segment, side_by_side
     torch.set_num_threads(a.threads)
     model = load_setokim(a.model)
-    opts = Sampling(max_new_tokens=8)
+    opts = Sampling(max_new_tokens=24)           # a looking answer writes up to 6 tokens, 3 steps each
     split = Path(a.data)
     rows = []
 
@@ -99,10 +102,15 @@ def main(argv=None) -> None:
         if len(picked) == a.n:
             break
     qs = [e["conversations"][0]["value"].replace("<image>", "").strip() for e in picked]
-    answers = ask(model, [e["image"] for e in picked], qs, opts)
-    rows.append(_row([_cell(np.asarray(load_image(e["image"])), [f"Q: {q}", f"A: {ans}",
-                                                                 f"truth: {e['conversations'][1]['value']}"])
-                      for e, q, ans in zip(picked, qs, answers)]))
+    answers = ask(model, [e["image"] for e in picked], qs, opts, tokens=True)
+    cells = []
+    for e, q, (ans, toks) in zip(picked, qs, answers):
+        img = np.asarray(load_image(e["image"]))
+        if toks:                         # a looking answer: the regions of the tokens it wrote, one colour each
+            img = looked_picture(img, looked_masks(model, e["image"], toks))
+            ans = f"{final_answer(ans)} ({len(toks)} looked up)"
+        cells.append(_cell(img, [f"Q: {q}", f"A: {ans}", f"truth: {final_answer(e['conversations'][1]['value'])}"]))
+    rows.append(_row(cells))
 
     refs = load(split / "referring.json", "referring")[: a.n]
     segs = segment(model, [r["image"] for r in refs], [r["expression"] for r in refs], opts, snap_to_input=a.snap)

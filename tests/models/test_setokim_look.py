@@ -240,3 +240,16 @@ def test_looked_picture_tints_each_region_in_its_colour():
     inner = np.zeros((6, 6), bool)
     inner[1:5, 1] = True                                                   # a region's inside: a 0.4 tint
     assert np.abs(out[inner] - (0.6 * 100 + 0.4 * np.asarray(COLOURS[0]))).max() <= 1
+
+
+def test_the_look_recipe_is_the_stage3_recipe_with_looking_question_rows():
+    import dataclasses
+
+    from setok_cli.train.recipe import load_recipe
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
+    base, look = (dataclasses.asdict(load_recipe(tiny / f)) for f in ("stage3.yaml", "stage3_look.yaml"))
+    assert look["output_dir"] == "runs/tiny-stage3-look"
+    rows = look["data"].pop("mixture")
+    assert [{k: v for k, v in r.items() if k != "look"} for r in rows] == base["data"].pop("mixture")
+    assert [r.get("look") for r in rows] == [["color", "shape", "exist", "relation"]] * 3 + [None] * (len(rows) - 3)
+    assert {k: v for k, v in look.items() if k != "output_dir"} == {k: v for k, v in base.items() if k != "output_dir"}
