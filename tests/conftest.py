@@ -73,6 +73,45 @@ def stage2_world(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def place_setokim(stage2_world, tmp_path_factory):
+    """A factory of tiny Setokims over the tiny stage-1 run, with a place head over its patch
+    grid: place_setokim(words_file, positions=256, **config) -> Setokim (its word tokenizer
+    built from words_file; the heads start from seed 0)."""
+    def make(words, positions: int = 256, **config):
+        import numpy as np
+        import torch
+
+        from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer
+        tok = tmp_path_factory.mktemp("words")
+        build_word_tokenizer([words]).save_pretrained(tok)
+        lm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=positions)
+        common = dict(text_tokenizer=str(tok), stage1=str(stage2_world / "stage1"))
+        probe = Setokim.from_config(SetokimConfig(lm=dict(lm), **common))
+        cells = int(np.prod(probe.setok.tokenize([np.zeros((32, 32, 3), np.uint8)]).grid))
+        torch.manual_seed(0)
+        return Setokim.from_config(SetokimConfig(lm=dict(lm), place_head=cells, **common, **config))
+    return make
+
+
+@pytest.fixture(scope="session")
+def overlap_oracle():
+    """oracle(out, i, instance map (H, W), instance id) -> per token of image i of a TokenizerOutput,
+    in the tokenizer's order, the object's area over the token's patches, by averaging the
+    instance map over each patch's pixel block (the grid divides the image): an independent
+    count for the token an object's pixels fall in most."""
+    import numpy as np
+
+    def oracle(out, i, inst_map, inst):
+        labels = out.image_labels(i).numpy()
+        gh, gw = labels.shape
+        H, W = inst_map.shape
+        block = (np.asarray(inst_map) == inst).reshape(gh, H // gh, gw, W // gw).mean((1, 3))
+        return np.array([block[labels == k].sum() for k in range(out.tokens.shape[1])])
+    return oracle
+
+
 TINY_LM_SET = ("model.setokim.lm={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
                "num_key_value_heads: 2, max_position_embeddings: 256}")
 

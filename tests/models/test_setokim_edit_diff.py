@@ -10,12 +10,8 @@ from PIL import Image
 
 from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
 from setok_cli.errors import UserError
-from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer
 from setok_cli.models.setokim.edit_diff import (DIFF_OPS, PLACE_BINS, apply_diff, diff_conversation, diff_spec,
                                                 diff_tokens, object_token, parse_diff, snap_new, written_place)
-
-TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, max_position_embeddings=256)
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
 
@@ -26,15 +22,8 @@ def edits(stage2_world):
 
 
 @pytest.fixture(scope="module")
-def model(stage2_world, edits, tmp_path_factory):
-    tok = tmp_path_factory.mktemp("diff_tok")
-    build_word_tokenizer([edits]).save_pretrained(tok)
-    probe = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok),
-                                              stage1=str(stage2_world / "stage1")))
-    cells = int(np.prod(probe.setok.tokenize([np.zeros((32, 32, 3), np.uint8)]).grid))
-    torch.manual_seed(0)
-    return Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok), place_head=cells,
-                                             stage1=str(stage2_world / "stage1")))
+def model(place_setokim, edits):
+    return place_setokim(edits)
 
 
 def _entries(edits):
@@ -118,17 +107,7 @@ def test_specs_name_the_changed_object_in_both_scenes(edits):
             ConversationDataset(edits, task, 32, names=names)
 
 
-def _overlap_oracle(out, i, inst_map, inst):
-    """Per token in the tokenizer's order: the object's area over the token's patches, by
-    averaging the instance map over each patch's pixel block (the grid divides the image)."""
-    labels = out.image_labels(i).numpy()
-    gh, gw = labels.shape
-    H, W = inst_map.shape
-    block = (np.asarray(inst_map) == inst).reshape(gh, H // gh, gw, W // gw).mean((1, 3))
-    return np.array([block[labels == k].sum() for k in range(out.tokens.shape[1])])
-
-
-def test_object_token_is_the_token_holding_most_of_the_object(model, edits):
+def test_object_token_is_the_token_holding_most_of_the_object(model, edits, overlap_oracle):
     entries = [e for e in _entries(edits)][:12]
     srcs = [np.asarray(Image.open(e["source"]).convert("RGB")) for e in entries]
     out = model.setok.tokenize(srcs)
@@ -142,7 +121,7 @@ def test_object_token_is_the_token_holding_most_of_the_object(model, edits):
         H, W = inst_map.shape
         gh, gw = out.image_labels(i).shape
         assert H % gh == 0 and W % gw == 0
-        area = _overlap_oracle(out, i, inst_map, sp["old"])
+        area = overlap_oracle(out, i, inst_map, sp["old"])
         want = out.tokens[i, int(area.argmax())]
         got = object_token(model, out, i, inst_map, sp["old"])
         assert torch.equal(sets[i][got], want)

@@ -11,12 +11,8 @@ from PIL import Image
 
 from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
 from setok_cli.errors import UserError
-from setok_cli.models.setokim import Setokim, SetokimConfig, build_word_tokenizer
 from setok_cli.models.setokim.attend import object_tokens
 from setok_cli.models.setokim.look import look_answer, look_entry, look_objects, looked_picture
-
-TINY_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, max_position_embeddings=512)
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
 
@@ -74,15 +70,8 @@ def instruct(stage2_world):
 
 
 @pytest.fixture(scope="module")
-def model(stage2_world, instruct, tmp_path_factory):
-    tok = tmp_path_factory.mktemp("look_tok")
-    build_word_tokenizer([instruct]).save_pretrained(tok)
-    probe = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok),
-                                              stage1=str(stage2_world / "stage1")))
-    cells = int(np.prod(probe.setok.tokenize([np.zeros((32, 32, 3), np.uint8)]).grid))
-    torch.manual_seed(0)
-    return Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tok), place_head=cells,
-                                             place_input=True, stage1=str(stage2_world / "stage1")))
+def model(place_setokim, instruct):
+    return place_setokim(instruct, positions=512, place_input=True)
 
 
 def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
@@ -126,16 +115,7 @@ def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
             ConversationDataset(path, task, 32, look=look)
 
 
-def _overlap_oracle(out, i, inst_map, inst):
-    """Per token in the tokenizer's order: the object's area over the token's patches."""
-    labels = out.image_labels(i).numpy()
-    gh, gw = labels.shape
-    H, W = inst_map.shape
-    block = (np.asarray(inst_map) == inst).reshape(gh, H // gh, gw, W // gw).mean((1, 3))
-    return np.array([block[labels == k].sum() for k in range(out.tokens.shape[1])])
-
-
-def test_stage_rows_write_the_looked_up_source_tokens(model, instruct):
+def test_stage_rows_write_the_looked_up_source_tokens(model, instruct, overlap_oracle):
     from setok_cli.train.stage2 import Stage2Model
     ds = ConversationDataset(instruct, "chat", 32, turns=3, look=True)
     items = [ds[i] for i in range(6)]
@@ -166,7 +146,7 @@ def test_stage_rows_write_the_looked_up_source_tokens(model, instruct):
         ids = [k for turn in it["look"]["turns"] for k in turn]
         assert len(s["images"]) == 1 + len(ids) and torch.allclose(s["images"][0].float(), sets[j].float(), atol=1e-5)
         for k, written in zip(ids, s["images"][1:]):
-            want = tok.tokens[j, int(_overlap_oracle(tok, j, inst_map, k).argmax())]
+            want = tok.tokens[j, int(overlap_oracle(tok, j, inst_map, k).argmax())]
             assert written.shape == (1, want.shape[0]) and torch.allclose(written[0].float(), want.float())
             assert int(object_tokens(model, tok, j, inst_map)[k]) in range(sets[j].shape[0])
         assert len(s["seeds"]) == len(s["images"])
