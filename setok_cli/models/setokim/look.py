@@ -1,4 +1,5 @@
-"""Answers that look first (not in the paper; the mixture row option `look: true` on instruct / chat rows).
+"""Answers that look first (not in the paper; the mixture row option `look` on instruct / chat rows:
+`true` for every question type, or a list of types; recipes/tiny/stage3_look.yaml).
 
 A question about the world names objects ("What color is the hexagon?"). Answered in one word,
 the LM must find the hexagon among the image's tokens and read its colour in one step, a
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from ...data.shapes_text import ANSWER_MARK, phrase_objects
+from .attend import object_tokens
 from .text import IMAGE_TOKEN
 
 __all__ = ["look_objects", "look_answer", "look_entry", "look_samples", "looked_masks", "looked_picture"]
@@ -89,8 +91,6 @@ def look_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -
     object tokens are computed once (`cache`, by image key); `arrays` turns pixel values into
     the uint8 images the tokenizer reads."""
     from PIL import Image
-
-    from .attend import object_tokens
     looks = batch.get("look") or []
     first = [0] + torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()[:-1]
     items = [(j, lk) for j, lk in enumerate(looks) if lk is not None and any(lk["turns"])]
