@@ -114,6 +114,13 @@ def read_mask(path: str, shape) -> "np.ndarray":
         return np.asarray(im) > 127
 
 
+def world_files(image) -> tuple[Path, Path]:
+    """A world image's path -> (its scene JSON, its instance-map PNG), where the world writes them
+    (`<split>/scenes/<stem>.json`, `<split>/instances/<name>`); they may not exist."""
+    img = Path(image)
+    return img.parent.parent / "scenes" / f"{img.stem}.json", img.parent.parent / "instances" / img.name
+
+
 def question_objects(conv: Sequence[dict], image: str) -> Optional[dict]:
     """A question conversation about a world image -> {"instances": the image's instance-map
     PNG, "turns": per answer turn the instance ids (object index + 1) its question is about
@@ -122,8 +129,7 @@ def question_objects(conv: Sequence[dict], image: str) -> Optional[dict]:
     import json
 
     from .shapes_text import referred_objects
-    img = Path(image)
-    scene, inst = img.parent.parent / "scenes" / f"{img.stem}.json", img.parent.parent / "instances" / img.name
+    scene, inst = world_files(image)
     if not (scene.is_file() and inst.is_file()):
         return None
     objects = json.loads(scene.read_text())["objects"]

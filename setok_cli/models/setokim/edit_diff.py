@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...data.conversations import world_files
 from ...data.shapes_text import phrase, referring_expression
 from ...errors import UserError
 from .attend import object_tokens
@@ -140,7 +141,7 @@ def diff_spec(entry: dict) -> dict:
     (`place_words`, an addition or a move); None where the op has none."""
     op = _op(entry)
     src, tgt = Path(entry["source"]), Path(entry["target"])
-    inst = src.parent.parent / "instances" / src.name
+    _, inst = world_files(src)
     if not inst.is_file():
         raise UserError(f"edit_diff needs the shapes world's instance maps beside each edit ({inst}); "
                         f"{entry.get('source', '?')} lacks them")

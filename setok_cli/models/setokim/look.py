@@ -28,12 +28,12 @@ Shapes: instance maps (H, W) int, 0 background, object j + 1.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ...data.conversations import world_files
 from ...data.shapes_text import ANSWER_MARK, phrase_objects
 from .attend import object_tokens
 from .text import IMAGE_TOKEN
@@ -66,8 +66,7 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None) -> tuple[dict
     instance map, "turns": per answer turn the instance ids (object index + 1) its tokens are of, in
     writing order}); (the entry, None) where the world wrote no scene beside its image. `types`:
     only entries of these question types look (the others keep their answers, with turns of [])."""
-    img = Path(entry["image"])
-    scene, inst = img.parent.parent / "scenes" / f"{img.stem}.json", img.parent.parent / "instances" / img.name
+    scene, inst = world_files(entry["image"])
     if not (scene.is_file() and inst.is_file()):
         return entry, None
     objects = json.loads(scene.read_text())["objects"]
