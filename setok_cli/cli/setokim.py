@@ -377,8 +377,7 @@ def chat_cmd(image, model_path, temperature, top_p, max_new_tokens, visual_steps
             click.echo(f"error: {e}", err=True)
             continue
         click.echo(f"setokim> {r.text}")
-        for p in r.images:
-            click.echo(f"[image: {p}]")
+        click.echo("".join([f"[image: {p}]\n" for p in r.images] + [f"[looked at: {p}]\n" for p in r.looks]), nl=False)
 
 
 @click.command("export")

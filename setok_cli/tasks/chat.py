@@ -8,6 +8,14 @@ The history is the LLaVA conversation so far, with its images as token sets (the
 image, and every image the model wrote, which later turns can refer to). Replies are
 greedy by default (`Sampling`); images the model writes go through the stage-1 detokenizer
 and are saved as PNGs (atomically). `attach(image)` puts another image into the next user turn.
+
+A model whose answers look first (`config.look_answers`, models/setokim/look.py) answers a
+question about an image with the tokens it looks at, then the answer ("<image>: blue"). Such a
+reply's tokens (those of a reply whose text goes on after its images with ": ") are not
+pictures: they stay in the history as they were written, and `chat_NNN_look.png` shows their
+regions (mask decoder) tinted on the image they were read from (`Reply.looks`). While the
+history holds an image, such a model places every token it writes at its place head's most
+likely cell, as `setok ask` does (its looked tokens are trained at their places).
 """
 from __future__ import annotations
 
@@ -15,19 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..errors import UserError
 from ..files import ensure_dir
 from .setokim import Sampling, _decode, _kw, save_png
 
-__all__ = ["ChatSession", "Reply", "token_count"]
+__all__ = ["ChatSession", "Reply", "is_look", "token_count"]
 
 
 @dataclass
 class Reply:
     text: str                                   # "<image>" where an image was written
     images: list = field(default_factory=list)  # paths of the PNGs written for this reply
+    looks: list = field(default_factory=list)   # a looking answer: the PNG of the regions it looked at
 
 
 class ChatSession:
@@ -37,19 +47,24 @@ class ChatSession:
         self.out_dir = Path(out_dir)
         self.turns: list[dict] = []
         self.images: list = []       # token sets (with seeds: `Setokim.readable`), one per <image> mark, in order
+        self.pixels: list = []       # beside them, each image's pixels (H, W, 3) uint8 (None: a looked token)
         self.pending: list = []      # attached, not yet asked about
+        self.pending_pixels: list = []
         self.written = 0
         if image is not None:
             self.attach(image)
 
     def attach(self, image) -> int:
         """Tokenize `image` (path / PIL / array) for the next user turn; -> its token count."""
-        s = self.model.read_sets([image])[0]
+        from ..images import as_image
+        pixels = np.asarray(as_image(image))
+        s = self.model.read_sets([pixels])[0]
         self.pending.append(s)
+        self.pending_pixels.append(pixels)
         return token_count(s)
 
     def reset(self) -> None:
-        self.turns, self.images, self.pending = [], [], []
+        self.turns, self.images, self.pixels, self.pending, self.pending_pixels = [], [], [], [], []
 
     @torch.no_grad()
     def reply(self, text: str) -> Reply:
@@ -58,26 +73,52 @@ class ChatSession:
             raise UserError("empty message")
         user = "".join("<image>\n" for _ in self.pending) + text.replace("<image>", " ").strip()
         conv = self.turns + [{"from": "human", "value": user}]
-        images = self.images + self.pending
+        images, pixels = self.images + self.pending, self.pixels + self.pending_pixels
         g = torch.Generator().manual_seed(self.opts.seed + len(self.turns))
-        out = self.model.generate(*prompt_batch(self.model, [conv], [images]), **_kw(self.opts, g))[0]
-        paths = []
-        if out.images:
+        kw = _kw(self.opts, g)
+        looking = bool(self.model.config.look_answers)
+        if looking and images:
+            kw.update(place="draw", place_temperature=0.0)
+        out = self.model.generate(*prompt_batch(self.model, [conv], [images]), **kw)[0]
+        paths, looks, drawn = [], [], [None] * len(out.images)
+        seen = [p for p in pixels if p is not None]
+        if out.images and looking and is_look(out.text) and seen:
+            looks = [self._look_picture(seen[-1], out.images)]
+        elif out.images:
             ensure_dir(self.out_dir)
-            for im in _decode(self.model, out.images, self.opts, g, self.size):
-                self.written += 1
-                p = self.out_dir / f"chat_{self.written:03d}.png"
-                save_png(p, im)
-                paths.append(p)
+            drawn = _decode(self.model, out.images, self.opts, g, self.size)
+            for im in drawn:
+                paths.append(self._next_path(""))
+                save_png(paths[-1], im)
         answer = out.text if out.text.strip() else "<image>" * len(out.images)
         self.turns = conv + [{"from": "gpt", "value": answer}]
         self.images = images + self.model.readable(out.images, out.seeds)
-        self.pending = []
+        self.pixels = pixels + list(drawn)
+        self.pending, self.pending_pixels = [], []
         n_marks = sum(t["value"].count("<image>") for t in self.turns)
         if n_marks != len(self.images):        # an image cut off without its mark: keep the history consistent
             self.turns[-1]["value"] = answer.replace("<image>", " ")
-            self.images = images
-        return Reply(out.text, paths)
+            self.images, self.pixels = images, pixels
+        return Reply(out.text, paths, looks)
+
+    def _next_path(self, suffix: str) -> Path:
+        self.written += 1
+        return self.out_dir / f"chat_{self.written:03d}{suffix}.png"
+
+    def _look_picture(self, pixels: np.ndarray, tokens: list) -> Path:
+        """The regions of a looking reply's tokens [(K_i, T)] on the image they were read from -> its PNG."""
+        from ..models.setokim.look import looked_masks, looked_picture
+        ensure_dir(self.out_dir)
+        path = self._next_path("_look")
+        save_png(path, looked_picture(pixels, looked_masks(self.model, pixels, [t for im in tokens for t in im])))
+        return path
+
+
+def is_look(text: str) -> bool:
+    """Whether a reply with images is a looking answer: its text goes on after its last image
+    with the answer mark ("<image> <image>: 2"); a picture the model was asked for stands alone."""
+    from ..data.shapes_text import ANSWER_MARK
+    return "<image>" in text and ANSWER_MARK in text[text.rindex("<image>"):]
 
 
 def token_count(entry) -> int:

@@ -209,6 +209,40 @@ def test_show_look_tints_the_regions_of_the_written_tokens(stage3_runs, monkeypa
     assert np.array_equal(pic, looked_picture(base, masks))
 
 
+def test_chat_shows_a_looking_reply_as_regions_not_pictures(stage3_runs, monkeypatch, tmp_path):
+    import setok_cli.tasks.setokim as tasks
+    from setok_cli.models.setokim.generate import Generated
+    from setok_cli.models.setokim.look import looked_masks
+    from setok_cli.tasks.chat import ChatSession, is_look
+    assert is_look("<image>: blue") and is_look("<image> <image> a red circle: yes")
+    assert not is_look("<image>") and not is_look("a red star: <image>") and not is_look("blue")
+    m = tasks.load_setokim(stage3_runs["stage3"])
+    m.config.look_answers = True
+    img = sorted((stage3_runs["world"] / "shapes" / "test" / "images").glob("*.png"))[0]
+    src = m.read_sets([img])[0]
+    src = src[0] if isinstance(src, tuple) else src
+    replies = iter([("<image>: blue", [src[-1:]]), ("<image>", [src])])     # a look, then a picture
+    seen = []
+
+    def fake(*a, **k):
+        seen.append(k)
+        text, ims = next(replies)
+        return [Generated(text=text, ids=[], images=ims, seeds=[torch.zeros(len(t)) for t in ims])]
+    monkeypatch.setattr(m, "generate", fake)
+    chat = ChatSession(m, str(img), tasks.Sampling(), tmp_path, size=16)
+    r = chat.reply("What color is the hexagon?")
+    assert seen[0]["place"] == "draw" and seen[0]["place_temperature"] == 0.0    # as `setok ask` looks
+    assert r.text == "<image>: blue" and r.images == [] and r.looks == [tmp_path / "chat_001_look.png"]
+    base = np.asarray(Image.open(img).convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(r.looks[0])), looked_picture(base, looked_masks(m, img, [src[-1]])))
+    assert len(chat.images) == 2 and chat.pixels[1] is None                      # the looked token stays read
+    assert chat.turns[-1]["value"] == "<image>: blue"
+    r = chat.reply("Generate an image: a red circle")
+    assert r.looks == [] and r.images == [tmp_path / "chat_002.png"]
+    assert np.asarray(Image.open(r.images[0])).shape == (16, 16, 3) and chat.pixels[2].shape == (16, 16, 3)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["chat_001_look.png", "chat_002.png"]
+
+
 def test_looked_picture_tints_each_region_in_its_colour():
     from setok_cli.models.setokim.look import COLOURS
     base = np.full((6, 6, 3), 100, np.uint8)
