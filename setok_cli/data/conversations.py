@@ -149,10 +149,11 @@ class ConversationDataset(Dataset):
     `names` (edit_diff only): the answers write the instruction's words before each token
     (`edit_diff.diff_conversation`). `look` (instruct and chat): the answers first write the tokens
     of the objects their question is about (`models/setokim/look.py`): true for every question type,
-    or a list of types (["color", "shape"]); items carry "look"."""
+    or a list of types (["color", "shape"]); items carry "look". `sized` (generate): the answer says
+    the number of objects before the image, "two objects <image>" (`models/setokim/sized.py`)."""
 
     def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
-                 names: bool = False, look: bool | Sequence[str] = False):
+                 names: bool = False, look: bool | Sequence[str] = False, sized: bool = False):
         if task not in CONVERSATION_TASKS:
             raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
         if turns is not None and (task != "chat" or not isinstance(turns, int) or isinstance(turns, bool)
@@ -165,6 +166,8 @@ class ConversationDataset(Dataset):
                 isinstance(look, (list, tuple)) and look and set(look) <= set(QUESTION_TYPES)))):
             raise UserError(f"{path}: look is for the instruct and chat tasks, true, false or a list of question "
                             f"types ({', '.join(QUESTION_TYPES)}); got {look!r} for {task}")
+        if sized is not False and (task != "generate" or sized is not True):
+            raise UserError(f"{path}: sized is for the generate task, true or false; got {sized!r} for {task}")
         self.path, self.task, self.image_size = str(path), task, image_size
         self.entries = load(path, CONVERSATION_TASKS[task])
         if not self.entries:
@@ -187,6 +190,10 @@ class ConversationDataset(Dataset):
             self.items = [diff_conversation(e, sp, names) for e, sp in zip(self.entries, self.diff_specs)]
         else:
             self.items = [task_conversation(task, e) for e in self.entries]   # checked once, up front
+            if sized:
+                from ..models.setokim.sized import entry_objects, sized_answer
+                self.items = [([c[0], {**c[1], "value": sized_answer(entry_objects(e))}], paths)
+                              for (c, paths), e in zip(self.items, self.entries)]
             self.looks = [by_id[id(e)] for e in self.entries] if look else None
         self.index_offset = 0
 

@@ -147,7 +147,9 @@ def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[
                    uncond=prompt_batch(model, [UNCOND_GENERATE] * len(texts), start_image=True)[:2])
     for j in range(num_images):
         g = torch.Generator().manual_seed(opts.seed + j)
-        gen = model.generate(*prompt_batch(model, texts, start_image=True), **_kw(opts, g), **cfg)
+        # a sized model says the number of objects first (models/setokim/sized.py): its prompt does not open the image
+        rows = prompt_batch(model, texts, start_image=not model.config.sized_images)
+        gen = model.generate(*rows, **_kw(opts, g), **cfg)
         imgs = _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
         for i, im in enumerate(imgs):
             out[i].append(im)

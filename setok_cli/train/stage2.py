@@ -324,6 +324,7 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
     else:
         setokim = Setokim.from_config(cfg)
     setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
+    setokim.config.sized_images = any(isinstance(m, dict) and m.get("sized") for m in recipe.data.mixture)
     return Stage2Model(setokim, row_groups=_row_groups(recipe), **_attend(recipe))
 
 
@@ -384,13 +385,13 @@ def _mixture(recipe: Recipe):
         raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct|chat|segment, "
                         "path, weight}]")
     for j, m in enumerate(recipe.data.mixture):
-        keys = {"task", "path", "weight", "turns", "names", "look"}
+        keys = {"task", "path", "weight", "turns", "names", "look", "sized"}
         if not isinstance(m, dict) or set(m) - keys or not {"task", "path"} <= set(m):
-            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns | names | look]}}, got {m!r}")
+            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns|names|look|sized]}}, got {m!r}")
         if m["task"] not in CONVERSATION_TASKS:
             raise UserError(f"data.mixture[{j}].task {m['task']!r}: choose from {', '.join(CONVERSATION_TASKS)}")
-        parts.append((ConversationDataset(m["path"], m["task"], recipe.data.image_size, m.get("turns"),
-                                          m.get("names", False), m.get("look", False)), m.get("weight", 1.0)))
+        opts = {k: m[k] for k in ("turns", "names", "look", "sized") if k in m}
+        parts.append((ConversationDataset(m["path"], m["task"], recipe.data.image_size, **opts), m.get("weight", 1.0)))
     offset = 0
     for ds, _ in parts:
         ds.index_offset = offset

@@ -63,6 +63,8 @@ def build_stage3_model(recipe: Recipe) -> Stage2Model:
     setokim = _loss_weights(Setokim.from_pretrained(_source(recipe)), recipe)
     looks = any(isinstance(m, dict) and m.get("look") for m in recipe.data.mixture or [])
     setokim.config.look_answers = setokim.config.look_answers or looks        # `setok ask` lets it look
+    sized = any(isinstance(m, dict) and m.get("sized") for m in recipe.data.mixture or [])
+    setokim.config.sized_images = setokim.config.sized_images or sized        # generation says its size first
     return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))
 
 

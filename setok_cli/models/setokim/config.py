@@ -193,6 +193,9 @@ class SetokimConfig:
     # answers first write the tokens their question is about (a `look: true` mixture row trained
     # it; look.py): `setok ask` lets them, one token per image, each read at its drawn place
     look_answers: bool = False
+    # a generation answer says its number of objects before the image ("two objects <image>"; a
+    # `sized: true` generate row trained it; sized.py): the image then has that many tokens plus one
+    sized_images: bool = False
 
     def __post_init__(self):
         if not isinstance(self.lm, (str, dict)) or (isinstance(self.lm, str) and not self.lm.strip()):

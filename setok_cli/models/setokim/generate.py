@@ -191,6 +191,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     from transformers import DynamicCache
 
     from .bank import layout_cell, nearest, snap_placed
+    from .sized import size_words, sized_length
     sp = model.splice(input_ids, None, attention_mask, image_token_mask, padding_side="left")
     emb = model.embed(sp, image_tokens, image_token_mask, image_token_seeds)   # (B, L, H)
     attn, pos = sp.attention_mask, sp.position_ids
@@ -202,6 +203,10 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     lm_head, table = model.lm.get_output_embeddings(), model.lm.get_input_embeddings()
     s_id, e_id, eos = model.img_start_id, model.img_end_id, model.eos_id
     image_mode = sp.ids[:, -1] == s_id
+    # a sized answer ("two objects [Img]", sized.py) fixes its image's length; -1: the stop head decides
+    words = size_words(model.text_tokenizer, table.num_embeddings) if model.config.sized_images else None
+    prev = list(F.pad(sp.ids, (2, 0), value=-1)[:, -3:-1].unbind(1))       # the two ids before the last
+    size = torch.where(image_mode, sized_length(words, *prev), torch.full_like(image_mode, -1, dtype=torch.long))
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     n_text = torch.zeros(B, dtype=torch.long, device=dev)
     n_vis = torch.zeros(B, dtype=torch.long, device=dev)
@@ -239,7 +244,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         tok = sample_logits(logits, temperature, top_p, generator)
         hh = h.to(head_dtype)
         # an image has at least one token (the stop head is trained to continue at [Img])
-        stop = ((model.stop_head(hh).squeeze(-1) > 0) & (n_vis > 0)) | (n_vis >= max_vis)
+        stop = (model.stop_head(hh).squeeze(-1) > 0) & (n_vis > 0)
+        stop = torch.where(size > 0, n_vis >= size, stop) | (n_vis >= max_vis)
         vis = hh.new_zeros(B, int(model.config.token_dim), dtype=torch.float32)
         rows = (image_mode & ~done).nonzero().squeeze(-1)                  # sample only where an image is open
         if guidance is not None:           # the unconditional rows follow their conditional row
@@ -286,6 +292,8 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         rec_vis.append(model.denormalize(vis))
         rec_seed.append(seed.clone())
         starts = text_rows & (tok == s_id)
+        size = torch.where(starts, sized_length(words, *prev), size)
+        prev = [torch.where(text_rows, prev[1], prev[0]), torch.where(text_rows, tok, prev[1])]
         if bank is not None and bank_layouts is not None:
             used[starts] = False
         n_vis = torch.where(emit_vis, n_vis + 1, torch.where(starts, 0, n_vis))
