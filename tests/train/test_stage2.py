@@ -73,10 +73,14 @@ def test_recipe_mixture_passes_chat_turns(stage2_world, tmp_path):
     for i in range(len(looked)):                                  # colour answers write a token first
         q, a = (t["value"] for t in looked[i]["conversations"])
         assert a.startswith("<image>") == q.split("\n")[-1].startswith("What color") and looked[i]["look"] is not None
-    with pytest.raises(UserError, match=r"weight\[, turns \| names \| look\]"):
+    with pytest.raises(UserError, match=r"weight\[, turns\|names\|look\|sized\]"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turn: 2}}]"))
     with pytest.raises(UserError, match="look is for the instruct and chat tasks"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, look: [size]}}]"))
+    sized = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{{task: generate, path: {tr / 'pairs.json'}, "
+                                                     "sized: true}]"))
+    assert all(sized[i]["conversations"][1]["value"].endswith("objects <image>") or
+               sized[i]["conversations"][1]["value"] == "one object <image>" for i in range(len(sized)))
 
 
 def test_token_cache_equals_fresh_tokens(stage2_world, tmp_path):
