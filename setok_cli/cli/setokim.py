@@ -182,18 +182,20 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
 @click.option("--guidance", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Classifier-free guidance scale (1: none); for a model trained with the generate_uncond "
                    "task (mse or codebook head).")
+@click.option("--rerank", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Draw N candidates per image and keep the one the model reads back as the prompt best.")
 @_bank_option
 @_detok_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
-                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, guidance, bank_path,
-                 source_margin, max_overlap, snap_metric, place_mode, place_temperature, detok_path):
+                 seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, guidance, rerank,
+                 bank_path, source_margin, max_overlap, snap_metric, place_mode, place_temperature, detok_path):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt")
     _check_bank(bank_path, detok_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
-    opts.guidance = guidance
+    opts.guidance, opts.rerank = guidance, rerank
     from ..files import ensure_dir
     from ..tasks.setokim import generate, load_setokim, save_png
     if not data:

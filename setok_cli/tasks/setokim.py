@@ -71,10 +71,12 @@ class Sampling:
                                                 # copied token for token, grown by this many layout cells
                                                 # (with a bank that stores layouts; None: off)
     diff: bool = False                          # an edit: as a token diff (models/setokim/edit_diff.py)
+    rerank: int = 1                             # generation: draw this many candidates per image, keep the one
+                                                # the model reads back as the prompt best (tasks/rerank.py)
 
     def __post_init__(self):
-        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1:
-            raise UserError("sampling: temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
+        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1 or self.rerank < 1:
+            raise UserError("sampling: temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and rerank >= 1")
 
 
 def load_setokim(path):
@@ -133,8 +135,11 @@ def caption(model, images: Sequence, opts: Optional[Sampling] = None) -> list[st
 def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[Sampling] = None,
              size: Optional[int] = None) -> list[list[np.ndarray]]:
     """Prompts (captions) -> `num_images` images each. Image j of a prompt is drawn with
-    seed + j, so a prompt's images do not depend on the batch it ran in."""
+    seed + j, so a prompt's images do not depend on the batch it ran in. With `opts.rerank` R > 1,
+    R candidates of image j are drawn (seeds seed + j + c * num_images) and the one the model
+    reads back as its prompt best is kept (tasks/rerank.py)."""
     from ..models.setokim import TASK_PROMPTS, UNCOND_GENERATE, prompt_batch
+    from .rerank import pick
     opts = opts or Sampling()
     _check_texts(prompts, "prompt")
     if num_images < 1:
@@ -145,12 +150,15 @@ def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[
     if opts.guidance != 1:      # classifier-free guidance: the same rows without their caption beside them
         cfg = dict(guidance=opts.guidance,
                    uncond=prompt_batch(model, [UNCOND_GENERATE] * len(texts), start_image=True)[:2])
+    # a sized model says the number of objects first (models/setokim/sized.py): its prompt does not open the image
+    rows = prompt_batch(model, texts, start_image=not model.config.sized_images)
     for j in range(num_images):
-        g = torch.Generator().manual_seed(opts.seed + j)
-        # a sized model says the number of objects first (models/setokim/sized.py): its prompt does not open the image
-        rows = prompt_batch(model, texts, start_image=not model.config.sized_images)
-        gen = model.generate(*rows, **_kw(opts, g), **cfg)
-        imgs = _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
+        cands = []
+        for c in range(opts.rerank):         # candidate c of image j: seed + j + c * num_images (c = 0: no rerank)
+            g = torch.Generator().manual_seed(opts.seed + j + c * num_images)
+            gen = model.generate(*rows, **_kw(opts, g), **cfg)
+            cands.append(_decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size))
+        imgs = cands[0] if opts.rerank == 1 else pick(model, prompts, cands)
         for i, im in enumerate(imgs):
             out[i].append(im)
     return out

@@ -1,0 +1,79 @@
+"""Generation by re-reading (tasks/rerank.py): each candidate's score is its own caption loss (not
+its batch's), the lowest score wins, and `--rerank R` draws its candidates with the seeds the
+docstring names, candidate 0 being the image drawn without reranking."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import setok_cli.tasks.rerank as rerank
+import setok_cli.tasks.setokim as tasks
+from setok_cli.cli.main import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
+
+PROMPTS = ["A picture of one object: a red circle.", "A picture of two objects: a blue star and a green square."]
+
+
+@pytest.fixture(scope="module")
+def model(stage3_runs):
+    return tasks.load_setokim(stage3_runs["stage3"])
+
+
+@pytest.fixture(scope="module")
+def pictures(stage3_runs):
+    paths = sorted((stage3_runs["world"] / "shapes" / "test" / "images").glob("*.png"))[:3]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def test_each_score_is_the_caption_loss_of_its_own_image(model, pictures):
+    caps = ["A picture of one object: a red circle.", "There are two objects in the image: a blue star and a star.",
+            "A picture of three objects: a red circle, a green square and a cyan cross."]
+    got = rerank.caption_scores(model, pictures, caps)
+    from setok_cli.models.setokim import TASK_PROMPTS
+    for k, (im, c) in enumerate(zip(pictures, caps)):            # one at a time: the model's own mean loss
+        r = model.read_sets([im])[0]
+        tokens, seeds = r if isinstance(r, tuple) else (r, None)
+        sample = {"conversations": [{"from": "human", "value": TASK_PROMPTS["caption"]}, {"from": "gpt", "value": c}],
+                  "images": [tokens], **({"seeds": [seeds]} if seeds is not None else {})}
+        with torch.no_grad():
+            want = model(**model.collate([sample])).text_loss
+        assert torch.allclose(got[k], want, atol=1e-4)
+    assert got.shape == (3,) and torch.isfinite(got).all()
+
+
+def test_pick_keeps_the_lowest_score_per_prompt(model, monkeypatch):
+    cands = [[np.full((2, 2, 3), 10 * c + i, np.uint8) for i in range(2)] for c in range(3)]   # candidate c, prompt i
+    scores = torch.tensor([[0.5, 0.1], [0.2, 0.3], [0.2, 0.9]])                                 # (C, B)
+    monkeypatch.setattr(rerank, "caption_scores", lambda m, ims, caps: scores.flatten())
+    got = rerank.pick(model, PROMPTS, cands)
+    assert [int(g[0, 0, 0]) for g in got] == [10, 1]               # prompt 0: candidate 1 (first of equals), 1: 0
+
+
+def test_rerank_draws_candidates_with_their_seeds(model, monkeypatch):
+    plain = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4), size=16)
+    picked = []
+
+    def second(m, prompts, cands):                                 # always keep candidate 1
+        picked.append(len(cands))
+        return cands[1]
+    monkeypatch.setattr(rerank, "pick", second)
+    got = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4, rerank=3), size=16)
+    shifted = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4, seed=2), size=16)
+    assert picked == [3, 3]
+    for i in range(2):                                             # candidate 1 of image j: seed 0 + j + 1 * 2
+        assert all(np.array_equal(a, b) for a, b in zip(got[i], shifted[i]))
+    monkeypatch.undo()
+    one = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4, rerank=1), size=16)
+    assert all(np.array_equal(a, b) for i in range(2) for a, b in zip(one[i], plain[i]))
+
+
+def test_generate_command_reranks_and_refuses_zero(stage3_runs, tmp_path):
+    args = ["generate", "a red circle", "--model", str(stage3_runs["stage3"]), "--out", str(tmp_path),
+            "--threads", "1", "--size", "16", "--max-new-tokens", "4"]
+    res = CliRunner().invoke(cli, args + ["--rerank", "2"])
+    assert res.exit_code == 0, res.output
+    assert np.asarray(Image.open(res.output.strip().splitlines()[-1])).shape == (16, 16, 3)
+    bad = CliRunner().invoke(cli, args + ["--rerank", "0"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
