@@ -102,7 +102,7 @@ def chat_conversation(group: Sequence[dict]) -> tuple[list[dict], list[str]]:
     return conv, [group[0]["image"]]
 
 
-def read_mask(path: str, shape) -> "np.ndarray":
+def read_mask(path: str, shape):
     """A 0/255 mask PNG -> (H, W) bool at `shape` (nearest)."""
     import numpy as np
     from PIL import Image

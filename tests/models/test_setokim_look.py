@@ -175,15 +175,19 @@ def test_ask_lets_a_looking_model_write_tokens(stage3_runs, monkeypatch):
     assert len(got) == 2 and all(isinstance(a, str) for a in got)
 
 
-def test_a_look_row_marks_the_stage3_model(stage3_runs, tmp_path):
+@pytest.mark.parametrize("task,data,option,flag", [("instruct", "instruct.json", "look", "look_answers"),
+                                                    ("generate", "pairs.json", "sized", "sized_images")])
+def test_a_look_or_sized_row_marks_the_stage3_model(stage3_runs, tmp_path, task, data, option, flag):
+    """`setok ask` lets a model a look row trained write tokens; `setok generate` lets a model a
+    sized row trained say its image's size (models/setokim/sized.py)."""
     from setok_cli.train.recipe import load_recipe
     from setok_cli.train.stage3 import build_stage3_model
     tr = stage3_runs["world"] / "shapes" / "train"
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "stage3.yaml"
-    for look, want in (("", False), (", look: true", True)):
+    for extra, want in (("", False), (f", {option}: true", True)):
         r = load_recipe(recipe, [f"model.setokim_from={stage3_runs['stage2']}", f"output_dir={tmp_path}",
-                                 f"data.mixture=[{{task: instruct, path: {tr / 'instruct.json'}{look}}}]"])
-        assert build_stage3_model(r).setokim.config.look_answers is want
+                                 f"data.mixture=[{{task: {task}, path: {tr / data}{extra}}}]"])
+        assert getattr(build_stage3_model(r).setokim.config, flag) is want
 
 
 def test_show_look_tints_the_regions_of_the_written_tokens(stage3_runs, monkeypatch, tmp_path):

@@ -106,16 +106,3 @@ def test_setok_generate_lets_a_sized_model_say_the_size_first(model, monkeypatch
         tasks.generate(model, ["A picture of one object: a red circle."])
     model.config.sized_images = False
     assert seen[0] == model.img_start_id and seen[1] != model.img_start_id
-
-
-def test_a_sized_row_marks_the_model(stage3_runs, tmp_path):
-    from pathlib import Path
-
-    from setok_cli.train.recipe import load_recipe
-    from setok_cli.train.stage3 import build_stage3_model
-    tr = stage3_runs["world"] / "shapes" / "train"
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "stage3.yaml"
-    for sized, want in (("", False), (", sized: true", True)):
-        r = load_recipe(recipe, [f"model.setokim_from={stage3_runs['stage2']}", f"output_dir={tmp_path}",
-                                 f"data.mixture=[{{task: generate, path: {tr / 'pairs.json'}{sized}}}]"])
-        assert build_stage3_model(r).setokim.config.sized_images is want
