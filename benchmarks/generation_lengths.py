@@ -8,7 +8,7 @@ For each generation prompt of a world's pairs file, the model writes an image as
 the prompt's number of objects n (its scene's), and with the target image's own token count. The
 written image is parsed as `setok eval generate` parses it, and the count is right when the
 parser finds n objects. The table: per K - n, how many prompts and how many of those counted
-right (README: "Images whose size is said first"). A model that says the size first
+right (README: "Generation by re-reading"). A model that says the size first
 (`sized: true`, models/setokim/sized.py) is asked the same way `setok generate` asks it.
 """
 from __future__ import annotations
