@@ -40,8 +40,7 @@ def caption_scores(model, images: Sequence[np.ndarray], captions: Sequence[str])
 def pick(model, prompts: Sequence[str], candidates: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
     """candidates[c][i]: candidate c of prompt i -> per prompt the candidate whose caption score
     (`caption_scores`) is lowest (the first among equals)."""
-    n = len(candidates)
-    flat = [im for cand in candidates for im in cand]
-    scores = caption_scores(model, flat, list(prompts) * n).view(n, len(prompts))   # (C, B)
+    # one candidate at a time: the batch read back is the generation batch, whatever N is
+    scores = torch.stack([caption_scores(model, cand, list(prompts)) for cand in candidates])   # (C, B)
     best = scores.argmin(0).tolist()
     return [candidates[c][i] for i, c in enumerate(best)]

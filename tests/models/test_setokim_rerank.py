@@ -46,7 +46,7 @@ def test_each_score_is_the_caption_loss_of_its_own_image(model, pictures):
 def test_pick_keeps_the_lowest_score_per_prompt(model, monkeypatch):
     cands = [[np.full((2, 2, 3), 10 * c + i, np.uint8) for i in range(2)] for c in range(3)]   # candidate c, prompt i
     scores = torch.tensor([[0.5, 0.1], [0.2, 0.3], [0.2, 0.9]])                                 # (C, B)
-    monkeypatch.setattr(rerank, "caption_scores", lambda m, ims, caps: scores.flatten())
+    monkeypatch.setattr(rerank, "caption_scores", lambda m, ims, caps: scores[int(ims[0][0, 0, 0]) // 10])
     got = rerank.pick(model, PROMPTS, cands)
     assert [int(g[0, 0, 0]) for g in got] == [10, 1]               # prompt 0: candidate 1 (first of equals), 1: 0
 
