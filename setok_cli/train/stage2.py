@@ -324,8 +324,13 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
     else:
         setokim = Setokim.from_config(cfg)
     setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
-    setokim.config.sized_images = any(isinstance(m, dict) and m.get("sized") for m in recipe.data.mixture)
+    setokim.config.sized_images = _any_row(recipe, "sized")      # generation says its size first (sized.py)
     return Stage2Model(setokim, row_groups=_row_groups(recipe), **_attend(recipe))
+
+
+def _any_row(recipe: Recipe, option: str) -> bool:
+    """Whether a mixture row sets `option` (look, sized): the model is marked for its pipelines."""
+    return any(isinstance(m, dict) and m.get(option) for m in recipe.data.mixture or [])
 
 
 def _attend(recipe: Recipe) -> dict:

@@ -22,7 +22,8 @@ import torch
 from ..errors import UserError
 from ..models.setokim import Setokim
 from .recipe import Recipe
-from .stage2 import Stage2Model, _attend, _main, _mixture, _row_groups, meta_stage2_model, parameter_report  # noqa: F401 (the report of META)
+from .stage2 import (Stage2Model, _any_row, _attend, _main, _mixture, _row_groups, meta_stage2_model,  # noqa: F401
+                     parameter_report)  # (the report of META)
 
 __all__ = ["build_stage3", "build_stage3_model", "meta_stage3_model"]
 
@@ -61,10 +62,8 @@ def build_stage3_model(recipe: Recipe) -> Stage2Model:
     statistics, projector and heads carried over; `model.setokim`, if any, only sizes
     `--dry-run`), its loss weights as the recipe's `loss` section sets them."""
     setokim = _loss_weights(Setokim.from_pretrained(_source(recipe)), recipe)
-    looks = any(isinstance(m, dict) and m.get("look") for m in recipe.data.mixture or [])
-    setokim.config.look_answers = setokim.config.look_answers or looks        # `setok ask` lets it look
-    sized = any(isinstance(m, dict) and m.get("sized") for m in recipe.data.mixture or [])
-    setokim.config.sized_images = setokim.config.sized_images or sized        # generation says its size first
+    setokim.config.look_answers = setokim.config.look_answers or _any_row(recipe, "look")    # `setok ask` looks
+    setokim.config.sized_images = setokim.config.sized_images or _any_row(recipe, "sized")   # size said first
     return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))
 
 
