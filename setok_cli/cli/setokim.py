@@ -228,9 +228,13 @@ def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_
                    "by GROW cells.")
 @click.option("--diff", is_flag=True, help="Edit as a token diff: the model names the token to change and writes "
               "its new one (a model tuned with the edit_diff task); the rest of the source is kept.")
+@click.option("--lookup", default="diff", show_default=True, type=click.Choice(["diff", "segment"]),
+              help="With --diff: how the token to change is found: written by the diff answer, or by the model "
+                   "segmenting the object the instruction names first (\"Make the red circle blue.\": "
+                   "\"Segment the red circle.\").")
 def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
              copy_mode, seed, batch_size, threads, data, pred_out, limit, out_dir, size, bank_path, source_margin,
-             max_overlap, snap_metric, place_mode, place_temperature, detok_path, keep_pixels, diff):
+             max_overlap, snap_metric, place_mode, place_temperature, detok_path, keep_pixels, diff, lookup):
     """Edit IMAGE as --instruction says; writes <stem>_edited.png and <stem>_edit.png (side by side)."""
     import numpy as np
 
@@ -238,11 +242,13 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
     _check_bank(bank_path, detok_path)
     if keep_pixels is not None and not (bank_path or diff):
         raise UserError("--keep-pixels needs --bank FILE or --diff (to know which source tokens the edit copies)")
+    if lookup != "diff" and not diff:
+        raise UserError("--lookup segment needs --diff (it finds the token a diff changes)")
     opts, src, model = _prepare(image, instruction, "empty instruction: give --instruction \"...\"", data, out_dir,
                                 model_path, (threads, temperature, top_p, max_new_tokens, visual_steps,
                                              visual_temperature, copy_mode, seed))
     _use_bank(opts, bank_path, model, source_margin, max_overlap, snap_metric, place_mode, place_temperature)
-    opts.keep_pixels, opts.diff = keep_pixels, diff
+    opts.keep_pixels, opts.diff, opts.lookup = keep_pixels, diff, lookup
     _use_detokenizer(model, detok_path)
     if data:
         return _run_file(model, "edit", data, pred_out, opts, batch_size, size, limit)

@@ -71,12 +71,16 @@ class Sampling:
                                                 # copied token for token, grown by this many layout cells
                                                 # (with a bank that stores layouts; None: off)
     diff: bool = False                          # an edit: as a token diff (models/setokim/edit_diff.py)
+    lookup: str = "diff"                        # an edit diff's old token: "diff" (the answer writes it) or
+                                                # "segment" (the model segments the instruction's object first)
     rerank: int = 1                             # generation: draw this many candidates per image, keep the one
                                                 # the model reads back as the prompt best (tasks/rerank.py)
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1 or self.rerank < 1:
             raise UserError("sampling: temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and rerank >= 1")
+        if self.lookup not in ("diff", "segment"):
+            raise UserError(f"lookup must be 'diff' or 'segment', got {self.lookup!r}")
 
 
 def load_setokim(path):
@@ -178,7 +182,8 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
     if len(images) != len(instructions):
         raise UserError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
     if opts.diff:
-        return _edit_diff(model, images, instructions, opts, size)
+        from .edit_diff import edit_diff
+        return edit_diff(model, images, instructions, opts, size)
     lay = {}
     if opts.bank is not None and opts.bank_layouts is not None:      # the source's tokens are kept apart too
         from ..models.setokim.bank import token_sets_with_layouts
@@ -200,45 +205,6 @@ def edit(model, images: Sequence, instructions: Sequence[str], opts: Optional[Sa
     from ..images import as_image
     return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, layout, w, opts.keep_pixels)
             for im, o, src, layout, w in zip(images, out, source_sets, lay["image_layouts"], written)]
-
-
-def _edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampling,
-               size: Optional[int]) -> list[np.ndarray]:
-    """`edit` as a token diff (models/setokim/edit_diff.py): the model names the source token to
-    drop and writes the new one (one visual token each; with a bank the new one is snapped by
-    `snap_new`, near the place the answer wrote); every other source token is copied exactly.
-    With keep_pixels the dropped token's region, and the new token's where the bank stores
-    layouts, are never pasted."""
-    from ..models.setokim import prompt_batch
-    from ..models.setokim.bank import token_sets_with_layouts
-    from ..models.setokim.edit_diff import DIFF_OPS, DIFF_PROMPT, apply_diff, parse_diff, snap_new, written_place
-    sets, layouts, seeds = token_sets_with_layouts(model, list(images), seeds=True)
-    texts = [DIFF_PROMPT.format(instruction=t.strip()) for t in instructions]
-    g = torch.Generator().manual_seed(opts.seed)
-    kw = {**_kw(opts, g), "bank": None, "bank_layouts": None, "max_visual_tokens": 1}
-    gen = model.generate(*prompt_batch(model, texts, [[s] for s in model.readable(sets, seeds)]), **kw)
-    edited, excluded = [], []
-    for o, src, lay in zip(gen, sets, layouts):
-        old, new = parse_diff(o.text, o.images)
-        ex = torch.zeros(lay.shape[1], dtype=torch.bool)
-        kept, dropped = apply_diff(src, old, None, model.normalize)
-        if dropped is not None:
-            ex |= lay[dropped].cpu()
-        if new is not None and opts.bank is not None:
-            in_place = dropped is not None and o.text.split()[:1] == [DIFF_OPS["recolor"][0]]
-            new, placed = snap_new(model, new, lay, dropped, opts.bank, opts.bank_layouts, seed=o.seeds[-1][:1],
-                                   place=written_place(o.text), recolour=in_place, metric=opts.snap_metric,
-                                   max_overlap=opts.max_overlap)
-            ex |= placed
-        edited.append(kept if new is None else torch.cat([kept, new.view(1, -1).to(kept.dtype)]))
-        excluded.append(ex)
-    out = _decode(model, edited, opts, g, size)
-    if opts.keep_pixels is None:
-        return out
-    from ..images import as_image
-    return [keep_source_pixels(np.asarray(as_image(im).resize(o.shape[1::-1])), o, src, lay, w, opts.keep_pixels,
-                               exclude=ex)
-            for im, o, src, lay, w, ex in zip(images, out, sets, layouts, edited, excluded)]
 
 
 def keep_source_pixels(source: np.ndarray, edited: np.ndarray, source_tokens: torch.Tensor,
@@ -323,7 +289,6 @@ def segment(model, images: Sequence, queries: Sequence[str], opts: Optional[Samp
             snap_to_input: bool = False, threshold: float = 0.5) -> list[Segmented]:
     """Images + referring expressions -> one mask each: the prompt, `[Img]`, one visual
     token, the mask decoder (see the module docstring)."""
-    from ..models.setokim import TASK_PROMPTS, prompt_batch
     from ..models.setokim.regions import read_images, region_probs, snap, to_original
     opts = opts or Sampling()
     _check_texts(queries, "query")
@@ -333,13 +298,7 @@ def segment(model, images: Sequence, queries: Sequence[str], opts: Optional[Samp
         raise UserError("this Setokim has no mask decoder (its stage-1 checkpoint saved none): it cannot segment")
     seen = read_images(model, list(images))
     sets = seen.token_sets(model)
-    texts = [TASK_PROMPTS["segment"].format(expression=q.strip().rstrip(".")) for q in queries]
-    g = torch.Generator().manual_seed(opts.seed)
-    gen = model.generate(*prompt_batch(model, texts, [[s] for s in model.readable(sets, seen.seeds(model))],
-                                       start_image=True), **{**_kw(opts, g), "max_visual_tokens": 1})
-    produced = [bool(o.images and o.images[0].shape[0]) for o in gen]
-    T = int(model.config.token_dim)
-    first = torch.stack([o.images[0][0] if p else torch.zeros(T) for o, p in zip(gen, produced)]).to(model.device)
+    first, produced = referred_tokens(model, model.readable(sets, seen.seeds(model)), queries, opts)
     if snap_to_input:
         first = snap(model, first, sets)
     probs = region_probs(model, seen, first.unsqueeze(1))[:, 0]                    # (N, S, S)
@@ -348,6 +307,21 @@ def segment(model, images: Sequence, queries: Sequence[str], opts: Optional[Samp
         pr = to_original(probs[i:i + 1], seen, i)[0].cpu().numpy()
         out.append(Segmented(mask=(pr > threshold) & p, probs=pr if p else np.zeros_like(pr), produced=p))
     return out
+
+
+def referred_tokens(model, readable: list, expressions: Sequence[str], opts: Sampling) -> tuple[torch.Tensor, list[bool]]:
+    """Input images as prompts read them (`Setokim.readable`) + referring expressions -> the
+    visual token each segmentation answer writes, (N, T) (zeros where none was written), and
+    whether one was: "Segment {expression}." answered `[Img] v [/Img]`."""
+    from ..models.setokim import TASK_PROMPTS, prompt_batch
+    texts = [TASK_PROMPTS["segment"].format(expression=q.strip().rstrip(".")) for q in expressions]
+    g = torch.Generator().manual_seed(opts.seed)
+    gen = model.generate(*prompt_batch(model, texts, [[s] for s in readable], start_image=True),
+                         **{**_kw(opts, g), "max_visual_tokens": 1})
+    produced = [bool(o.images and o.images[0].shape[0]) for o in gen]
+    T = int(model.config.token_dim)
+    first = torch.stack([o.images[0][0] if p else torch.zeros(T) for o, p in zip(gen, produced)]).to(model.device)
+    return first, produced
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:

@@ -196,7 +196,8 @@ def test_edit_pipeline_drops_and_adds_what_the_answer_says(stage3_runs, monkeypa
     def spy(model, sets, *a):
         seen["sets"] = sets
         return real(model, sets, *a)
-    monkeypatch.setattr(tasks, "_decode", spy)
+    import setok_cli.tasks.edit_diff as ed
+    monkeypatch.setattr(ed, "_decode", spy)
     for keep in (None, 0):
         seen.clear()
         out = tasks.edit(m, [img], ["Make the red circle blue."], tasks.Sampling(diff=True, keep_pixels=keep))

@@ -51,7 +51,7 @@ from ...errors import UserError
 from .attend import object_tokens
 
 __all__ = ["DIFF_PROMPT", "DIFF_OPS", "PLACE_BINS", "diff_conversation", "diff_spec", "object_token", "diff_tokens",
-           "parse_diff", "written_place", "apply_diff", "snap_new", "diff_samples"]
+           "parse_diff", "written_place", "apply_diff", "snap_new", "diff_samples", "referred_object"]
 
 DIFF_PROMPT = "<image>\n{instruction} Segment the object."
 # op -> (answer word, writes old, writes new)
@@ -181,6 +181,28 @@ def diff_tokens(model, specs: list[dict], sources: list[np.ndarray], targets: li
             new = object_token(model, out_t, i, render(scene, int(scene.get("size", 64))).instances, sp["new"])
         res.append((old, new))
     return res
+
+
+def referred_object(instruction: str) -> Optional[tuple[str, str]]:
+    """An edit instruction -> (its answer's first word, the referring expression of the object
+    it changes), or None where it names none (an addition) or is not of the forms a diff answer
+    knows. English edit instructions put the object right after the verb: "Remove the red
+    circle." -> ("Remove", "the red circle"); "Make the yellow triangle blue." -> ("Make", "the
+    yellow triangle"): the last word is the new colour; "Move the cross to the left." -> ("Move",
+    "the cross"): up to " to " (`setok edit --diff --lookup segment` segments that expression)."""
+    words = instruction.strip().rstrip(".").split()
+    if len(words) < 2:
+        return None
+    verb, rest = words[0].capitalize(), words[1:]
+    if verb == "Remove":
+        expr = rest
+    elif verb == "Make" and len(rest) >= 2:
+        expr = rest[:-1]
+    elif verb == "Move" and "to" in rest[1:]:
+        expr = rest[:rest.index("to", 1)]
+    else:
+        return None
+    return verb, " ".join(expr)
 
 
 def parse_diff(text: str, images: list[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ...errors import UserError
 from .place import NO_SEED, UNKNOWN_SEED
-from .text import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, collate_conversations, pack_token_sets, render_conversation
+from .text import (IMAGE_TOKEN, IMAGE_TOKEN_INDEX, collate_conversations, pack_token_sets, render_conversation,
+                   tokenize_with_images)
 
 __all__ = ["Generated", "generate", "prompt_batch", "sample_logits", "decode_images"]
 
@@ -48,24 +49,33 @@ def sample_logits(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 
 def prompt_batch(model, prompts: Sequence, images: Optional[Sequence[Sequence[Tensor]]] = None,
-                 start_image: bool = False):
+                 start_image: bool = False, answer_prefix: Optional[Sequence[Optional[str]]] = None):
     """Prompts -> the tensors `generate` takes. A prompt is a string (one user turn) or a
     LLaVA `conversations` list ending with a user turn; `images[i]` are prompt i's input
     images as token sets (K_j, T) in generation order, one per `<image>`, or (tokens, seeds)
     pairs (`Setokim.readable`: a model that reads places). start_image: end each prompt
-    with `[Img]` (ask for an image). -> input_ids, attention_mask (B, L0), image_tokens
-    (N, K, T), image_token_mask (N, K), image_token_seeds (N, K) or None (no place head)."""
+    with `[Img]` (ask for an image). answer_prefix[i]: the start of prompt i's answer, given
+    (None: none), tokenized as a training answer is ("Make <image>": its `<image>` marks take
+    the next images of `images[i]`, one visual token each as the answer would write them: teacher
+    forcing). -> input_ids, attention_mask (B, L0), image_tokens (N, K, T), image_token_mask
+    (N, K), image_token_seeds (N, K) or None (no place head)."""
     from .place import pack_seeds
     tok = model.text_tokenizer
+    if answer_prefix is not None and len(answer_prefix) != len(prompts):
+        raise UserError(f"{len(prompts)} prompt(s) but {len(answer_prefix)} answer prefix(es)")
     rendered, sets, seeds = [], [], []
     for i, p in enumerate(prompts):
         conv = [{"from": "human", "value": p}] if isinstance(p, str) else list(p)
         ids, labels = render_conversation(conv, tok, add_generation_prompt=True, where=f"prompt {i}",
                                           image_placement=model.config.image_placement)
+        prefix = answer_prefix[i] if answer_prefix is not None else None
+        if prefix:
+            extra = tokenize_with_images(prefix, tok)
+            ids, labels = ids + extra, labels + [-100] * len(extra)
         if start_image:
             ids, labels = ids + [model.img_start_id], labels + [-100]
         imgs = list(images[i]) if images is not None else []
-        need = sum(str(t["value"]).count(IMAGE_TOKEN) for t in conv)
+        need = sum(str(t["value"]).count(IMAGE_TOKEN) for t in conv) + (prefix or "").count(IMAGE_TOKEN)
         if need != len(imgs):
             raise UserError(f"prompt {i}: {need} <image> mark(s) but {len(imgs)} image(s)")
         rendered.append((ids, labels))
