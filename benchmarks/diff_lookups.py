@@ -1,7 +1,8 @@
 """Which object does an edit diff change? The old-token lookup of `setok edit --diff`, per op.
 
     python benchmarks/diff_lookups.py --model RUN --data data/shapes/val/edits.json \
-        [--ops recolor,remove,move] [--limit N] [--names] [--out benchmarks/results/diff_lookups.json]
+        [--ops recolor,remove,move] [--limit N] [--names] [--lookup diff|segment [--segment-place auto|draw]]
+        [--out benchmarks/results/diff_lookups.json]
 
 For each edit of the shapes world the model writes its diff answer (greedy, the place head
 drawn at temperature 0, as `setok edit --diff --place draw --place-temperature 0`; one visual
@@ -16,7 +17,11 @@ token per image). The written old token picks the source token it is nearest to,
   words (all but the tokens) are the training answer's, and `old words right`, those whose words
   before the old token are.
 
-The figures of the README's "Names before tokens" come from here.
+With `--lookup segment` the old token is found as `setok edit --diff --lookup segment` finds it:
+the model segments the object the instruction names (`tasks/edit_diff.segment_lookups`), its
+place head at `--segment-place` (auto: as `setok segment` writes; draw: drawn at temperature 0).
+
+The figures of the README's "Names before tokens" and "The old token by segmentation" come from here.
 """
 import argparse
 import collections
@@ -33,6 +38,7 @@ from setok_cli.models.setokim import prompt_batch
 from setok_cli.models.setokim.bank import token_sets_with_layouts
 from setok_cli.models.setokim.edit_diff import (DIFF_PROMPT, apply_diff, diff_conversation, diff_spec, object_token,
                                                 parse_diff)
+from setok_cli.tasks.edit_diff import segment_lookups
 from setok_cli.tasks.setokim import Sampling, _kw, load_setokim
 
 
@@ -47,6 +53,8 @@ def main() -> None:
     ap.add_argument("--ops", default="recolor,remove,move")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--names", action="store_true", help="also check the written words against names: true answers")
+    ap.add_argument("--lookup", choices=["diff", "segment"], default="diff")
+    ap.add_argument("--segment-place", choices=["auto", "draw"], default="auto")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
@@ -69,6 +77,9 @@ def main() -> None:
             out = m.setok.tokenize([rgb(e["source"]) for e in chunk])
             gen = m.generate(*prompt_batch(m, [DIFF_PROMPT.format(instruction=e["instruction"]) for e in chunk],
                                            [[x] for x in m.readable(sets, seeds)]), **kw)
+            looked = (segment_lookups(m, m.readable(sets, seeds), sets, [e["instruction"] for e in chunk],
+                                      Sampling(place=a.segment_place, place_temperature=0.0))
+                      if a.lookup == "segment" else None)
             for i, (e, o, toks) in enumerate(zip(chunk, gen, sets)):
                 if a.names:
                     want = words(diff_conversation(e, names=True)[0][1]["value"])
@@ -78,6 +89,8 @@ def main() -> None:
                     c["old words right"] += got[:old_words] == want[:old_words]
                 old, _ = parse_diff(o.text, o.images)
                 _, dropped = apply_diff(toks, old, None, m.normalize)
+                if looked is not None:
+                    dropped = looked[i][1] if looked[i] is not None else None
                 objs = json.loads(Path(e["source_scene"]).read_text())["objects"]
                 inst = np.asarray(Image.open(diff_spec(e)["source_instances"]))
                 owner = {object_token(m, out, i, inst, j + 1): j for j in range(len(objs))}
@@ -98,7 +111,8 @@ def main() -> None:
     print(f"({time.time() - t0:.0f} s)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"model": a.model, "data": a.data, "ops": res}, indent=1) + "\n")
+        Path(a.out).write_text(json.dumps({"model": a.model, "data": a.data, "lookup": a.lookup,
+                                           "segment_place": a.segment_place, "ops": res}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

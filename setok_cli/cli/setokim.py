@@ -156,11 +156,16 @@ def _need_inputs(args, data, what):
 @click.argument("images", nargs=-1)
 @_sampling_options
 @_file_options
+@click.option("--rerank", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Write N captions per image (the first as --temperature says, the others sampled at "
+                   "--rerank-temperature) and keep the one the model would draw the image from best.")
+@click.option("--rerank-temperature", default=0.7, show_default=True, type=click.FloatRange(min=0, min_open=True))
 def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
-                seed, batch_size, threads, data, pred_out, limit):
+                seed, batch_size, threads, data, pred_out, limit, rerank, rerank_temperature):
     """Print a caption for each IMAGE."""
     _need_inputs(images, data, "IMAGE...")
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
+    opts.rerank, opts.rerank_temperature = rerank, rerank_temperature
     from ..images import load_image
     from ..tasks.setokim import caption, load_setokim
     pics = [load_image(p) for p in images]            # every image readable before the model loads

@@ -8,6 +8,13 @@ The model's own captions are its strongest skill (fact recall about 0.9), so it 
 of its drawings says what was asked, as DALL-E's samples were reranked by CLIP, here with no
 second model: the score is the mean cross-entropy per word of the prompt as the answer to the
 caption request, given the candidate (`caption_scores`).
+
+Captions are reranked the other way round (`setok caption --rerank N`): N captions are written
+(the first at the given settings, greedy by default, the others sampled), and the one kept is
+the caption from which the model would write this very image best: the lowest training loss of
+the image's own tokens as the answer to "Generate an image: {caption}" (`image_scores`). A
+caption that leaves an object out, or names one that is not there, predicts the tokens (and
+where the image ends) worse.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["caption_scores", "pick"]
+__all__ = ["caption_scores", "image_scores", "pick", "pick_captions"]
 
 
 @torch.no_grad()
@@ -44,3 +51,28 @@ def pick(model, prompts: Sequence[str], candidates: Sequence[Sequence[np.ndarray
     scores = torch.stack([caption_scores(model, cand, list(prompts)) for cand in candidates])   # (C, B)
     best = scores.argmin(0).tolist()
     return [candidates[c][i] for i, c in enumerate(best)]
+
+
+@torch.no_grad()
+def image_scores(model, read: Sequence, captions: Sequence[str]) -> torch.Tensor:
+    """Images as prompts read them (`Setokim.read_sets`) and one caption each -> (N,) the model's
+    training loss (text, visual, stop and place terms, as stage II weighs them) of each image's
+    own tokens as the answer to "Generate an image: {caption}", teacher-forced, one row at a time
+    (the loss is a batch mean). Lower: the caption draws this image better."""
+    from ..models.setokim import TASK_PROMPTS
+    out = []
+    for r, c in zip(read, captions):
+        tokens, seeds = r if isinstance(r, tuple) else (r, None)
+        sample = {"conversations": [{"from": "human", "value": TASK_PROMPTS["generate"].format(caption=c.strip())},
+                                    {"from": "gpt", "value": "<image>"}],
+                  "images": [tokens], **({"seeds": [seeds]} if seeds is not None else {})}
+        kw = {k: v.to(model.device) for k, v in model.collate([sample]).items()}
+        out.append(model(**kw).loss.float())
+    return torch.stack(out)
+
+
+def pick_captions(model, read: Sequence, candidates: Sequence[Sequence[str]]) -> list[str]:
+    """candidates[c][i]: caption c of image i -> per image the caption whose `image_scores` is
+    lowest (the first among equals)."""
+    scores = torch.stack([image_scores(model, read, list(cand)) for cand in candidates])     # (C, B)
+    return [candidates[c][i] for i, c in enumerate(scores.argmin(0).tolist())]

@@ -27,7 +27,7 @@ atomically.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -74,7 +74,9 @@ class Sampling:
     lookup: str = "diff"                        # an edit diff's old token: "diff" (the answer writes it) or
                                                 # "segment" (the model segments the instruction's object first)
     rerank: int = 1                             # generation: draw this many candidates per image, keep the one
-                                                # the model reads back as the prompt best (tasks/rerank.py)
+                                                # the model reads back as the prompt best (tasks/rerank.py);
+                                                # captions: this many, the one the image is drawn from best
+    rerank_temperature: float = 0.7             # captions: the temperature of candidates 2..N
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1 or self.rerank < 1:
@@ -126,13 +128,20 @@ def _check_texts(texts: Sequence[str], what: str) -> None:
 
 @torch.no_grad()
 def caption(model, images: Sequence, opts: Optional[Sampling] = None) -> list[str]:
-    """Images (paths, PIL images or uint8 arrays) -> one caption each."""
+    """Images (paths, PIL images or uint8 arrays) -> one caption each. With `opts.rerank` R > 1,
+    R - 1 more captions are sampled at `opts.rerank_temperature` (caption c with seed + c) and
+    the one the model would draw the image from best is kept (tasks/rerank.py)."""
     from ..models.setokim import TASK_PROMPTS, prompt_batch
+    from .rerank import pick_captions
     opts = opts or Sampling()
     sets = model.read_sets(list(images))
     args = prompt_batch(model, [TASK_PROMPTS["caption"]] * len(sets), [[s] for s in sets])
-    g = torch.Generator().manual_seed(opts.seed)
-    return [o.text for o in model.generate(*args, **_kw(opts, g))]
+    cands = []
+    for c in range(opts.rerank):
+        g = torch.Generator().manual_seed(opts.seed + c)
+        at = opts if c == 0 else replace(opts, temperature=opts.rerank_temperature)
+        cands.append([o.text for o in model.generate(*args, **_kw(at, g))])
+    return cands[0] if opts.rerank == 1 else pick_captions(model, sets, cands)
 
 
 @torch.no_grad()

@@ -77,3 +77,51 @@ def test_generate_command_reranks_and_refuses_zero(stage3_runs, tmp_path):
     assert np.asarray(Image.open(res.output.strip().splitlines()[-1])).shape == (16, 16, 3)
     bad = CliRunner().invoke(cli, args + ["--rerank", "0"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+# captions reranked by the image they would draw (`setok caption --rerank N`)
+
+def test_each_image_score_is_the_generation_loss_of_its_own_image(model, pictures):
+    from setok_cli.data.conversations import task_conversation
+    caps = ["A picture of one object: a red circle.", "A picture of two objects: a blue star and a star.",
+            "A picture of three objects: a red circle, a green square and a cyan cross."]
+    read = model.read_sets(pictures)
+    got = rerank.image_scores(model, read, caps)
+    for k, (r, c) in enumerate(zip(read, caps)):                   # one at a time, as the trainer's generate row
+        tokens, seeds = r if isinstance(r, tuple) else (r, None)
+        conv, _ = task_conversation("generate", {"caption": c, "image": "unused.png"})
+        sample = {"conversations": conv, "images": [tokens], **({"seeds": [seeds]} if seeds is not None else {})}
+        with torch.no_grad():
+            out = model(**model.collate([sample]))
+        assert out.num_visual == tokens.shape[0] and torch.allclose(got[k], out.loss, atol=1e-4)
+    other = rerank.image_scores(model, read[::-1], caps)           # the image matters, not only the caption
+    assert not torch.allclose(got, other)
+
+
+def test_pick_captions_keeps_the_lowest_score(model, monkeypatch):
+    cands = [[f"c{c} i{i}" for i in range(2)] for c in range(3)]
+    scores = torch.tensor([[0.5, 0.1], [0.2, 0.3], [0.2, 0.9]])                                 # (C, B)
+    monkeypatch.setattr(rerank, "image_scores", lambda m, read, caps: scores[int(caps[0][1])])
+    assert rerank.pick_captions(model, [None, None], cands) == ["c1 i0", "c0 i1"]
+
+
+def test_caption_rerank_samples_its_candidates_with_their_seeds(model, pictures, monkeypatch):
+    plain = tasks.caption(model, pictures, tasks.Sampling(max_new_tokens=6))
+    seen = []
+    monkeypatch.setattr(rerank, "pick_captions", lambda m, read, cands: seen.append(cands) or cands[2])
+    got = tasks.caption(model, pictures, tasks.Sampling(max_new_tokens=6, rerank=3, rerank_temperature=1.5, seed=4))
+    assert len(seen[0]) == 3 and seen[0][0] == tasks.caption(model, pictures, tasks.Sampling(max_new_tokens=6, seed=4))
+    hot = tasks.caption(model, pictures, tasks.Sampling(max_new_tokens=6, temperature=1.5, seed=6))
+    assert got == hot                                              # candidate 2: seed 4 + 2, at the rerank temperature
+    monkeypatch.undo()
+    assert tasks.caption(model, pictures, tasks.Sampling(max_new_tokens=6, rerank=1)) == plain
+
+
+def test_caption_command_reranks_and_refuses_zero(stage3_runs):
+    imgs = [str(p) for p in sorted((stage3_runs["world"] / "shapes" / "test" / "images").glob("*.png"))[:2]]
+    args = ["caption", *imgs, "--model", str(stage3_runs["stage3"]), "--threads", "1", "--max-new-tokens", "6"]
+    res = CliRunner().invoke(cli, args + ["--rerank", "2"])
+    assert res.exit_code == 0, res.output
+    assert [ln.split(":")[0] for ln in res.output.strip().splitlines()] == imgs
+    bad = CliRunner().invoke(cli, args + ["--rerank", "0"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
