@@ -20,6 +20,7 @@ Shapes: source token sets (K_i, T); layouts (K_i, P) bool; seeds (K_i,).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -41,7 +42,8 @@ def segment_lookups(model, readable: list, sets: list, instructions: Sequence[st
     out: list[Optional[tuple[str, int]]] = [None] * len(instructions)
     if not rows:
         return out
-    tokens, produced = referred_tokens(model, [readable[i] for i in rows], [named[i][1] for i in rows], opts)
+    seg = replace(opts, place="auto")            # as `setok segment` writes (val: the same lookups as drawn)
+    tokens, produced = referred_tokens(model, [readable[i] for i in rows], [named[i][1] for i in rows], seg)
     for i, tok, p in zip(rows, tokens, produced):
         if p:
             d = torch.cdist(model.normalize(tok.float().view(1, -1)),
