@@ -63,7 +63,8 @@ def image_scores(model, read: Sequence, captions: Sequence[str]) -> torch.Tensor
     out = []
     for r, c in zip(read, captions):
         tokens, seeds = r if isinstance(r, tuple) else (r, None)
-        sample = {"conversations": [{"from": "human", "value": TASK_PROMPTS["generate"].format(caption=c.strip())},
+        c = " ".join(c.replace("<image>", " ").split())           # a sampled caption may have written an image
+        sample = {"conversations": [{"from": "human", "value": TASK_PROMPTS["generate"].format(caption=c)},
                                     {"from": "gpt", "value": "<image>"}],
                   "images": [tokens], **({"seeds": [seeds]} if seeds is not None else {})}
         kw = {k: v.to(model.device) for k, v in model.collate([sample]).items()}

@@ -96,6 +96,8 @@ def test_each_image_score_is_the_generation_loss_of_its_own_image(model, picture
         assert out.num_visual == tokens.shape[0] and torch.allclose(got[k], out.loss, atol=1e-4)
     other = rerank.image_scores(model, read[::-1], caps)           # the image matters, not only the caption
     assert not torch.allclose(got, other)
+    marked = rerank.image_scores(model, read[:1], ["A picture of one object: <image> a red circle."])
+    assert torch.allclose(marked, got[:1], atol=1e-4)              # a written image mark is not read as a prompt image
 
 
 def test_pick_captions_keeps_the_lowest_score(model, monkeypatch):
