@@ -26,6 +26,19 @@ import torch
 __all__ = ["caption_scores", "image_scores", "pick", "pick_captions"]
 
 
+def _words(caption: str) -> str:
+    """A written caption as text to read: an image mark it wrote is not a prompt image."""
+    return " ".join(caption.replace("<image>", " ").split())
+
+
+def _sample(read, question: str, answer: str) -> dict:
+    """One input image as prompts read it ((tokens, seeds) or tokens) -> a training sample of
+    one question and answer about it (`Setokim.collate`)."""
+    tokens, seeds = read if isinstance(read, tuple) else (read, None)
+    return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+            "images": [tokens], **({"seeds": [seeds]} if seeds is not None else {})}
+
+
 @torch.no_grad()
 def caption_scores(model, images: Sequence[np.ndarray], captions: Sequence[str]) -> torch.Tensor:
     """Images (H, W, 3) uint8 and one caption each -> (N,) the mean cross-entropy per target
@@ -33,12 +46,7 @@ def caption_scores(model, images: Sequence[np.ndarray], captions: Sequence[str])
     (lower: the caption fits the image better)."""
     from ..models.setokim import TASK_PROMPTS
     read = model.read_sets(list(images))
-    samples = []
-    for r, c in zip(read, captions):
-        tokens, seeds = r if isinstance(r, tuple) else (r, None)
-        samples.append({"conversations": [{"from": "human", "value": TASK_PROMPTS["caption"]},
-                                          {"from": "gpt", "value": c.replace("<image>", " ").strip()}],
-                        "images": [tokens], **({"seeds": [seeds]} if seeds is not None else {})})
+    samples = [_sample(r, TASK_PROMPTS["caption"], _words(c)) for r, c in zip(read, captions)]
     kw = {k: v.to(model.device) for k, v in model.collate(samples).items()}
     rows = model(**kw).text_rows.float()                                     # (N, 2): summed CE, targets
     return rows[:, 0] / rows[:, 1].clamp(min=1)
@@ -62,11 +70,7 @@ def image_scores(model, read: Sequence, captions: Sequence[str]) -> torch.Tensor
     from ..models.setokim import TASK_PROMPTS
     out = []
     for r, c in zip(read, captions):
-        tokens, seeds = r if isinstance(r, tuple) else (r, None)
-        c = " ".join(c.replace("<image>", " ").split())           # a sampled caption may have written an image
-        sample = {"conversations": [{"from": "human", "value": TASK_PROMPTS["generate"].format(caption=c)},
-                                    {"from": "gpt", "value": "<image>"}],
-                  "images": [tokens], **({"seeds": [seeds]} if seeds is not None else {})}
+        sample = _sample(r, TASK_PROMPTS["generate"].format(caption=_words(c)), "<image>")
         kw = {k: v.to(model.device) for k, v in model.collate([sample]).items()}
         out.append(model(**kw).loss.float())
     return torch.stack(out)
