@@ -38,6 +38,9 @@ def _run_file(model, task, data, pred_out, opts, batch_size, size, limit, **kw):
                          on_batch=lambda n: bar.advance(t, n), **kw)
     click.echo(f"{len(preds)} prediction(s) -> {pred_out}   (score: setok eval {task} --data {data} "
                f"--pred {pred_out})")
+    drawn = [p["drawn"] for p in preds if "drawn" in p]
+    if drawn:
+        click.echo(f"candidates drawn per image: mean {sum(drawn) / len(drawn):.2f}, at most {opts.rerank}")
 
 
 def _prepare(image, text, empty_msg, data, out_dir, model_path, sampling):
@@ -100,18 +103,24 @@ def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_s
                    "task (mse or codebook head).")
 @click.option("--rerank", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Draw N candidates per image and keep the one the model reads back as the prompt best.")
+@click.option("--rerank-stop", type=click.FloatRange(min=0), metavar="SCORE",
+              help="With --rerank N: stop drawing an image's candidates once one reads back with a caption score "
+                   "(mean cross-entropy per word) at most SCORE.")
 @_bank_option
 @_detok_option
 def generate_cmd(prompt, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
                  seed, batch_size, threads, data, pred_out, limit, out_dir, num_images, size, guidance, rerank,
-                 bank_path, source_margin, max_overlap, snap_metric, place_mode, place_temperature, detok_path):
+                 rerank_stop, bank_path, source_margin, max_overlap, snap_metric, place_mode, place_temperature,
+                 detok_path):
     """Write --num-images images for PROMPT into --out."""
     _need_inputs([prompt] if prompt is not None else [], data, "PROMPT")
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt")
     _check_bank(bank_path, detok_path)
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
-    opts.guidance, opts.rerank = guidance, rerank
+    if rerank_stop is not None and rerank == 1:
+        raise UserError("--rerank-stop needs --rerank N with N > 1")
+    opts.guidance, opts.rerank, opts.rerank_stop = guidance, rerank, rerank_stop
     from ..files import ensure_dir
     from ..tasks.setokim import generate, load_setokim, save_png
     if not data:

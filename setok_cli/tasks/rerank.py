@@ -18,12 +18,12 @@ where the image ends) worse.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["caption_scores", "image_scores", "pick", "pick_captions"]
+__all__ = ["caption_scores", "image_scores", "best_of", "pick", "pick_captions"]
 
 
 def _words(caption: str) -> str:
@@ -52,13 +52,37 @@ def caption_scores(model, images: Sequence[np.ndarray], captions: Sequence[str])
     return rows[:, 0] / rows[:, 1].clamp(min=1)
 
 
+def best_of(model, prompts: Sequence[str], draw: Callable[[list[int], int], list[np.ndarray]], n: int,
+            stop: Optional[float] = None) -> tuple[list[np.ndarray], list[int]]:
+    """Up to n candidates per prompt, drawn in turn: draw(idx, c) -> candidate c of the prompts
+    idx (one image each). Each candidate is scored as it comes (`caption_scores`), and each
+    prompt keeps its lowest-scoring one (the first among equals). With `stop`, a prompt whose
+    best score is at most `stop` draws no more (the others go on as a smaller batch), so easy
+    prompts cost one or two drawings. -> (the kept image per prompt, candidates drawn per prompt)."""
+    B = len(prompts)
+    best: list = [None] * B
+    score = [float("inf")] * B
+    drawn = [0] * B
+    todo = list(range(B))
+    for c in range(n):
+        if not todo:
+            break
+        imgs = draw(todo, c)
+        for i, img, s in zip(todo, imgs, caption_scores(model, imgs, [prompts[i] for i in todo]).tolist()):
+            drawn[i] += 1
+            s = s if s == s else float("inf")           # a NaN score never wins over a real one
+            if best[i] is None or s < score[i]:
+                best[i], score[i] = img, s
+        if stop is not None:
+            todo = [i for i in todo if not score[i] <= stop]
+    return best, drawn
+
+
 def pick(model, prompts: Sequence[str], candidates: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
     """candidates[c][i]: candidate c of prompt i -> per prompt the candidate whose caption score
-    (`caption_scores`) is lowest (the first among equals)."""
+    (`caption_scores`) is lowest (the first among equals): `best_of` over given candidates."""
     # one candidate at a time: the batch read back is the generation batch, whatever N is
-    scores = torch.stack([caption_scores(model, cand, list(prompts)) for cand in candidates])   # (C, B)
-    best = scores.argmin(0).tolist()
-    return [candidates[c][i] for i, c in enumerate(best)]
+    return best_of(model, prompts, lambda idx, c: [candidates[c][i] for i in idx], len(candidates))[0]
 
 
 @torch.no_grad()

@@ -77,10 +77,14 @@ class Sampling:
                                                 # the model reads back as the prompt best (tasks/rerank.py);
                                                 # captions: this many, the one the image is drawn from best
     rerank_temperature: float = 0.7             # captions: the temperature of candidates 2..N
+    rerank_stop: Optional[float] = None         # generation: stop drawing an image's candidates once one scores
+                                                # at most this (tasks/rerank.best_of; None: all N)
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1 or self.rerank < 1:
             raise UserError("sampling: temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and rerank >= 1")
+        if self.rerank_stop is not None and not self.rerank_stop >= 0:
+            raise UserError(f"rerank_stop must be >= 0 (a caption score), got {self.rerank_stop!r}")
         if self.lookup not in ("diff", "segment"):
             raise UserError(f"lookup must be 'diff' or 'segment', got {self.lookup!r}")
 
@@ -146,35 +150,44 @@ def caption(model, images: Sequence, opts: Optional[Sampling] = None) -> list[st
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[Sampling] = None,
-             size: Optional[int] = None) -> list[list[np.ndarray]]:
-    """Prompts (captions) -> `num_images` images each. Image j of a prompt is drawn with
-    seed + j, so a prompt's images do not depend on the batch it ran in. With `opts.rerank` R > 1,
-    R candidates of image j are drawn (seeds seed + j + c * num_images) and the one the model
-    reads back as its prompt best is kept (tasks/rerank.py)."""
+             size: Optional[int] = None, stats: Optional[dict] = None) -> list[list[np.ndarray]]:
+    """Prompts (captions) -> `num_images` images each. Image j of the prompts is drawn with
+    seed + j. With `opts.rerank` R > 1, up to R candidates of image j are drawn (seeds
+    seed + j + c * num_images) and the one the model reads back as its prompt best is kept
+    (tasks/rerank.best_of; with `opts.rerank_stop` a prompt stops drawing once a candidate
+    scores at most that, and the prompts still drawing are drawn as one batch). `stats`: filled
+    with "drawn", the number of candidates drawn per image (a list over images, prompt-major)."""
     from ..models.setokim import TASK_PROMPTS, UNCOND_GENERATE, prompt_batch
-    from .rerank import pick
+    from .rerank import best_of
     opts = opts or Sampling()
     _check_texts(prompts, "prompt")
     if num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {num_images}")
-    out: list[list[np.ndarray]] = [[] for _ in prompts]
     texts = [TASK_PROMPTS["generate"].format(caption=p.strip()) for p in prompts]
-    cfg = {}
-    if opts.guidance != 1:      # classifier-free guidance: the same rows without their caption beside them
-        cfg = dict(guidance=opts.guidance,
-                   uncond=prompt_batch(model, [UNCOND_GENERATE] * len(texts), start_image=True)[:2])
     # a sized model says the number of objects first (models/setokim/sized.py): its prompt does not open the image
-    rows = prompt_batch(model, texts, start_image=not model.config.sized_images)
+    start = not model.config.sized_images
+    rows = prompt_batch(model, texts, start_image=start)
+
+    def draw(idx: list[int], c: int, j: int) -> list[np.ndarray]:
+        """Candidate c of image j of the prompts idx (all of them: the batch's prompt rows)."""
+        sub = rows if len(idx) == len(texts) else prompt_batch(model, [texts[i] for i in idx], start_image=start)
+        cfg = {}
+        if opts.guidance != 1:  # classifier-free guidance: the same rows without their caption beside them
+            cfg = dict(guidance=opts.guidance, uncond=prompt_batch(model, [UNCOND_GENERATE] * len(idx),
+                                                                   start_image=True)[:2])
+        g = torch.Generator().manual_seed(opts.seed + j + c * num_images)
+        gen = model.generate(*sub, **_kw(opts, g), **cfg)
+        return _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
+
+    per_image: list[tuple[list[np.ndarray], list[int]]] = []
     for j in range(num_images):
-        cands = []
-        for c in range(opts.rerank):         # candidate c of image j: seed + j + c * num_images (c = 0: no rerank)
-            g = torch.Generator().manual_seed(opts.seed + j + c * num_images)
-            gen = model.generate(*rows, **_kw(opts, g), **cfg)
-            cands.append(_decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size))
-        imgs = cands[0] if opts.rerank == 1 else pick(model, prompts, cands)
-        for i, im in enumerate(imgs):
-            out[i].append(im)
-    return out
+        if opts.rerank == 1:
+            per_image.append((draw(list(range(len(texts))), 0, j), [1] * len(texts)))
+        else:
+            per_image.append(best_of(model, prompts, lambda idx, c: draw(idx, c, j), opts.rerank, opts.rerank_stop))
+    if stats is not None:
+        stats["drawn"] = [drawn[i] for i in range(len(texts)) for _, drawn in per_image]
+    return [[imgs[i] for imgs, _ in per_image] for i in range(len(texts))]
 
 
 def _empty(model) -> torch.Tensor:
@@ -318,7 +331,8 @@ def segment(model, images: Sequence, queries: Sequence[str], opts: Optional[Samp
     return out
 
 
-def referred_tokens(model, readable: list, expressions: Sequence[str], opts: Sampling) -> tuple[torch.Tensor, list[bool]]:
+def referred_tokens(model, readable: list, expressions: Sequence[str],
+                    opts: Sampling) -> tuple[torch.Tensor, list[bool]]:
     """Input images as prompts read them (`Setokim.readable`) + referring expressions -> the
     visual token each segmentation answer writes, (N, T) (zeros where none was written), and
     whether one was: "Segment {expression}." answered `[Img] v [/Img]`."""
@@ -404,11 +418,13 @@ def run_file(model, task: str, data: str, pred_out: str, opts: Optional[Sampling
                 preds.append({"index": start + k, "image": rel(e["image"]), "expression": e["expression"],
                               "mask": rel(png)})
         elif task == "generate":
-            imgs = generate(model, [e["caption"] for e in chunk], 1, opts, size)
-            for k, (e, ims) in enumerate(zip(chunk, imgs)):
+            stats: dict = {}
+            imgs = generate(model, [e["caption"] for e in chunk], 1, opts, size, stats=stats)
+            for k, (e, ims, n) in enumerate(zip(chunk, imgs, stats["drawn"])):
                 png = img_dir / f"{start + k:06d}.png"
                 save_png(png, ims[0])
-                preds.append({"index": start + k, "caption": e["caption"], "image": rel(png)})
+                preds.append({"index": start + k, "caption": e["caption"], "image": rel(png),
+                              **({"drawn": n} if opts.rerank > 1 else {})})     # candidates drawn (--rerank)
         else:
             imgs = edit(model, [e["source"] for e in chunk], [e["instruction"] for e in chunk], opts, size)
             for k, (e, im) in enumerate(zip(chunk, imgs)):

@@ -1,6 +1,7 @@
 """Generation by re-reading (tasks/rerank.py): each candidate's score is its own caption loss (not
-its batch's), the lowest score wins, and `--rerank R` draws its candidates with the seeds the
-docstring names, candidate 0 being the image drawn without reranking."""
+its batch's), the lowest score wins, `--rerank R` draws its candidates with the seeds the
+docstring names, candidate 0 being the image drawn without reranking, and `--rerank-stop` stops
+a prompt's drawing once a candidate scores at most the stop."""
 import numpy as np
 import pytest
 import torch
@@ -53,20 +54,44 @@ def test_pick_keeps_the_lowest_score_per_prompt(model, monkeypatch):
 
 def test_rerank_draws_candidates_with_their_seeds(model, monkeypatch):
     plain = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4), size=16)
-    picked = []
+    calls = []
 
-    def second(m, prompts, cands):                                 # always keep candidate 1
-        picked.append(len(cands))
-        return cands[1]
-    monkeypatch.setattr(rerank, "pick", second)
-    got = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4, rerank=3), size=16)
+    def second(m, ims, caps):                                      # candidate 1 of each image reads back best
+        calls.append(len(ims))
+        return torch.full((len(ims),), [1.0, 0.0, 0.5][(len(calls) - 1) % 3])
+    monkeypatch.setattr(rerank, "caption_scores", second)
+    stats = {}
+    got = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4, rerank=3), size=16, stats=stats)
     shifted = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4, seed=2), size=16)
-    assert picked == [3, 3]
+    assert calls == [2] * 6 and stats["drawn"] == [3, 3, 3, 3]     # 3 candidates of 2 images, both prompts each
     for i in range(2):                                             # candidate 1 of image j: seed 0 + j + 1 * 2
         assert all(np.array_equal(a, b) for a, b in zip(got[i], shifted[i]))
     monkeypatch.undo()
     one = tasks.generate(model, PROMPTS, 2, tasks.Sampling(max_new_tokens=4, rerank=1), size=16)
     assert all(np.array_equal(a, b) for i in range(2) for a, b in zip(one[i], plain[i]))
+
+
+def test_best_of_stops_a_prompt_once_it_reads_back_well(model, monkeypatch):
+    scores = {0: [0.9, 0.05, 0.01, 0.0], 1: [0.5, 0.4, 0.3, 0.2], 2: [0.02, 0.0, 0.0, 0.0]}    # prompt -> per candidate
+    asked = []
+
+    def draw(idx, c):
+        asked.append((list(idx), c))
+        return [np.full((2, 2, 3), 10 * c + i, np.uint8) for i in idx]
+    monkeypatch.setattr(rerank, "caption_scores", lambda m, ims, caps: torch.tensor(
+        [scores[int(im[0, 0, 0]) % 10][int(im[0, 0, 0]) // 10] for im in ims]))
+    best, drawn = rerank.best_of(model, ["a", "b", "c"], draw, 4, stop=0.1)
+    assert asked == [([0, 1, 2], 0), ([0, 1], 1), ([1], 2), ([1], 3)]       # prompt 2 stops at once, prompt 0 after 2
+    assert drawn == [2, 4, 1] and [int(b[0, 0, 0]) for b in best] == [10, 31, 2]
+    best, drawn = rerank.best_of(model, ["a", "b", "c"], draw, 4)           # no stop: all four, the lowest kept
+    assert drawn == [4, 4, 4] and [int(b[0, 0, 0]) for b in best] == [30, 31, 12]   # prompt 2: first of equals
+
+
+def test_best_of_never_keeps_a_nan_score_over_a_real_one(model, monkeypatch):
+    monkeypatch.setattr(rerank, "caption_scores", lambda m, ims, caps: torch.tensor(
+        [float("nan") if int(ims[0][0, 0, 0]) == 0 else 3.0]))
+    best, _ = rerank.best_of(model, ["a"], lambda idx, c: [np.full((2, 2, 3), c, np.uint8)], 2)
+    assert int(best[0][0, 0, 0]) == 1
 
 
 def test_generate_command_reranks_and_refuses_zero(stage3_runs, tmp_path):
@@ -77,6 +102,10 @@ def test_generate_command_reranks_and_refuses_zero(stage3_runs, tmp_path):
     assert np.asarray(Image.open(res.output.strip().splitlines()[-1])).shape == (16, 16, 3)
     bad = CliRunner().invoke(cli, args + ["--rerank", "0"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+    lone = CliRunner().invoke(cli, args + ["--rerank-stop", "0.5"])          # a stop without candidates to stop
+    assert lone.exit_code != 0 and "--rerank-stop needs --rerank" in lone.output and "Traceback" not in lone.output
+    early = CliRunner().invoke(cli, args + ["--rerank", "3", "--rerank-stop", "1000"])
+    assert early.exit_code == 0, early.output
 
 
 # captions reranked by the image they would draw (`setok caption --rerank N`)
