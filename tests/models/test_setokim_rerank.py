@@ -156,3 +156,20 @@ def test_caption_command_reranks_and_refuses_zero(stage3_runs):
     assert [ln.split(":")[0] for ln in res.output.strip().splitlines()] == imgs
     bad = CliRunner().invoke(cli, args + ["--rerank", "0"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_generate_over_a_data_file_records_the_candidates_drawn(stage3_runs, tmp_path):
+    import json
+    data = stage3_runs["world"] / "shapes" / "test" / "pairs.json"
+    out = tmp_path / "gen.json"
+    args = ["generate", "--data", str(data), "--pred-out", str(out), "--limit", "3", "--model",
+            str(stage3_runs["stage3"]), "--threads", "1", "--size", "16", "--max-new-tokens", "4"]
+    res = CliRunner().invoke(cli, args + ["--rerank", "2", "--rerank-stop", "1000"])    # every candidate stops it
+    assert res.exit_code == 0, res.output
+    assert [p["drawn"] for p in json.loads(out.read_text())] == [1, 1, 1]
+    assert "candidates drawn per image: mean 1.00, at most 2" in res.output
+    res = CliRunner().invoke(cli, args + ["--rerank", "2", "--rerank-stop", "0"])       # none reads back at 0
+    assert res.exit_code == 0, res.output
+    assert [p["drawn"] for p in json.loads(out.read_text())] == [2, 2, 2]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and all("drawn" not in p for p in json.loads(out.read_text()))
