@@ -56,6 +56,19 @@ def summary(rows: list[dict]) -> dict:
                 str(r["target"] - r["objects"]) for r in rows).items(), key=lambda kv: int(kv[0])))}
 
 
+def load_prompts(model_path: str, bank: str | None, data: str, limit: int):
+    """-> (the model, `setok generate`'s default Sampling with the bank loaded, the first `limit`
+    entries of the pairs file)."""
+    from setok_cli.data import formats
+    from setok_cli.models.setokim.bank import load_bank, load_bank_layouts
+    from setok_cli.tasks.setokim import Sampling, load_setokim
+    model = load_setokim(model_path)
+    opts = Sampling()
+    if bank:
+        opts.bank, opts.bank_layouts = load_bank(bank, model), load_bank_layouts(bank)
+    return model, opts, list(formats.load(data, "pairs", check_files=False))[:limit]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -66,14 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the summary and the rows here (JSON)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from setok_cli.data import formats
-    from setok_cli.models.setokim.bank import load_bank, load_bank_layouts
-    from setok_cli.tasks.setokim import Sampling, load_setokim
-    model = load_setokim(a.model)
-    opts = Sampling()
-    if a.bank:
-        opts.bank, opts.bank_layouts = load_bank(a.bank, model), load_bank_layouts(a.bank)
-    entries = list(formats.load(a.data, "pairs", check_files=False))[:a.limit]
+    model, opts, entries = load_prompts(a.model, a.bank, a.data, a.limit)
     rows = lengths(model, entries, opts)
     s = summary(rows)
     print(f"{a.model}: {s['prompts']} prompts, count right {s['count_accuracy']:.3f}")

@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generation_lengths import load_prompts  # noqa: E402
+
 
 @torch.no_grad()
 def draw_all(model, entries: list[dict], opts, n: int, batch: int = 16, size: int = 64,
@@ -93,14 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the table and every candidate's score and parse here (JSON)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from setok_cli.data import formats
-    from setok_cli.models.setokim.bank import load_bank, load_bank_layouts
-    from setok_cli.tasks.setokim import Sampling, load_setokim
-    model = load_setokim(a.model)
-    opts = Sampling()
-    if a.bank:
-        opts.bank, opts.bank_layouts = load_bank(a.bank, model), load_bank_layouts(a.bank)
-    entries = list(formats.load(a.data, "pairs", check_files=False))[:a.limit]
+    model, opts, entries = load_prompts(a.model, a.bank, a.data, a.limit)
     weights = [float(w) for w in a.image_weights.split(",") if w.strip()]
     rows = draw_all(model, entries, opts, a.n, image_score=bool(weights))
     stops = [float(s) for s in a.stops.split(",") if s.strip()]
