@@ -111,7 +111,7 @@ def main(argv=None) -> int:
               f"{t['object_precision']:>9.3f} {t['count_accuracy']:>6.3f} {t['mean_drawn']:>6.2f}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"model": a.model, "data": a.data, "table": table, "rows": rows}, indent=1))
+        Path(a.out).write_text(json.dumps({"model": a.model, "data": a.data, "table": table, "rows": rows}))
     return 0
 
 

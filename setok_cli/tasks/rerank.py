@@ -58,8 +58,11 @@ def best_of(model, prompts: Sequence[str], draw: Callable[[list[int], int], list
     idx (one image each). Each candidate is scored as it comes (`caption_scores`), and each
     prompt keeps its lowest-scoring one (the first among equals). With `stop`, a prompt whose
     best score is at most `stop` draws no more (the others go on as a smaller batch), so easy
-    prompts cost one or two drawings. -> (the kept image per prompt, candidates drawn per prompt)."""
+    prompts cost one or two drawings. -> (the kept image per prompt, candidates drawn per prompt).
+    With n = 1 the one candidate is kept unscored."""
     B = len(prompts)
+    if n == 1:
+        return draw(list(range(B)), 0), [1] * B
     best: list = [None] * B
     score = [float("inf")] * B
     drawn = [0] * B

@@ -179,12 +179,8 @@ def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[
         gen = model.generate(*sub, **_kw(opts, g), **cfg)
         return _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
 
-    per_image: list[tuple[list[np.ndarray], list[int]]] = []
-    for j in range(num_images):
-        if opts.rerank == 1:
-            per_image.append((draw(list(range(len(texts))), 0, j), [1] * len(texts)))
-        else:
-            per_image.append(best_of(model, prompts, lambda idx, c: draw(idx, c, j), opts.rerank, opts.rerank_stop))
+    per_image = [best_of(model, prompts, lambda idx, c: draw(idx, c, j), opts.rerank, opts.rerank_stop)
+                 for j in range(num_images)]                # (images, candidates drawn) per image j
     if stats is not None:
         stats["drawn"] = [drawn[i] for i in range(len(texts)) for _, drawn in per_image]
     return [[imgs[i] for imgs, _ in per_image] for i in range(len(texts))]
