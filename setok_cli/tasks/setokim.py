@@ -167,14 +167,13 @@ def generate(model, prompts: Sequence[str], num_images: int = 1, opts: Optional[
     # a sized model says the number of objects first (models/setokim/sized.py): its prompt does not open the image
     start = not model.config.sized_images
     rows = prompt_batch(model, texts, start_image=start)
+    # classifier-free guidance: rows without a caption, all alike (so any len(idx) of them serve idx)
+    uncond = prompt_batch(model, [UNCOND_GENERATE] * len(texts), start_image=True)[:2] if opts.guidance != 1 else None
 
     def draw(idx: list[int], c: int, j: int) -> list[np.ndarray]:
         """Candidate c of image j of the prompts idx (all of them: the batch's prompt rows)."""
         sub = rows if len(idx) == len(texts) else prompt_batch(model, [texts[i] for i in idx], start_image=start)
-        cfg = {}
-        if opts.guidance != 1:  # classifier-free guidance: the same rows without their caption beside them
-            cfg = dict(guidance=opts.guidance, uncond=prompt_batch(model, [UNCOND_GENERATE] * len(idx),
-                                                                   start_image=True)[:2])
+        cfg = {} if uncond is None else dict(guidance=opts.guidance, uncond=tuple(u[:len(idx)] for u in uncond))
         g = torch.Generator().manual_seed(opts.seed + j + c * num_images)
         gen = model.generate(*sub, **_kw(opts, g), **cfg)
         return _decode(model, [o.images[0] if o.images else _empty(model) for o in gen], opts, g, size)
