@@ -198,8 +198,11 @@ def edit_cmd(image, instruction, model_path, temperature, top_p, max_new_tokens,
               "and prumerge's own count).")
 @click.option("--show-look", "look_dir", metavar="DIR", help="A model whose answers look first: write "
               "<stem>_look.png, the regions of the tokens its answer wrote, one colour each.")
+@click.option("--snap/--no-snap", default=False, show_default=True,
+              help="A model whose answers look first: each token it writes becomes the image's nearest token, read "
+                   "at that token's own place.")
 def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
-            copy_mode, seed, batch_size, threads, data, pred_out, limit, reduce_method, budget, look_dir):
+            copy_mode, seed, batch_size, threads, data, pred_out, limit, reduce_method, budget, look_dir, snap):
     """Answer QUESTION about IMAGE (or every question of --data, an instruct JSON). --model is
     a Setokim run, or a LLaVA-1.5 model folder (then --reduce picks a visual-token reducer)."""
     _need_inputs([image] if image is not None else [], data, "IMAGE \"QUESTION\"")
@@ -222,6 +225,9 @@ def ask_cmd(image, question, model_path, temperature, top_p, max_new_tokens, vis
     opts, pic, model = _prepare(image, question, "empty question: give IMAGE \"QUESTION\"", data, None, model_path,
                                 (threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature,
                                  copy_mode, seed))
+    if snap and not model.config.look_answers:
+        raise UserError("--snap: this model answers without looking (no look row trained it)")
+    opts.look_snap = snap
     if data:
         return _run_file(model, "vqa", data, pred_out, opts, batch_size, None, limit)
     if look_dir is None:

@@ -79,6 +79,7 @@ class Sampling:
     rerank_temperature: float = 0.7             # captions: the temperature of candidates 2..N
     rerank_stop: Optional[float] = None         # generation: stop drawing an image's candidates once one scores
                                                 # at most this (tasks/rerank.best_of; None: all N)
+    look_snap: bool = False                     # ask, a looking model: write the image's nearest tokens (snap_source)
 
     def __post_init__(self):
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens < 1 or self.rerank < 1:
@@ -276,7 +277,8 @@ def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampli
     texts = [TASK_PROMPTS["ask"].format(question=q.replace("<image>", " ").strip()) for q in questions]
     g = torch.Generator().manual_seed(opts.seed)
     look = bool(model.config.look_answers)
-    kw = {**_kw(opts, g), **(dict(max_visual_tokens=1, place="draw", place_temperature=0.0) if look else {})}
+    kw = {**_kw(opts, g), **(dict(max_visual_tokens=1, place="draw", place_temperature=0.0,
+                                  snap_source=opts.look_snap) if look else {})}
     gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **kw, text_only=not look)
     return [(o.text, [im[0] for im in o.images if im.shape[0]]) if tokens else o.text for o in gen]
 

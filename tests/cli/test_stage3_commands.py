@@ -107,6 +107,7 @@ def test_export_merges_lora_and_matches(run, stage3_runs, tmp_path):
     (["ask", "{missing}", "what?", "--model", "{run}"], "no such file"),
     (["ask", "--data", "{instruct}", "--model", "{run}"], "--pred-out"),
     (["ask", "{img}", "what?", "--model", "{run}", "--show-look", "{out}"], "answers without looking"),
+    (["ask", "{img}", "what?", "--model", "{run}", "--snap"], "answers without looking"),
     (["segment", "{img}", "--model", "{run}"], "empty query"),
     (["segment", "{img}", "--query", "x", "--model", "{nope}"], "not found"),
     (["chat", "{missing}", "--model", "{run}"], "no such file"),

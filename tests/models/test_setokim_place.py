@@ -322,3 +322,32 @@ def test_place_dropout_trains_the_unknown_place_and_keeps_the_place_loss(folders
     assert dropped.visual_loss.item() != pytest.approx(placed.visual_loss.item(), rel=1e-3)
     with pytest.raises(UserError, match="place_dropout must be in"):
         SetokimConfig(lm=dict(TINY_LM), place_dropout=2)
+
+
+def test_snap_source_writes_the_prompt_images_tokens_at_their_own_seeds(folders):
+    """`generate(snap_source=True)` (a looking answer, `setok ask --snap`): every written token is
+    the nearest token of the row's prompt image by direction, fed back and recorded at that
+    token's own seed, whatever cell the place head drew; a prompt without images is refused."""
+    from setok_cli.models.setokim.generate import _snap_source
+    x = torch.tensor([[1.0, 0.1], [0.0, -2.0], [3.0, 3.0]])
+    src = torch.tensor([[[2.0, 0.0], [0.0, 5.0]], [[0.0, 1.0], [0.1, -1.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True], [True, True], [False, False]])
+    seeds = torch.tensor([[4, 9], [2, 7], [1, 1]])
+    got, s = _snap_source(x, src, mask, seeds)
+    assert torch.equal(got, torch.stack([src[0, 0], src[1, 1], x[2]])) and s.tolist() == [4, 7, UNKNOWN_SEED]
+    torch.manual_seed(6)
+    m = make(folders, place_head=_cells(make(folders)), place_input=True, max_visual_tokens=3)
+    with torch.no_grad():
+        m.stop_head.bias.fill_(-5.0)
+    src_sets, src_seeds = m.image_token_sets([_image()], seeds=True)
+    args = prompt_batch(m, ["<image>\nMake the red circle blue."], [m.readable(src_sets, src_seeds)], start_image=True)
+    a = m.generate(*args, max_new_tokens=1, place="draw", snap_source=True,
+                   generator=torch.Generator().manual_seed(2))[0]
+    b = m.generate(*args, max_new_tokens=1, place="draw", generator=torch.Generator().manual_seed(2))[0]
+    assert a.images[0].shape[0] == 3
+    for tok, seed in zip(a.images[0], a.seeds[0]):
+        j = int(((src_sets[0] - tok).abs().amax(1)).argmin())
+        assert torch.allclose(tok, src_sets[0][j], atol=1e-4) and int(seed) == int(src_seeds[0][j])
+    assert not torch.allclose(a.images[0], b.images[0])                   # unsnapped, the head's own tokens
+    with pytest.raises(UserError, match="snap_source"):
+        m.generate(*prompt_batch(m, ["Generate an image: a red circle."], start_image=True), snap_source=True)

@@ -101,7 +101,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              guidance: float = 1.0, uncond: Optional[tuple[Tensor, Tensor]] = None,
              bank_layouts: Optional[Tensor] = None, image_layouts: Optional[Sequence[Tensor]] = None,
              max_overlap: float = 0.25, snap_metric: str = "cos", place_temperature: float = 1.0,
-             place: str = "auto") -> list[Generated]:
+             place: str = "auto", snap_source: bool = False) -> list[Generated]:
     """input_ids, attention_mask (B, L0) left-padded prompts with IMAGE_TOKEN_INDEX
     placeholders; image_tokens (N, K, T), image_token_mask (N, K) their images,
     image_token_seeds (N, K) their tokens' seeds (None: unknown; read by a model with
@@ -124,7 +124,10 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     (0: the most likely cell) before the visual head writes the token there (place.PlaceHead).
     place: which rows draw a place: "draw" all, "off" none (the head reads the "unknown place"
     embedding), "auto" the rows whose prompt reads no image (an edit keeps its source's places:
-    drawing them scores worse on val even when the model reads places, README)."""
+    drawing them scores worse on val even when the model reads places, README).
+    snap_source: each written token is replaced by the nearest token (by direction, standardised)
+    of its row's prompt images and fed back at that token's own seed: a looking answer's token
+    (`look.py`) is then read as the object it found, where that object lies."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -155,6 +158,9 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         raise UserError(f"place_temperature must be >= 0, got {place_temperature}")
     if place not in PLACE_MODES:
         raise UserError(f"place must be one of {', '.join(PLACE_MODES)}, got {place!r}")
+    every_row_reads = bool((input_ids == IMAGE_TOKEN_INDEX).any(1).all())
+    if snap_source and (image_tokens is None or guidance != 1 or not every_row_reads):
+        raise UserError("snap_source needs an image in every prompt, and no guidance")
     if guidance != 1:
         if uncond is None:
             raise UserError("guidance needs the unconditional prompts (uncond)")
@@ -174,7 +180,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                          max_visual_tokens or model.config.max_visual_tokens, use_cache, generator, text_only,
                          copy == "hard", bank, source_margin, guidance if guidance != 1 else None,
                          bank_layouts, image_layouts, max_overlap, snap_metric, place_temperature, place,
-                         image_token_seeds)
+                         image_token_seeds, snap_source)
     finally:
         model.train(was_training)
 
@@ -197,7 +203,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
               vsteps, vtemp, max_vis, use_cache, generator, text_only=False, hard_copy=True,
               bank=None, source_margin=2.5, guidance=None, bank_layouts=None, image_layouts=None,
               max_overlap=0.25, snap_metric="cos", place_temperature=1.0, place_mode="auto",
-              image_token_seeds=None) -> list[Generated]:
+              image_token_seeds=None, snap_source=False) -> list[Generated]:
     from transformers import DynamicCache
 
     from .bank import layout_cell, nearest, snap_placed
@@ -226,6 +232,7 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
     last_seed = torch.full((B,), NO_SEED, dtype=torch.long, device=dev)    # the place head's previous cell
     seed = last_seed.clone()
     rec_ids, rec_vis, rec_kind, rec_seed = [], [], [], []          # per step: (B,), (B, T), (B,), (B,)
+    sources = _row_sources(model, input_ids, image_tokens, image_token_mask, image_token_seeds) if snap_source else None
     if bank is not None:                  # snap targets, standardised: the bank and each row's prompt images
         bank = model.normalize(bank.to(dev).float())
         per_row = (input_ids == IMAGE_TOKEN_INDEX).sum(1).tolist()
@@ -275,6 +282,9 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
             if model.copy_head is not None:     # the pointer: the prompt's images stand before every step
                 vis[rows] = model.with_copy(vis[rows], sp, image_tokens, image_token_mask, hh[rows],
                                             (rows + 1) * sp.ids.shape[1] - 1, n_vis[rows], hard=hard_copy)
+            if sources is not None:        # the nearest prompt token, read at its own seed
+                vis[rows], at_seed = _snap_source(vis[rows], *(x[rows] for x in sources))
+                seed[rows] = at_seed
             if bank is not None and bank_layouts is not None:
                 at = None if place is None else layout_cell(seed[rows], place.cells)
                 vis[rows], placed = snap_placed(vis[rows], bank, bank_layouts, used[rows],
@@ -325,6 +335,40 @@ def _generate(model, input_ids, attention_mask, image_tokens, image_token_mask, 
         h = out.last_hidden_state[:, -1]
     return _collect(model, torch.stack(rec_kind, 1)[:Bc], torch.stack(rec_ids, 1)[:Bc], torch.stack(rec_vis, 1)[:Bc],
                     torch.stack(rec_seed, 1)[:Bc])
+
+
+def _row_sources(model, input_ids, image_tokens, image_token_mask, image_token_seeds) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's prompt-image tokens, standardised and zero-padded (B, K, T), their mask (B, K)
+    and seeds (B, K) (UNKNOWN_SEED where not known): what `snap_source` snaps to."""
+    from torch.nn.utils.rnn import pad_sequence
+    dev = input_ids.device
+    per_row = (input_ids == IMAGE_TOKEN_INDEX).sum(1).tolist()
+    seeds = (image_token_seeds if image_token_seeds is not None
+             else torch.full(image_token_mask.shape, UNKNOWN_SEED, dtype=torch.long))
+    toks, sds, n = [], [], 0
+    for k in per_row:
+        m = image_token_mask[n:n + k].to(dev)
+        toks.append(model.normalize(image_tokens[n:n + k].to(dev).float()[m]))
+        sds.append(seeds[n:n + k].to(dev).long()[m])
+        n += k
+    lengths = torch.tensor([t.shape[0] for t in toks], device=dev)
+    mask = torch.arange(int(lengths.max()) if len(toks) else 0, device=dev) < lengths[:, None]
+    return (pad_sequence(toks, batch_first=True), mask,
+            pad_sequence(sds, batch_first=True, padding_value=UNKNOWN_SEED))
+
+
+def _snap_source(x: Tensor, src: Tensor, mask: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+    """x (R, T) standardised tokens; src (R, K, T), mask (R, K), seeds (R, K) -> the nearest
+    (cosine) unmasked source token of each row and its seed (R, T), (R,). A row without
+    source tokens keeps its token, at UNKNOWN_SEED."""
+    if src.shape[1] == 0:
+        return x, torch.full(x.shape[:1], UNKNOWN_SEED, dtype=torch.long, device=x.device)
+    sim = F.cosine_similarity(x.float().unsqueeze(1), src, dim=-1).masked_fill(~mask, float("-inf"))  # (R, K)
+    j = sim.argmax(1)
+    r = torch.arange(x.shape[0], device=x.device)
+    has = mask.any(1)
+    return (torch.where(has[:, None], src[r, j].to(x.dtype), x),
+            torch.where(has, seeds[r, j], torch.full_like(j, UNKNOWN_SEED)))
 
 
 def _collect(model, kind: Tensor, ids: Tensor, vis: Tensor, seed: Tensor) -> list[Generated]:
