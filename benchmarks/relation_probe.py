@@ -19,6 +19,10 @@ LM's shape from Setokim's training set-up, as `lookup_probe.py` does for the loo
   relation, B's colour, B's shape) after the image. `--task side` asks one lookup and one place
   instead ("is A at the top / bottom / left / right?", centre more than 0.1 from the middle;
   three embeddings), and `--with-side` trains every other batch on those (a curriculum).
+  `--task given` asks the comparison alone: the "image" is the two objects' tokens, A's then
+  B's, at their cells (the token seeded nearest each centre; as a looking answer writes them
+  before its yes / no), and the question is one embedding, the relation; `--no-content` zeroes
+  the tokens, leaving their places.
 - The model: a Llama of the tiny recipe's width (256, 4 heads) from scratch with --layers
   layers, the recipe's projector, a linear read-out at the last position; AdamW lr 1e-3, wd
   1e-3, batch --batch, fp32.
@@ -53,9 +57,10 @@ def collect(model, root: Path, n: int) -> list[dict]:
     return items
 
 
-def questions(items: list[dict], task: str = "relation") -> list[tuple]:
+def questions(items: list[dict], task: str = "relation", content: bool = True) -> list[tuple]:
     """(item, query ids, answer 0 = no / 1 = yes, relation index) for every askable pair
-    (`relation`: 5 ids) or object (`side`: A's colour, A's shape, the side; 3 ids)."""
+    (`relation`: 5 ids; `given`: 1 id, the item A's and B's tokens alone, zeroed without
+    `content`) or object (`side`: A's colour, A's shape, the side; 3 ids)."""
     from setok_cli.data.shapes import COLOR_NAMES, SHAPES
     out = []
     C, S = len(COLOR_NAMES), len(SHAPES)
@@ -84,10 +89,24 @@ def questions(items: list[dict], task: str = "relation") -> list[tuple]:
                 if abs(dy) > 0.08:
                     truth += [(2, dy > 0), (3, dy < 0)]
                 for r, yes in truth:
+                    if task == "given":              # A's token, then B's, at their cells; the relation
+                        ja, jb = _nearest_token(it["cells"], a["center"]), _nearest_token(it["cells"], b["center"])
+                        x = it["x"][[ja, jb]] if content else it["x"].new_zeros(2, it["x"].shape[1])
+                        out.append(({"x": x, "cells": it["cells"][[ja, jb]]}, [C + S + r], int(yes), r))
+                        continue
                     q = [COLOR_NAMES.index(a["color"]), C + SHAPES.index(a["shape"]), C + S + r,
                          COLOR_NAMES.index(b["color"]), C + SHAPES.index(b["shape"])]
                     out.append((it, q, int(yes), r))
     return out
+
+
+def _nearest_token(cells: torch.Tensor, center, side: int = 16) -> int:
+    """An image's token cells (K,) (class side * side: no seed) and an object's centre (x, y) in
+    [0, 1] -> the token whose seed cell lies nearest the centre (an object's seed lies inside it
+    for 351 of 358 val objects)."""
+    r, c = torch.div(cells, side, rounding_mode="floor").float(), (cells % side).float()
+    d = (r + 0.5 - center[1] * side) ** 2 + (c + 0.5 - center[0] * side) ** 2
+    return int(torch.where(cells < side * side, d, torch.full_like(d, float("inf"))).argmin())
 
 
 class Probe(nn.Module):
@@ -167,11 +186,13 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="a Setokim run that reads places (its SeTok and token statistics)")
     ap.add_argument("--data", required=True, help="a shapes world (train/ and val/)")
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--task", choices=["relation", "side"], default="relation",
-                    help="side: one object's side of the image instead (\"is A at the top?\"), one lookup")
+    ap.add_argument("--task", choices=["relation", "side", "given"], default="relation",
+                    help="side: one object's side of the image instead (\"is A at the top?\"), one lookup; "
+                         "given: the comparison alone, over the two objects' places")
     ap.add_argument("--with-side", action="store_true",
                     help="relation: every other training batch is side questions (scored on relations alone)")
     ap.add_argument("--no-places", action="store_true", help="the tokens alone, without their cells")
+    ap.add_argument("--no-content", action="store_true", help="--task given: the places alone, tokens zeroed")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -183,10 +204,12 @@ def main() -> None:
     model = Setokim.from_pretrained(a.model).eval()
     if model.place_head is None:
         ap.error(f"{a.model} has no place head: its tokens' cells are not known")
-    tr = questions(collect(model, Path(a.data) / "train", 2000), a.task)
-    va = questions(collect(model, Path(a.data) / "val", 250), a.task)
+    if a.task == "given" and model.place_head.cells != 16 * 16:
+        ap.error("--task given reads the tiny tokenizer's 16 x 16 grid")
+    tr = questions(collect(model, Path(a.data) / "train", 2000), a.task, not a.no_content)
+    va = questions(collect(model, Path(a.data) / "val", 250), a.task, not a.no_content)
     also = questions(collect(model, Path(a.data) / "train", 2000), "side") if a.with_side else []
-    res = {"model": a.model, "task": a.task, "with_side": a.with_side,
+    res = {"model": a.model, "task": a.task, "with_side": a.with_side, "content": not a.no_content,
            "train_questions": len(tr), "val_questions": len(va),
            "val_yes": round(sum(s[2] for s in va) / max(len(va), 1), 3), "runs": []}
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}), flush=True)
