@@ -38,10 +38,12 @@ def teacher_forced(model, entries: list[dict], root: Path) -> list[dict]:
         ids = look_objects("relation", q, objects)
         if len(ids) != 2:
             continue
-        arr = np.asarray(Image.open(img).convert("RGB"))
+        with Image.open(img) as im:
+            arr = np.asarray(im.convert("RGB"))
         tok = model.setok.tokenize([arr])
         sets, seeds = model.token_sets_of(tok, seeds=True)
-        k = object_tokens(model, tok, 0, np.asarray(Image.open(inst)))
+        with Image.open(inst) as im:
+            k = object_tokens(model, tok, 0, np.asarray(im))
         kk = [int(k[i + 1]) for i in ids]
         images = [sets[0]] + [sets[0][j:j + 1] for j in kk]
         sds = [seeds[0]] + [seeds[0][j:j + 1] for j in kk]

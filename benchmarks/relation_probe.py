@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--task", choices=["relation", "side", "given"], default="relation",
                     help="side: one object's side of the image instead (\"is A at the top?\"), one lookup; "
-                         "given: the comparison alone, over the two objects' places")
+                         "given: the comparison alone, over the two objects' tokens at their cells")
     ap.add_argument("--with-side", action="store_true",
                     help="relation: every other training batch is side questions (scored on relations alone)")
     ap.add_argument("--no-places", action="store_true", help="the tokens alone, without their cells")
