@@ -42,7 +42,7 @@ from .datasets import _read_rgb
 from .formats import load
 
 __all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "collate_conversations_batch", "read_mask",
-           "task_conversation"]
+           "recipe_mixture", "task_conversation"]
 
 # task -> the SPEC kind of the file it reads
 CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "generate_uncond": "pairs", "edit": "edits",
@@ -225,6 +225,38 @@ class ConversationDataset(Dataset):
         return self.items[i][1][0], e["mask"], f"{Path(e['mask']).resolve()}@{self.image_size}"
 
 
+def recipe_mixture(rows, image_size: Optional[int], seed: int = 0) -> "MixtureDataset":
+    """A recipe's `data.mixture`, [{task, path, weight[, turns|names|look|sized|text_weight]}], -> the
+    MixtureDataset over its rows, named "<task>:<file stem>" ("#<row>" appended where two share a
+    name). `text_weight` (default 1) weighs the row's text cross-entropy in the loss
+    (`MixtureDataset.text_weights`)."""
+    parts, weights = [], []
+    if not rows:
+        raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct|chat|segment, "
+                        "path, weight}]")
+    keys = {"task", "path", "weight", "turns", "names", "look", "sized", "text_weight"}
+    for j, m in enumerate(rows):
+        if not isinstance(m, dict) or set(m) - keys or not {"task", "path"} <= set(m):
+            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns|names|look|sized|text_weight]}}, "
+                            f"got {m!r}")
+        if m["task"] not in CONVERSATION_TASKS:
+            raise UserError(f"data.mixture[{j}].task {m['task']!r}: choose from {', '.join(CONVERSATION_TASKS)}")
+        tw = m.get("text_weight", 1.0)
+        if isinstance(tw, bool) or not isinstance(tw, (int, float)) or not math.isfinite(tw) or tw < 0:
+            raise UserError(f"data.mixture[{j}].text_weight must be a number >= 0, got {tw!r}")
+        opts = {k: m[k] for k in ("turns", "names", "look", "sized") if k in m}
+        parts.append((ConversationDataset(m["path"], m["task"], image_size, **opts), m.get("weight", 1.0)))
+        weights.append(float(tw))
+    offset = 0
+    for ds, _ in parts:
+        ds.index_offset = offset
+        offset += len(ds)
+    names = [f"{m['task']}:{Path(m['path']).stem}" for m in rows]
+    out = MixtureDataset(parts, seed=seed, names=[f"{n}#{j}" if names.count(n) > 1 else n for j, n in enumerate(names)])
+    out.text_weights = weights
+    return out
+
+
 class MixtureDataset(Dataset):
     """The weighted union of data sets: set j contributes round(w_j * len_j) items per
     epoch (whole copies, then a seeded subset for the fraction), fixed by `seed`, so the
@@ -250,6 +282,7 @@ class MixtureDataset(Dataset):
             local.append(idx)
         self.owner, self.local = torch.cat(owner), torch.cat(local)
         self.names = list(names) if names is not None else [f"set{j}" for j in range(len(parts))]
+        self.text_weights = [1.0] * len(parts)      # each set's weight on its text loss (`recipe_mixture`)
         if len(self.owner) == 0:
             raise UserError("data.mixture: every weight is 0")
 

@@ -60,6 +60,7 @@ class Stage2Model(nn.Module):
         self._diffs: dict[str, tuple] = {}           # edit_diff rows: (old, new) token indices
         self._looks: dict[str, Tensor] = {}          # looking rows: per image, each object's token
         self.sources: list[str] = []                 # `MixtureDataset.names`, set by the stage builders
+        self.text_weights: list[float] = []          # `MixtureDataset.text_weights`: each set's text weight
 
     # ---- image tokens ----------------------------------------------------------------
     @staticmethod
@@ -248,6 +249,8 @@ class Stage2Model(nn.Module):
         if any(batch.get("look") or []):             # the source, then the tokens its answers look up
             look_samples(m, batch, samples, self._looks, self._arrays)
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
+        if any(w != 1 for w in self.text_weights):   # a mixture row's `text_weight`
+            kw["text_weight"] = torch.tensor(self.text_weights)[batch["source"].clamp(min=0)].to(m.device)
         if self.edit_changed != 1:
             std = lambda t: m.normalize(t.to(m.token_mean.device)).cpu()     # noqa: E731
             kw["visual_weight"] = pack_weights(changed_token_weights(samples, self.edit_changed, std))
@@ -384,33 +387,15 @@ def _row_groups(recipe: Recipe) -> int:
 
 
 def _mixture(recipe: Recipe):
-    from ..data.conversations import CONVERSATION_TASKS, ConversationDataset, MixtureDataset
-    parts = []
-    if not recipe.data.mixture:
-        raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct|chat|segment, "
-                        "path, weight}]")
-    for j, m in enumerate(recipe.data.mixture):
-        keys = {"task", "path", "weight", "turns", "names", "look", "sized"}
-        if not isinstance(m, dict) or set(m) - keys or not {"task", "path"} <= set(m):
-            raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns|names|look|sized]}}, got {m!r}")
-        if m["task"] not in CONVERSATION_TASKS:
-            raise UserError(f"data.mixture[{j}].task {m['task']!r}: choose from {', '.join(CONVERSATION_TASKS)}")
-        opts = {k: m[k] for k in ("turns", "names", "look", "sized") if k in m}
-        parts.append((ConversationDataset(m["path"], m["task"], recipe.data.image_size, **opts), m.get("weight", 1.0)))
-    offset = 0
-    for ds, _ in parts:
-        ds.index_offset = offset
-        offset += len(ds)
-    names = [f"{m['task']}:{Path(m['path']).stem}" for m in recipe.data.mixture]
-    return MixtureDataset(parts, seed=recipe.seed,
-                          names=[f"{n}#{j}" if names.count(n) > 1 else n for j, n in enumerate(names)])
+    from ..data.conversations import recipe_mixture
+    return recipe_mixture(recipe.data.mixture, recipe.data.image_size, recipe.seed)
 
 
 def build_stage2(recipe: Recipe, accelerator=None):
     """The stage builder of the trainer: -> (model, dataset)."""
     dataset = _mixture(recipe)
     model = build_stage2_model(recipe)
-    model.sources = dataset.names
+    model.sources, model.text_weights = dataset.names, dataset.text_weights
     model.fit_token_stats(dataset)
     model.fit_codebook(dataset, progress=_main(accelerator) and recipe.train.progress)
     model.fit_region_targets(dataset, progress=_main(accelerator) and recipe.train.progress)

@@ -71,7 +71,7 @@ def build_stage3(recipe: Recipe, accelerator=None):
     """The stage builder of the trainer: -> (model, dataset)."""
     dataset = _mixture(recipe)
     model = build_stage3_model(recipe)
-    model.sources = dataset.names
+    model.sources, model.text_weights = dataset.names, dataset.text_weights
     model.fit_region_targets(dataset, progress=_main(accelerator) and recipe.train.progress)
     return model, dataset
 

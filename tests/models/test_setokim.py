@@ -434,6 +434,24 @@ def test_losses_match_hand_computed(folders):
     assert out.num_text == n_caption + 2
 
 
+def test_text_weight_weighs_each_rows_cross_entropy(folders):
+    torch.manual_seed(0)
+    m = make(folders)
+    ids, labels, attn, tokens, mask = batch(m)
+    base = m(ids, labels, attn, tokens, mask)
+    ones = m(ids, labels, attn, tokens, mask, text_weight=torch.ones(ids.shape[0]))
+    assert ones.text_loss.item() == pytest.approx(base.text_loss.item(), rel=1e-6)
+    w = torch.tensor([3.0, 0.0])                       # the caption row thrice, the written row not at all
+    out = m(ids, labels, attn, tokens, mask, text_weight=w)
+    rows = base.text_rows
+    weighted = (w * rows[:, 0]).sum() / rows[:, 1].sum()
+    assert (out.loss - base.loss).item() == pytest.approx((weighted - base.text_loss).item(), rel=1e-4)
+    assert torch.equal(out.text_rows, base.text_rows) and out.text_loss == base.text_loss   # logged: unweighted
+    assert out.visual_loss.item() == pytest.approx(base.visual_loss.item(), rel=1e-6)
+    out.loss.backward()                                 # row 1's text gives no gradient: the rest still trains
+    assert m.projector.net[0].weight.grad is not None
+
+
 def test_visual_weight_is_a_weighted_mean_of_token_errors(folders):
     torch.manual_seed(0)
     m = make(folders)

@@ -164,3 +164,37 @@ def test_stage_model_adds_the_term(stage2_world, tmp_path):
     res = Stage2Model(m, row_groups=2, attend=0.5)(batch)
     assert "attend" not in plain and torch.isfinite(res["attend"]) and res["attend"] > 0
     assert torch.allclose(res["loss"], plain["loss"] + 0.5 * res["attend"], atol=1e-5)
+
+
+def test_stage_model_weighs_each_sets_text(stage2_world, tmp_path):
+    """A mixture row's `text_weight` weighs its rows' text cross-entropy in the loss; the logged
+    losses stay the plain means."""
+    from setok_cli.data.conversations import recipe_mixture
+    from setok_cli.train.stage2 import Stage2Model
+    tr = stage2_world / "shapes" / "train"
+    entries = json.loads((tr / "instruct.json").read_text())
+    build_word_tokenizer(extra_texts=[t["value"] for e in entries for t in e["conversations"]]).save_pretrained(
+        tmp_path / "tok")
+    torch.manual_seed(0)
+    m = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tmp_path / "tok"),
+                                          stage1=str(stage2_world / "stage1")))
+    ds = recipe_mixture([{"task": "caption", "path": str(tr / "pairs.json")},
+                         {"task": "instruct", "path": str(tr / "instruct.json"), "text_weight": 3.0}], 32)
+    n0 = len(ds.sets[0])
+    batch = MixtureDataset.collate([ds[i] for i in (0, 1, n0, n0 + 1)])
+    sm = Stage2Model(m)
+    sm.sources = ds.names
+    calls = []
+    real = m.forward
+    m.forward = lambda *a, **k: calls.append((k, real(*a, **k))) or calls[-1][1]
+    try:
+        plain = sm(batch)
+        sm.text_weights = ds.text_weights
+        res = sm(batch)
+    finally:
+        del m.forward
+    assert "text_weight" not in calls[0][0] and calls[1][0]["text_weight"].tolist() == [1.0, 1.0, 3.0, 3.0]
+    rows = calls[1][1].text_rows                                 # (4, 2): each row's summed loss, targets
+    want = (2.0 * rows[2:, 0].sum() / rows[:, 1].sum()).item()   # the instruct rows count twice more
+    assert (res["loss"] - plain["loss"]).item() == pytest.approx(want, rel=1e-4) and want > 0
+    assert res["text"] == plain["text"] and res["text/instruct:instruct"] == plain["text/instruct:instruct"]

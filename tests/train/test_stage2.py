@@ -73,7 +73,11 @@ def test_recipe_mixture_passes_chat_turns(stage2_world, tmp_path):
     for i in range(len(looked)):                                  # colour answers write a token first
         q, a = (t["value"] for t in looked[i]["conversations"])
         assert a.startswith("<image>") == q.split("\n")[-1].startswith("What color") and looked[i]["look"] is not None
-    with pytest.raises(UserError, match=r"weight\[, turns\|names\|look\|sized\]"):
+    weighed = _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}}}, {chat}, text_weight: 4}}]"))
+    assert weighed.text_weights == [1.0, 4.0] and two.text_weights == [1.0, 1.0, 1.0]
+    with pytest.raises(UserError, match=r"text_weight must be a number >= 0"):
+        _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, text_weight: -1}}]"))
+    with pytest.raises(UserError, match=r"weight\[, turns\|names\|look\|sized\|text_weight\]"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turn: 2}}]"))
     with pytest.raises(UserError, match="look is for the instruct and chat tasks"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, look: [size]}}]"))

@@ -394,12 +394,12 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 image_tokens: Optional[Tensor] = None, image_token_mask: Optional[Tensor] = None,
                 row_groups: int = 1, visual_weight: Optional[Tensor] = None,
-                image_token_seeds: Optional[Tensor] = None) -> SetokimOutput:
+                image_token_seeds: Optional[Tensor] = None, text_weight: Optional[Tensor] = None) -> SetokimOutput:
         """input_ids, labels, attention_mask (B, L0) from `collate_conversations`;
-        image_tokens (N, K, T), image_token_mask (N, K): the images of the batch in
-        reading order, in generation order within each (`encode_images` / `order`);
-        visual_weight (N, K): each written token's weight in the MSE head's loss (None: alike);
-        image_token_seeds (N, K): the tokens' seeds, a place head's targets (None: unknown).
+        image_tokens (N, K, T), image_token_mask (N, K): the images of the batch in reading order, in
+        generation order within each (`encode_images` / `order`); visual_weight (N, K): each written
+        token's weight in the MSE head's loss; text_weight (B,): each row's on its text cross-entropy in
+        `loss` (None: alike; `text_loss` stays the plain mean); image_token_seeds (N, K): the tokens' seeds.
         row_groups: run the LM over rows of similar length in up to this many groups
         (`hidden_in_groups`: the same loss, less padding computed). In training, `place_dropout`
         of the images are given (read and conditioned on) at the unknown place (`drop_places`)."""
@@ -410,9 +410,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         lab = sp.labels[:, 1:]
         sel = lab != -100
         logits = self.lm.get_output_embeddings()(h[:, :-1][sel]).float()    # (n, V): only where counted
-        n_text = int(sel.sum())
-        ce = F.cross_entropy(logits, lab[sel], reduction="none")                # (n,)
+        ce, n_text = F.cross_entropy(logits, lab[sel], reduction="none"), int(sel.sum())     # (n,), n
         text_loss, text_rows = ce.sum() / max(n_text, 1), row_sums(ce.detach(), sel)     # (), (B, 2)
+        w = 1.0 if text_weight is None else text_weight.to(ce)[sel.nonzero()[:, 0]]   # each counted token's row's
         hf = h.reshape(-1, h.shape[-1])
         if image_tokens is not None and image_token_mask is not None and image_token_mask.shape[0]:
             target = self.normalize(image_tokens[image_token_mask][sp.pred_src].float())
@@ -437,10 +437,10 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         stop_logits = self.stop_head(hf[sp.stop_pos]).squeeze(-1).float()
         stop_loss = F.binary_cross_entropy_with_logits(stop_logits, sp.stop_target, reduction="sum") \
             / max(sp.stop_pos.numel(), 1)
-        c = self.config
-        loss = text_loss + c.visual_loss_weight * visual_loss + c.stop_loss_weight * stop_loss
+        loss = (ce * w).sum() / max(n_text, 1) + self.config.visual_loss_weight * visual_loss \
+            + self.config.stop_loss_weight * stop_loss                          # the text term row-weighted
         if place_loss is not None:
-            loss = loss + c.place_loss_weight * place_loss
+            loss = loss + self.config.place_loss_weight * place_loss
         return SetokimOutput(loss, text_loss, visual_loss, stop_loss, n_text, int(sp.pred_pos.numel()), place_loss,
                              text_rows)
 
