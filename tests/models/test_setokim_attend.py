@@ -149,8 +149,8 @@ def test_tap_groups_and_learning(folders):
     assert first > 0.9 and last < 0.2, (first, last)                     # share from ~0.3 to > 0.8
 
 
-def test_stage_model_adds_the_term(stage2_world, tmp_path):
-    from setok_cli.train.stage2 import Stage2Model
+def _world_model(stage2_world, tmp_path):
+    """-> (the world's train folder, a tiny random Setokim over its stage 1 whose words cover the questions)."""
     tr = stage2_world / "shapes" / "train"
     entries = json.loads((tr / "instruct.json").read_text())
     build_word_tokenizer(extra_texts=[t["value"] for e in entries for t in e["conversations"]]).save_pretrained(
@@ -158,6 +158,12 @@ def test_stage_model_adds_the_term(stage2_world, tmp_path):
     torch.manual_seed(0)
     m = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tmp_path / "tok"),
                                           stage1=str(stage2_world / "stage1")))
+    return tr, m
+
+
+def test_stage_model_adds_the_term(stage2_world, tmp_path):
+    from setok_cli.train.stage2 import Stage2Model
+    tr, m = _world_model(stage2_world, tmp_path)
     ds = ConversationDataset(tr / "instruct.json", "chat", image_size=32)
     batch = MixtureDataset.collate([ds[i] for i in range(4)])
     plain = Stage2Model(m, row_groups=2)(batch)
@@ -171,13 +177,7 @@ def test_stage_model_weighs_each_sets_text(stage2_world, tmp_path):
     losses stay the plain means."""
     from setok_cli.data.conversations import recipe_mixture
     from setok_cli.train.stage2 import Stage2Model
-    tr = stage2_world / "shapes" / "train"
-    entries = json.loads((tr / "instruct.json").read_text())
-    build_word_tokenizer(extra_texts=[t["value"] for e in entries for t in e["conversations"]]).save_pretrained(
-        tmp_path / "tok")
-    torch.manual_seed(0)
-    m = Setokim.from_config(SetokimConfig(lm=dict(TINY_LM), text_tokenizer=str(tmp_path / "tok"),
-                                          stage1=str(stage2_world / "stage1")))
+    tr, m = _world_model(stage2_world, tmp_path)
     ds = recipe_mixture([{"task": "caption", "path": str(tr / "pairs.json")},
                          {"task": "instruct", "path": str(tr / "instruct.json"), "text_weight": 3.0}], 32)
     n0 = len(ds.sets[0])
