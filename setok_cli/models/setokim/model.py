@@ -27,8 +27,8 @@ ADAPTER_DIR = "adapter"
 
 @dataclass
 class SetokimOutput:
-    loss: Tensor            # text + visual_loss_weight * visual + stop_loss_weight * stop
-    text_loss: Tensor
+    loss: Tensor            # text (rows weighed by text_weight) + visual_loss_weight * visual + stop_loss_weight * stop
+    text_loss: Tensor       # the plain mean over the counted text targets
     visual_loss: Tensor
     stop_loss: Tensor
     num_text: int           # counted text targets
