@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -74,12 +75,14 @@ def _need_inputs(args, data, what):
 @click.option("--rerank", default=1, show_default=True, type=click.IntRange(min=1), metavar="N", help="Write N "
               "captions (2..N sampled) and keep the one the model would draw the image from best.")
 @click.option("--rerank-temperature", default=0.7, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--num-beams", type=click.IntRange(min=1), metavar="N", help="Beam search: the most likely of N "
+              "beams (default: 4 when greedy; 1: one greedy or sampled caption).")
 def caption_cmd(images, model_path, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode,
-                seed, batch_size, threads, data, pred_out, limit, rerank, rerank_temperature):
+                seed, batch_size, threads, data, pred_out, limit, rerank, rerank_temperature, num_beams):
     """Print a caption for each IMAGE."""
     _need_inputs(images, data, "IMAGE...")
     opts = _setup(threads, temperature, top_p, max_new_tokens, visual_steps, visual_temperature, copy_mode, seed)
-    opts.rerank, opts.rerank_temperature = rerank, rerank_temperature
+    opts = replace(opts, rerank=rerank, rerank_temperature=rerank_temperature, num_beams=num_beams)   # checked
     from ..images import load_image
     from ..tasks.setokim import caption, load_setokim
     pics = [load_image(p) for p in images]            # every image readable before the model loads
