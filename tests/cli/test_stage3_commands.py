@@ -31,6 +31,22 @@ def test_ask_prints_an_answer(run, img):
     assert len(res.output.strip().splitlines()) == 1 and "<image>" not in res.output
 
 
+@pytest.mark.parametrize("looks,flag,want", [(True, [], True), (True, ["--no-snap"], False), (False, [], False)])
+def test_ask_snaps_a_looking_models_tokens_by_default(run, img, monkeypatch, looks, flag, want):
+    import setok_cli.tasks.setokim as tasks
+    load, seen = tasks.load_setokim, []
+
+    def loaded(path):
+        model = load(path)
+        model.config.look_answers = looks
+        return model
+    monkeypatch.setattr(tasks, "load_setokim", loaded)
+    monkeypatch.setattr(tasks, "ask", lambda model, pics, qs, opts: seen.append(opts.look_snap) or ["yes"])
+    res = _run(["ask", img, "Is there a red circle?", "--model", run, "--threads", "1", *flag])
+    assert res.exit_code == 0, res.output
+    assert seen == [want]
+
+
 def test_segment_writes_mask_and_overlay(run, img, tmp_path):
     res = _run(["segment", img, "--query", "the red circle", "--model", run, "--out", tmp_path, "--threads", "1"])
     assert res.exit_code == 0, res.output
