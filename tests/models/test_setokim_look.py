@@ -271,3 +271,19 @@ def test_the_look_recipe_is_the_stage3_recipe_with_looking_question_rows():
     assert [{k: v for k, v in r.items() if k != "look"} for r in rows] == base["data"].pop("mixture")
     assert [r.get("look") for r in rows] == [["color", "shape", "exist", "relation"]] * 3 + [None] * (len(rows) - 3)
     assert {k: v for k, v in look.items() if k != "output_dir"} == {k: v for k, v in base.items() if k != "output_dir"}
+
+
+def test_the_relations_recipe_is_the_look_recipe_with_a_weighed_relation_row():
+    import dataclasses
+
+    from setok_cli.train.recipe import load_recipe
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
+    look, rel = (dataclasses.asdict(load_recipe(tiny / f)) for f in ("stage3_look.yaml", "stage3_relations.yaml"))
+    assert rel["output_dir"] == "runs/tiny-stage3-relations" and rel["train"]["max_steps"] == 3000
+    rows = rel["data"].pop("mixture")
+    assert rows[:-1] == look["data"].pop("mixture")
+    assert {k: rows[-1][k] for k in ("task", "path", "weight", "look", "text_weight")} == {
+        "task": "instruct", "path": "data/shapes/train/instruct_relation.json", "weight": 2.0, "look": True,
+        "text_weight": 5.0}
+    rel["train"]["max_steps"] = look["train"]["max_steps"]
+    assert {k: v for k, v in rel.items() if k != "output_dir"} == {k: v for k, v in look.items() if k != "output_dir"}
