@@ -57,11 +57,11 @@ def beam_texts(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None
     texts = [tok.decode(row, skip_special_tokens=True).strip() for row in out.sequences.tolist()]   # (B, <= max_new)
     if not return_scores:
         return texts
-    scores = out.sequences_scores if num_beams > 1 else _greedy_scores(out, model.eos_id, model.pad_id)
+    scores = out.sequences_scores if num_beams > 1 else _greedy_scores(out, model.eos_id)
     return texts, scores.float()
 
 
-def _greedy_scores(out, eos: int, pad: int) -> Tensor:
+def _greedy_scores(out, eos: int) -> Tensor:
     """One beam (greedy): each row's mean log-probability of its ids up to and with `</s>`."""
     logp = torch.stack([s.float().log_softmax(-1) for s in out.logits], 1)    # (B, S, V), the raw logits
     ids = out.sequences[:, -logp.shape[1]:]
