@@ -77,16 +77,28 @@ def test_an_answer_prefix_is_the_written_image_fed_back(model, image):
 
 @pytest.mark.parametrize("instruction", ["Remove the red circle.", "Make the red circle blue."])
 def test_the_segmented_token_is_the_one_dropped(model, image, monkeypatch, instruction):
+    """The token dropped is the one whose region the segmentation's mask covers best (IoU), even
+    where the written token lies nearer another token."""
+    import setok_cli.models.setokim.regions as regions
     import setok_cli.tasks.edit_diff as ed
     from setok_cli.models.setokim.bank import token_sets_with_layouts
     from setok_cli.tasks.setokim import Sampling, edit
-    src = token_sets_with_layouts(model, [image])[0][0]
+    sets, lays = token_sets_with_layouts(model, [image])
+    src, lay = sets[0], lays[0]
     asked, seen = [], {}
     for k in range(src.shape[0]):
-        def looked(m, readable, expressions, opts, k=k):        # the segmentation answer: near source token k
+        far = (k + 1) % src.shape[0]
+
+        def looked(m, readable, expressions, opts, far=far):    # the written token: source token `far`
             asked.append(list(expressions))
-            return (src[k:k + 1] + 1e-3).to(m.device), [True]
+            return src[far:far + 1].to(m.device), [True]
+
+        def masks(probs, seen_, grid, k=k):                      # its mask: token k's region and one cell more
+            m = lay[k].clone()
+            m[int((~lay[k]).nonzero()[0])] = True
+            return m.view(1, -1)
         monkeypatch.setattr(ed, "referred_tokens", looked)
+        monkeypatch.setattr(regions, "grid_masks", masks)
         monkeypatch.setattr(ed, "_decode", lambda m, sets, *a: seen.__setitem__("sets", sets) or [None])
         edit(model, [image], [instruction], Sampling(diff=True, lookup="segment", max_new_tokens=6))
         got = seen["sets"][0]
@@ -99,6 +111,21 @@ def test_the_segmented_token_is_the_one_dropped(model, image, monkeypatch, instr
     asked.clear()
     edit(model, [image], ["Add a red circle at the top."], Sampling(diff=True, lookup="segment", max_new_tokens=6))
     assert asked == []
+
+
+def test_grid_masks_put_a_mask_on_the_layout_grid(model, image):
+    """A mask over the image's left half, as the mask decoder's probabilities, lands on the
+    left half of the layout grid (the image's own extent, as token layouts are)."""
+    from setok_cli.models.setokim.regions import grid_masks, read_images
+    seen = read_images(model, [image])
+    S = seen.pixel_values.shape[-1]
+    gh, gw = seen.out.image_grids[0]
+    probs = torch.zeros(1, S, S)
+    probs[0, :, : gw * seen.patch // 2] = 1.0
+    got = grid_masks(probs, seen, 8).view(8, 8)
+    want = torch.zeros(8, 8, dtype=torch.bool)
+    want[:, :4] = True
+    assert torch.equal(got, want)
 
 
 def test_lookup_needs_diff(stage3_runs, tmp_path):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...errors import UserError
 
-__all__ = ["Seen", "read_images", "region_probs", "to_original", "best_region_tokens", "snap", "mask_iou"]
+__all__ = ["Seen", "read_images", "region_probs", "to_original", "grid_masks", "best_region_tokens", "snap", "mask_iou"]
 
 
 @dataclass
@@ -98,6 +98,18 @@ def to_original(probs: Tensor, seen: Seen, i: int) -> Tensor:
     block = probs[:, : gh * p, : gw * p]
     H, W = seen.sizes[i]
     return F.interpolate(block.unsqueeze(0).float(), size=(H, W), mode="bilinear", align_corners=False)[0]
+
+
+def grid_masks(probs: Tensor, seen: Seen, grid: int, threshold: float = 0.5) -> Tensor:
+    """probs (N, S, S) of the images of `seen` -> (N, grid * grid) bool: each image's mask
+    (p > threshold) over its own extent (`to_original`) on a grid x grid raster, as token
+    layouts are (`bank.token_sets_with_layouts`)."""
+    out = []
+    for i in range(probs.shape[0]):
+        m = to_original(probs[i:i + 1], seen, i)                                  # (1, H, W)
+        m = F.interpolate(m[None], size=(grid, grid), mode="bilinear", align_corners=False)
+        out.append(m.flatten() > threshold)
+    return torch.stack(out)
 
 
 def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
