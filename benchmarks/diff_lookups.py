@@ -18,8 +18,9 @@ token per image). The written old token picks the source token it is nearest to,
   before the old token are.
 
 With `--lookup segment` the old token is found as `setok edit --diff --lookup segment` finds it:
-the model segments the object the instruction names (`tasks/edit_diff.segment_lookups`), its
-place head at `--segment-place` (auto: as `setok segment` writes; draw: drawn at temperature 0).
+the model segments the object the instruction names (`tasks/edit_diff.segment_lookups`: the
+source token whose region best matches that answer's mask), its place head at
+`--segment-place` (auto: as `setok segment` writes; draw: drawn at temperature 0).
 
 The figures of the README's "Names before tokens" and "The old token by segmentation" come from here.
 """
@@ -73,11 +74,12 @@ def main() -> None:
         c = collections.Counter()
         for s in range(0, len(es), a.batch):
             chunk = es[s:s + a.batch]
-            sets, _, seeds = token_sets_with_layouts(m, [e["source"] for e in chunk], seeds=True)
+            sets, lays, seeds = token_sets_with_layouts(m, [e["source"] for e in chunk], seeds=True)
             out = m.setok.tokenize([rgb(e["source"]) for e in chunk])
             gen = m.generate(*prompt_batch(m, [DIFF_PROMPT.format(instruction=e["instruction"]) for e in chunk],
                                            [[x] for x in m.readable(sets, seeds)]), **kw)
-            looked = (segment_lookups(m, m.readable(sets, seeds), sets, [e["instruction"] for e in chunk],
+            looked = (segment_lookups(m, [e["source"] for e in chunk], sets, lays, m.readable(sets, seeds),
+                                      [e["instruction"] for e in chunk],
                                       Sampling(place=a.segment_place, place_temperature=0.0))
                       if a.lookup == "segment" else None)
             for i, (e, o, toks) in enumerate(zip(chunk, gen, sets)):

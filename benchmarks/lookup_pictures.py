@@ -59,8 +59,8 @@ def main(argv=None) -> None:
     gen = model.generate(*prompt_batch(model, [DIFF_PROMPT.format(instruction=e["instruction"]) for e in eds],
                                        [[r] for r in readable]), **kw)
     by_diff = [apply_diff(s, parse_diff(o.text, o.images)[0], None, model.normalize)[1] for o, s in zip(gen, sets)]
-    by_seg = [lk[1] if lk else None for lk in segment_lookups(model, readable, sets, [e["instruction"] for e in eds],
-                                                                opts)]
+    by_seg = [lk[1] if lk else None for lk in segment_lookups(model, [e["source"] for e in eds], sets, lays, readable,
+                                                                [e["instruction"] for e in eds], opts)]
     outs = {lk: edit(model, [e["source"] for e in eds], [e["instruction"] for e in eds],
                      dataclasses.replace(opts, lookup=lk), size=side) for lk in ("diff", "segment")}
     rows = []

@@ -95,10 +95,12 @@ def edit_diff(model, images: Sequence, instructions: Sequence[str], opts: Sampli
             ex |= lay[dropped].cpu()
         if new is not None and opts.bank is not None:
             in_place = dropped is not None and text.split()[:1] == [DIFF_OPS["recolor"][0]]
+            moved = dropped is not None and text.split()[:1] == [DIFF_OPS["move"][0]]
             seed = written_seeds[-1][:1] if written_seeds else None
             new, placed = snap_new(model, new, lay, dropped, opts.bank, opts.bank_layouts, seed=seed,
                                    place=written_place(text), recolour=in_place, metric=opts.snap_metric,
-                                   max_overlap=opts.max_overlap)
+                                   max_overlap=opts.max_overlap,
+                                   like=src[dropped] if moved else None)
             ex |= placed
         edited.append(kept if new is None else torch.cat([kept, new.view(1, -1).to(kept.dtype)]))
         excluded.append(ex)

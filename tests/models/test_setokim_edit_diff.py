@@ -235,6 +235,25 @@ def test_a_new_token_is_snapped_over_its_seeds_cell(stage3_runs):
                           max_overlap=1.0)
         j = int((bank - tok).norm(dim=1).argmin())
         assert bool(obj[j]) and float((cent[j] - torch.tensor(where)).norm()) <= NEAR
+    # a move: near the written place, the bank token nearest the sum of the written and the old
+    # token's directions (standardised), not the written token's alone
+    import torch.nn.functional as F
+    from setok_cli.models.setokim.bank import near_centre
+    near = near_centre(blay.bool(), cent[obj], NEAR)                                 # (objects, M)
+    best = int(near.sum(1).argmax())
+    where, allowed = tuple(cent[obj][best].tolist()), near[best]
+    assert int(allowed.sum()) >= 3
+    unit = lambda t: F.normalize(m.normalize(t.float().view(1, -1)), dim=-1)[0]       # noqa: E731
+    ub = F.normalize(m.normalize(bank.float()), dim=-1)
+    differs = 0
+    for q in range(4):
+        written, like = torch.randn(src.shape[1]), bank[torch.where(allowed)[0][q % int(allowed.sum())]]
+        tok, _ = snap_new(m, written, lay, k, bank, blay, place=where, max_overlap=1.0, like=like)
+        want = int(torch.where(allowed, ub @ (unit(written) + unit(like)), -torch.inf).argmax())
+        assert torch.allclose(tok, bank[want], atol=1e-5)
+        alone, _ = snap_new(m, written, lay, k, bank, blay, place=where, max_overlap=1.0)
+        differs += not torch.allclose(alone, tok, atol=1e-5)
+    assert differs
     # a recolouring: a bank token over the old token's region (the old token itself is one)
     bank2, blay2 = torch.cat([bank, src[k:k + 1]]), torch.cat([blay, lay[k:k + 1]])
     region = lay[k].float()
