@@ -22,7 +22,8 @@ the model segments the object the instruction names (`tasks/edit_diff.segment_lo
 source token whose region best matches that answer's mask), its place head at
 `--segment-place` (auto: as `setok segment` writes; draw: drawn at temperature 0).
 
-The figures of the README's "Names before tokens" and "The old token by segmentation" come from here.
+The figures of the README's "Names before tokens", "The old token by segmentation" and "The old token by its
+mask" come from here.
 """
 import argparse
 import collections

@@ -246,7 +246,7 @@ def snap_new(model, new: Tensor, layouts: Tensor, dropped: Optional[int], bank: 
     else over the cell of `seed` (1,) (the place head's drawn seed). like (T,): a move's old
     token; the bank token is then the one nearest the sum of both tokens' directions
     (standardised): the token most like both what the answer wrote and the object it moves
-    (README: "A move keeps its object").
+    (README: "The old token by its mask, ..., and a move that keeps its object").
     layouts (K, P) bool: the source tokens' regions; bank (M, T), bank_layouts (M, P)."""
     from .bank import OBJECT_SHARE, layout_cell, near_centre, nearest, same_region, snap_placed
     b = model.normalize(bank.to(new.device).float())
