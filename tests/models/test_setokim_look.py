@@ -12,7 +12,7 @@ from PIL import Image
 from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
 from setok_cli.errors import UserError
 from setok_cli.models.setokim.attend import object_tokens
-from setok_cli.models.setokim.look import look_answer, look_entry, look_objects, looked_picture
+from setok_cli.models.setokim.look import look_answer, look_entry, look_objects, looked_picture, relation_places
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
 
@@ -64,6 +64,36 @@ def test_look_entry_rewrites_each_answer_turn(tmp_path):
     assert look_entry(away) == (away, None)
 
 
+def test_relation_answers_write_each_objects_place_on_the_compared_axis(tmp_path):
+    # two red circles: a superlative picks one (centre x 0.2 is the leftmost; centre y 0.9 the bottommost)
+    scene = SCENE + [{"id": 5, "color": "red", "shape": "circle", "center": [0.6, 0.9]}]
+    q = "Is the leftmost red circle above the blue star?"
+    assert look_objects("relation", q, scene) == [0, 4, 2]                    # unresolved: both circles
+    assert look_objects("relation", q, scene, resolve=True) == [0, 2]
+    assert look_objects("relation", "Is the bottommost red circle left of the blue star?", scene,
+                        resolve=True) == [4, 2]
+    assert look_objects("relation", "Is the blue star below the rightmost red circle?", scene,
+                        resolve=True) == [2, 4]
+    # bins of 1/7 along y for above / below (0.2 -> 1, 0.8 -> 5), along x for left / right (0.6 -> 4, 0.5 -> 3)
+    assert relation_places(q, scene, [0, 2]) == [1, 5]
+    assert relation_places("Is the red object to the right of the blue star?", scene, [4, 2]) == [4, 3]
+    assert relation_places("What color is the star?", scene, [2]) is None
+    assert relation_places(q, scene, [0, 4, 2]) is None
+    assert look_answer("yes", 2, [1, 5]) == "<image> 1 <image> 5: yes"
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "instances").mkdir()
+    (tmp_path / "scenes" / "000001.json").write_text(json.dumps({"objects": scene}))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "instances" / "000001.png")
+    e = {"id": "q", "image": str(tmp_path / "images" / "000001.png"), "type": "relation",
+         "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": "yes"}]}
+    got, look = look_entry(e, places=True)
+    assert got["conversations"][1]["value"] == "<image> 1 <image> 5: yes" and look["turns"] == [[1, 3]]
+    assert look_entry(e)[0]["conversations"][1]["value"] == "<image> <image> <image>: yes"   # as before
+    col = {**e, "type": "color", "conversations": [{"from": "human", "value": "<image>\nWhat color is the star?"},
+                                                    {"from": "gpt", "value": "blue"}]}
+    assert look_entry(col, places=True)[0]["conversations"][1]["value"] == "<image>: blue"
+
+
 @pytest.fixture(scope="module")
 def instruct(stage2_world):
     return stage2_world / "shapes" / "train" / "instruct.json"
@@ -109,6 +139,19 @@ def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
     for i in range(len(ds)):
         want = plain[i] if entries[i]["type"] == "count" else ds[i]
         assert counts_plain[i]["conversations"] == want["conversations"]
+    placed = ConversationDataset(instruct, "instruct", 32, look=True, look_places=True)
+    rel = [i for i in range(len(ds)) if entries[i]["type"] == "relation"]
+    for i in rel:                                  # the same tokens and answer, with a bin 0..6 after each token
+        words = placed[i]["conversations"][1]["value"].rsplit(": ", 1)[0].split()
+        assert words[0::2] == ["<image>"] * 2 and all(w in "0123456" for w in words[1::2])
+        assert placed[i]["conversations"][1]["value"].endswith(plain[i]["conversations"][1]["value"])
+    assert rel and all(placed[i]["conversations"] == ds[i]["conversations"] for i in range(len(ds)) if i not in rel)
+    with pytest.raises(UserError, match="look_places is true or false and needs look"):
+        ConversationDataset(instruct, "instruct", 32, look_places=True)
+    from setok_cli.data.conversations import recipe_mixture                 # the recipe row option
+    mix = recipe_mixture([{"task": "instruct", "path": str(instruct), "weight": 1.0, "look": True,
+                           "look_places": True}], 32)
+    assert [mix.sets[0][i]["conversations"] for i in rel] == [placed[i]["conversations"] for i in rel]
     for task, look in (("segment", True), ("instruct", "yes"), ("instruct", ["colour"]), ("chat", [])):
         path = instruct.parent / "referring.json" if task == "segment" else instruct
         with pytest.raises(UserError, match="look is for the instruct and chat tasks"):

@@ -17,11 +17,14 @@ tokens just written:
     Is there a red circle?                     <image> <image> a blue circle, a red circle: yes
                                                                             the objects of the asked shape
     Is the red circle left of the blue star?   <image> <image>: yes         the red circle, then the star
+    (with `look_places`)                       <image> 1 <image> 4: yes     and each one's place on the axis
 
 (each `<image>` one visual token: the source token holding most of the object's pixels, as an
 edit diff's old token, `attend.object_tokens`; a turn about no object keeps its answer;
 `setok ask` and `setok eval vqa` score the part after the last ": "). The tokens are written in
-generation order, a relation's in the question's order.
+generation order, a relation's in the question's order. With `look_places` (a row option) a
+relation's answer writes each object's centre along the compared axis after its token, in
+`shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written.
 
 Shapes: instance maps (H, W) int, 0 background, object j + 1.
 """
@@ -34,38 +37,72 @@ import numpy as np
 import torch
 
 from ...data.conversations import world_files
-from ...data.shapes_text import ANSWER_MARK, phrase_objects
+from ...data.shapes_text import ANSWER_MARK, RELATION_QUESTION, phrase_objects, place_bin
 from .attend import object_tokens
 from .text import IMAGE_TOKEN
 
-__all__ = ["look_objects", "look_answer", "look_entry", "look_samples", "looked_masks", "looked_picture"]
+__all__ = ["look_objects", "superlative_object", "look_answer", "relation_places", "look_entry", "look_samples",
+           "looked_masks", "looked_picture"]
 
 
-def look_objects(qtype: Optional[str], question: str, objects: list[dict]) -> list[int]:
+def look_objects(qtype: Optional[str], question: str, objects: list[dict], resolve: bool = False) -> list[int]:
     """The objects (indices into `objects`) a looking answer writes for a question of type
     `qtype`: a relation's two phrases' objects in the question's order; existence, the objects
     of the asked shape (of the asked colour for "a red object"); a count of "objects", all of
-    them; otherwise those the question names (`shapes_text.phrase_objects`). [] for none."""
+    them; otherwise those the question names (`shapes_text.phrase_objects`). [] for none.
+    `resolve`: a relation phrase with a superlative ("the leftmost red circle") names only its
+    one object (`superlative_object`), else every object of its colour and shape."""
     phrases = phrase_objects(question, objects, by_shape=qtype == "exist")
     if qtype == "relation":
+        if resolve:
+            words = question.lower().split()
+            sup = [w for w in words if w in SUPERLATIVES]
+            if len(sup) == sum(len(p) > 1 for p in phrases):       # one superlative per ambiguous phrase
+                it = iter(sup)
+                phrases = [superlative_object(p, next(it), objects) if len(p) > 1 else p for p in phrases]
         return [i for p in phrases for i in p]
     if qtype == "count" and not phrases:
         return list(range(len(objects)))
     return sorted({i for p in phrases for i in p})
 
 
-def look_answer(answer: str, n: int) -> str:
-    """An answer with `n` looked-up tokens before it ("<image> <image>: 2"; n = 0: as it is)."""
+SUPERLATIVES = {"leftmost": (0, min), "rightmost": (0, max), "topmost": (1, min), "bottommost": (1, max)}
+
+
+def superlative_object(ids: Sequence[int], word: str, objects: list[dict]) -> list[int]:
+    """The one object of `ids` that a superlative picks ("leftmost": the least centre x)."""
+    axis, pick = SUPERLATIVES[word]
+    return [pick(ids, key=lambda i: float(objects[i]["center"][axis]))]
+
+
+def look_answer(answer: str, n: int, places: Optional[Sequence[int]] = None) -> str:
+    """An answer with `n` looked-up tokens before it ("<image> <image>: 2"; n = 0: as it is);
+    `places` (n,): a word after each token ("<image> 1 <image> 4: yes")."""
     if n == 0:
         return answer
-    return " ".join([IMAGE_TOKEN] * n) + (" " if ANSWER_MARK in answer else ANSWER_MARK) + answer
+    words = [IMAGE_TOKEN if places is None else f"{IMAGE_TOKEN} {int(p)}" for p in (places or [None] * n)]
+    return " ".join(words) + (" " if ANSWER_MARK in answer else ANSWER_MARK) + answer
 
 
-def look_entry(entry: dict, types: Optional[Sequence[str]] = None) -> tuple[dict, Optional[dict]]:
+def relation_places(question: str, objects: list[dict], ids: Sequence[int]) -> Optional[list[int]]:
+    """A relation question and its two looked objects (indices) -> each one's centre bin along
+    the axis the relation compares (x for left / right, y for above / below); None for any other
+    question or another number of objects."""
+    m = RELATION_QUESTION.search(question)
+    if m is None or len(ids) != 2:
+        return None
+    axis = 0 if m.group(2) in ("to the left of", "to the right of") else 1
+    return [place_bin(float(objects[i]["center"][axis])) for i in ids]
+
+
+def look_entry(entry: dict, types: Optional[Sequence[str]] = None,
+               places: bool = False) -> tuple[dict, Optional[dict]]:
     """An instruct entry of the world -> (the entry with looking answers, {"instances": its image's
     instance map, "turns": per answer turn the instance ids (object index + 1) its tokens are of, in
     writing order}); (the entry, None) where the world wrote no scene beside its image. `types`:
-    only entries of these question types look (the others keep their answers, with turns of [])."""
+    only entries of these question types look (the others keep their answers, with turns of []).
+    `places`: a relation's answer writes each object's place after its token (`relation_places`), its
+    superlatives resolved (`look_objects(resolve=True)`)."""
     scene, inst = world_files(entry["image"])
     if not (scene.is_file() and inst.is_file()):
         return entry, None
@@ -77,9 +114,10 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None) -> tuple[dict
             conv.append(dict(t))
             continue
         looks = types is None or entry.get("type") in types
-        ids = [i + 1 for i in look_objects(entry.get("type"), question, objects)] if looks else []
-        turns.append(ids)
-        conv.append({**t, "value": look_answer(str(t["value"]), len(ids))})
+        idx = look_objects(entry.get("type"), question, objects, resolve=places) if looks else []
+        at = relation_places(question, objects, idx) if places and entry.get("type") == "relation" else None
+        turns.append([i + 1 for i in idx])
+        conv.append({**t, "value": look_answer(str(t["value"]), len(idx), at)})
     return {**entry, "conversations": conv}, {"instances": str(inst), "turns": turns}
 
 
