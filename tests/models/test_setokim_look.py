@@ -89,9 +89,13 @@ def test_relation_answers_write_each_objects_place_on_the_compared_axis(tmp_path
     got, look = look_entry(e, places=True)
     assert got["conversations"][1]["value"] == "<image> 1 <image> 5: yes" and look["turns"] == [[1, 3]]
     assert look_entry(e)[0]["conversations"][1]["value"] == "<image> <image> <image>: yes"   # as before
+    cnt = {**e, "type": "count", "conversations": [{"from": "human", "value": "<image>\nHow many circles are there?"},
+                                                    {"from": "gpt", "value": "3"}]}
+    assert look_entry(cnt, numbers=True)[0]["conversations"][1]["value"] == "<image> 1 <image> 2 <image> 3: 3"
+    assert look_entry(cnt, places=True)[0]["conversations"][1]["value"] == "<image> <image> <image>: 3"
     col = {**e, "type": "color", "conversations": [{"from": "human", "value": "<image>\nWhat color is the star?"},
                                                     {"from": "gpt", "value": "blue"}]}
-    assert look_entry(col, places=True)[0]["conversations"][1]["value"] == "<image>: blue"
+    assert look_entry(col, places=True, numbers=True)[0]["conversations"][1]["value"] == "<image>: blue"
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +152,16 @@ def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
     assert rel and all(placed[i]["conversations"] == ds[i]["conversations"] for i in range(len(ds)) if i not in rel)
     with pytest.raises(UserError, match="look_places is true or false and needs look"):
         ConversationDataset(instruct, "instruct", 32, look_places=True)
+    numbered = ConversationDataset(instruct, "instruct", 32, look=True, look_numbers=True)
+    cnt = [i for i in range(len(ds)) if entries[i]["type"] == "count" and ds[i]["look"]["turns"][0]]
+    for i in cnt:                                  # the count is the last of the numbers 1 .. n
+        words = numbered[i]["conversations"][1]["value"].rsplit(": ", 1)[0].split()
+        assert words[1::2] == [str(k) for k in range(1, len(words) // 2 + 1)] and words[-1] == plain[i][
+            "conversations"][1]["value"]
+    assert cnt and all(numbered[i]["conversations"] == ds[i]["conversations"] for i in range(len(ds))
+                       if entries[i]["type"] != "count")
+    with pytest.raises(UserError, match="look_numbers is true or false and needs look"):
+        ConversationDataset(instruct, "instruct", 32, look_numbers=True)
     from setok_cli.data.conversations import recipe_mixture                 # the recipe row option
     mix = recipe_mixture([{"task": "instruct", "path": str(instruct), "weight": 1.0, "look": True,
                            "look_places": True}], 32)

@@ -18,13 +18,15 @@ tokens just written:
                                                                             the objects of the asked shape
     Is the red circle left of the blue star?   <image> <image>: yes         the red circle, then the star
     (with `look_places`)                       <image> 1 <image> 4: yes     and each one's place on the axis
+    How many circles are there? (`look_numbers`) <image> 1 <image> 2: 2     counted as they are written
 
 (each `<image>` one visual token: the source token holding most of the object's pixels, as an
 edit diff's old token, `attend.object_tokens`; a turn about no object keeps its answer;
 `setok ask` and `setok eval vqa` score the part after the last ": "). The tokens are written in
 generation order, a relation's in the question's order. With `look_places` (a row option) a
 relation's answer writes each object's centre along the compared axis after its token, in
-`shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written.
+`shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written. With
+`look_numbers` a count's answer numbers its tokens as it writes them, so the count is the last number.
 
 Shapes: instance maps (H, W) int, 0 background, object j + 1.
 """
@@ -95,14 +97,15 @@ def relation_places(question: str, objects: list[dict], ids: Sequence[int]) -> O
     return [place_bin(float(objects[i]["center"][axis])) for i in ids]
 
 
-def look_entry(entry: dict, types: Optional[Sequence[str]] = None,
-               places: bool = False) -> tuple[dict, Optional[dict]]:
+def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool = False,
+               numbers: bool = False) -> tuple[dict, Optional[dict]]:
     """An instruct entry of the world -> (the entry with looking answers, {"instances": its image's
     instance map, "turns": per answer turn the instance ids (object index + 1) its tokens are of, in
     writing order}); (the entry, None) where the world wrote no scene beside its image. `types`:
     only entries of these question types look (the others keep their answers, with turns of []).
     `places`: a relation's answer writes each object's place after its token (`relation_places`), its
-    superlatives resolved (`look_objects(resolve=True)`)."""
+    superlatives resolved (`look_objects(resolve=True)`). `numbers`: a count's answer writes the running
+    number after each token ("<image> 1 <image> 2: 2")."""
     scene, inst = world_files(entry["image"])
     if not (scene.is_file() and inst.is_file()):
         return entry, None
@@ -116,6 +119,8 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None,
         looks = types is None or entry.get("type") in types
         idx = look_objects(entry.get("type"), question, objects, resolve=places) if looks else []
         at = relation_places(question, objects, idx) if places and entry.get("type") == "relation" else None
+        if numbers and entry.get("type") == "count":
+            at = list(range(1, len(idx) + 1))
         turns.append([i + 1 for i in idx])
         conv.append({**t, "value": look_answer(str(t["value"]), len(idx), at)})
     return {**entry, "conversations": conv}, {"instances": str(inst), "turns": turns}
