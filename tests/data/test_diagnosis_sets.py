@@ -77,3 +77,32 @@ def test_question_sensitivity_sets_known_scene():
             assert (c, s) not in {(o["color"], o["shape"]) for o in objs}
             assert any(o["color"] == c or o["shape"] == s for o in objs)
     assert qs.question_sets(objs, ("color",)) == {"color": sets["color"]}
+
+
+def test_relation_places_scores_the_written_places(world):
+    from setok_cli.data.formats import load
+    from setok_cli.data.shapes_text import RELATION_QUESTION
+    from setok_cli.models.setokim.look import look_objects, relation_places
+    mod = _module("relation_places")
+    path = world / "train" / "instruct.json"
+    entries = [e for e in load(path, "instruct") if e["type"] == "relation"]
+    assert entries
+    preds, untied = [], 0
+    for k, e in enumerate(entries):               # every other question: the true places, else the first one off
+        objs = json.loads((world / "train" / "scenes" / Path(e["image"]).with_suffix(".json").name).read_text())[
+            "objects"]
+        q = e["conversations"][0]["value"].replace("<image>", " ")
+        a, b = relation_places(q, objs, look_objects("relation", q, objs, resolve=True))
+        a = a if k % 2 == 0 else (a + 3) % 7
+        holds = {"to the left of": a < b, "to the right of": a > b, "above": a < b, "below": a > b}[
+            RELATION_QUESTION.search(q).group(2)]
+        untied += a != b
+        preds.append({"question_id": e["id"], "answer": "yes" if holds else "no",
+                      "reasons": f"<image> {a} <image> {b}: {'yes' if holds else 'no'}"})
+    c = mod.score(load(path, "instruct"), preds, path.parent)
+    n = len(entries)
+    assert c["questions"] == c["places_given"] == n
+    assert c["first_place"] == (n + 1) // 2 and c["second_place"] == n and c["first_within_1"] == (n + 1) // 2
+    assert c["untied"] == untied and c["follows_places"] == untied                 # each answer as its places say
+    truth = sum(p["answer"] == e["conversations"][1]["value"] for p, e in zip(preds, entries))
+    assert c["right"] == truth and c["answered_yes"] == sum(p["answer"] == "yes" for p in preds)
