@@ -33,15 +33,14 @@ def _font(size=11):
 
 
 def _cell(image: np.ndarray, lines: list[str], width: int = CELL) -> Image.Image:
+    """An image with its text lines under it (each wrapped to at most 3 lines)."""
     im = Image.fromarray(image).resize((width, round(image.shape[0] * width / image.shape[1])), Image.NEAREST)
-    out = Image.new("RGB", (width, im.height + TEXT_H), "white")
+    parts = [part for ln in lines for part in textwrap.wrap(ln, width=width // 6)[:3]]
+    out = Image.new("RGB", (width, im.height + max(TEXT_H, 12 * len(parts) + 6)), "white")
     out.paste(im, (0, 0))
     d = ImageDraw.Draw(out)
-    y = im.height + 2
-    for ln in lines:
-        for part in textwrap.wrap(ln, width=width // 6)[:2]:
-            d.text((3, y), part, fill="black", font=_font())
-            y += 12
+    for k, part in enumerate(parts):
+        d.text((3, im.height + 2 + 12 * k), part, fill="black", font=_font())
     return out
 
 
@@ -77,6 +76,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bank", help="edits snap to this token bank (setok edit --bank)")
     ap.add_argument("--diff", action="store_true", help="a 4th row: the edits as token diffs (setok edit --diff)")
+    ap.add_argument("--types", help="row 1 asks only these question types (comma-separated, e.g. relation)")
+    ap.add_argument("--questions-only", action="store_true", help="draw row 1 (the questions) alone")
     a = ap.parse_args(argv)
     import torch
 
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     rows = []
 
     inst = load(split / "instruct.json", "instruct")
-    types = sorted({e.get("type", "all") for e in inst})
+    types = a.types.split(",") if a.types else sorted({e.get("type", "all") for e in inst})
     picked, seen_images = [], set()
     for e in inst:                       # one question per image, cycling over the types
         want = types[len(picked) % len(types)]
@@ -108,9 +109,14 @@ def main(argv=None) -> None:
         img = np.asarray(load_image(e["image"]))
         if toks:                         # a looking answer: the regions of the tokens it wrote, one colour each
             img = looked_picture(img, looked_masks(model, e["image"], toks))
-            ans = f"{final_answer(ans)} ({len(toks)} looked up)"
+            said = [w for w in ans.rsplit(": ", 1)[0].split() if w.isdigit()]          # places (look_places)
+            ans = f"{final_answer(ans)} ({len(toks)} looked up" + (f" at {', '.join(said)})" if said else ")")
         cells.append(_cell(img, [f"Q: {q}", f"A: {ans}", f"truth: {final_answer(e['conversations'][1]['value'])}"]))
     rows.append(_row(cells))
+    if a.questions_only:
+        _save_stacked(rows, a.out)
+        print(f"wrote {a.out}")
+        return
 
     refs = load(split / "referring.json", "referring")[: a.n]
     segs = segment(model, [r["image"] for r in refs], [r["expression"] for r in refs], opts, snap_to_input=a.snap)
