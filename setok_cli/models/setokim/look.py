@@ -82,7 +82,7 @@ def look_answer(answer: str, n: int, places: Optional[Sequence[int]] = None) -> 
     `places` (n,): a word after each token ("<image> 1 <image> 4: yes")."""
     if n == 0:
         return answer
-    words = [IMAGE_TOKEN if places is None else f"{IMAGE_TOKEN} {int(p)}" for p in (places or [None] * n)]
+    words = [IMAGE_TOKEN] * n if places is None else [f"{IMAGE_TOKEN} {int(p)}" for p in places]
     return " ".join(words) + (" " if ANSWER_MARK in answer else ANSWER_MARK) + answer
 
 
