@@ -338,9 +338,12 @@ def test_the_relations_recipe_is_the_look_recipe_with_a_weighed_relation_row():
     look, rel = (dataclasses.asdict(load_recipe(tiny / f)) for f in ("stage3_look.yaml", "stage3_relations.yaml"))
     assert rel["output_dir"] == "runs/tiny-stage3-relations" and rel["train"]["max_steps"] == 3000
     rows = rel["data"].pop("mixture")
-    assert rows[:-1] == look["data"].pop("mixture")
-    assert {k: rows[-1][k] for k in ("task", "path", "weight", "look", "text_weight")} == {
-        "task": "instruct", "path": "data/shapes/train/instruct_relation.json", "weight": 2.0, "look": True,
-        "text_weight": 5.0}
+    # the look recipe's rows, every looking row writing a relation's places, the edit diffs their names
+    want = [{**m, **({"look_places": True} if m.get("look") else {}),
+             **({"names": True} if m["task"] == "edit_diff" else {})} for m in look["data"].pop("mixture")]
+    assert rows[:-1] == want
+    assert {k: rows[-1][k] for k in ("task", "path", "weight", "look", "look_places", "text_weight")} == {
+        "task": "instruct", "path": "data/shapes/train/instruct_relation.json", "weight": 1.0, "look": True,
+        "look_places": True, "text_weight": 2.0}
     rel["train"]["max_steps"] = look["train"]["max_steps"]
     assert {k: v for k, v in rel.items() if k != "output_dir"} == {k: v for k, v in look.items() if k != "output_dir"}
