@@ -53,12 +53,7 @@ def main() -> None:
     m = model.setokim
     for b in range(a.batches):
         batch = ds.collate([ds[i] for i in order[b * bs:(b + 1) * bs]])
-        sets = model.image_token_sets(batch["pixel_values"], batch["image_keys"])
-        regions = model.region_targets(batch)
-        per = torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()
-        samples = [{"id": int(i), "conversations": c, "images": sets[x:y] + ([regions[j]] if j in regions else [])}
-                   for j, (i, c, x, y) in enumerate(zip(batch["index"], batch["conversations"], [0] + per[:-1], per))]
-        inputs.append(m.collate(samples))
+        inputs.append(m.collate(model.samples(batch)))      # the trainer's samples: looks and diffs included
 
     def step(kw, groups, precision=a.precision):
         m.zero_grad(set_to_none=True)

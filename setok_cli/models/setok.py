@@ -165,6 +165,18 @@ class TokenizerOutput:
             return self.labels[i, :gh, :gw]
         return self.labels[i]
 
+    def light(self, i: int) -> "TokenizerOutput":
+        """Image i alone (a batch of one, its padded K kept), without the token vectors, masks,
+        features and images: what finding the token of an object needs (labels, seeds, token_mask,
+        its grid), a few KiB to keep per image. tokens (1, K, 0), masks (1, K, 0, 0), features (1, 0, 0, 0)."""
+        one = slice(i, i + 1)
+        own = lambda t: t.clone()        # copies: a view would keep the whole batch's tensors alive  # noqa: E731
+        return TokenizerOutput(
+            tokens=own(self.tokens[one, :, :0]), token_mask=own(self.token_mask[one]),
+            num_tokens=own(self.num_tokens[one]), masks=own(self.masks[one, :, :0, :0]), labels=own(self.labels[one]),
+            seeds=own(self.seeds[one]), grid=self.grid, features=own(self.features[one, :0, :0, :0]),
+            valid=None if self.valid is None else own(self.valid[one]), image_grids=list(self.image_grids[one]))
+
     def to(self, device) -> "TokenizerOutput":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
                                             for f in dataclasses.fields(self)

@@ -33,11 +33,12 @@ from ..models.setokim.look import look_samples
 from ..models.setokim.heads import CodebookHead
 from ..models.setokim.text import pack_token_sets
 from .recipe import Recipe
+from .token_cache import ImageTokenCache
 
 __all__ = ["Stage2Model", "build_stage2", "build_stage2_model", "meta_stage2_model", "parameter_report"]
 
 
-class Stage2Model(nn.Module):
+class Stage2Model(ImageTokenCache, nn.Module):
     """The trainer's stage model: batch -> {"loss", "text", "visual", "stop", ...}, and with
     `sources` (the mixture's set names) each set's text loss, "text/<task>:<file stem>" (NaN in
     a batch without its items: the trainer's window mean skips it)."""
@@ -56,48 +57,12 @@ class Stage2Model(nn.Module):
         self.cache_tokens = cache_tokens and setokim.config.freeze_tokenizer
         self._cache: dict[str, Tensor] = {}
         self._seeds: dict[str, Tensor] = {}          # with a place head: each cached image's token seeds
+        self._outs: dict[str, object] = {}           # each cached image's SeTok output, light (looks and diffs)
         self._regions: dict[str, Tensor] = {}
         self._diffs: dict[str, tuple] = {}           # edit_diff rows: (old, new) token indices
         self._looks: dict[str, Tensor] = {}          # looking rows: per image, each object's token
         self.sources: list[str] = []                 # `MixtureDataset.names`, set by the stage builders
         self.text_weights: list[float] = []          # `MixtureDataset.text_weights`: each set's text weight
-
-    # ---- image tokens ----------------------------------------------------------------
-    @staticmethod
-    def _arrays(pixel_values: Tensor) -> list:
-        return [(x.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy() for x in pixel_values]
-
-    def _encode(self, pixel_values: Tensor, seeds: bool = False):
-        """The inference pipelines' path (SeTok.tokenize: its own resize and padding), so a
-        user's image is tokenized exactly as the training images were."""
-        return self.setokim.image_token_sets(self._arrays(pixel_values), seeds=seeds)
-
-    def image_token_seeds(self, keys: list[str]) -> list[Tensor]:
-        """The seeds (K_i,) of images already tokenized under `keys` (a place head's targets)."""
-        return [self._seeds[k] for k in keys]
-
-    def image_token_sets(self, pixel_values: Tensor, keys: list[str]) -> list[Tensor]:
-        """pixel_values (N, 3, S, S) in [0, 1], keys: N cache keys -> N token sets (K_i, T) in
-        generation order. With a frozen tokenizer each image is tokenized once."""
-        place = self.setokim.place_head is not None
-        if not self.cache_tokens:
-            if not self.setokim.config.freeze_tokenizer:
-                raise UserError("freeze_tokenizer: false is not supported by stage 2 yet (the tokens are "
-                                "computed without gradients)")
-            if not place:
-                return self._encode(pixel_values)
-            sets, seeds = self._encode(pixel_values, seeds=True)
-            self._seeds = dict(zip(keys, seeds))          # nothing is cached: this batch's only
-            return sets
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
-        if todo:
-            got = self._encode(pixel_values[todo], seeds=place)
-            sets, seeds = got if place else (got, [None] * len(todo))
-            for i, t, sd in zip(todo, sets, seeds):
-                self._cache[keys[i]] = t.detach()
-                if sd is not None:
-                    self._seeds[keys[i]] = sd
-        return [self._cache[k] for k in keys]
 
     def image_tokens(self, pixel_values: Tensor, keys: list[str]) -> tuple[Tensor, Tensor]:
         """As image_token_sets, packed: tokens (N, K, T), token_mask (N, K)."""
@@ -173,6 +138,9 @@ class Stage2Model(nn.Module):
                 chunk = images[a:a + batch_images]
                 arrays = [_read_rgb(p, size) for p, size in chunk]
                 seen = read_images(self.setokim, arrays)
+                if self.cache_tokens and self.reuse_outputs:   # what training reads (the same key): tokenized once
+                    keys = [f"{Path(p).resolve()}@{size}" for p, size in chunk]
+                    self._keep(seen.out, [None if k in self._cache else k for k in keys])
                 keys, masks, rows = [], [], []
                 for r, (img, arr) in enumerate(zip(chunk, arrays)):
                     for key, mask in jobs[img]:
@@ -231,7 +199,10 @@ class Stage2Model(nn.Module):
         return targets
 
     # ---- the step --------------------------------------------------------------------
-    def forward(self, batch: dict) -> dict[str, Tensor]:
+    def samples(self, batch: dict) -> list[dict]:
+        """A batch -> `Setokim.collate`'s samples: each row's conversation and the token sets it
+        reads and writes (its images', a segment answer's region token, the tokens a diff or a look
+        writes), with their seeds under a place head. Every image through the token cache."""
         m = self.setokim
         sets = self.image_token_sets(batch["pixel_values"], batch["image_keys"])
         regions = self.region_targets(batch)
@@ -244,10 +215,16 @@ class Stage2Model(nn.Module):
             for j, (s, a, b) in enumerate(zip(samples, [0] + per_item[:-1], per_item)):
                 k = int(torch.cdist(regions[j].float(), sets[a].float()).argmin()) if j in regions else 0
                 s["seeds"] = seeds[a:b] + ([seeds[a][k:k + 1]] if j in regions else [])
+        outputs = self.outputs_of(batch)
         if any(batch.get("edit_diff") or []):        # the source, its old token, the target's new token
-            diff_samples(m, batch, samples, self._diffs, self._arrays)
+            diff_samples(m, batch, samples, self._diffs, outputs)
         if any(batch.get("look") or []):             # the source, then the tokens its answers look up
-            look_samples(m, batch, samples, self._looks, self._arrays)
+            look_samples(m, batch, samples, self._looks, outputs)
+        return samples
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        m = self.setokim
+        samples = self.samples(batch)
         kw = {k: v.to(m.device) for k, v in m.collate(samples).items()}
         if any(w != 1 for w in self.text_weights):   # a mixture row's `text_weight`
             kw["text_weight"] = torch.tensor(self.text_weights)[batch["source"].clamp(min=0)].to(m.device)

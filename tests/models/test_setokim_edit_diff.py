@@ -125,11 +125,15 @@ def test_object_token_is_the_token_holding_most_of_the_object(model, edits, over
         want = out.tokens[i, int(area.argmax())]
         got = object_token(model, out, i, inst_map, sp["old"])
         assert torch.equal(sets[i][got], want)
+        assert object_token(model, out.light(i), 0, inst_map, sp["old"]) == got      # the image alone, kept light
         checked += 1
     assert checked >= 5
     # diff_tokens: the same indices, the new one from the target scene rendered again
     tgts = [np.asarray(Image.open(e["target"]).convert("RGB")) for e in entries]
     got = diff_tokens(model, [diff_spec(e) for e in entries], srcs, tgts)
+    out_t = model.setok.tokenize(tgts)
+    assert diff_tokens(model, [diff_spec(e) for e in entries], [out.light(i) for i in range(len(srcs))],
+                       [out_t.light(i) for i in range(len(tgts))]) == got
     for i, (e, (old, new)) in enumerate(zip(entries, got)):
         assert (old is None) == (e["edit"]["op"] == "add") and (new is None) == (e["edit"]["op"] == "remove")
         if old is not None:
@@ -157,6 +161,11 @@ def test_stage_rows_write_the_old_and_new_tokens_only(model, edits):
         src, tgt = sets[2 * j], sets[2 * j + 1]
         assert (old is None or 0 <= old < src.shape[0]) and (new is None or 0 <= new < tgt.shape[0])
         assert seeds[2 * j].shape[0] == src.shape[0]
+    # the stage reads the outputs it kept from its token cache: the same indices as tokenizing the images again
+    arr = sm._arrays(batch["pixel_values"])
+    fresh = diff_tokens(model, [it["edit_diff"] for it in items], arr[0::2], arr[1::2])
+    assert [sm._diffs[it["edit_diff"]["key"]] for it in items] == fresh
+    assert len(sm._outs) == len(set(batch["image_keys"]))
 
 
 def test_parse_and_apply_diff():

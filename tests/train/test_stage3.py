@@ -75,6 +75,22 @@ def test_region_targets_up_front_equal_batch_by_batch(stage3_runs, monkeypatch):
     images = {ds.sets[0].segment_entry(i)[0] for i in range(len(ds.sets[0]))}
     assert sum(decoded) == len(images) < len(want)            # each image once, not once per expression
     assert ahead.fit_region_targets(ds, progress=False) == 0  # all cached
+    # the images it read fill the token cache: training reads them without tokenizing again, and gets the same
+    # tokens, seeds and object lookups as a fresh tokenization
+    batch = ds.collate(items[:6])
+    assert set(batch["image_keys"]) <= ahead._cache.keys() == ahead._outs.keys()
+    tokenized = []
+    real_tok = setokim.setok.tokenize
+    monkeypatch.setattr(setokim.setok, "tokenize", lambda imgs, *a, **k: tokenized.append(len(imgs))
+                        or real_tok(imgs, *a, **k))
+    kept = ahead.image_token_sets(batch["pixel_values"], batch["image_keys"])
+    assert tokenized == []
+    fresh = Stage2Model(setokim)
+    for a, b in zip(kept, fresh.image_token_sets(batch["pixel_values"], batch["image_keys"])):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    for k in batch["image_keys"]:
+        assert torch.equal(ahead._seeds[k], fresh._seeds[k]) if fresh._seeds else True
+        assert torch.equal(ahead._outs[k].labels, fresh._outs[k].labels)
 
 
 def test_place_head_gets_the_segment_answers_seed(stage3_runs, monkeypatch):

@@ -162,24 +162,34 @@ def object_token(model, out, i: int, instances: np.ndarray, inst: int) -> int:
     return int(tokens[inst]) if inst < tokens.shape[0] else 0
 
 
+def _per_image(model, images: list) -> list[tuple]:
+    """uint8 images (tokenized here, as one batch) or each image's own SeTok output (a batch of
+    one, `TokenizerOutput.light`) -> per image (output, row)."""
+    from ..setok import TokenizerOutput
+    if images and all(isinstance(x, TokenizerOutput) for x in images):
+        return [(x, 0) for x in images]
+    out = model.setok.tokenize(list(images))
+    return [(out, i) for i in range(len(images))]
+
+
 @torch.no_grad()
-def diff_tokens(model, specs: list[dict], sources: list[np.ndarray], targets: list[np.ndarray]) -> list[tuple]:
-    """Per edit (spec, source and target images (S, S, 3) uint8) -> (old index into the source's
-    token set or None, new index into the target's or None), both in generation order."""
+def diff_tokens(model, specs: list[dict], sources: list, targets: list) -> list[tuple]:
+    """Per edit (spec, source and target images (S, S, 3) uint8, or their SeTok outputs of one
+    image each) -> (old index into the source's token set or None, new index into the target's
+    or None), both in generation order."""
     from PIL import Image
 
     from ...data.shapes_world import render
-    out_s = model.setok.tokenize(sources)
-    out_t = model.setok.tokenize(targets)
+    src, tgt = _per_image(model, sources), _per_image(model, targets)
     res = []
-    for i, sp in enumerate(specs):
+    for sp, (out_s, i), (out_t, k) in zip(specs, src, tgt):
         old = new = None
         if sp["old"] is not None:
             with Image.open(sp["source_instances"]) as im:
                 old = object_token(model, out_s, i, np.asarray(im), sp["old"])
         if sp["new"] is not None:
             scene = json.loads(Path(sp["target_scene"]).read_text())
-            new = object_token(model, out_t, i, render(scene, int(scene.get("size", 64))).instances, sp["new"])
+            new = object_token(model, out_t, k, render(scene, int(scene.get("size", 64))).instances, sp["new"])
         res.append((old, new))
     return res
 
@@ -272,19 +282,19 @@ def snap_new(model, new: Tensor, layouts: Tensor, dropped: Optional[int], bank: 
     return model.denormalize(tok)[0], placed[0].cpu()
 
 
-def diff_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -> None:
+def diff_samples(model, batch: dict, samples: list[dict], cache: dict, outputs) -> None:
     """Stage II/III: each `edit_diff` row's sample images [source, target] (and their seeds) ->
     [source, its old token, the target's new token] as its answer writes them, in place.
-    The token indices are computed once per edit (`cache`); `arrays` turns pixel values into
-    the uint8 images the tokenizer reads."""
+    The token indices are computed once per edit (`cache`); `outputs(rows)` gives the SeTok
+    output of each of those batch images (one image each: the stage model keeps them from
+    computing its token sets, so no image is tokenized twice)."""
     specs = batch.get("edit_diff") or []
     first = [0] + torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()[:-1]
     items = [(j, sp) for j, sp in enumerate(specs) if sp is not None]
     todo = [(j, sp) for j, sp in items if sp["key"] not in cache]
     if todo:
-        pix = batch["pixel_values"]
-        got = diff_tokens(model, [sp for _, sp in todo], arrays(pix[[first[j] for j, _ in todo]]),
-                          arrays(pix[[first[j] + 1 for j, _ in todo]]))
+        got = diff_tokens(model, [sp for _, sp in todo], outputs([first[j] for j, _ in todo]),
+                          outputs([first[j] + 1 for j, _ in todo]))
         cache.update({sp["key"]: t for (_, sp), t in zip(todo, got)})
     for j, sp in items:
         old, new = cache[sp["key"]]

@@ -127,11 +127,11 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
 
 
 @torch.no_grad()
-def look_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -> None:
+def look_samples(model, batch: dict, samples: list[dict], cache: dict, outputs) -> None:
     """Stage II/III: each looking row's sample images [source] (and seeds) -> [source, then one
     source token per looked-up object, as its answers write them], in place. Each image's
-    object tokens are computed once (`cache`, by image key); `arrays` turns pixel values into
-    the uint8 images the tokenizer reads."""
+    object tokens are computed once (`cache`, by image key); `outputs(rows)` gives the SeTok
+    output of each of those batch images (one image each, as `diff_samples` takes them)."""
     from PIL import Image
     looks = batch.get("look") or []
     first = [0] + torch.as_tensor(batch["image_counts"]).cumsum(0).tolist()[:-1]
@@ -140,10 +140,9 @@ def look_samples(model, batch: dict, samples: list[dict], cache: dict, arrays) -
             if batch["image_keys"][first[j]] not in cache}
     if todo:
         keys = list(todo)
-        out = model.setok.tokenize(arrays(batch["pixel_values"][[todo[k][0] for k in keys]]))
-        for i, k in enumerate(keys):
+        for k, out in zip(keys, outputs([todo[k][0] for k in keys])):
             with Image.open(todo[k][1]) as im:
-                cache[k] = object_tokens(model, out, i, np.asarray(im))
+                cache[k] = object_tokens(model, out, 0, np.asarray(im))
     for j, lk in items:
         tokens = cache[batch["image_keys"][first[j]]]
         idx = [int(tokens[i]) if i < len(tokens) else 0 for ids in lk["turns"] for i in ids]
