@@ -57,6 +57,7 @@ def main() -> None:
 
     def step(kw, groups, precision=a.precision):
         m.zero_grad(set_to_none=True)
+        torch.manual_seed(0)            # the same training-time draws (place_dropout) for every grouping
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = m(**kw, row_groups=groups)

@@ -168,6 +168,27 @@ def test_stage_rows_write_the_old_and_new_tokens_only(model, edits):
     assert len(sm._outs) == len(set(batch["image_keys"]))
 
 
+def test_stage_tokens_benchmark_reuses_outputs_for_the_same_samples(model, edits):
+    """benchmarks/stage_tokens.py: both ways give the same samples; reusing sends fewer images through SeTok."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "stage_tokens.py"
+    spec = importlib.util.spec_from_file_location("stage_tokens", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from setok_cli.train.stage2 import Stage2Model
+    ds = ConversationDataset(edits, "edit_diff", image_size=32)
+    batches = [collate_conversations_batch([ds[i] for i in range(a, a + 4)]) for a in (0, 4, 0)]   # the last again
+    with torch.no_grad():
+        before, want = bench._run(Stage2Model(model), ds, batches, reuse=False)
+        after, got = bench._run(Stage2Model(model), ds, batches, reuse=True)
+    assert [[w.shape for w in x] for x in want] == [[g.shape for g in x] for x in got]
+    assert all(torch.allclose(w, g, atol=1e-5) for x, y in zip(want, got) for w, g in zip(x, y))
+    distinct = {k for b in batches for k in b["image_keys"]}
+    assert after["batches_images"] == len(distinct) < before["batches_images"]     # each image once
+    assert "forward" not in model.setok.__dict__                                  # the counter is taken off
+
+
 def test_parse_and_apply_diff():
     a, b = torch.ones(1, 4), 2 * torch.ones(1, 4)
     assert parse_diff("Remove", [a])[0] is not None and parse_diff("Remove", [a])[1] is None
