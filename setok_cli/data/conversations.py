@@ -41,8 +41,8 @@ from ..models.setokim.text import IMAGE_TOKEN, TASK_PROMPTS, UNCOND_GENERATE
 from .datasets import _read_rgb
 from .formats import load
 
-__all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "collate_conversations_batch", "read_mask",
-           "recipe_mixture", "task_conversation"]
+__all__ = ["CONVERSATION_TASKS", "ConversationDataset", "MixtureDataset", "collate_conversations_batch", "image_key",
+           "read_mask", "recipe_mixture", "task_conversation"]
 
 # task -> the SPEC kind of the file it reads
 CONVERSATION_TASKS = {"caption": "pairs", "generate": "pairs", "generate_uncond": "pairs", "edit": "edits",
@@ -142,6 +142,11 @@ def question_objects(conv: Sequence[dict], image: str) -> Optional[dict]:
     return {"instances": str(inst), "turns": turns}
 
 
+def image_key(path, size: Optional[int]) -> str:
+    """The key an image (or a mask) is cached under in training: its resolved path and the size it is read at."""
+    return f"{Path(path).resolve()}@{size}"
+
+
 class ConversationDataset(Dataset):
     """One SPEC file read as one task. Items: {"index", "conversations", "pixel_values":
     [(3, S, S) float in [0, 1]], "image_keys": [str]}. `turns` (chat only): at most this many
@@ -212,7 +217,7 @@ class ConversationDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         conv, paths = self.items[i]
         pix = [torch.from_numpy(_read_rgb(p, self.image_size)).permute(2, 0, 1).float() / 255.0 for p in paths]
-        keys = [f"{Path(p).resolve()}@{self.image_size}" for p in paths]
+        keys = [image_key(p, self.image_size) for p in paths]
         item = {"index": self.index_offset + i, "conversations": conv, "pixel_values": pix, "image_keys": keys,
                 "task": self.task, "segment": None}
         if self.task == "segment":
@@ -231,7 +236,7 @@ class ConversationDataset(Dataset):
         if self.task != "segment":
             raise ValueError(f"{self.path}: a {self.task} set has no segment entries")
         e = self.entries[i]
-        return self.items[i][1][0], e["mask"], f"{Path(e['mask']).resolve()}@{self.image_size}"
+        return self.items[i][1][0], e["mask"], image_key(e["mask"], self.image_size)
 
 
 def recipe_mixture(rows, image_size: Optional[int], seed: int = 0) -> "MixtureDataset":

@@ -117,7 +117,7 @@ class Stage2Model(ImageTokenCache, nn.Module):
         each image decoded once for all of its referring expressions (`region_targets`
         would decode it once per expression), `batch_images` images per call. The same
         targets as computing them batch by batch. Returns how many were computed."""
-        from ..data.conversations import read_mask
+        from ..data.conversations import image_key, read_mask
         from ..data.datasets import _read_rgb
         from ..models.setokim.regions import best_region_tokens, read_images
         sets = getattr(dataset, "sets", [dataset])
@@ -139,7 +139,7 @@ class Stage2Model(ImageTokenCache, nn.Module):
                 arrays = [_read_rgb(p, size) for p, size in chunk]
                 seen = read_images(self.setokim, arrays)
                 if self.cache_tokens and self.reuse_outputs:   # what training reads (the same key): tokenized once
-                    keys = [f"{Path(p).resolve()}@{size}" for p, size in chunk]
+                    keys = [image_key(p, size) for p, size in chunk]
                     self._keep(seen.out, [None if k in self._cache else k for k in keys])
                 keys, masks, rows = [], [], []
                 for r, (img, arr) in enumerate(zip(chunk, arrays)):

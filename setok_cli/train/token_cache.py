@@ -58,13 +58,12 @@ class ImageTokenCache:
         when its tokens were cached, so looks and diffs do not tokenize an image again; images
         not kept (no token cache) are tokenized here."""
         todo = [i for i, k in enumerate(keys) if k not in self._outs]
+        got = {}
         if todo:
             out = self._tokenize(pixel_values[todo])
             got = {keys[i]: out.light(j) for j, i in enumerate(todo)}
             if self.cache_tokens and self.reuse_outputs:
                 self._outs.update(got)
-        else:
-            got = {}
         return [got[k] if k in got else self._outs[k] for k in keys]
 
     def image_token_seeds(self, keys: list[str]) -> list[Tensor]:
