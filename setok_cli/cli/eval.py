@@ -59,13 +59,20 @@ mBO trained vs untrained, image <-> caption retrieval R@1/R@5.
 @click.option("--grid", type=click.Path(dir_okay=False),
               help="reconstruct: write originals / reconstructions / canvas / segments of the first batch as a PNG.")
 @click.option("--threads", type=click.IntRange(1), help="reconstruct: CPU threads (default: torch's).")
+@click.option("--against", type=click.Path(),
+              help="vqa, caption, segment, generate, edit: a second predictions JSON of the same --data; prints "
+                   "--pred minus --against for each metric with a 95% paired-bootstrap interval over the items.")
+@click.option("--resamples", type=click.IntRange(100), default=2000, show_default=True,
+              help="--against: bootstrap resamples (seeded by --seed, default 0).")
 def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_tokens, batch_size, limit,
-             steps, seed, grid, threads):
+             steps, seed, grid, threads, against, resamples):
     """Score TASK (tokenizer, reconstruct, vqa, caption, segment, generate, edit) on --data."""
     from ..errors import UserError
     from ..eval import harness as T
 
     tok_opts = dict(encoder=encoder, mode=mode, k=k, bandwidth=bandwidth, max_tokens=max_tokens)
+    if against is not None:
+        return _compare(task, data, pred, against, limit, resamples, seed, as_json)
     rec_opts = dict(steps=steps, seed=seed, grid=grid, threads=threads)
     if task != "reconstruct" and any(v is not None for v in rec_opts.values()):
         raise UserError(f"--steps/--seed/--grid/--threads apply to the reconstruct task only, not {task}")
@@ -106,6 +113,31 @@ def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_
         for shape, counts in rows.items():
             shape_table.add_row(shape, *(str(counts[c]) for c in cols))
         console.print(shape_table)
+
+def _compare(task, data, pred, against, limit, resamples, seed, as_json) -> None:
+    from ..errors import UserError
+    from ..eval.compare import COMPARED, compare
+
+    if task not in COMPARED:
+        raise UserError(f"--against compares prediction files: {', '.join(COMPARED)}, not {task}")
+    if pred is None:
+        raise UserError("--against needs --pred: the predictions compared against it")
+    res = compare(task, data, pred, against, limit=limit, resamples=resamples, seed=0 if seed is None else seed)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"setok eval {task}: --pred minus --against, 95% paired-bootstrap interval "
+                        f"({resamples} resamples)")
+    for col in ("metric", "--pred", "--against", "difference", "95% interval", "items"):
+        table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
+    for metric, d in res["diff"].items():
+        interval = "-" if d["lo"] is None else f"{d['lo']:+.4f} .. {d['hi']:+.4f}"
+        table.add_row(metric, _fmt(d["a"]), _fmt(d["b"]), f"{d['diff']:+.4f}", interval, str(d["items"]))
+    Console().print(table)
+
 
 def _reconstruct(data, model, as_json, batch_size, limit, tok_opts, steps, seed, grid, threads) -> dict:
     from ..errors import UserError

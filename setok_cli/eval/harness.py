@@ -17,7 +17,6 @@ keys below; data entries without a prediction count as wrong and are reported as
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from ..data.shapes_text import final_answer
 from ..errors import UserError
 from ..files import load_ids
 from . import metrics as M
+from . import tokenizer_eval as _tokenizer_eval
 
 TASKS = ("tokenizer", "vqa", "caption", "segment", "generate", "edit")
 
@@ -129,81 +129,7 @@ def _name(path: str) -> str:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def eval_tokenizer(data: str, tokenizer=None, model=None, encoder=None, mode=None, k=None, bandwidth=None,
-                   max_tokens=None, batch_size: int = 16, limit: int | None = None, progress: bool = False) -> dict:
-    """FG-ARI, mBO and token counts of a tokenizer on objects (or pairs with instances).
-
-    FG-ARI: the instance PNG is resampled to the tokenizer's patch grid by a majority
-    vote of 4 x 4 sample points per patch; ARI between token labels and instance ids over
-    patches whose id is > 0, averaged over images. mBO: token labels are upsampled to
-    pixels (nearest patch); for each object the best IoU with any token region (the
-    background's tokens included as candidates); mean over all objects of all images.
-    mBO_grid: the same on the patch grid against the resampled instances (objects
-    smaller than a patch drop out), which separates clustering quality from the grid's
-    resolution limit.
-    """
-    from PIL import Image
-
-    kind, entries = formats.load_kind(data, ("objects", "pairs"))
-    entries = [e for e in entries if "instances" in e]
-    if not entries:
-        raise UserError(f"{data} has no entries with 'instances' (instance PNGs are needed for FG-ARI and mBO)")
-    if limit is not None:
-        entries = entries[:limit]
-    if tokenizer is None:
-        try:
-            from ..models.setok import load_tokenizer
-        except ImportError as e:
-            raise UserError(f"the SeTok tokenizer is not available in this install ({e})") from None
-        overrides = {k_: v for k_, v in dict(model=model, encoder=encoder, mode=mode, k=k, bandwidth=bandwidth,
-                                             max_tokens=max_tokens).items() if v is not None}
-        tokenizer = load_tokenizer(**overrides)
-
-    aris, overlaps, overlaps_grid, tokens, n_objects = [], [], [], [], 0
-    grid = None
-    seconds = 0.0
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("tokenize", total=len(entries))
-    try:
-        for b in range(0, len(entries), batch_size):
-            batch = entries[b:b + batch_size]
-            images = [Image.fromarray(load_image(e["image"])) for e in batch]
-            t = time.perf_counter()
-            out = tokenizer.tokenize(images)
-            seconds += time.perf_counter() - t
-            labels = _np(out.labels)
-            num = _np(out.num_tokens).reshape(-1)
-            grid = tuple(int(g) for g in (out.grid if getattr(out, "grid", None) is not None else labels.shape[1:]))
-            for i, e in enumerate(batch):
-                ids = load_ids(e["instances"])
-                lab = labels[i]
-                ids_g = M.resample_ids(ids, lab.shape)
-                aris.append(M.fg_ari(lab, ids_g))
-                overlaps += M.best_overlap(M.upsample_labels(lab, ids.shape), ids)
-                overlaps_grid += M.best_overlap(lab, ids_g)
-                tokens.append(int(num[i]))
-                n_objects += int(len(np.unique(ids[ids > 0])))
-            if bar is not None:
-                bar.advance(task, len(batch))
-    finally:
-        if bar is not None:
-            bar.stop()
-    return {"task": "tokenizer", "data": str(data), "images": len(entries), "objects": n_objects,
-            "fg_ari": _mean(aris), "mbo": _mean(overlaps), "mbo_grid": _mean(overlaps_grid),
-            "tokens_per_image": float(np.mean(tokens)), "tokens_per_object": sum(tokens) / max(1, n_objects),
-            "objects_per_image": n_objects / len(entries), "grid": list(grid) if grid else None,
-            "images_per_s": len(entries) / seconds if seconds > 0 else None}
-
-
-def _np(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
+eval_tokenizer, _np = _tokenizer_eval.eval_tokenizer, _tokenizer_eval._np     # in their own module
 
 
 # ----------------------------------------------------------------------------- vqa
@@ -222,8 +148,9 @@ def vqa_questions(entries: list[dict]) -> list[dict]:
     return qs
 
 
-def eval_vqa(data: str, pred: str, limit: Optional[int] = None) -> dict:
-    """Exact match of `final_answer`s after `normalize_answer`, overall and per question type."""
+def eval_vqa(data: str, pred: str, limit: Optional[int] = None, tally=None) -> dict:
+    """Exact match of `final_answer`s after `normalize_answer`, overall and per question type.
+    `tally` (`compare.Tally`): filled per question."""
     entries = list(formats.load(data, "instruct", check_files=False))[:limit]
     qs = vqa_questions(entries)
     preds = read_predictions(pred, {"question_id": "the instruct entry's id", "answer": "the model's answer"},
@@ -239,10 +166,15 @@ def eval_vqa(data: str, pred: str, limit: Optional[int] = None) -> dict:
             by_id[qs[i]["id"]] = p["answer"]
     per_type: dict[str, list[bool]] = defaultdict(list)
     missing = 0
-    for q in qs:
+    for j, q in enumerate(qs):
         a = by_id.get(q["id"])
         missing += a is None
         per_type[q["type"]].append(a is not None and M.exact_match(final_answer(str(a)), final_answer(q["answer"])))
+        if tally is not None:
+            tally.add("accuracy", j, per_type[q["type"]][-1])
+            tally.add(f"accuracy/{q['type']}", j, per_type[q["type"]][-1])
+    if tally is not None:
+        tally.n = len(qs)
     allc = [c for v in per_type.values() for c in v]
     out = {"task": "vqa", "data": str(data), "questions": len(qs), "missing": missing,
            "accuracy": float(np.mean(allc)) if allc else None}
@@ -266,21 +198,27 @@ def _truth_objects(entry: dict, scene_key: str = "scene", caption_key: str = "ca
     return objs
 
 
-def eval_caption(data: str, pred: str, limit: Optional[int] = None) -> dict:
+def eval_caption(data: str, pred: str, limit: Optional[int] = None, tally=None) -> dict:
     """Recall and precision of scene facts (objects, colours, shapes, counts) stated in
-    the captions, micro-averaged over the data set, per fact type and overall."""
+    the captions, micro-averaged over the data set, per fact type and overall. `tally`
+    (`compare.Tally`): filled per caption."""
     entries = list(formats.load(data, "pairs", check_files=False))[:limit]
     preds = read_predictions(pred, {"image_key": "the image the caption is for", "caption": "the caption"},
                              {"image_key": ("image",)}, paths=("image",), match_keys=("image_key",))
     aligned = _index(preds, [_name(e["image"]) for e in entries], lambda p: _name(p["image_key"]))
     tot = defaultdict(lambda: np.zeros(3, np.int64))
     missing = 0
-    for e, p in zip(entries, aligned):
+    for j, (e, p) in enumerate(zip(entries, aligned)):
         truth = M.scene_facts(_truth_objects(e))
         missing += p is None
         stated = M.caption_facts(p["caption"]) if p is not None else {}
-        for k, v in M.fact_scores(stated, truth).items():
-            tot[k] += v
+        for k, (hit, said, true) in M.fact_scores(stated, truth).items():
+            tot[k] += (hit, said, true)
+            for m in (("", f"/{k}") if tally is not None else ()):
+                tally.add(f"recall{m}", j, hit, true)
+                tally.add(f"precision{m}", j, hit, said)
+    if tally is not None:
+        tally.n = len(entries)
     out = {"task": "caption", "data": str(data), "captions": len(entries), "missing": missing}
     allv = sum(tot.values())
     out["recall"] = float(allv[0] / allv[2]) if allv[2] else None
@@ -305,10 +243,11 @@ def _resize_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return a[ys][:, xs]
 
 
-def eval_segment(data: str, pred: str, limit: Optional[int] = None) -> dict:
+def eval_segment(data: str, pred: str, limit: Optional[int] = None, tally=None) -> dict:
     """mIoU (mean of per-expression IoU), cIoU (total intersection / total union) and
     precision at IoU 0.5. Predicted masks: PNG, foreground = value > 127 (or > 0 for a
-    0/1 mask), resized to the reference mask by nearest neighbour if needed."""
+    0/1 mask), resized to the reference mask by nearest neighbour if needed. `tally`
+    (`compare.Tally`): filled per expression."""
     entries = list(formats.load(data, "referring", check_files=False))[:limit]
     aligned = _align_by_image_and_text(pred, entries, "image", "expression", "mask",
                                        ("the image", "the referring expression", "the predicted mask PNG"))
@@ -325,6 +264,13 @@ def eval_segment(data: str, pred: str, limit: Optional[int] = None) -> dict:
         inter, union = inter + i, union + u
         ious.append(1.0 if u == 0 else i / u)
         by_form[expression_form(e["expression"])].append(ious[-1])
+        if tally is not None:
+            j = len(ious) - 1
+            tally.add("miou", j, ious[-1])
+            tally.add("ciou", j, i, u)
+            tally.add("precision@0.5", j, ious[-1] >= 0.5)
+    if tally is not None:
+        tally.n = len(entries)
     out = {"task": "segment", "data": str(data), "expressions": len(entries), "missing": missing,
            "miou": _mean(ious), "ciou": inter / union if union else None,
            "precision@0.5": float(np.mean([x >= 0.5 for x in ious])) if ious else None}
@@ -360,20 +306,21 @@ def _norm_text(s: str) -> str:
     return " ".join(str(s).lower().split())
 
 
-def eval_generate(data: str, pred: str, limit: Optional[int] = None) -> dict:
+def eval_generate(data: str, pred: str, limit: Optional[int] = None, tally=None) -> dict:
     """Scene-parse accuracy of generated images against their captions: the parser's
     objects are matched one to one with the caption's (colour, shape) objects (positions
     are not in a caption, so not scored). object_recall = matched / true objects,
     object_precision = matched / parsed objects, count_accuracy = the parsed count is
-    right, scene_accuracy = all objects right and nothing extra."""
+    right, scene_accuracy = all objects right and nothing extra. `tally` (`compare.Tally`):
+    filled per image."""
     entries = list(formats.load(data, "pairs", check_files=False))[:limit]
     preds = read_predictions(pred, {"caption": "the prompt", "image": "the generated PNG"},
                              {"caption": ("prompt",)}, paths=("image",), match_keys=("caption",))
     aligned = _index(preds, [_norm_text(e["caption"]) for e in entries], lambda p: _norm_text(p["caption"]))
-    return _score_images(entries, aligned, lambda e: _truth_objects(e), None, "generate", data)
+    return _score_images(entries, aligned, lambda e: _truth_objects(e), None, "generate", data, tally=tally)
 
 
-def _score_images(entries, aligned, truth_of, pos_tol, task, data, extra=None) -> dict:
+def _score_images(entries, aligned, truth_of, pos_tol, task, data, extra=None, tally=None) -> dict:
     from ..data.scene_parser import match_objects, parse_scene
 
     correct = n_gt = n_pred = 0
@@ -389,8 +336,15 @@ def _score_images(entries, aligned, truth_of, pos_tol, task, data, extra=None) -
         correct, n_gt, n_pred = correct + m["correct"], n_gt + m["n_gt"], n_pred + m["n_pred"]
         exact.append(m["correct"] == m["n_gt"] == m["n_pred"])
         counts.append(m["n_pred"] == m["n_gt"])
+        if tally is not None:
+            tally.add("scene_accuracy", idx, exact[-1])
+            tally.add("object_recall", idx, m["correct"], m["n_gt"])
+            tally.add("object_precision", idx, m["correct"], m["n_pred"])
+            tally.add("count_accuracy", idx, counts[-1])
         if extra is not None:
-            extra(e, p, parsed, gt, m)
+            extra(idx, e, p, parsed, gt, m)
+    if tally is not None:
+        tally.n = len(entries)
     return {"task": task, "data": str(data), "images": len(entries), "missing": missing,
             "scene_accuracy": float(np.mean(exact)) if exact else None,
             "object_recall": correct / n_gt if n_gt else None,
@@ -398,13 +352,14 @@ def _score_images(entries, aligned, truth_of, pos_tol, task, data, extra=None) -
             "count_accuracy": float(np.mean(counts)) if counts else None}
 
 
-def eval_edit(data: str, pred: str, pos_tol: float = 0.1, limit: Optional[int] = None) -> dict:
+def eval_edit(data: str, pred: str, pos_tol: float = 0.1, limit: Optional[int] = None, tally=None) -> dict:
     """Edited images against their targets: scene-parse accuracy with positions (centres
     within `pos_tol` of the image side), L1 to the target image (mean absolute difference
     in [0, 1]) and preservation (the fraction of objects the edit should leave untouched,
     per the entry's "edit.preserved" target ids, that are found unchanged). Entries whose
     "edit" names its `op` (the shapes world's) are also scored per op (`metrics.edit_applied`):
-    `applied/{op}` (`applied`: over all), the share whose edit shows, `kept/{op}`, `images/{op}`."""
+    `applied/{op}` (`applied`: over all), the share whose edit shows, `kept/{op}`, `images/{op}`.
+    `tally` (`compare.Tally`): filled per edit."""
     from ..data.scene_parser import parse_scene
 
     entries = list(formats.load(data, "edits", check_files=False))[:limit]
@@ -417,7 +372,7 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1, limit: Optional[int] =
         scene = load_scene(e.get("target_scene"))
         return scene["objects"] if scene is not None else parse_scene(load_image(e["target"]))
 
-    def extra(e, p, parsed, gt, m):
+    def extra(i, e, p, parsed, gt, m):
         nonlocal kept, keep_total
         target = load_image(e["target"])
         if p is not None:
@@ -439,8 +394,15 @@ def eval_edit(data: str, pred: str, pos_tol: float = 0.1, limit: Optional[int] =
         if applied is not None:
             row = per_op[ed["op"]]
             row[:] = [row[0] + 1, row[1] + applied, row[2] + k, row[3] + len(preserved)]
+        if tally is not None:
+            tally.add("l1", i, l1s[-1])
+            tally.add("preservation", i, k, len(preserved or []))
+            if applied is not None:
+                for m_ in ("applied", f"applied/{ed['op']}"):
+                    tally.add(m_, i, applied)
+                tally.add(f"kept/{ed['op']}", i, k, len(preserved))
 
-    out = _score_images(entries, aligned, truth, pos_tol, "edit", data, extra)
+    out = _score_images(entries, aligned, truth, pos_tol, "edit", data, extra, tally=tally)
     out["l1"] = _mean(l1s)
     out["preservation"] = kept / keep_total if keep_total else None
     if per_op:            # "edits right": a copy of the source keeps every object and applies none
