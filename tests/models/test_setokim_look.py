@@ -347,3 +347,25 @@ def test_the_relations_recipe_is_the_look_recipe_with_a_weighed_relation_row():
         "look_places": True, "text_weight": 2.0}
     rel["train"]["max_steps"] = look["train"]["max_steps"]
     assert {k: v for k, v in rel.items() if k != "output_dir"} == {k: v for k, v in look.items() if k != "output_dir"}
+
+
+def test_existence_cases_sort_each_question_and_score_its_answer(instruct):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "existence_cases", Path(__file__).resolve().parents[2] / "benchmarks" / "existence_cases.py")
+    ec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ec)
+    from setok_cli.data.formats import load
+    entries = load(instruct, "instruct")
+    truths = {e["id"]: look_entry(e)[0]["conversations"][1]["value"] for e in entries if e["type"] == "exist"}
+    assert truths and ec.case_of("<image> <image>: no") == "other colour" and ec.case_of("no") == "shape absent"
+    right = ec.score(entries, [{"question_id": i, "answer": t.rsplit(": ", 1)[-1], "reasons": t}
+                               for i, t in truths.items()])
+    n = {c: sum(ec.case_of(t) == c for t in truths.values()) for c in ec.CASES}
+    assert {c: r["questions"] for c, r in right.items()} == n
+    assert all(r["right"] == r["tokens_as_truth"] == r["questions"] for r in right.values())
+    assert right["shape absent"]["wrote_nothing"] == n["shape absent"]
+    # always one token and "yes": right only where the answer is yes, never writing nothing
+    yes = ec.score(entries, [{"question_id": i, "answer": "yes", "reasons": "<image>: yes"} for i in truths])
+    assert yes["present"]["right"] == n["present"] and yes["other colour"]["right"] == 0
+    assert yes["shape absent"]["right"] == yes["shape absent"]["wrote_nothing"] == 0
