@@ -330,7 +330,7 @@ def test_the_look_recipe_is_the_stage3_recipe_with_looking_question_rows():
     assert {k: v for k, v in look.items() if k != "output_dir"} == {k: v for k, v in base.items() if k != "output_dir"}
 
 
-def test_the_relations_recipe_is_the_look_recipe_with_a_weighed_relation_row():
+def test_the_relations_recipe_is_the_look_recipe_with_relation_and_existence_rows():
     import dataclasses
 
     from setok_cli.train.recipe import load_recipe
@@ -341,10 +341,14 @@ def test_the_relations_recipe_is_the_look_recipe_with_a_weighed_relation_row():
     # the look recipe's rows, every looking row writing a relation's places, the edit diffs their names
     want = [{**m, **({"look_places": True} if m.get("look") else {}),
              **({"names": True} if m["task"] == "edit_diff" else {})} for m in look["data"].pop("mixture")]
-    assert rows[:-1] == want
-    assert {k: rows[-1][k] for k in ("task", "path", "weight", "look", "look_places", "text_weight")} == {
+    assert rows[:-2] == want
+    assert {k: rows[-2][k] for k in ("task", "path", "weight", "look", "look_places", "text_weight")} == {
         "task": "instruct", "path": "data/shapes/train/instruct_relation.json", "weight": 1.0, "look": True,
         "look_places": True, "text_weight": 2.0}
+    # every existence question, explained by shape as the question rows' existence answers are
+    assert rows[-1] == {"task": "instruct", "path": "data/shapes/train/instruct_exist_explained_shape.json",
+                        "weight": 0.5, "look": True, "text_weight": 2}
+    assert want[0]["path"] == "data/shapes/train/instruct_explained_exist_shape.json"
     rel["train"]["max_steps"] = look["train"]["max_steps"]
     assert {k: v for k, v in rel.items() if k != "output_dir"} == {k: v for k, v in look.items() if k != "output_dir"}
 
