@@ -72,6 +72,9 @@ def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_
 
     tok_opts = dict(encoder=encoder, mode=mode, k=k, bandwidth=bandwidth, max_tokens=max_tokens)
     if against is not None:
+        if any(v is not None for v in (model, batch_size, steps, grid, threads, *tok_opts.values())):
+            raise UserError("--against compares two prediction files: --model/--encoder/--mode/--k/--bandwidth/"
+                            "--max-tokens/--batch-size/--steps/--grid/--threads do not apply")
         return _compare(task, data, pred, against, limit, resamples, seed, as_json)
     rec_opts = dict(steps=steps, seed=seed, grid=grid, threads=threads)
     if task != "reconstruct" and any(v is not None for v in rec_opts.values()):
@@ -113,6 +116,7 @@ def eval_cmd(task, data, pred, as_json, model, encoder, mode, k, bandwidth, max_
         for shape, counts in rows.items():
             shape_table.add_row(shape, *(str(counts[c]) for c in cols))
         console.print(shape_table)
+
 
 def _compare(task, data, pred, against, limit, resamples, seed, as_json) -> None:
     from ..errors import UserError

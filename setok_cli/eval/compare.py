@@ -70,7 +70,7 @@ def paired_bootstrap(a: Tally, b: Tally, resamples: int = 2000, level: float = 0
         with np.errstate(invalid="ignore", divide="ignore"):
             boot = (weights @ A[:, 0]) / (weights @ A[:, 1]) - (weights @ B[:, 0]) / (weights @ B[:, 1])
         boot = boot[np.isfinite(boot)]            # a resample without the metric's items says nothing
-        va, vb = a.value(metric), b.value(metric)
+        va, vb = float(A[:, 0].sum() / A[:, 1].sum()), float(B[:, 0].sum() / B[:, 1].sum())
         out[metric] = {"a": va, "b": vb, "diff": va - vb, "items": int(((A[:, 1] > 0) | (B[:, 1] > 0)).sum()),
                        "lo": float(np.quantile(boot, tail)) if boot.size else None,
                        "hi": float(np.quantile(boot, 1.0 - tail)) if boot.size else None}

@@ -111,6 +111,8 @@ def test_cli_against(world, tmp_path):
     run = CliRunner().invoke(cli, ["eval", "vqa", "--data", str(data), "--pred", str(a), "--against", str(b)])
     assert run.exit_code == 0 and "95% interval" in run.output and "accuracy" in run.output
     for args, message in ((["tokenizer", "--data", str(data), "--against", str(b)], "compares prediction files"),
-                          (["vqa", "--data", str(data), "--against", str(b)], "--against needs --pred")):
+                          (["vqa", "--data", str(data), "--against", str(b)], "--against needs --pred"),
+                          (["vqa", "--data", str(data), "--pred", str(a), "--against", str(b), "--threads", "2"],
+                           "do not apply")):
         run = CliRunner().invoke(cli, ["eval", *args])
         assert run.exit_code != 0 and message in run.output, run.output
