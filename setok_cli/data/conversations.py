@@ -154,10 +154,11 @@ class ConversationDataset(Dataset):
     `names` (edit_diff only): the answers write the instruction's words before each token
     (`edit_diff.diff_conversation`). `look` (instruct and chat): the answers first write the tokens
     of the objects their question is about (`models/setokim/look.py`): true for every question type,
-    or a list of types (["color", "shape"]); items carry "look"; `look_places` (with `look`): a relation's
-    answer writes each object's place after its token (`look.relation_places`); `look_numbers` (with `look`):
-    a count's answer numbers its tokens ("<image> 1 <image> 2: 2"). `sized` (generate): the answer says
-    the number of objects before the image, "two objects <image>" (`models/setokim/sized.py`)."""
+    or a list of types (["color", "shape"]; "count_by": counts of one colour or shape only); items carry "look";
+    `look_places` (with `look`): a relation's answer writes each object's place after its token
+    (`look.relation_places`); `look_numbers` (with `look`): a count's answer numbers its tokens ("<image> 1
+    <image> 2: 2"). `sized` (generate): the answer says the number of objects before the image, "two objects
+    <image>" (`models/setokim/sized.py`)."""
 
     def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
                  names: bool = False, look: bool | Sequence[str] = False, sized: bool = False,
@@ -169,11 +170,11 @@ class ConversationDataset(Dataset):
             raise UserError(f"{path}: turns is for the chat task, an integer >= 1; got {turns!r} for {task}")
         if names is not False and (task != "edit_diff" or names is not True):
             raise UserError(f"{path}: names is for the edit_diff task, true or false; got {names!r} for {task}")
-        from .shapes_text import QUESTION_TYPES
+        from ..models.setokim.look import LOOK_TYPES
         if look is not False and (task not in ("instruct", "chat") or not (look is True or (
-                isinstance(look, (list, tuple)) and look and set(look) <= set(QUESTION_TYPES)))):
+                isinstance(look, (list, tuple)) and look and set(look) <= set(LOOK_TYPES)))):
             raise UserError(f"{path}: look is for the instruct and chat tasks, true, false or a list of question "
-                            f"types ({', '.join(QUESTION_TYPES)}); got {look!r} for {task}")
+                            f"types ({', '.join(LOOK_TYPES)}); got {look!r} for {task}")
         if look_places is not False and (look_places is not True or not look):
             raise UserError(f"{path}: look_places is true or false and needs look; "
                             f"got {look_places!r} with look {look!r}")

@@ -12,7 +12,8 @@ from PIL import Image
 from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
 from setok_cli.errors import UserError
 from setok_cli.models.setokim.attend import object_tokens
-from setok_cli.models.setokim.look import look_answer, look_entry, look_objects, looked_picture, relation_places
+from setok_cli.models.setokim.look import (look_answer, look_entry, look_objects, looked_picture, looks_at,
+                                           relation_places)
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
 
@@ -93,6 +94,24 @@ def test_relation_answers_write_each_objects_place_on_the_compared_axis(tmp_path
                                                     {"from": "gpt", "value": "3"}]}
     assert look_entry(cnt, numbers=True)[0]["conversations"][1]["value"] == "<image> 1 <image> 2 <image> 3: 3"
     assert look_entry(cnt, places=True)[0]["conversations"][1]["value"] == "<image> <image> <image>: 3"
+    # "count_by": counts of one colour or shape look, "How many objects" keeps its plain answer
+    assert look_entry(cnt, ["count_by"])[0]["conversations"][1]["value"] == "<image> <image> <image>: 3"
+    red = {**cnt, "conversations": [{"from": "human", "value": "<image>\nHow many red objects are there?"},
+                                    {"from": "gpt", "value": "2"}]}
+    assert look_entry(red, ["count_by"]) == ({**red, "conversations": [red["conversations"][0],
+                                                                        {"from": "gpt", "value": "<image> <image>: 2"}]},
+                                             {"instances": look["instances"], "turns": [[1, 5]]})
+    pink = {**cnt, "conversations": [{"from": "human", "value": "<image>\nHow many pink objects are there?"},
+                                     {"from": "gpt", "value": "0"}]}
+    assert look_entry(pink, ["count_by"])[0]["conversations"][1]["value"] == "0"            # nothing to write
+    every = {**cnt, "conversations": [{"from": "human", "value": "<image>\nHow many objects are there?"},
+                                      {"from": "gpt", "value": "5"}]}
+    assert look_entry(every, ["count_by"])[0]["conversations"][1]["value"] == "5"
+    assert look_entry(every, ["count"])[0]["conversations"][1]["value"] == "<image> " * 4 + "<image>: 5"
+    assert looks_at("count", "How many hexagons are there?", ["count_by"])
+    assert not looks_at("count", "How many objects are there?", ["count_by", "color"])
+    assert not looks_at("color", "What color is the star?", ["count_by"])
+    assert looks_at("color", "What color is the star?", None)
     col = {**e, "type": "color", "conversations": [{"from": "human", "value": "<image>\nWhat color is the star?"},
                                                     {"from": "gpt", "value": "blue"}]}
     assert look_entry(col, places=True, numbers=True)[0]["conversations"][1]["value"] == "<image>: blue"
@@ -143,6 +162,12 @@ def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
     for i in range(len(ds)):
         want = plain[i] if entries[i]["type"] == "count" else ds[i]
         assert counts_plain[i]["conversations"] == want["conversations"]
+    by = ConversationDataset(instruct, "instruct", 32, look=["color", "shape", "exist", "relation", "count_by"])
+    every = [i for i in range(len(ds)) if entries[i]["conversations"][0]["value"].endswith("many objects are there?")]
+    for i in range(len(ds)):                       # counts of a colour or shape look; "How many objects" does not
+        want = plain[i] if i in every else ds[i]
+        assert by[i]["conversations"] == want["conversations"]
+    assert every and len(every) < sum(e["type"] == "count" for e in entries)
     placed = ConversationDataset(instruct, "instruct", 32, look=True, look_places=True)
     rel = [i for i in range(len(ds)) if entries[i]["type"] == "relation"]
     for i in rel:                                  # the same tokens and answer, with a bin 0..6 after each token
@@ -373,3 +398,33 @@ def test_existence_cases_sort_each_question_and_score_its_answer(instruct):
     yes = ec.score(entries, [{"question_id": i, "answer": "yes", "reasons": "<image>: yes"} for i in truths])
     assert yes["present"]["right"] == n["present"] and yes["other colour"]["right"] == 0
     assert yes["shape absent"]["right"] == yes["shape absent"]["wrote_nothing"] == 0
+
+
+def test_count_cases_sort_each_count_and_score_its_answer(instruct):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "count_cases", Path(__file__).resolve().parents[2] / "benchmarks" / "count_cases.py")
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    from setok_cli.data.formats import load
+    entries = load(instruct, "instruct")
+    assert [cc.kind_of(q) for q in ("How many objects are there?", "How many red objects are there?",
+                                    "How many hexagons are there?")] == ["objects", "colour", "shape"]
+    # looking answers as the count_by rows train them: right, and as many tokens as the truth
+    truths = {e["id"]: (e, look_entry(e, ["count_by"])[0]["conversations"][1]["value"]) for e in entries
+              if e["type"] == "count"}
+    assert truths
+    right = cc.score(entries, [{"question_id": i, "answer": t.rsplit(": ", 1)[-1], "reasons": t}
+                               for i, (_, t) in truths.items()])
+    n = {k: sum(cc.kind_of(e["conversations"][0]["value"]) == k for e, _ in truths.values()) for k in cc.KINDS}
+    assert {k: sum(r["questions"] for r in rows.values()) for k, rows in right.items()} == n
+    for kind, rows in right.items():
+        for truth, r in rows.items():
+            assert r["right"] == r["questions"] and r["said_1"] == (r["questions"] if truth == "1" else 0)
+            # "How many objects" answers plainly (no token written); the others write one per object
+            assert r["tokens_as_truth"] == (r["questions"] if kind != "objects" else 0)
+            assert r["says_its_tokens"] == (r["questions"] if kind != "objects" else 0)
+    # always "1": right exactly where the truth is 1
+    ones = cc.score(entries, [{"question_id": i, "answer": "1"} for i in truths])
+    assert all(r["right"] == r["questions"] * (t == "1") and r["said_1"] == r["questions"] for rows in ones.values()
+               for t, r in rows.items())

@@ -1,5 +1,6 @@
 """Answers that look first (not in the paper; the mixture row option `look` on instruct / chat rows:
-`true` for every question type, or a list of types; recipes/tiny/stage3_look.yaml).
+`true` for every question type, or a list of types, where "count_by" names the counts of one colour or
+shape only, "How many objects" left plain; recipes/tiny/stage3_look.yaml).
 
 A question about the world names objects ("What color is the hexagon?"). Answered in one word,
 the LM must find the hexagon among the image's tokens and read its colour in one step, a
@@ -39,12 +40,26 @@ import numpy as np
 import torch
 
 from ...data.conversations import world_files
-from ...data.shapes_text import ANSWER_MARK, RELATION_QUESTION, phrase_objects, place_bin
+from ...data.shapes_text import (ANSWER_MARK, COUNT_QUESTION, QUESTION_TYPES, RELATION_QUESTION, phrase_objects,
+                                 place_bin)
 from .attend import object_tokens
 from .text import IMAGE_TOKEN
 
-__all__ = ["look_objects", "superlative_object", "look_answer", "relation_places", "look_entry", "look_samples",
-           "looked_masks", "looked_picture"]
+__all__ = ["LOOK_TYPES", "looks_at", "look_objects", "superlative_object", "look_answer", "relation_places",
+           "look_entry", "look_samples", "looked_masks", "looked_picture"]
+
+
+LOOK_TYPES = QUESTION_TYPES + ("count_by",)   # a row's `look` list: question types, or "count_by"
+
+
+def looks_at(qtype: Optional[str], question: str, types: Optional[Sequence[str]]) -> bool:
+    """Whether a question of type `qtype` looks under a row's `look` list (None: every type).
+    "count_by" in the list: counts of one colour or shape ("How many circles are there?") look,
+    "How many objects are there?" does not (unless "count" is in the list too)."""
+    if types is None or qtype in types:
+        return True
+    m = COUNT_QUESTION.fullmatch(question.strip()) if qtype == "count" and "count_by" in types else None
+    return m is not None and (m.group(1) is not None or m.group(2) != "objects")
 
 
 def look_objects(qtype: Optional[str], question: str, objects: list[dict], resolve: bool = False) -> list[int]:
@@ -104,8 +119,8 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
     writing order}); (the entry, None) where the world wrote no scene beside its image. `types`:
     only entries of these question types look (the others keep their answers, with turns of []).
     `places`: a relation's answer writes each object's place after its token (`relation_places`), its
-    superlatives resolved (`look_objects(resolve=True)`). `numbers`: a count's answer writes the running
-    number after each token ("<image> 1 <image> 2: 2")."""
+    superlatives resolved (`look_objects(resolve=True)`); "count_by" in `types`: `looks_at`. `numbers`: a
+    count's answer writes the running number after each token ("<image> 1 <image> 2: 2")."""
     scene, inst = world_files(entry["image"])
     if not (scene.is_file() and inst.is_file()):
         return entry, None
@@ -116,7 +131,7 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
             question = str(t["value"]).replace(IMAGE_TOKEN, " ")
             conv.append(dict(t))
             continue
-        looks = types is None or entry.get("type") in types
+        looks = looks_at(entry.get("type"), question, types)
         idx = look_objects(entry.get("type"), question, objects, resolve=places) if looks else []
         at = relation_places(question, objects, idx) if places and entry.get("type") == "relation" else None
         if numbers and entry.get("type") == "count":
