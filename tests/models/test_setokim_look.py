@@ -98,8 +98,8 @@ def test_relation_answers_write_each_objects_place_on_the_compared_axis(tmp_path
     assert look_entry(cnt, ["count_by"])[0]["conversations"][1]["value"] == "<image> <image> <image>: 3"
     red = {**cnt, "conversations": [{"from": "human", "value": "<image>\nHow many red objects are there?"},
                                     {"from": "gpt", "value": "2"}]}
-    assert look_entry(red, ["count_by"]) == ({**red, "conversations": [red["conversations"][0],
-                                                                        {"from": "gpt", "value": "<image> <image>: 2"}]},
+    two = {"from": "gpt", "value": "<image> <image>: 2"}
+    assert look_entry(red, ["count_by"]) == ({**red, "conversations": [red["conversations"][0], two]},
                                              {"instances": look["instances"], "turns": [[1, 5]]})
     pink = {**cnt, "conversations": [{"from": "human", "value": "<image>\nHow many pink objects are there?"},
                                      {"from": "gpt", "value": "0"}]}
@@ -378,12 +378,18 @@ def test_the_relations_recipe_is_the_look_recipe_with_relation_and_existence_row
     assert {k: v for k, v in rel.items() if k != "output_dir"} == {k: v for k, v in look.items() if k != "output_dir"}
 
 
-def test_existence_cases_sort_each_question_and_score_its_answer(instruct):
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "existence_cases", Path(__file__).resolve().parents[2] / "benchmarks" / "existence_cases.py")
-    ec = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ec)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_existence_cases_sort_each_question_and_score_its_answer(instruct):
+    ec = _benchmark("existence_cases")
     from setok_cli.data.formats import load
     entries = load(instruct, "instruct")
     truths = {e["id"]: look_entry(e)[0]["conversations"][1]["value"] for e in entries if e["type"] == "exist"}
@@ -401,11 +407,7 @@ def test_existence_cases_sort_each_question_and_score_its_answer(instruct):
 
 
 def test_count_cases_sort_each_count_and_score_its_answer(instruct):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "count_cases", Path(__file__).resolve().parents[2] / "benchmarks" / "count_cases.py")
-    cc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cc)
+    cc = _benchmark("count_cases")
     from setok_cli.data.formats import load
     entries = load(instruct, "instruct")
     assert [cc.kind_of(q) for q in ("How many objects are there?", "How many red objects are there?",
