@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from setok_cli.data.formats import load
 from setok_cli.data.shapes_text import COUNT_QUESTION, final_answer
 from setok_cli.eval.harness import vqa_questions
 
@@ -58,8 +59,7 @@ def main() -> None:
     ap.add_argument("--pred", required=True, help="`setok ask --data ... --pred-out`")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    root = Path(a.data).resolve().parent
-    entries = [{**e, "image": str(root / e["image"])} for e in json.loads(Path(a.data).read_text())]
+    entries = load(a.data, "instruct")                         # validated, image paths absolute
     res = score(entries, json.loads(Path(a.pred).read_text()))
     if a.json:
         print(json.dumps(res))

@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from setok_cli.data.formats import load
 from setok_cli.data.shapes_text import final_answer
 from setok_cli.eval.harness import vqa_questions
 from setok_cli.models.setokim.look import look_entry
@@ -61,8 +62,7 @@ def main() -> None:
     ap.add_argument("--pred", required=True, help="`setok ask --data ... --pred-out` of a looking model")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    root = Path(a.data).resolve().parent
-    entries = [{**e, "image": str(root / e["image"])} for e in json.loads(Path(a.data).read_text())]
+    entries = load(a.data, "instruct")                         # validated, image paths absolute
     res = score(entries, json.loads(Path(a.pred).read_text()))
     if a.json:
         print(json.dumps(res))
