@@ -157,12 +157,13 @@ class ConversationDataset(Dataset):
     or a list of types (["color", "shape"]; "count_by": counts of one colour or shape only); items carry "look";
     `look_places` (with `look`): a relation's answer writes each object's place after its token
     (`look.relation_places`); `look_numbers` (with `look`): a count's answer numbers its tokens ("<image> 1
-    <image> 2: 2"). `sized` (generate): the answer says the number of objects before the image, "two objects
-    <image>" (`models/setokim/sized.py`)."""
+    <image> 2: 2"); `look_scan` (with `look`): a looking count's answer goes through every token of the image with
+    the running count ("<image> 0 <image> 1 <image> 1: 1", `look.scan_answer`). `sized` (generate): the answer
+    says the number of objects before the image, "two objects <image>" (`models/setokim/sized.py`)."""
 
     def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
                  names: bool = False, look: bool | Sequence[str] = False, sized: bool = False,
-                 look_places: bool = False, look_numbers: bool = False):
+                 look_places: bool = False, look_numbers: bool = False, look_scan: bool = False):
         if task not in CONVERSATION_TASKS:
             raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
         if turns is not None and (task != "chat" or not isinstance(turns, int) or isinstance(turns, bool)
@@ -181,6 +182,9 @@ class ConversationDataset(Dataset):
         if look_numbers is not False and (look_numbers is not True or not look):
             raise UserError(f"{path}: look_numbers is true or false and needs look; "
                             f"got {look_numbers!r} with look {look!r}")
+        if look_scan is not False and (look_scan is not True or not look or look_numbers):
+            raise UserError(f"{path}: look_scan is true or false and needs look, without look_numbers; "
+                            f"got {look_scan!r} with look {look!r}")
         if sized is not False and (task != "generate" or sized is not True):
             raise UserError(f"{path}: sized is for the generate task, true or false; got {sized!r} for {task}")
         self.path, self.task, self.image_size = str(path), task, image_size
@@ -190,7 +194,8 @@ class ConversationDataset(Dataset):
         self.looks: Optional[list] = None
         if look:                                                          # scenes read once, up front
             from ..models.setokim.look import look_entry
-            looked = [look_entry(e, None if look is True else look, look_places, look_numbers) for e in self.entries]
+            looked = [look_entry(e, None if look is True else look, look_places, look_numbers, look_scan)
+                      for e in self.entries]
             self.entries = [e for e, _ in looked]
             by_id = {id(e): lk for e, lk in looked}
         if task == "chat":
@@ -241,26 +246,27 @@ class ConversationDataset(Dataset):
 
 
 def recipe_mixture(rows, image_size: Optional[int], seed: int = 0) -> "MixtureDataset":
-    """A recipe's `data.mixture`, [{task, path, weight[, turns|names|look|look_places|look_numbers|sized|
-    text_weight]}], -> the MixtureDataset over its rows, named "<task>:<file stem>" ("#<row>" appended where two share a
-    name). `text_weight` (default 1) weighs the row's text cross-entropy in the loss
+    """A recipe's `data.mixture`, [{task, path, weight[, turns|names|look|look_places|look_numbers|look_scan|
+    sized|text_weight]}], -> the MixtureDataset over its rows, named "<task>:<file stem>" ("#<row>" appended where
+    two share a name). `text_weight` (default 1) weighs the row's text cross-entropy in the loss
     (`MixtureDataset.text_weights`)."""
     parts, weights = [], []
     if not rows:
         raise UserError("data.mixture lists no data: give [{task: caption|generate|edit|instruct|chat|segment, "
                         "path, weight}]")
-    keys = {"task", "path", "weight", "turns", "names", "look", "look_places", "look_numbers", "sized",
+    keys = {"task", "path", "weight", "turns", "names", "look", "look_places", "look_numbers", "look_scan", "sized",
             "text_weight"}
     for j, m in enumerate(rows):
         if not isinstance(m, dict) or set(m) - keys or not {"task", "path"} <= set(m):
             raise UserError(f"data.mixture[{j}] must be {{task, path, weight[, turns|names|look|look_places|"
-                            f"look_numbers|sized|text_weight]}}, got {m!r}")
+                            f"look_numbers|look_scan|sized|text_weight]}}, got {m!r}")
         if m["task"] not in CONVERSATION_TASKS:
             raise UserError(f"data.mixture[{j}].task {m['task']!r}: choose from {', '.join(CONVERSATION_TASKS)}")
         tw = m.get("text_weight", 1.0)
         if isinstance(tw, bool) or not isinstance(tw, (int, float)) or not math.isfinite(tw) or tw < 0:
             raise UserError(f"data.mixture[{j}].text_weight must be a number >= 0, got {tw!r}")
-        opts = {k: m[k] for k in ("turns", "names", "look", "look_places", "look_numbers", "sized") if k in m}
+        opts = {k: m[k] for k in ("turns", "names", "look", "look_places", "look_numbers", "look_scan", "sized")
+                if k in m}
         parts.append((ConversationDataset(m["path"], m["task"], image_size, **opts), m.get("weight", 1.0)))
         weights.append(float(tw))
     offset = 0

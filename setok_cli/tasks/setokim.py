@@ -227,7 +227,8 @@ def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampli
     """Images + questions (one each) -> answers, in words (`[Img]` is never sampled: ask
     for pictures with `generate`, `edit` or `chat`), except by a model whose answers look first
     (`config.look_answers`, models/setokim/look.py): it writes "<image> <image>: 2", one token per
-    image, each at its most likely place (the part after the last ": " is the answer). `tokens`:
+    image, each at its most likely place (the part after the last ": " is the answer), with room for at least a
+    scan of every image token (`look.scan_answer`: 3 text ids per token) whatever `max_new_tokens`. `tokens`:
     (answer, [each written token (T,)]) per question instead (`look.looked_masks` finds their regions)."""
     from ..models.setokim import TASK_PROMPTS, prompt_batch
     opts = opts or Sampling()
@@ -240,6 +241,9 @@ def ask(model, images: Sequence, questions: Sequence[str], opts: Optional[Sampli
     look = bool(model.config.look_answers)
     kw = {**_kw(opts, g), **(dict(max_visual_tokens=1, place="draw", place_temperature=0.0,
                                   snap_source=opts.look_snap) if look else {})}
+    if look:                                           # [Img] [/Img] and a number per token, then ": N" </s>
+        K = max(int((s[0] if isinstance(s, tuple) else s).shape[0]) for s in sets)
+        kw["max_new_tokens"] = max(kw["max_new_tokens"], 3 * K + 4)
     gen = model.generate(*prompt_batch(model, texts, [[s] for s in sets]), **kw, text_only=not look)
     return [(o.text, [im[0] for im in o.images if im.shape[0]]) if tokens else o.text for o in gen]
 

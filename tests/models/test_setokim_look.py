@@ -116,6 +116,14 @@ def test_relation_answers_write_each_objects_place_on_the_compared_axis(tmp_path
                                                     {"from": "gpt", "value": "blue"}]}
     assert look_entry(col, places=True, numbers=True)[0]["conversations"][1]["value"] == "<image>: blue"
 
+    # `scan`: a looking count keeps its plain answer and marks its turn with the counted objects (the answer is
+    # written per image in the stage rows: tests/models/test_setokim_scan.py)
+    assert look_entry(red, ["count_by"], scan=True) == (red, {"instances": look["instances"],
+                                                               "turns": [{"scan": [1, 5]}]})
+    assert look_entry(pink, ["count_by"], scan=True)[1]["turns"] == [{"scan": []}]
+    assert look_entry(every, ["count_by"], scan=True)[1]["turns"] == [[]]               # "objects": plain
+    assert look_entry(col, ["color"], scan=True)[1]["turns"] == [[3]]                   # only counts scan
+
 
 @pytest.fixture(scope="module")
 def instruct(stage2_world):
@@ -251,6 +259,10 @@ def test_ask_lets_a_looking_model_write_tokens(stage3_runs, monkeypatch):
     assert tasks.ask(m, [img], ["What color is the hexagon?"]) == ["<image>: blue"]
     assert seen[0]["text_only"] is True
     assert seen[1]["text_only"] is False and seen[1]["max_visual_tokens"] == 1 and seen[1]["place"] == "draw"
+    K = m.image_token_sets([img])[0].shape[0]          # room for a scan of every token, whatever max_new_tokens
+    assert seen[0]["max_new_tokens"] == 48 and seen[1]["max_new_tokens"] == max(48, 3 * K + 4)
+    tasks.ask(m, [img], ["How many circles are there?"], tasks.Sampling(max_new_tokens=2))
+    assert seen[2]["max_new_tokens"] == 3 * K + 4
     monkeypatch.undo()
     got = tasks.ask(m, [img, img], ["What color is the hexagon?", "How many objects are there?"],
                     tasks.Sampling(max_new_tokens=12))

@@ -20,6 +20,9 @@ tokens just written:
     Is the red circle left of the blue star?   <image> <image>: yes         the red circle, then the star
     (with `look_places`)                       <image> 1 <image> 4: yes     and each one's place on the axis
     How many circles are there? (`look_numbers`) <image> 1 <image> 2: 2     counted as they are written
+    How many circles are there? (`look_scan`)  <image> 0 <image> 1 <image> 1 <image> 2: 2
+                                                                            every token of the image, in
+                                                                            order, with the running count
 
 (each `<image>` one visual token: the source token holding most of the object's pixels, as an
 edit diff's old token, `attend.object_tokens`; a turn about no object keeps its answer;
@@ -28,6 +31,11 @@ generation order, a relation's in the question's order. With `look_places` (a ro
 relation's answer writes each object's centre along the compared axis after its token, in
 `shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written. With
 `look_numbers` a count's answer numbers its tokens as it writes them, so the count is the last number.
+With `look_scan` a count's answer goes through all of the image's tokens in generation order and writes after each
+one how many of the counted objects the tokens so far hold (each object counted at the token holding most of its
+pixels), so every step copies the next token and reads one token's colour or shape; the count is the last number.
+The image's tokens are known only once SeTok has read it, so a scanning turn's answer is written in
+`look_samples` (the data set keeps the plain answer and marks the turn `{"scan": instance ids}`).
 
 Shapes: instance maps (H, W) int, 0 background, object j + 1.
 """
@@ -46,7 +54,7 @@ from .attend import object_tokens
 from .text import IMAGE_TOKEN
 
 __all__ = ["LOOK_TYPES", "looks_at", "look_objects", "superlative_object", "look_answer", "relation_places",
-           "look_entry", "look_samples", "looked_masks", "looked_picture"]
+           "look_entry", "scan_answer", "look_samples", "looked_masks", "looked_picture"]
 
 
 LOOK_TYPES = QUESTION_TYPES + ("count_by",)   # a row's `look` list: question types, or "count_by"
@@ -112,15 +120,23 @@ def relation_places(question: str, objects: list[dict], ids: Sequence[int]) -> O
     return [place_bin(float(objects[i]["center"][axis])) for i in ids]
 
 
+def scan_answer(answer: str, holds: Sequence[int]) -> str:
+    """A scanning count's answer: `holds` (K,) how many counted objects each of the image's tokens holds, in
+    generation order -> "<image> 0 <image> 1 ...: answer", each token followed by the running count."""
+    runs = np.cumsum(np.asarray(holds, dtype=np.int64)).tolist()
+    return look_answer(answer, len(runs), runs)
+
+
 def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool = False,
-               numbers: bool = False) -> tuple[dict, Optional[dict]]:
+               numbers: bool = False, scan: bool = False) -> tuple[dict, Optional[dict]]:
     """An instruct entry of the world -> (the entry with looking answers, {"instances": its image's
     instance map, "turns": per answer turn the instance ids (object index + 1) its tokens are of, in
     writing order}); (the entry, None) where the world wrote no scene beside its image. `types`:
     only entries of these question types look (the others keep their answers, with turns of []).
     `places`: a relation's answer writes each object's place after its token (`relation_places`), its
     superlatives resolved (`look_objects(resolve=True)`); "count_by" in `types`: `looks_at`. `numbers`: a
-    count's answer writes the running number after each token ("<image> 1 <image> 2: 2")."""
+    count's answer writes the running number after each token ("<image> 1 <image> 2: 2"). `scan`: a looking count's
+turn is {"scan": the counted instance ids} and keeps its plain answer (`scan_answer`, written by `look_samples`)."""
     scene, inst = world_files(entry["image"])
     if not (scene.is_file() and inst.is_file()):
         return entry, None
@@ -136,6 +152,10 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
         at = relation_places(question, objects, idx) if places and entry.get("type") == "relation" else None
         if numbers and entry.get("type") == "count":
             at = list(range(1, len(idx) + 1))
+        if scan and looks and entry.get("type") == "count":
+            turns.append({"scan": [i + 1 for i in idx]})
+            conv.append(dict(t))
+            continue
         turns.append([i + 1 for i in idx])
         conv.append({**t, "value": look_answer(str(t["value"]), len(idx), at)})
     return {**entry, "conversations": conv}, {"instances": str(inst), "turns": turns}
@@ -144,7 +164,9 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
 @torch.no_grad()
 def look_samples(model, batch: dict, samples: list[dict], cache: dict, outputs) -> None:
     """Stage II/III: each looking row's sample images [source] (and seeds) -> [source, then one
-    source token per looked-up object, as its answers write them], in place. Each image's
+    source token per looked-up object, as its answers write them], in place; a scanning turn
+    (`look_entry(scan=True)`) writes every source token in order, and its answer becomes
+    `scan_answer`'s (the sample's conversation is replaced, never the batch's). Each image's
     object tokens are computed once (`cache`, by image key); `outputs(rows)` gives the SeTok
     output of each of those batch images (one image each, as `diff_samples` takes them)."""
     from PIL import Image
@@ -160,7 +182,19 @@ def look_samples(model, batch: dict, samples: list[dict], cache: dict, outputs) 
                 cache[k] = object_tokens(model, out, 0, np.asarray(im))
     for j, lk in items:
         tokens = cache[batch["image_keys"][first[j]]]
-        idx = [int(tokens[i]) if i < len(tokens) else 0 for ids in lk["turns"] for i in ids]
+        at = lambda i: int(tokens[i]) if i < len(tokens) else 0                     # noqa: E731
+        K = samples[j]["images"][0].shape[0]
+        idx, turns, conv = [], iter(lk["turns"]), []
+        for t in samples[j]["conversations"]:
+            turn = None if t["from"] in ("human", "user") else next(turns)
+            if isinstance(turn, dict):                                       # a scan: every token, in order
+                holds = np.bincount([at(i) for i in turn["scan"]], minlength=K)[:K]
+                idx += range(K)
+                t = {**t, "value": scan_answer(str(t["value"]), holds)}
+            elif turn is not None:
+                idx += [at(i) for i in turn]
+            conv.append(t)
+        samples[j]["conversations"] = conv
         pick = lambda xs: [xs[0]] + [xs[0][k:k + 1] for k in idx]                  # noqa: E731
         samples[j]["images"] = pick(samples[j]["images"])
         if "seeds" in samples[j]:

@@ -1,0 +1,69 @@
+"""Counts that scan (`look_scan`, models/setokim/look.py): the answer goes through every token of
+the image in generation order with the running count of the counted objects. The answer's
+numbers against an independent overlap count, the tokens the stage rows write, the recipe errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from setok_cli.data.conversations import ConversationDataset, collate_conversations_batch
+from setok_cli.errors import UserError
+from setok_cli.models.setokim.look import scan_answer
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models: see tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def instruct(stage2_world):
+    return stage2_world / "shapes" / "train" / "instruct.json"
+
+
+@pytest.fixture(scope="module")
+def model(place_setokim, instruct):
+    return place_setokim(instruct, positions=512, place_input=True)
+
+
+def test_scan_answer_writes_the_running_count_after_each_token():
+    assert scan_answer("3", [0, 1, 0, 2]) == "<image> 0 <image> 1 <image> 1 <image> 3: 3"
+    assert scan_answer("0", [0, 0]) == "<image> 0 <image> 0: 0"
+    assert scan_answer("0", []) == "0"
+
+
+def test_a_scanning_count_writes_every_source_token_with_the_running_count(model, instruct, overlap_oracle):
+    from setok_cli.train.stage2 import Stage2Model
+    ds = ConversationDataset(instruct, "chat", 32, turns=3, look=["count_by"], look_scan=True)
+    items = [ds[i] for i in range(len(ds)) if any(isinstance(t, dict) for t in ds[i]["look"]["turns"])][:4]
+    assert items
+    before = [[dict(t) for t in it["conversations"]] for it in items]
+    sm = Stage2Model(model)
+    samples = sm.samples(collate_conversations_batch(items))
+    assert [it["conversations"] for it in items] == before                   # the batch's conversations are kept
+    srcs = [np.asarray(Image.open(it["look"]["instances"].replace("/instances/", "/images/")).convert("RGB"))
+            for it in items]
+    tok = model.setok.tokenize(srcs)
+    sets = model.token_sets_of(tok)
+    for j, (it, s) in enumerate(zip(items, samples)):
+        inst_map = np.asarray(Image.open(it["look"]["instances"]))
+        K = sets[j].shape[0]
+        written, n = iter(s["images"][1:]), 0
+        for turn, t, plain in zip(it["look"]["turns"], [t for t in s["conversations"] if t["from"] == "gpt"],
+                                  [t for t in it["conversations"] if t["from"] == "gpt"]):
+            if not isinstance(turn, dict):
+                assert t["value"] == plain["value"] and not turn
+                continue
+            words = t["value"].rsplit(": ", 1)[0].split()
+            assert words[0::2] == ["<image>"] * K and t["value"].rsplit(": ", 1)[1] == plain["value"]
+            # oracle: each counted object at its most-covering token, found in the generation-order set by value
+            at = [int(((sets[j].float() - tok.tokens[j, int(overlap_oracle(tok, j, inst_map, k).argmax())].float())
+                       .abs().amax(1) < 1e-5).nonzero()[0]) for k in turn["scan"]]
+            assert words[1::2] == [str(sum(a <= q for a in at)) for q in range(K)]
+            assert words[-1] == plain["value"] == str(len(turn["scan"]))
+            for q in range(K):                                        # every source token, in order
+                assert torch.allclose(next(written)[0].float(), sets[j][q].float())
+                n += 1
+        assert len(s["images"]) == 1 + n and len(s["seeds"]) == len(s["images"])
+    assert torch.isfinite(model(**model.collate(samples)).loss)
+    with pytest.raises(UserError, match="look_scan is true or false and needs look, without look_numbers"):
+        ConversationDataset(instruct, "instruct", 32, look_scan=True)
+    with pytest.raises(UserError, match="look_scan is true or false and needs look, without look_numbers"):
+        ConversationDataset(instruct, "instruct", 32, look=True, look_numbers=True, look_scan=True)
