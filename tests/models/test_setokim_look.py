@@ -118,10 +118,13 @@ def test_relation_answers_write_each_objects_place_on_the_compared_axis(tmp_path
 
     # `scan`: a looking count keeps its plain answer and marks its turn with the counted objects (the answer is
     # written per image in the stage rows: tests/models/test_setokim_scan.py)
+    colours, shapes = [o["color"] for o in scene], [o["shape"] for o in scene]
     assert look_entry(red, ["count_by"], scan=True) == (red, {"instances": look["instances"],
-                                                               "turns": [{"scan": [1, 5]}]})
-    assert look_entry(pink, ["count_by"], scan=True)[1]["turns"] == [{"scan": []}]
+                                                               "turns": [{"scan": [1, 5], "words": colours}]})
+    assert look_entry(pink, ["count_by"], scan=True)[1]["turns"] == [{"scan": [], "words": colours}]
+    assert look_entry(cnt, ["count_by"], scan=True)[1]["turns"] == [{"scan": [1, 2, 5], "words": shapes}]
     assert look_entry(every, ["count_by"], scan=True)[1]["turns"] == [[]]               # "objects": plain
+    assert look_entry(every, ["count"], scan=True)[1]["turns"] == [{"scan": [1, 2, 3, 4, 5], "words": None}]
     assert look_entry(col, ["color"], scan=True)[1]["turns"] == [[3]]                   # only counts scan
 
 

@@ -25,6 +25,8 @@ def model(place_setokim, instruct):
 
 def test_scan_answer_writes_the_running_count_after_each_token():
     assert scan_answer("3", [0, 1, 0, 2]) == "<image> 0 <image> 1 <image> 1 <image> 3: 3"
+    assert scan_answer("3", [0, 1, 0, 2], [["blue"], ["red"], [], ["red", "red"]]) == (
+        "<image> blue 0 <image> red 1 <image> no 1 <image> red red 3: 3")
     assert scan_answer("0", [0, 0]) == "<image> 0 <image> 0: 0"
     assert scan_answer("0", []) == "0"
 
@@ -46,18 +48,28 @@ def test_a_scanning_count_writes_every_source_token_with_the_running_count(model
         inst_map = np.asarray(Image.open(it["look"]["instances"]))
         K = sets[j].shape[0]
         written, n = iter(s["images"][1:]), 0
-        for turn, t, plain in zip(it["look"]["turns"], [t for t in s["conversations"] if t["from"] == "gpt"],
-                                  [t for t in it["conversations"] if t["from"] == "gpt"]):
+        conv = s["conversations"]
+        asked = [conv[q - 1]["value"] for q in range(len(conv)) if conv[q]["from"] == "gpt"]
+        for turn, t, plain, question in zip(it["look"]["turns"], [t for t in conv if t["from"] == "gpt"],
+                                            [t for t in it["conversations"] if t["from"] == "gpt"], asked):
             if not isinstance(turn, dict):
                 assert t["value"] == plain["value"] and not turn
                 continue
-            words = t["value"].rsplit(": ", 1)[0].split()
-            assert words[0::2] == ["<image>"] * K and t["value"].rsplit(": ", 1)[1] == plain["value"]
-            # oracle: each counted object at its most-covering token, found in the generation-order set by value
-            at = [int(((sets[j].float() - tok.tokens[j, int(overlap_oracle(tok, j, inst_map, k).argmax())].float())
-                       .abs().amax(1) < 1e-5).nonzero()[0]) for k in turn["scan"]]
-            assert words[1::2] == [str(sum(a <= q for a in at)) for q in range(K)]
-            assert words[-1] == plain["value"] == str(len(turn["scan"]))
+            steps = t["value"].rsplit(": ", 1)[0].split("<image>")
+            assert steps[0] == "" and len(steps) == K + 1 and t["value"].rsplit(": ", 1)[1] == plain["value"]
+            steps = [x.split() for x in steps[1:]]
+
+            def token_of(k):           # oracle: an object's most-covering token, found in the generation-order set
+                want = tok.tokens[j, int(overlap_oracle(tok, j, inst_map, k).argmax())].float()
+                return int(((sets[j].float() - want).abs().amax(1) < 1e-5).nonzero()[0])
+            at = [token_of(k) for k in turn["scan"]]
+            assert [x[-1] for x in steps] == [str(sum(a <= q for a in at)) for q in range(K)]
+            assert steps[-1][-1] == plain["value"] == str(len(turn["scan"]))
+            n_obj = int(inst_map.max())
+            held = [[turn["words"][k - 1] for k in range(1, n_obj + 1) if token_of(k) == q] for q in range(K)]
+            assert [x[:-1] for x in steps] == [h or ["no"] for h in held]         # the words of what each holds
+            named = question.replace("<image>", " ").split()[2]              # "How many red objects" / "circles"
+            assert all(turn["words"][k - 1] in (named, named[:-1], named[:-2]) for k in turn["scan"])
             for q in range(K):                                        # every source token, in order
                 assert torch.allclose(next(written)[0].float(), sets[j][q].float())
                 n += 1

@@ -20,9 +20,10 @@ tokens just written:
     Is the red circle left of the blue star?   <image> <image>: yes         the red circle, then the star
     (with `look_places`)                       <image> 1 <image> 4: yes     and each one's place on the axis
     How many circles are there? (`look_numbers`) <image> 1 <image> 2: 2     counted as they are written
-    How many circles are there? (`look_scan`)  <image> 0 <image> 1 <image> 1 <image> 2: 2
+    How many circles are there? (`look_scan`)  <image> star 0 <image> circle 1 <image> no 1 <image> circle 2: 2
                                                                             every token of the image, in
-                                                                            order, with the running count
+                                                                            order: the shapes it holds
+                                                                            ("no": none), the running count
 
 (each `<image>` one visual token: the source token holding most of the object's pixels, as an
 edit diff's old token, `attend.object_tokens`; a turn about no object keeps its answer;
@@ -32,10 +33,13 @@ relation's answer writes each object's centre along the compared axis after its 
 `shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written. With
 `look_numbers` a count's answer numbers its tokens as it writes them, so the count is the last number.
 With `look_scan` a count's answer goes through all of the image's tokens in generation order and writes after each
-one how many of the counted objects the tokens so far hold (each object counted at the token holding most of its
-pixels), so every step copies the next token and reads one token's colour or shape; the count is the last number.
-The image's tokens are known only once SeTok has read it, so a scanning turn's answer is written in
-`look_samples` (the data set keeps the plain answer and marks the turn `{"scan": instance ids}`).
+one the colours (a count of a colour) or shapes (of a shape) of the objects it holds ("no" for none; each object at
+the token holding most of its pixels), then how many of the counted objects the tokens so far hold. So every step
+copies the next token, reads its colour or shape (as a colour question's `<image>: blue` does), compares that word
+with the question's and adds; the count is the last number ("How many objects", scanned where `count` is in the
+look list, writes the numbers alone). The image's tokens are known only once SeTok has read it, so a scanning
+turn's answer is written in `look_samples` (the data set keeps the plain answer and marks the turn
+`{"scan": counted instance ids, "words": each object's word}`).
 
 Shapes: instance maps (H, W) int, 0 background, object j + 1.
 """
@@ -100,12 +104,13 @@ def superlative_object(ids: Sequence[int], word: str, objects: list[dict]) -> li
     return [pick(ids, key=lambda i: float(objects[i]["center"][axis]))]
 
 
-def look_answer(answer: str, n: int, places: Optional[Sequence[int]] = None) -> str:
+def look_answer(answer: str, n: int, places: Optional[Sequence[int | str]] = None) -> str:
     """An answer with `n` looked-up tokens before it ("<image> <image>: 2"; n = 0: as it is);
     `places` (n,): a word after each token ("<image> 1 <image> 4: yes")."""
     if n == 0:
         return answer
-    words = [IMAGE_TOKEN] * n if places is None else [f"{IMAGE_TOKEN} {int(p)}" for p in places]
+    words = [IMAGE_TOKEN] * n if places is None else [f"{IMAGE_TOKEN} {p if isinstance(p, str) else int(p)}"
+                                                      for p in places]
     return " ".join(words) + (" " if ANSWER_MARK in answer else ANSWER_MARK) + answer
 
 
@@ -120,11 +125,14 @@ def relation_places(question: str, objects: list[dict], ids: Sequence[int]) -> O
     return [place_bin(float(objects[i]["center"][axis])) for i in ids]
 
 
-def scan_answer(answer: str, holds: Sequence[int]) -> str:
+def scan_answer(answer: str, holds: Sequence[int], words: Optional[Sequence[Sequence[str]]] = None) -> str:
     """A scanning count's answer: `holds` (K,) how many counted objects each of the image's tokens holds, in
-    generation order -> "<image> 0 <image> 1 ...: answer", each token followed by the running count."""
+    generation order, and `words` (K,) the words of the objects each holds (None: no words) -> "<image> red 0
+    <image> no 0 <image> blue 1 ...: answer", each token followed by its words ("no" for none) and the running count."""
     runs = np.cumsum(np.asarray(holds, dtype=np.int64)).tolist()
-    return look_answer(answer, len(runs), runs)
+    if words is None:
+        return look_answer(answer, len(runs), runs)
+    return look_answer(answer, len(runs), [" ".join(list(w) or ["no"]) + f" {n}" for w, n in zip(words, runs)])
 
 
 def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool = False,
@@ -136,7 +144,8 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
     `places`: a relation's answer writes each object's place after its token (`relation_places`), its
     superlatives resolved (`look_objects(resolve=True)`); "count_by" in `types`: `looks_at`. `numbers`: a
     count's answer writes the running number after each token ("<image> 1 <image> 2: 2"). `scan`: a looking count's
-turn is {"scan": the counted instance ids} and keeps its plain answer (`scan_answer`, written by `look_samples`)."""
+    turn is {"scan": the counted instance ids, "words": each object's colour (a count of a colour) or shape (of a
+    shape), None for "How many objects"} and keeps its plain answer (`scan_answer`, written by `look_samples`)."""
     scene, inst = world_files(entry["image"])
     if not (scene.is_file() and inst.is_file()):
         return entry, None
@@ -153,7 +162,10 @@ turn is {"scan": the counted instance ids} and keeps its plain answer (`scan_ans
         if numbers and entry.get("type") == "count":
             at = list(range(1, len(idx) + 1))
         if scan and looks and entry.get("type") == "count":
-            turns.append({"scan": [i + 1 for i in idx]})
+            m = COUNT_QUESTION.fullmatch(question.strip())
+            key = None if m is None or (m.group(1) is None and m.group(2) == "objects") else (
+                "color" if m.group(1) is not None else "shape")
+            turns.append({"scan": [i + 1 for i in idx], "words": None if key is None else [o[key] for o in objects]})
             conv.append(dict(t))
             continue
         turns.append([i + 1 for i in idx])
@@ -189,8 +201,10 @@ def look_samples(model, batch: dict, samples: list[dict], cache: dict, outputs) 
             turn = None if t["from"] in ("human", "user") else next(turns)
             if isinstance(turn, dict):                                       # a scan: every token, in order
                 holds = np.bincount([at(i) for i in turn["scan"]], minlength=K)[:K]
+                words = None if turn["words"] is None else [
+                    [w for i, w in enumerate(turn["words"], 1) if at(i) == k] for k in range(K)]
                 idx += range(K)
-                t = {**t, "value": scan_answer(str(t["value"]), holds)}
+                t = {**t, "value": scan_answer(str(t["value"]), holds, words)}
             elif turn is not None:
                 idx += [at(i) for i in turn]
             conv.append(t)
