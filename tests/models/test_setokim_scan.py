@@ -79,3 +79,31 @@ def test_a_scanning_count_writes_every_source_token_with_the_running_count(model
         ConversationDataset(instruct, "instruct", 32, look_scan=True)
     with pytest.raises(UserError, match="look_scan is true or false and needs look, without look_numbers"):
         ConversationDataset(instruct, "instruct", 32, look=True, look_numbers=True, look_scan=True)
+
+
+def test_scan_steps_sorts_each_answer_step_and_scores_the_model_on_it(model, instruct):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scan_steps.py"
+    spec = importlib.util.spec_from_file_location("scan_steps", path)
+    ss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ss)
+    words = "[Img] blue 0 [Img] red 1 [Img] no 1 [/Img] [Img] red red 3 : 3 </s>".split()
+    assert ss.step_kinds(words) == [None, "words", "same", "go_on", "words", "increment", "go_on", "words", "same",
+                                    None, "go_on", "words", "words", "increment", "stop", None, None]
+    got = ss.score(model, str(instruct), n=6, image_size=32)
+    # the steps it scores are those of the answers the stage rows write, counted here on their text
+    from setok_cli.train.stage2 import Stage2Model
+    ds = ConversationDataset(instruct, "instruct", 32, look=["count_by"], look_scan=True)
+    items = [ds[i] for i in range(len(ds)) if isinstance(ds[i]["look"]["turns"][0], dict)][:6]
+    want = dict.fromkeys(ss.STEPS, 0)
+    for s in Stage2Model(model).samples(collate_conversations_batch(items)):
+        steps = [x.split() for x in s["conversations"][-1]["value"].rsplit(": ", 1)[0].split("<image>")[1:]]
+        numbers = ["0"] + [x[-1] for x in steps]
+        want["words"] += sum(len(x) - 1 for x in steps)
+        want["increment"] += sum(a != b for a, b in zip(numbers, numbers[1:]))
+        want["same"] += sum(a == b for a, b in zip(numbers, numbers[1:]))
+        want["go_on"] += len(steps) - 1
+        want["stop"] += 1
+    assert {k: r["steps"] for k, r in got.items()} == want and want["stop"] == len(items) > 0
+    assert all(0 <= r["right"] <= r["steps"] for r in got.values())
