@@ -77,7 +77,7 @@ def test_recipe_mixture_passes_chat_turns(stage2_world, tmp_path):
     assert weighed.text_weights == [1.0, 4.0] and two.text_weights == [1.0, 1.0, 1.0]
     with pytest.raises(UserError, match=r"text_weight must be a number >= 0"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, text_weight: -1}}]"))
-    with pytest.raises(UserError, match=r"weight\[, turns\|names\|look\|look_places\|look_numbers\|sized\|"
+    with pytest.raises(UserError, match=r"weight\[, turns\|names\|look\|look_places\|look_numbers\|look_scan\|sized\|"
                                          r"text_weight\]"):
         _mixture(_recipe(stage2_world, tmp_path, f"data.mixture=[{chat}, turn: 2}}]"))
     with pytest.raises(UserError, match="look is for the instruct and chat tasks"):
