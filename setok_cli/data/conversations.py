@@ -157,9 +157,10 @@ class ConversationDataset(Dataset):
     or a list of types (["color", "shape"]; "count_by": counts of one colour or shape only); items carry "look";
     `look_places` (with `look`): a relation's answer writes each object's place after its token
     (`look.relation_places`); `look_numbers` (with `look`): a count's answer numbers its tokens ("<image> 1
-    <image> 2: 2"); `look_scan` (with `look`): a looking count's answer goes through every token of the image with
-    the running count ("<image> 0 <image> 1 <image> 1: 1", `look.scan_answer`). `sized` (generate): the answer
-    says the number of objects before the image, "two objects <image>" (`models/setokim/sized.py`)."""
+    <image> 2: 2"); `look_scan` (with `look`): a looking count's answer goes through every token of the image, each
+    with what it holds and the running count ("<image> red 1 <image> no 1: 1", `look.scan_answer`). `sized`
+    (generate): the answer says the number of objects before the image, "two objects <image>"
+    (`models/setokim/sized.py`)."""
 
     def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
                  names: bool = False, look: bool | Sequence[str] = False, sized: bool = False,
