@@ -1,5 +1,6 @@
 """Shared fixtures. Keep this small: per-area fixtures live next to their tests."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,20 @@ def place_setokim(stage2_world, tmp_path_factory):
         torch.manual_seed(0)
         return Setokim.from_config(SetokimConfig(lm=dict(lm), place_head=cells, **common, **config))
     return make
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """load(name) -> benchmarks/NAME.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
 
 
 @pytest.fixture(scope="session")

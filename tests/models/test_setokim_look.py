@@ -393,18 +393,8 @@ def test_the_relations_recipe_is_the_look_recipe_with_relation_and_existence_row
     assert {k: v for k, v in rel.items() if k != "output_dir"} == {k: v for k, v in look.items() if k != "output_dir"}
 
 
-def _benchmark(name: str):
-    """benchmarks/NAME.py as a module."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_existence_cases_sort_each_question_and_score_its_answer(instruct):
-    ec = _benchmark("existence_cases")
+def test_existence_cases_sort_each_question_and_score_its_answer(instruct, benchmark_script):
+    ec = benchmark_script("existence_cases")
     from setok_cli.data.formats import load
     entries = load(instruct, "instruct")
     truths = {e["id"]: look_entry(e)[0]["conversations"][1]["value"] for e in entries if e["type"] == "exist"}
@@ -421,8 +411,8 @@ def test_existence_cases_sort_each_question_and_score_its_answer(instruct):
     assert yes["shape absent"]["right"] == yes["shape absent"]["wrote_nothing"] == 0
 
 
-def test_count_cases_sort_each_count_and_score_its_answer(instruct):
-    cc = _benchmark("count_cases")
+def test_count_cases_sort_each_count_and_score_its_answer(instruct, benchmark_script):
+    cc = benchmark_script("count_cases")
     from setok_cli.data.formats import load
     entries = load(instruct, "instruct")
     assert [cc.kind_of(q) for q in ("How many objects are there?", "How many red objects are there?",

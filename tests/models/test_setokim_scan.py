@@ -81,13 +81,8 @@ def test_a_scanning_count_writes_every_source_token_with_the_running_count(model
         ConversationDataset(instruct, "instruct", 32, look=True, look_numbers=True, look_scan=True)
 
 
-def test_scan_steps_sorts_each_answer_step_and_scores_the_model_on_it(model, instruct):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scan_steps.py"
-    spec = importlib.util.spec_from_file_location("scan_steps", path)
-    ss = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ss)
+def test_scan_steps_sorts_each_answer_step_and_scores_the_model_on_it(model, instruct, benchmark_script):
+    ss = benchmark_script("scan_steps")
     words = "[Img] blue 0 [Img] red 1 [Img] no 1 [/Img] [Img] red red 3 : 3 </s>".split()
     assert ss.step_kinds(words) == [None, "words", "same", "go_on", "words", "increment", "go_on", "words", "same",
                                     None, "go_on", "words", "words", "increment", "stop", None, None]
