@@ -1,11 +1,13 @@
 """A Setokim training step (forward + backward) with `train.length_groups` 1 against G, in one process.
 
     python benchmarks/bench_setokim_step.py recipes/tiny/stage3.yaml [--groups 4] [--batches 12]
-        [--repeats 3] [--threads 2] [--precision no|bf16] [--versus-bf16]
+        [--repeats 3] [--threads 2] [--precision no|bf16] [--versus-bf16] [--versus-compile]
 
 `--versus-bf16` times float32 against bf16 autocast instead, both at G groups: whether bf16
 pays on this CPU for this model (`train.mixed_precision: auto` picks it wherever the CPU has
-bf16 units).
+bf16 units). `--versus-compile` times the LM eager against `torch.compile(dynamic=True)` of
+its decoder (the toolkit trains eager), both at G groups, with the compile time and the largest
+loss difference.
 
 The recipe's model and mixture, its batch size; the batches' image tokens and region targets
 are computed before timing (the trainer caches them too), so only the step is timed. Each
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["no", "bf16"], default="no")
     ap.add_argument("--versus-bf16", action="store_true", help="float32 against bf16 autocast, both at --groups")
+    ap.add_argument("--versus-compile", action="store_true", help="the LM eager against torch.compile, at --groups")
     ap.add_argument("--set", action="append", default=[], help="recipe overrides, as `setok train --set`")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -66,6 +69,8 @@ def main() -> None:
 
     if a.versus_bf16:
         return _versus_bf16(a, inputs, step)
+    if a.versus_compile:
+        return _versus_compile(a, inputs, step, m)
     from setok_cli.models.setokim.splice import length_groups
     times = {1: [], a.groups: []}
     diff, padded = 0.0, {1: 0, a.groups: 0}
@@ -107,6 +112,43 @@ def _versus_bf16(a, inputs, step) -> None:
                       "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "median_step_s": {k: round(v, 4) for k, v in med.items()},
                       "bf16_over_fp32": round(med["bf16"] / med["no"], 3)}, indent=1))
+
+
+def _versus_compile(a, inputs, step, m) -> None:
+    """Eager and compiled LM steps alternated over the same batches; medians, ratio, compile time."""
+    dec = m.lm.get_decoder()
+    compiled = torch.compile(dec, dynamic=True)
+    eager_hidden = m.hidden
+
+    def compiled_hidden(inputs_embeds, attention_mask, position_ids, **kw):
+        return compiled(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kw)
+
+    modes = {"eager": eager_hidden, "compiled": compiled_hidden}
+    times = {k: [] for k in modes}
+    warm, diff = {}, 0.0
+    for name, fn in modes.items():                           # warm-up; the compiled one compiles here
+        m.hidden = fn
+        t = time.perf_counter()
+        for kw in inputs[:3]:
+            step(kw, a.groups)
+        warm[name] = time.perf_counter() - t
+    for _ in range(a.repeats):
+        for kw in inputs:
+            losses = []
+            for name, fn in modes.items():
+                m.hidden = fn
+                dt, loss = step(kw, a.groups)
+                times[name].append(dt)
+                losses.append(loss)
+            diff = max(diff, abs(losses[0] - losses[1]))
+    m.hidden = eager_hidden
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"recipe": a.recipe, "batch_size": len(inputs[0]["input_ids"]), "batches": a.batches,
+                      "repeats": a.repeats, "threads": a.threads, "groups": a.groups, "precision": a.precision,
+                      "warm_up_s (3 steps; compiled: with compiling)": {k: round(v, 1) for k, v in warm.items()},
+                      "median_step_s": {k: round(v, 4) for k, v in med.items()},
+                      "eager_over_compiled": round(med["eager"] / med["compiled"], 3),
+                      "max_loss_difference": diff}, indent=1))
 
 
 if __name__ == "__main__":
