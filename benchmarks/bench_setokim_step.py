@@ -126,7 +126,7 @@ def _versus_compile(a, inputs, step, m) -> None:
     modes = {"eager": eager_hidden, "compiled": compiled_hidden}
     times = {k: [] for k in modes}
     warm, diff = {}, 0.0
-    for name, fn in modes.items():                           # warm-up; the compiled one compiles here
+    for name, fn in modes.items():                           # warm-up (first_3_steps_s); the compiled one compiles here
         m.hidden = fn
         t = time.perf_counter()
         for kw in inputs[:3]:
@@ -145,7 +145,7 @@ def _versus_compile(a, inputs, step, m) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"recipe": a.recipe, "batch_size": len(inputs[0]["input_ids"]), "batches": a.batches,
                       "repeats": a.repeats, "threads": a.threads, "groups": a.groups, "precision": a.precision,
-                      "warm_up_s (3 steps; compiled: with compiling)": {k: round(v, 1) for k, v in warm.items()},
+                      "first_3_steps_s": {k: round(v, 1) for k, v in warm.items()},
                       "median_step_s": {k: round(v, 4) for k, v in med.items()},
                       "eager_over_compiled": round(med["eager"] / med["compiled"], 3),
                       "max_loss_difference": diff}, indent=1))
