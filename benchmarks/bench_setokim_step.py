@@ -97,16 +97,26 @@ def main() -> None:
                       "max_loss_difference": diff}, indent=1))
 
 
+def _alternate(inputs, runs: dict, repeats: int) -> tuple[dict, float]:
+    """runs: name -> fn(batch) -> (seconds, loss), each called on every batch in turn, `repeats` times
+    -> (the median seconds of each, the largest loss difference between them on one batch)."""
+    times, diff = {k: [] for k in runs}, 0.0
+    for _ in range(repeats):
+        for kw in inputs:
+            losses = []
+            for name, fn in runs.items():
+                dt, loss = fn(kw)
+                times[name].append(dt)
+                losses.append(loss)
+            diff = max(diff, max(losses) - min(losses))
+    return {k: statistics.median(v) for k, v in times.items()}, diff
+
+
 def _versus_bf16(a, inputs, step) -> None:
     """float32 and bf16 autocast steps alternated over the same batches; medians and ratio."""
-    times = {"no": [], "bf16": []}
     for kw in inputs[:2]:                                   # warm-up
         step(kw, a.groups, "no"), step(kw, a.groups, "bf16")
-    for _ in range(a.repeats):
-        for kw in inputs:
-            for p in times:
-                times[p].append(step(kw, a.groups, p)[0])
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, _ = _alternate(inputs, {p: (lambda kw, p=p: step(kw, a.groups, p)) for p in ("no", "bf16")}, a.repeats)
     print(json.dumps({"recipe": a.recipe, "batch_size": len(inputs[0]["input_ids"]), "batches": a.batches,
                       "repeats": a.repeats, "threads": a.threads, "groups": a.groups,
                       "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -124,25 +134,21 @@ def _versus_compile(a, inputs, step, m) -> None:
         return compiled(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kw)
 
     modes = {"eager": eager_hidden, "compiled": compiled_hidden}
-    times = {k: [] for k in modes}
-    warm, diff = {}, 0.0
+
+    def run(fn):
+        def one(kw):
+            m.hidden = fn
+            return step(kw, a.groups)
+        return one
+
+    warm = {}
     for name, fn in modes.items():                           # warm-up (first_3_steps_s); the compiled one compiles here
-        m.hidden = fn
         t = time.perf_counter()
         for kw in inputs[:3]:
-            step(kw, a.groups)
+            run(fn)(kw)
         warm[name] = time.perf_counter() - t
-    for _ in range(a.repeats):
-        for kw in inputs:
-            losses = []
-            for name, fn in modes.items():
-                m.hidden = fn
-                dt, loss = step(kw, a.groups)
-                times[name].append(dt)
-                losses.append(loss)
-            diff = max(diff, abs(losses[0] - losses[1]))
-    m.hidden = eager_hidden
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, diff = _alternate(inputs, {name: run(fn) for name, fn in modes.items()}, a.repeats)
+    del m.hidden                                             # the class's method again
     print(json.dumps({"recipe": a.recipe, "batch_size": len(inputs[0]["input_ids"]), "batches": a.batches,
                       "repeats": a.repeats, "threads": a.threads, "groups": a.groups, "precision": a.precision,
                       "first_3_steps_s": {k: round(v, 1) for k, v in warm.items()},
