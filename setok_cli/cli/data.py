@@ -105,7 +105,9 @@ def questions(split, seed, types, absent):
               help="The question kinds whose answers give reasons (comma-separated); exist_shape in place of "
                    "exist lists the objects of the asked shape instead: \"a blue circle, a red circle: yes\"; "
                    "relation_order in place of relation answers above / below by the objects in reading order "
-                   "up to the first of the two: \"a green star, a blue square: no\".")
+                   "up to the first of the two: \"a green star, a blue square: no\"; exist_all and count_all "
+                   "answer existence and counts (the total count too) after every object of the scene in reading "
+                   "order: \"a red circle, a blue star, a red star: 2\".")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of <name>_explained.json.")
 def explain(file, kinds, out):
     """Write FILE's instruct entries to <name>_explained.json with reasons before the answers:

@@ -16,9 +16,10 @@ from typing import Iterable
 import numpy as np
 
 from ..files import atomic_write_bytes, atomic_write_json, ensure_dir
-from .shapes_text import (DESCRIBE_BY_SHAPE, EXPLAINED_KINDS, EXPLAINED_OPTIONAL, QUESTION_TYPES, all_questions,
-                          caption, caption_in_reading_order, count_phrase, describe_by_shape, explained_answer, phrase,
-                          questions, reading_order, referring_expression, region_name, sample_edit)
+from .shapes_text import (DESCRIBE_BY_SHAPE, EXPLAINED_EXCLUSIVE, EXPLAINED_KINDS, EXPLAINED_OPTIONAL, QUESTION_TYPES,
+                          all_questions, caption, caption_in_reading_order, count_phrase, describe_by_shape,
+                          explained_answer, phrase, questions, reading_order, referring_expression, region_name,
+                          sample_edit)
 from .shapes_world import (CHECK_RES, COLOR_NAMES, COLORS, EXTENTS, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, MIN_VISIBLE,
                            NUMBER_WORDS, PLURALS, REGIONS, SHAPES, SUPERSAMPLE, Rendered, _valid, coverage, inside,
                            render, render_background, sample_background, sample_object, sample_scene)
@@ -303,10 +304,10 @@ def explain_answers(path: str | Path, kinds: tuple[str, ...] = EXPLAINED_KINDS,
     if bad or not kinds:
         raise UserError(f"unknown kind {bad[0]!r}: choose from {', '.join(known)}" if bad else
                         f"no kinds: choose from {', '.join(known)}")
-    for one, other in (("exist", "exist_shape"), ("relation", "relation_order")):
-        if one in kinds and other in kinds:
-            raise UserError(f"kinds {one} and {other} both explain {'existence' if one == 'exist' else 'relations'}: "
-                            "choose one")
+    for group in EXPLAINED_EXCLUSIVE:
+        both = [k for k in group if k in kinds]
+        if len(both) > 1:
+            raise UserError(f"kinds {' and '.join(both)} explain the same questions: choose one")
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src}: no such file (an instruct file of a `setok data shapes` split)")

@@ -187,9 +187,12 @@ COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
 EXIST_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
 COLOR_QUESTION = re.compile(r"What color is the (\w+)\?")
 EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explained_answer` gives reasons for
-# existence explained by the objects of the asked shape instead, and above / below by reading order
-# (`explained_relation_order`) instead of places (not default kinds)
-EXPLAINED_OPTIONAL = ("exist_shape", "relation_order")
+# existence explained by the objects of the asked shape instead, above / below by reading order
+# (`explained_relation_order`) instead of places, and existence or counts (the total count too) by every object of
+# the scene in reading order, a caption's list (`explained_by_scene`) (not default kinds)
+EXPLAINED_OPTIONAL = ("exist_shape", "relation_order", "exist_all", "count_all")
+# kinds that explain the same questions: at most one of each group
+EXPLAINED_EXCLUSIVE = (("exist", "exist_shape", "exist_all"), ("relation", "relation_order"), ("count", "count_all"))
 
 
 def explained_exist(objects: list[dict], color: str, shape: str, by: str = "color") -> str:
@@ -201,6 +204,14 @@ def explained_exist(objects: list[dict], color: str, shape: str, by: str = "colo
     found = [o for o in reading_order(objects) if o[key] == want]
     hit = any(o["color"] == color and o["shape"] == shape for o in found)
     return _listed(found, "yes" if hit else "no") if found else "no"
+
+
+def explained_by_scene(objects: list[dict], answer: str) -> str:
+    """An answer after every object of the scene in reading order (a caption's list, one phrase per
+    object, the order Setokim writes an image's tokens in): "a red circle, a blue star, a red star:
+    2" to "How many red objects are there?", "...: yes" to "Is there a blue star?". Each step is
+    a caption's step, and the answer is read from the text just written."""
+    return _listed(reading_order(objects), answer)
 
 
 def explained_color(objects: list[dict], shape: str) -> str:
@@ -223,8 +234,10 @@ def explained_answer(question: str, answer: str, objs: list[dict],
     by `explained_relation_order` with the kind "relation_order"; counts by
     colour or shape: `explained_count`; existence: `explained_exist`, by the asked shape with
     the kind "exist_shape"; colour:
-    `explained_color`), None for the other kinds, for kinds not in `kinds` and for the total
-    count (its list would be the whole caption); ValueError if the plain answer is not the scene's."""
+    `explained_color`; existence and counts after every object of the scene with the kinds "exist_all"
+    and "count_all": `explained_by_scene`), None for the other kinds, for kinds not in `kinds` and for
+    the total count unless "count_all" (its list is the whole caption's); ValueError if the plain answer is not
+    the scene's."""
     m = RELATION_QUESTION.fullmatch(question)
     if m:
         if "relation" not in kinds and "relation_order" not in kinds:
@@ -243,15 +256,22 @@ def explained_answer(question: str, answer: str, objs: list[dict],
     color, count = COLOR_QUESTION.fullmatch(question), COUNT_QUESTION.fullmatch(question)
     if color and color.group(1) in SHAPES:
         kind, out = "color", explained_color(objs, color.group(1))
-    elif count and (count.group(1) in COLOR_NAMES or count.group(2) in PLURALS.values()):   # not "How many objects"
+    elif count and (count.group(1) in COLOR_NAMES or count.group(2) in PLURALS.values()
+                    or count.group(2) == "objects"):
         shape = {p: s for s, p in PLURALS.items()}.get(count.group(2))
-        kind, out = "count", explained_count(objs, count.group(1), shape)
+        out = explained_count(objs, count.group(1), shape)
+        if "count_all" in kinds:
+            kind, out = "count_all", explained_by_scene(objs, final_answer(out))
+        else:                                                      # the total count stays plain
+            kind = "count" if count.group(2) != "objects" else "total"
     else:
         m = EXIST_QUESTION.fullmatch(question)
         if not m or m.group(1) not in COLOR_NAMES or m.group(2) not in SHAPES:
             return None
-        kind = "exist_shape" if "exist_shape" in kinds else "exist"
+        kind = next((k for k in ("exist_shape", "exist_all") if k in kinds), "exist")
         out = explained_exist(objs, *m.groups(), by="shape" if kind == "exist_shape" else "color")
+        if kind == "exist_all":
+            out = explained_by_scene(objs, final_answer(out))
     if final_answer(out) != answer:
         raise ValueError(question)
     return out if kind in kinds else None

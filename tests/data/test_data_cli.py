@@ -370,6 +370,26 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds",
                                  "relation,relation_order"])
     assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
+    # exist_all, count_all: existence and every count (the total too) after the scene's objects in reading order
+    for kind, qtype in (("exist_all", "exist"), ("count_all", "count")):
+        by_scene = _explained_one_kind(split, plain, tmp_path, kind, qtype)
+        n_no = 0
+        for e, p in zip(by_scene, plain):
+            if e["type"] != qtype:
+                continue
+            a, truth = e["conversations"][1]["value"], p["conversations"][1]["value"]
+            objs = next(v for k, v in scenes.items() if k.endswith("/" + e["image"]))
+            rows = sorted(objs, key=lambda o: (int(o["center"][1] * 16), o["center"][0]))
+            listed = [tuple(x.split()[1:]) for x in a.rsplit(": ", 1)[0].split(", ")]
+            assert listed == [(o["color"], o["shape"]) for o in rows] and a.endswith(": " + truth), a
+            n_no += truth in ("no", "0")
+        assert n_no and any(": 0" in e["conversations"][1]["value"] or ": no" in e["conversations"][1]["value"]
+                            for e in by_scene)
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds",
+                                 "exist_shape,exist_all"])
+    assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "count,count_all"])
+    assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "size"])
     assert r.exit_code != 0 and _error_lines(r.output) and "'size'" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(tmp_path / "nope.json")])
