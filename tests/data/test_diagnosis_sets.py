@@ -106,3 +106,34 @@ def test_relation_places_scores_the_written_places(world):
     assert c["untied"] == untied and c["follows_places"] == untied                 # each answer as its places say
     truth = sum(p["answer"] == e["conversations"][1]["value"] for p, e in zip(preds, entries))
     assert c["right"] == truth and c["answered_yes"] == sum(p["answer"] == "yes" for p in preds)
+
+
+def test_scene_list_cases_splits_seeing_from_reading():
+    """benchmarks/scene_list_cases.py: a right list with a wrong answer, a wrong list read right, the same
+    objects in another order, and a plain answer with no list, each counted where it belongs."""
+    mod = _module("scene_list_cases")
+    scene = "a red circle, a blue star, a red star"
+
+    def entry(i, q, a):
+        return {"id": str(i), "image": "x.png", "type": "exist" if q.startswith("Is") else "count",
+                "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
+    entries = [entry(0, "Is there a blue star?", scene + ": yes"),
+               entry(1, "How many red objects are there?", scene + ": 2"),
+               entry(2, "How many stars are there?", scene + ": 2"),
+               entry(3, "How many objects are there?", scene + ": 3"),
+               entry(4, "Is there a red star?", scene + ": yes")]
+    said = ["a red circle, a blue star, a red star: no",          # the list right, the answer not read from it
+            "a red circle, a blue star: 1",                        # an object missed, the answer read from the list
+            "a red star, a red circle, a blue star: 2",            # the same objects in another order, right
+            "a red circle, a blue star, a red star: 3",            # exact and right
+            "yes"]                                                 # no list
+    preds = [{"question_id": str(i), "answer": s.rsplit(": ", 1)[-1], "reasons": s} for i, s in enumerate(said)]
+    got = mod.score(entries, preds)
+    assert got["exist"] == {"questions": 2, "right": 1, "list_exact": 1, "list_as_set": 1, "follows_list": 0,
+                            "right_if_exact": 0}
+    assert got["colour"] == {"questions": 1, "right": 0, "list_exact": 0, "list_as_set": 0, "follows_list": 1,
+                             "right_if_exact": 0}
+    assert got["shape"] == {"questions": 1, "right": 1, "list_exact": 0, "list_as_set": 1, "follows_list": 1,
+                            "right_if_exact": 0}
+    assert got["objects"] == {"questions": 1, "right": 1, "list_exact": 1, "list_as_set": 1, "follows_list": 1,
+                              "right_if_exact": 1}
