@@ -12,7 +12,8 @@ the answer off it (text). For existence and each kind of count ("objects", one "
 "shape") this prints how many questions there are, how many are answered right, how many lists are
 the truth's exactly (the same objects in the same order) or as a set of objects (any order), how many
 answers follow from their own list (whether or not the list is right), and how many are right among
-the exact lists. `--data` is the explained file (its answers hold the true lists).
+the exact lists. `--data` is the explained file (its answers hold the true lists). Existence answered by the objects of the asked shape
+(`--kinds exist_shape`, the recipe's) is scored the same way against a file explained with that kind.
 """
 from __future__ import annotations
 

@@ -99,6 +99,19 @@ def questions(split, seed, types, absent):
     click.echo(f"{n} questions -> {path}")
 
 
+@data.command("drills")
+@click.argument("split", type=click.Path(file_okay=False))
+@click.option("--per-image", default=2, show_default=True, type=click.IntRange(min=1), help="Drills per image.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed; image i's drills depend on (seed, i) only.")
+def drills(split, per_image, seed):
+    """Write SPLIT/instruct_list_drills.json: existence questions whose answer is read from a list in the
+    question, unrelated to the image ("Is there a red cross? a pink cross, a blue cross" "no"): the last
+    step of the recipe's existence answers, alone (a stage-III row)."""
+    from ..data.drills import list_drills
+    path, n = list_drills(split, per_image, seed)
+    click.echo(f"{n} drills -> {path}")
+
+
 @data.command("explain")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kinds", default="relation,count,exist,color", show_default=True,

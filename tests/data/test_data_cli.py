@@ -491,3 +491,44 @@ def test_setok_data_edits_each_target_is_its_instruction(world, tmp_path):
     for args in ([str(tmp_path / "nope")], [str(split), "--per-image", "0"]):
         r = CliRunner().invoke(cli, ["data", "edits", *args])
         assert r.exit_code == 2 and len(_error_lines(r.output)) == 1 and "Traceback" not in r.output
+
+
+def test_setok_data_drills_answer_from_the_list(world, tmp_path):
+    """`setok data drills`: every answer is whether the asked colour is in the question's list (of the
+    asked shape, one to three objects), both answers occur, each "no" is a near miss; the entries load as
+    instruct training items with their split's images; the same seed writes the same file; bad input is
+    one line and writes nothing."""
+    import re
+
+    from setok_cli.data.conversations import ConversationDataset
+    from setok_cli.data.formats import load
+    from setok_cli.data.shapes_world import COLOR_NAMES, SHAPES
+    split, r = _split_copy(world, tmp_path, "drills", "--per-image", "3")
+    path = split / "instruct_list_drills.json"
+    assert f"-> {path}" in r.output
+    drills = json.loads(path.read_text())
+    images = {p["image"] for p in json.loads((split / "pairs.json").read_text())}
+    assert len(drills) == 3 * len(images) and {e["image"] for e in drills} == images
+    answers = []
+    for e in drills:
+        q, a = (t["value"] for t in e["conversations"])
+        c, s, listed = re.fullmatch(r"<image>\nIs there an? (\w+) (\w+)\? (.+)", q).groups()
+        items = [tuple(x.split()) for x in listed.split(", ")]
+        assert 1 <= len(items) <= 3 and c in COLOR_NAMES and s in SHAPES
+        assert all(art in ("a", "an") and col in COLOR_NAMES and sh == s for art, col, sh in items), q
+        assert a == ("yes" if c in [col for _, col, _ in items] else "no"), (q, a)
+        answers.append(a)
+    assert set(answers) == {"yes", "no"}
+    ds = ConversationDataset(path, task="instruct", image_size=32)
+    assert len(ds) == len(drills) and ds[0]["conversations"][1]["value"] in ("yes", "no")
+    assert len(load(path, "instruct")) == len(drills)
+    first = path.read_bytes()
+    assert CliRunner().invoke(cli, ["data", "drills", str(split), "--per-image", "3"]).exit_code == 0
+    assert path.read_bytes() == first
+    r = CliRunner().invoke(cli, ["data", "drills", str(split), "--per-image", "3", "--seed", "1"])
+    assert r.exit_code == 0 and path.read_bytes() != first
+    path.unlink()
+    r = CliRunner().invoke(cli, ["data", "drills", str(split), "--per-image", "0"])
+    assert r.exit_code == 2 and not path.exists()
+    r = CliRunner().invoke(cli, ["data", "drills", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and _error_lines(r.output) and not (tmp_path / "nope").exists()
