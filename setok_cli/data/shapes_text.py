@@ -187,9 +187,8 @@ COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
 EXIST_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
 COLOR_QUESTION = re.compile(r"What color is the (\w+)\?")
 EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explained_answer` gives reasons for
-# existence explained by the objects of the asked shape instead, above / below by reading order
-# (`explained_relation_order`) instead of places, and existence or counts (the total count too) by every object of
-# the scene in reading order, a caption's list (`explained_by_scene`) (not default kinds)
+# not default kinds: existence by the objects of the asked shape, above / below by reading order
+# (`explained_relation_order`), existence or counts (the total too) after the scene's list (`explained_by_scene`)
 EXPLAINED_OPTIONAL = ("exist_shape", "relation_order", "exist_all", "count_all")
 # kinds that explain the same questions: at most one of each group
 EXPLAINED_EXCLUSIVE = (("exist", "exist_shape", "exist_all"), ("relation", "relation_order"), ("count", "count_all"))
@@ -207,10 +206,8 @@ def explained_exist(objects: list[dict], color: str, shape: str, by: str = "colo
 
 
 def explained_by_scene(objects: list[dict], answer: str) -> str:
-    """An answer after every object of the scene in reading order (a caption's list, one phrase per
-    object, the order Setokim writes an image's tokens in): "a red circle, a blue star, a red star:
-    2" to "How many red objects are there?", "...: yes" to "Is there a blue star?". Each step is
-    a caption's step, and the answer is read from the text just written."""
+    """An answer after every object of the scene in reading order, one phrase each: "a red circle, a
+    blue star, a red star: 2" to "How many red objects are there?"; the answer is read off the list."""
     return _listed(reading_order(objects), answer)
 
 
