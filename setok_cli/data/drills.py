@@ -4,7 +4,7 @@
 
 The recipe's existence answers list the objects of the asked shape, then say yes or no ("Is there a
 red cross?" "a pink cross, a blue cross: no"). The list is mostly right; the word after it is where
-the errors are (README: "Saying that something is not there"). A drill isolates that word: the
+many of the errors are (README: "Saying that something is not there", "Existence read from a list"). A drill isolates that word: the
 question carries a list of objects of the asked shape, drawn at random and unrelated to the image,
 and the answer is whether the asked colour is among them,
 
@@ -37,9 +37,8 @@ def list_drill(rng: np.random.Generator) -> tuple[str, str]:
     else:
         others = [c for c in COLOR_NAMES if c not in colors]
         asked, answer = others[rng.integers(len(others))], "no"
-    art = "an" if asked[0] in "aeiou" else "a"
     listed = ", ".join(count_phrase(1, c, shape) for c in colors)
-    return f"Is there {art} {asked} {shape}? {listed}", answer
+    return f"Is there {count_phrase(1, asked, shape)}? {listed}", answer
 
 
 def list_drills(split: str | Path, per_image: int = 2, seed: int = 0) -> tuple[Path, int]:
