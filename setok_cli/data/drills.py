@@ -5,8 +5,9 @@
 The recipe's existence answers list the objects of the asked shape, then say yes or no ("Is there a
 red cross?" "a pink cross, a blue cross: no"). The list is mostly right; the word after it is
 where many of the errors are (README: "Saying that something is not there", "Existence read from a
-list"). A drill isolates that word: the question carries a list of objects of the asked shape, drawn at random and unrelated to the image,
-and the answer is whether the asked colour is among them,
+list"). A drill isolates that word: the question carries a list of objects of the asked shape,
+drawn at random and unrelated to the image, and the answer is whether the asked colour is among
+them,
 
     USER: <image>\\nIs there a red cross? a pink cross, a blue cross   ASSISTANT: no
 
