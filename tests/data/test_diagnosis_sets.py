@@ -137,3 +137,59 @@ def test_scene_list_cases_splits_seeing_from_reading():
                             "right_if_exact": 0}
     assert got["objects"] == {"questions": 1, "right": 1, "list_exact": 1, "list_as_set": 1, "follows_list": 1,
                               "right_if_exact": 1}
+
+
+def test_drill_lr_probe_batches_and_scores(tmp_path):
+    """benchmarks/drill_lr_probe.py: the answer position holds the drill's yes / no, the score follows a model that
+    always says one of them, and a two-step run over a tiny LM folder writes its table."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from setok_cli.data.drills import list_drill
+    from setok_cli.data.shapes_world import COLOR_NAMES, SHAPES
+    from setok_cli.models.setokim import build_word_tokenizer
+    from setok_cli.models.setokim.text import IGNORE_INDEX
+    mod = _module("drill_lr_probe")
+    tok = build_word_tokenizer(extra_texts=["Is there a an yes no , ?"] + [f"{c} {s}s" for c in COLOR_NAMES
+                                                                           for s in SHAPES])
+    yes, no = (tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ("yes", "no"))
+    ids, att, lab = mod.drill_batch(np.random.default_rng(3), 16, tok)
+    answers = [list_drill(np.random.default_rng(3))[1]]        # the first drill, drawn again
+    first = (lab != IGNORE_INDEX).float().argmax(1)
+    assert lab[0, first[0]].item() == (yes if answers[0] == "yes" else no)
+    assert set(lab[torch.arange(16), first].tolist()) <= {yes, no}
+    assert (att.sum(1) > first).all() and ids[0, first[0]].item() == lab[0, first[0]].item()
+    n_yes = (lab[torch.arange(16), first] == yes).sum().item()
+
+    class Always(torch.nn.Module):
+        def __init__(self, word):
+            super().__init__()
+            self.word = word
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[..., self.word] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    assert mod.accuracy(Always(yes), (ids, att, lab), yes, no) == n_yes / 16
+    assert mod.accuracy(Always(no), (ids, att, lab), yes, no) == 1 - n_yes / 16
+
+    folder = tmp_path / "setokim"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder / "lm")
+    tok.save_pretrained(folder / "tokenizer")
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, str(BENCH / "drill_lr_probe.py"), "--model", str(folder), "--recipe",
+                        str(BENCH.parent / "recipes/tiny/stage3.yaml"), "--lr", "1e-3", "--steps", "2", "--every",
+                        "1", "--batch", "4"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| 0.001 |" in r.stdout and "held-out accuracy" in r.stdout
+    r = subprocess.run([sys.executable, str(BENCH / "drill_lr_probe.py"), "--model", str(folder), "--full",
+                        "--no-system", "--lr", "1e-3", "--steps", "1", "--batch", "4", "--out", str(out)],
+                       capture_output=True, text=True, cwd=BENCH.parent)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(out.read_text())
+    assert saved["full"] and not saved["system"] and [s["step"] for s in saved["results"]["0.001"]] == [0, 1]

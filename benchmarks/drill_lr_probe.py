@@ -1,0 +1,152 @@
+"""Is the list lookup out of the LM's reach, or out of its learning rate's? Drills, text only.
+
+    python benchmarks/drill_lr_probe.py --model runs/tiny-stage2 --recipe recipes/tiny/stage3.yaml \\
+        --lr 1e-3 3e-4 [--steps 600] [--every 100] [--full] [--threads 1] [--out F.json]
+
+The drills of `setok data drills` ("Is there a red cross? a pink cross, a blue cross" -> "no") ask
+the one step that existence answers after a list need: is the asked colour among the listed ones?
+This trains the LM of a Setokim run (its stage-2 weights and word tokenizer) on such drills alone,
+without images, as stage III would: after the Vicuna system prompt (unless --no-system), the
+recipe's LoRA (`model.lora`, its `modules_to_save` too) or, with --full, every weight; AdamW with
+the recipe's weight decay, warm-up ratio, schedule and clipping, `--steps` steps of `--batch`
+drills rendered in the Vicuna v1 format (only the answer and its `</s>` count). Each learning rate
+starts from the same weights and sees the same drills. Printed every `--every` steps: the mean
+training loss of the last steps and the accuracy on 512 held-out drills (the more likely of "yes"
+and "no" at the answer; chance is 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from setok_cli.data.drills import list_drill
+from setok_cli.models.hub import resolve_checkpoint, resolve_folder
+from setok_cli.models.setokim.loading import load_text_tokenizer, quiet
+from setok_cli.models.setokim.lora import wrap_lora
+from setok_cli.models.setokim.text import IGNORE_INDEX, VICUNA_SYSTEM, render_conversation
+from setok_cli.train.recipe import load_recipe
+from setok_cli.train.trainer import build_scheduler
+
+HELD_OUT = 512
+
+
+def setokim_folder(run: str) -> Path:
+    """A stage-2 run, checkpoint or Setokim folder -> the Setokim folder (lm/, tokenizer/)."""
+    ck = resolve_checkpoint(resolve_folder(run, "Setokim run"))
+    return ck / "setokim" if (ck / "setokim").is_dir() else ck
+
+
+def drill_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYSTEM
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n drills -> (ids, attention mask, labels), each (n, L), right-padded; `system` opens each."""
+    rows = []
+    for _ in range(n):
+        q, a = list_drill(rng)
+        rows.append(render_conversation([{"from": "human", "value": q}, {"from": "gpt", "value": a}], tok,
+                                        system=system))
+    L = max(len(i) for i, _ in rows)
+    ids = torch.full((n, L), tok.pad_token_id or 0)
+    att = torch.zeros(n, L, dtype=torch.long)
+    lab = torch.full((n, L), IGNORE_INDEX)
+    for r, (i, lb) in enumerate(rows):
+        ids[r, :len(i)], att[r, :len(i)], lab[r, :len(i)] = torch.tensor(i), 1, torch.tensor(lb)
+    return ids, att, lab
+
+
+@torch.no_grad()
+def accuracy(lm, batch, yes: int, no: int) -> float:
+    """The share of drills whose first answer token is the more likely of yes / no."""
+    ids, att, lab = batch
+    was = lm.training
+    lm.eval()
+    logits = lm(input_ids=ids, attention_mask=att).logits
+    lm.train(was)
+    first = (lab != IGNORE_INDEX).float().argmax(1)            # the answer's first position
+    rows = torch.arange(len(ids))
+    pick = logits[rows, first - 1][:, [yes, no]].argmax(-1)
+    gold = (lab[rows, first] == no).long()
+    return (pick == gold).float().mean().item()
+
+
+def train_one(base, tok, recipe, lr: float, args, held_out) -> list[dict]:
+    lm = copy.deepcopy(base)
+    if args.full:
+        params = list(lm.parameters())
+    else:
+        lm = wrap_lora(lm, recipe.model.lora, args.seed)
+        params = [p for p in lm.parameters() if p.requires_grad]
+    o = recipe.optim
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+    run = copy.deepcopy(recipe)
+    run.train.max_steps = args.steps
+    sched = build_scheduler(opt, run)
+    yes, no = (tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ("yes", "no"))
+    rng = np.random.default_rng(args.seed)
+    out = [{"step": 0, "loss": None, "accuracy": accuracy(lm, held_out, yes, no)}]
+    losses, t0 = [], time.time()
+    lm.train()
+    for step in range(1, args.steps + 1):
+        ids, att, lab = drill_batch(rng, args.batch, tok, args.system)
+        loss = lm(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % args.every == 0 or step == args.steps:
+            out.append({"step": step, "loss": float(np.mean(losses[-args.every:])),
+                        "accuracy": accuracy(lm, held_out, yes, no), "seconds": round(time.time() - t0, 1)})
+            print(f"lr {lr:g}  step {step:5d}  loss {out[-1]['loss']:.3f}  held-out accuracy "
+                  f"{out[-1]['accuracy']:.3f}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a stage-2 run, checkpoint or Setokim folder")
+    ap.add_argument("--recipe", default="recipes/tiny/stage3.yaml", help="its model.lora and optim are used")
+    ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-4])
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--full", action="store_true", help="train every LM weight instead of the recipe's LoRA")
+    ap.add_argument("--no-system", dest="system", action="store_const", const="", default=VICUNA_SYSTEM,
+                    help="drop the Vicuna system prompt that opens every Setokim conversation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    if not args.full and recipe.model.lora is None:
+        raise SystemExit(f"error: {args.recipe} has no model.lora (use --full)")
+    folder = setokim_folder(args.model)
+    from transformers import AutoModelForCausalLM
+    with quiet():
+        base = AutoModelForCausalLM.from_pretrained(folder / "lm", local_files_only=True)
+    tok = load_text_tokenizer(folder / "tokenizer")
+    held_out = drill_batch(np.random.default_rng([args.seed, 999]), HELD_OUT, tok, args.system)
+    results = {}
+    for lr in args.lr:
+        torch.manual_seed(args.seed)
+        results[f"{lr:g}"] = train_one(base, tok, recipe, lr, args, held_out)
+    print("\n| lr | " + " | ".join(f"step {r['step']}" for r in next(iter(results.values()))) + " |")
+    print("|---|" + "---:|" * len(next(iter(results.values()))))
+    for lr, rows in results.items():
+        print(f"| {lr} | " + " | ".join(f"{r['accuracy']:.3f}" for r in rows) + " |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": str(folder), "full": args.full, "system": bool(args.system),
+                                        "steps": args.steps,
+                                        "batch": args.batch, "seed": args.seed, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
