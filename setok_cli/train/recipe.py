@@ -54,6 +54,7 @@ class ModelRecipe:
                                                    # weights (the recipe's architecture; e.g. to refine the
                                                    # detokenizer over a frozen tokenizer)
     lora: Optional[LoraSpec] = None                # stage III: LoRA adapters on the LM (peft)
+    system_prompt: Optional[str] = None            # stage III: replaces the stage-2 Setokim's ("" for none)
 
 
 @dataclass

@@ -62,6 +62,8 @@ def build_stage3_model(recipe: Recipe) -> Stage2Model:
     statistics, projector and heads carried over; `model.setokim`, if any, only sizes
     `--dry-run`), its loss weights as the recipe's `loss` section sets them."""
     setokim = _loss_weights(Setokim.from_pretrained(_source(recipe)), recipe)
+    if recipe.model.system_prompt is not None:      # the conversation format this stage (and the run's pipelines) use
+        setokim.config.system_prompt = recipe.model.system_prompt
     setokim.config.look_answers = setokim.config.look_answers or _any_row(recipe, "look")    # `setok ask` looks
     setokim.config.sized_images = setokim.config.sized_images or _any_row(recipe, "sized")   # size said first
     return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))

@@ -395,6 +395,30 @@ def test_images_after_text_in_training_and_inference_alike(folders, tmp_path):
         make(folders, image_placement="last")
 
 
+def test_system_prompt_opens_training_and_prompts_alike(folders, tmp_path):
+    """`system_prompt` ("" for none) opens every rendered conversation: training's ids, a pipeline's prompt
+    and the saved config agree; a non-string is one UserError."""
+    from setok_cli.models.setokim import prompt_batch
+    tok = build_word_tokenizer(extra_texts=TEXTS)
+    conv = [{"from": "human", "value": "<image>\nMake the red circle blue."}, {"from": "gpt", "value": "<image>"}]
+    ids, _ = render_conversation(conv, tok, system="")
+
+    def t(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    assert ids[:1 + len(t("USER:"))] == [tok.bos_token_id] + t("USER:")      # nothing before the user's turn
+    assert len(render_conversation(conv, tok)[0]) > len(ids)                   # the Vicuna default is longer
+    m = make(folders, system_prompt="")
+    sample = {"conversations": conv, "images": [torch.randn(3, 8), torch.randn(2, 8)]}
+    assert m.collate([sample])["input_ids"][0].tolist() == ids
+    prompt = prompt_batch(m, [conv[0]["value"]], [[sample["images"][0]]])[0][0].tolist()
+    assert prompt == ids[:len(prompt)] and len(prompt) < len(ids)
+    m.save_pretrained(tmp_path / "m")
+    assert Setokim.from_pretrained(tmp_path / "m").config.system_prompt == ""
+    with pytest.raises(UserError, match="system_prompt"):
+        make(folders, system_prompt=None)
+
+
 # ---- the model -----------------------------------------------------------------------
 
 def test_losses_match_hand_computed(folders):

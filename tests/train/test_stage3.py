@@ -171,6 +171,11 @@ def test_stage3_recipe_errors_and_dry_run(stage3_runs, tmp_path):
     c = build_stage3_model(r).setokim.config
     assert (c.visual_loss_weight, c.place_loss_weight, c.stop_loss_weight) == (0.3, 0.0, kept.stop_loss_weight)
     assert (kept.visual_loss_weight, kept.place_loss_weight) != (0.3, 0.0)
+    # model.system_prompt replaces stage II's conversation opening for this stage (null keeps it)
+    assert kept.system_prompt.startswith("A chat between")
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+                                                        "model.system_prompt=''"])
+    assert build_stage3_model(r).setokim.config.system_prompt == ""
     r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
                                                         "loss.stop=-1"])
     with pytest.raises(UserError, match="loss.stop must be a number >= 0"):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ...errors import UserError
-from .text import IMAGE_PLACEMENTS
+from .text import IMAGE_PLACEMENTS, VICUNA_SYSTEM
 
 __all__ = ["SetokimConfig", "DiffusionHeadConfig", "CodebookHeadConfig", "LoraSpec", "LM_PRESETS", "VISUAL_HEADS",
            "TOKEN_ORDERS",
@@ -184,6 +184,10 @@ class SetokimConfig:
     # where a user turn's input images sit: "before_text" (LLaVA: "<image>\n{question}") or
     # "after_text" (the question first, so the image's tokens can attend to it); text.place_images
     image_placement: str = "before_text"
+    # the system prompt that opens every conversation (Vicuna v1's; "" for none, as LLaVA's "plain"
+    # template). Training and every pipeline render through it alike; a stage III may replace it
+    # (`model.system_prompt`)
+    system_prompt: str = VICUNA_SYSTEM
     max_visual_tokens: int = 64             # tokens per generated image at most
     max_length: int = 2048                  # spliced sequence length at most (longer ones are cut)
     visual_loss_weight: float = 1.0
@@ -209,6 +213,8 @@ class SetokimConfig:
         if self.image_placement not in IMAGE_PLACEMENTS:
             raise UserError(f"image_placement must be one of {', '.join(IMAGE_PLACEMENTS)}, "
                             f"got {self.image_placement!r}")
+        if not isinstance(self.system_prompt, str):
+            raise UserError(f"system_prompt must be a string (\"\" for none), got {self.system_prompt!r}")
         if isinstance(self.diffusion, dict):
             self.diffusion = DiffusionHeadConfig(**self.diffusion)
         if isinstance(self.codebook, dict):

@@ -67,7 +67,8 @@ def prompt_batch(model, prompts: Sequence, images: Optional[Sequence[Sequence[Te
     for i, p in enumerate(prompts):
         conv = [{"from": "human", "value": p}] if isinstance(p, str) else list(p)
         ids, labels = render_conversation(conv, tok, add_generation_prompt=True, where=f"prompt {i}",
-                                          image_placement=model.config.image_placement)
+                                          image_placement=model.config.image_placement,
+                                          system=model.config.system_prompt)
         prefix = answer_prefix[i] if answer_prefix is not None else None
         if prefix:
             extra = tokenize_with_images(prefix, tok)

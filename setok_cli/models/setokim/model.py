@@ -329,9 +329,9 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
         from .text import IMAGE_TOKEN, collate_conversations, pack_token_sets, render_conversation
         rendered, sets, seeds = [], [], []
         for i, s in enumerate(samples):
-            where = f"sample {s.get('id', i)}"
+            where, c = f"sample {s.get('id', i)}", self.config
             rendered.append(render_conversation(s["conversations"], self.text_tokenizer, where=where,
-                                                image_placement=self.config.image_placement))
+                                                image_placement=c.image_placement, system=c.system_prompt))
             imgs = list(s.get("images") or [])
             need = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in s["conversations"])
             if need != len(imgs):

@@ -93,7 +93,7 @@ def render_conversation(conversations: Sequence[dict], tokenizer, *, system: str
     if not conversations:
         raise UserError(f"{pre}empty conversation")
     ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-    pending = system + " "
+    pending = f"{system} " if system else ""
     expect = "USER"
     for n, turn in enumerate(conversations):
         role = ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
