@@ -42,14 +42,33 @@ def setokim_folder(run: str) -> Path:
     return ck / "setokim" if (ck / "setokim").is_dir() else ck
 
 
-def drill_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYSTEM
+FORMS = ("question", "answer", "echo")
+
+
+def drill_turns(q: str, a: str, form: str = "question") -> tuple[str, str]:
+    """A drill (`list_drill`: question with its list, yes / no) -> (user turn, assistant turn) in `form`:
+    "question", the list in the question ("Is there a red cross? a pink cross" / "no"); "answer", the list
+    written first in the answer, as the recipe's existence answers do ("Is there a red cross?" / "a pink cross:
+    no"); "echo", the same with the asked colour written again just before the word ("a pink cross, red: no")."""
+    if form == "question":
+        return q, a
+    asked, listed = q.split("? ", 1)
+    if form == "answer":
+        return asked + "?", f"{listed}: {a}"
+    if form == "echo":
+        return asked + "?", f"{listed}, {asked.split()[-2]}: {a}"
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+def drill_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYSTEM, form: str = "question"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n drills -> (ids, attention mask, labels), each (n, L), right-padded; `system` opens each."""
+    """n drills -> (ids, attention mask, labels), each (n, L), right-padded; `system` opens each; the
+    answer as `form` writes it (`drill_turns`)."""
     rows = []
     for _ in range(n):
-        q, a = list_drill(rng)
-        rows.append(render_conversation([{"from": "human", "value": q}, {"from": "gpt", "value": a}], tok,
-                                        system=system))
+        user, answer = drill_turns(*list_drill(rng), form)
+        rows.append(render_conversation([{"from": "human", "value": user}, {"from": "gpt", "value": answer}],
+                                        tok, system=system))
     L = max(len(i) for i, _ in rows)
     ids = torch.full((n, L), tok.pad_token_id or 0)
     att = torch.zeros(n, L, dtype=torch.long)
@@ -61,13 +80,15 @@ def drill_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYST
 
 @torch.no_grad()
 def accuracy(lm, batch, yes: int, no: int) -> float:
-    """The share of drills whose first answer token is the more likely of yes / no."""
+    """The share of drills whose yes / no (the answer's last token before `</s>`) is the more likely of the two."""
     ids, att, lab = batch
     was = lm.training
     lm.eval()
     logits = lm(input_ids=ids, attention_mask=att).logits
     lm.train(was)
-    first = (lab != IGNORE_INDEX).float().argmax(1)            # the answer's first position
+    L = lab.shape[1]
+    last = L - 1 - (lab != IGNORE_INDEX).flip(1).float().argmax(1)   # the answer's </s>
+    first = last - 1                                                  # its yes / no
     rows = torch.arange(len(ids))
     pick = logits[rows, first - 1][:, [yes, no]].argmax(-1)
     gold = (lab[rows, first] == no).long()
@@ -92,7 +113,7 @@ def train_one(base, tok, recipe, lr: float, args, held_out) -> list[dict]:
     losses, t0 = [], time.time()
     lm.train()
     for step in range(1, args.steps + 1):
-        ids, att, lab = drill_batch(rng, args.batch, tok, args.system)
+        ids, att, lab = drill_batch(rng, args.batch, tok, args.system, args.form)
         loss = lm(input_ids=ids, attention_mask=att, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,6 +140,9 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="train every LM weight instead of the recipe's LoRA")
     ap.add_argument("--no-system", dest="system", action="store_const", const="", default=VICUNA_SYSTEM,
                     help="drop the Vicuna system prompt that opens every Setokim conversation")
+    ap.add_argument("--form", choices=FORMS, default="question",
+                    help="where the list is: in the question, or written first in the answer (with the asked colour "
+                         "again before the word: echo)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
@@ -132,7 +156,7 @@ def main() -> None:
     with quiet():
         base = AutoModelForCausalLM.from_pretrained(folder / "lm", local_files_only=True)
     tok = load_text_tokenizer(folder / "tokenizer")
-    held_out = drill_batch(np.random.default_rng([args.seed, 999]), HELD_OUT, tok, args.system)
+    held_out = drill_batch(np.random.default_rng([args.seed, 999]), HELD_OUT, tok, args.system, args.form)
     results = {}
     for lr in args.lr:
         torch.manual_seed(args.seed)
@@ -144,7 +168,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": str(folder), "full": args.full, "system": bool(args.system),
-                                        "steps": args.steps,
+                                        "form": args.form, "steps": args.steps,
                                         "batch": args.batch, "seed": args.seed, "results": results}, indent=1))
 
 

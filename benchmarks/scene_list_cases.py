@@ -31,10 +31,11 @@ FIELDS = ("questions", "right", "list_exact", "list_as_set", "follows_list", "ri
 
 
 def listed(text: str) -> list[tuple[str, ...]]:
-    """ "a blue star, an orange circle: yes" -> [("blue", "star"), ("orange", "circle")]; [] without a list."""
+    """ "a blue star, an orange circle: yes" -> [("blue", "star"), ("orange", "circle")]; [] without a list. A
+    one-word part (the asked colour that `--kinds exist_echo` writes again: "a blue star, red: no") is no object."""
     if ANSWER_MARK not in text:
         return []
-    return [tuple(p.split()[1:]) for p in text.rsplit(ANSWER_MARK, 1)[0].split(", ") if p.strip()]
+    return [tuple(p.split()[1:]) for p in text.rsplit(ANSWER_MARK, 1)[0].split(", ") if len(p.split()) > 1]
 
 
 def implied(question: str, items: list[tuple[str, ...]]) -> tuple[str, str]:

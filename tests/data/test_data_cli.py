@@ -345,6 +345,19 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
     assert n_listed and any(e["conversations"][1]["value"] == "no" for e in by_shape if e["type"] == "exist")
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "exist,exist_shape"])
     assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
+    # exist_echo: the same lists, then the asked colour once more before the answer; a plain "no" stays plain
+    by_echo = _explained_one_kind(split, plain, tmp_path, "exist_echo", "exist")
+    n_echo = 0
+    for e, s in zip(by_echo, by_shape):
+        a, listed = e["conversations"][1]["value"], s["conversations"][1]["value"]
+        if e["type"] != "exist" or listed == "no":
+            assert a == listed
+            continue
+        c = re.fullmatch(r"<image>\nIs there an? (\w+) (\w+)\?", e["conversations"][0]["value"]).group(1)
+        head, word = listed.rsplit(": ", 1)
+        assert a == f"{head}, {c}: {word}", (a, listed)
+        n_echo += 1
+    assert n_echo
     # relation_order: above / below by the objects in reading order up to the first of the two; left / right plain
     by_order = _explained_one_kind(split, plain, tmp_path, "relation_order", "relation")
     n_vertical = 0

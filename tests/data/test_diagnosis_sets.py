@@ -193,3 +193,31 @@ def test_drill_lr_probe_batches_and_scores(tmp_path):
     assert r.returncode == 0, r.stderr
     saved = json.loads(out.read_text())
     assert saved["full"] and not saved["system"] and [s["step"] for s in saved["results"]["0.001"]] == [0, 1]
+
+
+def test_drill_lr_probe_forms_put_the_list_where_named():
+    """drill_lr_probe's --form: the same drill with its list in the question, first in the answer, or in the answer
+    with the asked colour again; the scored position is the yes / no in each."""
+    import numpy as np
+    import torch
+
+    from setok_cli.data.drills import list_drill
+    from setok_cli.data.shapes_world import COLOR_NAMES, SHAPES
+    from setok_cli.models.setokim import build_word_tokenizer
+    from setok_cli.models.setokim.text import IGNORE_INDEX
+    mod = _module("drill_lr_probe")
+    q, a = "Is there a red cross? a pink cross, a blue cross", "no"
+    assert mod.drill_turns(q, a, "question") == (q, a)
+    assert mod.drill_turns(q, a, "answer") == ("Is there a red cross?", "a pink cross, a blue cross: no")
+    assert mod.drill_turns(q, a, "echo") == ("Is there a red cross?", "a pink cross, a blue cross, red: no")
+    tok = build_word_tokenizer(extra_texts=["Is there a an yes no , ? :"] + [f"{c} {s}s" for c in COLOR_NAMES
+                                                                             for s in SHAPES])
+    yes, no = (tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ("yes", "no"))
+    for form in mod.FORMS:
+        ids, att, lab = mod.drill_batch(np.random.default_rng(5), 8, tok, form=form)
+        truth = [list_drill(np.random.default_rng(5))[1]]
+        L = lab.shape[1]
+        last = L - 1 - (lab != IGNORE_INDEX).flip(1).float().argmax(1)
+        assert lab[0, last[0] - 1].item() == (yes if truth[0] == "yes" else no)
+        assert set(lab[torch.arange(8), last - 1].tolist()) <= {yes, no}
+        assert ((lab != IGNORE_INDEX).sum(1) > 2).all() == (form != "question")
