@@ -221,3 +221,20 @@ def test_drill_lr_probe_forms_put_the_list_where_named():
         assert lab[0, last[0] - 1].item() == (yes if truth[0] == "yes" else no)
         assert set(lab[torch.arange(8), last - 1].tolist()) <= {yes, no}
         assert ((lab != IGNORE_INDEX).sum(1) > 2).all() == (form != "question")
+
+
+def test_near_miss_rows_balance_the_answers_after_a_list():
+    """benchmarks/near_miss_rows.py: every "no" after a list kept, as many "yes" after a list, plain answers dropped."""
+    mod = _module("near_miss_rows")
+
+    def entry(i, a):
+        return {"id": f"{i:03d}", "image": "x.png", "type": "exist",
+                "conversations": [{"from": "human", "value": "<image>\nIs there a red cross?"},
+                                  {"from": "gpt", "value": a}]}
+    entries = ([entry(i, "a pink cross, red: no") for i in range(3)] + [entry(10 + i, "a red cross, red: yes")
+                                                                      for i in range(7)] + [entry(20, "no")])
+    rows = mod.near_miss_rows(entries, seed=1)
+    answers = [r["conversations"][1]["value"] for r in rows]
+    assert answers.count("a pink cross, red: no") == 3 and answers.count("a red cross, red: yes") == 3
+    assert "no" not in answers and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+    assert mod.near_miss_rows(entries, seed=1) == rows
