@@ -95,7 +95,7 @@ def accuracy(lm, batch, yes: int, no: int) -> float:
     return (pick == gold).float().mean().item()
 
 
-def train_one(base, tok, recipe, lr: float, args, held_out) -> list[dict]:
+def train_one(base, tok, recipe, lr: float, args, held_out) -> tuple[list[dict], torch.nn.Module]:
     lm = copy.deepcopy(base)
     if args.full:
         params = list(lm.parameters())
@@ -126,7 +126,20 @@ def train_one(base, tok, recipe, lr: float, args, held_out) -> list[dict]:
                         "accuracy": accuracy(lm, held_out, yes, no), "seconds": round(time.time() - t0, 1)})
             print(f"lr {lr:g}  step {step:5d}  loss {out[-1]['loss']:.3f}  held-out accuracy "
                   f"{out[-1]['accuracy']:.3f}", flush=True)
-    return out
+    return out, lm
+
+
+def save_setokim(folder: Path, lm, out: Path) -> None:
+    """A copy of the Setokim folder with the drilled LM as its base (`lm/`; LoRA merged into it): a stage III's
+    `model.setokim_from` for a probe."""
+    import shutil
+    if out.exists():
+        raise SystemExit(f"error: {out} exists; give a new folder")
+    shutil.copytree(folder, out)
+    if hasattr(lm, "merge_and_unload"):
+        lm = lm.merge_and_unload()
+    shutil.rmtree(out / "lm")
+    lm.save_pretrained(out / "lm")
 
 
 def main() -> None:
@@ -143,11 +156,15 @@ def main() -> None:
     ap.add_argument("--form", choices=FORMS, default="question",
                     help="where the list is: in the question, or written first in the answer (with the asked colour "
                          "again before the word: echo)")
+    ap.add_argument("--save", type=Path, help="with one --lr: write a copy of the Setokim folder whose LM is the "
+                    "drilled one (LoRA merged), for a stage III to start from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.save and len(args.lr) != 1:
+        raise SystemExit("error: --save keeps one drilled model: give one --lr")
     recipe = load_recipe(args.recipe)
     if not args.full and recipe.model.lora is None:
         raise SystemExit(f"error: {args.recipe} has no model.lora (use --full)")
@@ -160,7 +177,10 @@ def main() -> None:
     results = {}
     for lr in args.lr:
         torch.manual_seed(args.seed)
-        results[f"{lr:g}"] = train_one(base, tok, recipe, lr, args, held_out)
+        results[f"{lr:g}"], lm = train_one(base, tok, recipe, lr, args, held_out)
+        if args.save:
+            save_setokim(folder, lm, args.save)
+            print(f"the drilled model -> {args.save}")
     print("\n| lr | " + " | ".join(f"step {r['step']}" for r in next(iter(results.values()))) + " |")
     print("|---|" + "---:|" * len(next(iter(results.values()))))
     for lr, rows in results.items():

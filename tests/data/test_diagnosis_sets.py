@@ -188,11 +188,15 @@ def test_drill_lr_probe_batches_and_scores(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "| 0.001 |" in r.stdout and "held-out accuracy" in r.stdout
     r = subprocess.run([sys.executable, str(BENCH / "drill_lr_probe.py"), "--model", str(folder), "--full",
-                        "--no-system", "--lr", "1e-3", "--steps", "1", "--batch", "4", "--out", str(out)],
-                       capture_output=True, text=True, cwd=BENCH.parent)
+                        "--no-system", "--lr", "1e-3", "--steps", "2", "--batch", "4", "--out", str(out),
+                        "--save", str(tmp_path / "drilled")], capture_output=True, text=True, cwd=BENCH.parent)
     assert r.returncode == 0, r.stderr
     saved = json.loads(out.read_text())
-    assert saved["full"] and not saved["system"] and [s["step"] for s in saved["results"]["0.001"]] == [0, 1]
+    assert saved["full"] and not saved["system"] and [s["step"] for s in saved["results"]["0.001"]] == [0, 2]
+    drilled = LlamaForCausalLM.from_pretrained(tmp_path / "drilled" / "lm")     # the drilled LM, the rest copied
+    before = LlamaForCausalLM.from_pretrained(folder / "lm")
+    assert (tmp_path / "drilled" / "tokenizer").is_dir()
+    assert any(not torch.equal(a, b) for a, b in zip(drilled.parameters(), before.parameters()))
 
 
 def test_drill_lr_probe_forms_put_the_list_where_named():
