@@ -190,24 +190,20 @@ EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explain
 # not default kinds: existence by the objects of the asked shape, above / below by reading order
 # (`explained_relation_order`), existence or counts (the total too) after the scene's list (`explained_by_scene`)
 EXPLAINED_OPTIONAL = ("exist_shape", "relation_order", "exist_all", "count_all", "exist_echo")
-# kinds that explain the same questions: at most one of each group
-EXPLAINED_EXCLUSIVE = (("exist", "exist_shape", "exist_all", "exist_echo"), ("relation", "relation_order"), ("count", "count_all"))
+EXPLAINED_EXCLUSIVE = (("exist", "exist_shape", "exist_all", "exist_echo"), ("relation", "relation_order"),
+                       ("count", "count_all"))   # kinds that explain the same questions: at most one of each group
 
 
 def explained_exist(objects: list[dict], color: str, shape: str, by: str = "color", echo: bool = False) -> str:
-    """The answer of "Is there a red circle?" with its reasons: the objects of that colour
-    (`by` "shape": of that shape), in reading order, then yes or no: "a red star, a red
-    circle: yes" ("a blue circle, a red circle: yes"); "no" when no object has that colour
-    (shape). `echo` writes the other attribute asked (by shape: the colour) once more after the
-    list, so the word is read right after it: "a blue circle, a pink circle, red: no"."""
+    """The answer of "Is there a red circle?" with its reasons: the objects of that colour (`by` "shape": of that
+    shape), in reading order, then yes or no: "a red star, a red circle: yes" ("a blue circle, a red circle: yes");
+    "no" when no object has that colour (shape). `echo` writes the other asked word (by shape: the colour) again
+    after the list, next to the answer: "a blue circle, a pink circle, red: no"."""
     key, want = ("color", color) if by == "color" else ("shape", shape)
     found = [o for o in reading_order(objects) if o[key] == want]
     hit = any(o["color"] == color and o["shape"] == shape for o in found)
-    if not found:
-        return "no"
-    answer = "yes" if hit else "no"
-    return _listed(found, answer) if not echo else _listed(found, answer).replace(
-        ANSWER_MARK, f", {color if by == 'shape' else shape}{ANSWER_MARK}", 1)
+    echoed = f", {color if by == 'shape' else shape}" if echo else ""      # the phrases hold no ": "
+    return _listed(found, "yes" if hit else "no").replace(ANSWER_MARK, echoed + ANSWER_MARK, 1) if found else "no"
 
 
 def explained_by_scene(objects: list[dict], answer: str) -> str:
@@ -232,14 +228,13 @@ def explained_color(objects: list[dict], shape: str) -> str:
 
 def explained_answer(question: str, answer: str, objs: list[dict],
                      kinds: tuple[str, ...] = EXPLAINED_KINDS) -> str | None:
-    """A world question's answer with its reasons (relations: `explained_relation`, above / below
-    by `explained_relation_order` with the kind "relation_order"; counts by
-    colour or shape: `explained_count`; existence: `explained_exist`, by the asked shape with
-    the kind "exist_shape", and with the asked colour written again after the list with "exist_echo"; colour:
-    `explained_color`; existence and counts after every object of the scene with the kinds "exist_all"
-    and "count_all": `explained_by_scene`), None for the other kinds, for kinds not in `kinds` and for
-    the total count unless "count_all" (its list is the whole caption's); ValueError if the plain answer is not
-    the scene's."""
+    """A world question's answer with its reasons (relations: `explained_relation`, above / below by
+    `explained_relation_order` with the kind "relation_order"; counts by colour or shape: `explained_count`;
+    existence: `explained_exist`, by the asked shape with the kind "exist_shape", and with the asked colour again
+    after the list with "exist_echo"; colour: `explained_color`; existence and counts after every object of the
+    scene with the kinds "exist_all" and "count_all": `explained_by_scene`), None for the other kinds, for kinds not
+    in `kinds` and for the total count unless "count_all" (its list is the whole caption's); ValueError if the plain
+    answer is not the scene's."""
     m = RELATION_QUESTION.fullmatch(question)
     if m:
         if "relation" not in kinds and "relation_order" not in kinds:
@@ -271,8 +266,8 @@ def explained_answer(question: str, answer: str, objs: list[dict],
         if not m or m.group(1) not in COLOR_NAMES or m.group(2) not in SHAPES:
             return None
         kind = next((k for k in ("exist_shape", "exist_all", "exist_echo") if k in kinds), "exist")
-        out = explained_exist(objs, *m.groups(), by="shape" if kind in ("exist_shape", "exist_echo") else "color",
-                              echo=kind == "exist_echo")
+        by = "color" if kind in ("exist", "exist_all") else "shape"
+        out = explained_exist(objs, *m.groups(), by, echo=kind == "exist_echo")
         if kind == "exist_all":
             out = explained_by_scene(objs, final_answer(out))
     if final_answer(out) != answer:
