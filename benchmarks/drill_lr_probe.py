@@ -1,7 +1,8 @@
 """Is the list lookup out of the LM's reach, or out of its learning rate's? Drills, text only.
 
     python benchmarks/drill_lr_probe.py --model runs/tiny-stage2 --recipe recipes/tiny/stage3.yaml \\
-        --lr 1e-3 3e-4 [--steps 600] [--every 100] [--full] [--threads 1] [--out F.json]
+        --lr 1e-3 3e-4 [--steps 600] [--every 100] [--full] [--threads 1] [--out F.json] \\
+        [--form question|answer|echo] [--save DIR]
 
 The drills of `setok data drills` ("Is there a red cross? a pink cross, a blue cross" -> "no") ask
 the one step that existence answers after a list need: is the asked colour among the listed ones?
@@ -12,7 +13,10 @@ the recipe's weight decay, warm-up ratio, schedule and clipping, `--steps` steps
 drills rendered in the Vicuna v1 format (only the answer and its `</s>` count). Each learning rate
 starts from the same weights and sees the same drills. Printed every `--every` steps: the mean
 training loss of the last steps and the accuracy on 512 held-out drills (the more likely of "yes"
-and "no" at the answer; chance is 0.5).
+and "no" at the answer; chance is 0.5). `--form` puts the list in the question, or first in the answer (its
+words count in the loss; `echo` adds the asked colour again before the word: `drill_turns`). `--save DIR` writes a
+copy of the Setokim folder whose LM is the drilled one, for a stage III (README: "Where the list is, and a "no"
+after it").
 """
 from __future__ import annotations
 
@@ -133,8 +137,6 @@ def save_setokim(folder: Path, lm, out: Path) -> None:
     """A copy of the Setokim folder with the drilled LM as its base (`lm/`; LoRA merged into it): a stage III's
     `model.setokim_from` for a probe."""
     import shutil
-    if out.exists():
-        raise SystemExit(f"error: {out} exists; give a new folder")
     shutil.copytree(folder, out)
     if hasattr(lm, "merge_and_unload"):
         lm = lm.merge_and_unload()
@@ -165,6 +167,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.save and len(args.lr) != 1:
         raise SystemExit("error: --save keeps one drilled model: give one --lr")
+    if args.save and args.save.exists():
+        raise SystemExit(f"error: {args.save} exists; give a new folder")
     recipe = load_recipe(args.recipe)
     if not args.full and recipe.model.lora is None:
         raise SystemExit(f"error: {args.recipe} has no model.lora (use --full)")
