@@ -116,8 +116,8 @@ def drills(split, per_image, seed):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kinds", default="relation,count,exist,color", show_default=True,
               help="The question kinds whose answers give reasons (comma-separated); exist_shape in place of "
-                   "exist lists the objects of the asked shape instead: \"a blue circle, a red circle: yes\" (exist_echo: "
-                   "the same, then the asked colour again, \"a blue circle, a pink circle, red: no\"); "
+                   "exist lists the objects of the asked shape instead: \"a blue circle, a red circle: yes\" "
+                   "(exist_echo: the same, then the asked colour again, \"a blue circle, a pink circle, red: no\"); "
                    "relation_order in place of relation answers above / below by the objects in reading order "
                    "up to the first of the two: \"a green star, a blue square: no\"; exist_all and count_all "
                    "answer existence and counts (the total count too) after every object of the scene in reading "
