@@ -16,7 +16,7 @@ training loss of the last steps and the accuracy on 512 held-out drills (the mor
 and "no" at the answer; chance is 0.5). `--form` puts the list in the question, or first in the answer (its
 words count in the loss; `echo` adds the asked colour again before the word: `drill_turns`). `--save DIR` writes a
 copy of the Setokim folder whose LM is the drilled one, for a stage III (README: "Where the list is, and a "no"
-after it").
+after it"); a recipe does the same with `model.text_first` (train/text_first.py).
 """
 from __future__ import annotations
 
@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from setok_cli.data.drills import list_drill
+from setok_cli.data.drills import FORMS, drill_turns, list_drill
 from setok_cli.models.hub import resolve_checkpoint, resolve_folder
 from setok_cli.models.setokim.loading import load_text_tokenizer, quiet
 from setok_cli.models.setokim.lora import wrap_lora
-from setok_cli.models.setokim.text import IGNORE_INDEX, VICUNA_SYSTEM, render_conversation
+from setok_cli.models.setokim.text import IGNORE_INDEX, VICUNA_SYSTEM
 from setok_cli.train.recipe import load_recipe
+from setok_cli.train.text_first import text_batch
 from setok_cli.train.trainer import build_scheduler
 
 HELD_OUT = 512
@@ -46,40 +47,12 @@ def setokim_folder(run: str) -> Path:
     return ck / "setokim" if (ck / "setokim").is_dir() else ck
 
 
-FORMS = ("question", "answer", "echo")
-
-
-def drill_turns(q: str, a: str, form: str = "question") -> tuple[str, str]:
-    """A drill (`list_drill`: question with its list, yes / no) -> (user turn, assistant turn) in `form`:
-    "question", the list in the question ("Is there a red cross? a pink cross" / "no"); "answer", the list
-    written first in the answer, as the recipe's existence answers do ("Is there a red cross?" / "a pink cross:
-    no"); "echo", the same with the asked colour written again just before the word ("a pink cross, red: no")."""
-    if form == "question":
-        return q, a
-    asked, listed = q.split("? ", 1)
-    if form == "answer":
-        return asked + "?", f"{listed}: {a}"
-    if form == "echo":
-        return asked + "?", f"{listed}, {asked.split()[-2]}: {a}"
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-
-
 def drill_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYSTEM, form: str = "question"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n drills -> (ids, attention mask, labels), each (n, L), right-padded; `system` opens each; the
-    answer as `form` writes it (`drill_turns`)."""
-    rows = []
-    for _ in range(n):
-        user, answer = drill_turns(*list_drill(rng), form)
-        rows.append(render_conversation([{"from": "human", "value": user}, {"from": "gpt", "value": answer}],
-                                        tok, system=system))
-    L = max(len(i) for i, _ in rows)
-    ids = torch.full((n, L), tok.pad_token_id or 0)
-    att = torch.zeros(n, L, dtype=torch.long)
-    lab = torch.full((n, L), IGNORE_INDEX)
-    for r, (i, lb) in enumerate(rows):
-        ids[r, :len(i)], att[r, :len(i)], lab[r, :len(i)] = torch.tensor(i), 1, torch.tensor(lb)
-    return ids, att, lab
+    answer as `form` writes it (`drill_turns`); rendered as stage III's text-only phase renders its rows."""
+    turns = [drill_turns(*list_drill(rng), form) for _ in range(n)]
+    return text_batch([[{"from": "human", "value": u}, {"from": "gpt", "value": a}] for u, a in turns], tok, system)
 
 
 @torch.no_grad()

@@ -154,6 +154,7 @@ def stage3_runs(stage2_world):
     s3 = stage2_world / "runs" / "stage3"
     Trainer(load_recipe(recipes / "stage3.yaml", [
         f"model.setokim_from={s2}", f"output_dir={s3}", "model.lora={r: 8, alpha: 16, dropout: 0.0, modules_to_save: [embed_tokens, lm_head]}",
+        "model.text_first=null",
         f"data.mixture=[{{task: instruct, path: {tr / 'instruct.json'}, weight: 2.0}}, "
         f"{{task: chat, path: {tr / 'instruct.json'}}}, {{task: segment, path: {tr / 'referring.json'}}}, "
         f"{{task: edit, path: {tr / 'edits.json'}, weight: 0.2}}]",

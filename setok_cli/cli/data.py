@@ -103,12 +103,17 @@ def questions(split, seed, types, absent):
 @click.argument("split", type=click.Path(file_okay=False))
 @click.option("--per-image", default=2, show_default=True, type=click.IntRange(min=1), help="Drills per image.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed; image i's drills depend on (seed, i) only.")
-def drills(split, per_image, seed):
+@click.option("--form", default="question", show_default=True, type=click.Choice(["question", "answer", "echo"]),
+              help="Where the list is: in the question; first in the answer (\"a pink cross, a blue cross: no\"); "
+                   "or there with the asked colour again (\"a pink cross, a blue cross, red: no\"). Not question: "
+                   "instruct_list_drills_<form>.json.")
+def drills(split, per_image, seed, form):
     """Write SPLIT/instruct_list_drills.json: existence questions whose answer is read from a list in the
     question, unrelated to the image ("Is there a red cross? a pink cross, a blue cross" "no"): the last
-    step of the recipe's existence answers, alone (a stage-III row)."""
+    step of the recipe's existence answers, alone (a stage-III row; with --form echo, the rows of the tiny
+    stage-III recipe's text-only first phase, `model.text_first`)."""
     from ..data.drills import list_drills
-    path, n = list_drills(split, per_image, seed)
+    path, n = list_drills(split, per_image, seed, form)
     click.echo(f"{n} drills -> {path}")
 
 

@@ -1,6 +1,7 @@
 """Reading drills: existence questions answered from a list given in the question, not from the image.
 
     setok data drills data/shapes/train --per-image 2     # data/shapes/train/instruct_list_drills.json
+    setok data drills data/shapes/train --per-image 10 --form echo   # instruct_list_drills_echo.json
 
 The recipe's existence answers list the objects of the asked shape, then say yes or no ("Is there a
 red cross?" "a pink cross, a blue cross: no"). The list is mostly right; the word after it is
@@ -12,7 +13,12 @@ them,
     USER: <image>\\nIs there a red cross? a pink cross, a blue cross   ASSISTANT: no
 
 so only reading the list answers it. Half the answers are "yes"; every "no" is a near miss (the
-asked shape is listed in other colours).
+asked shape is listed in other colours). `--form answer` writes the list first in the answer instead, as
+the recipe's existence answers do, and `--form echo` adds the asked colour again before the word:
+
+    USER: <image>\nIs there a red cross?   ASSISTANT: a pink cross, a blue cross, red: no
+
+the rows of the tiny stage-III recipe's text-only first phase (`model.text_first`, train/text_first.py).
 """
 from __future__ import annotations
 
@@ -42,23 +48,44 @@ def list_drill(rng: np.random.Generator) -> tuple[str, str]:
     return f"Is there {count_phrase(1, asked, shape)}? {listed}", answer
 
 
-def list_drills(split: str | Path, per_image: int = 2, seed: int = 0) -> tuple[Path, int]:
-    """A written split -> `instruct_list_drills.json` beside its other files: `per_image` drills
-    (`list_drill`) on each image, the image attached as every instruct entry has one. Drill j of
-    image i depends on (seed, i) only. Returns (path, number of drills)."""
+FORMS = ("question", "answer", "echo")
+
+
+def drill_turns(q: str, a: str, form: str = "question") -> tuple[str, str]:
+    """A drill (`list_drill`: question with its list, yes / no) -> (user turn, assistant turn) in `form`:
+    "question", the list in the question ("Is there a red cross? a pink cross" / "no"); "answer", the list
+    written first in the answer, as the recipe's existence answers do ("Is there a red cross?" / "a pink cross:
+    no"); "echo", the same with the asked colour written again just before the word ("a pink cross, red: no")."""
+    if form == "question":
+        return q, a
+    asked, listed = q.split("? ", 1)
+    if form == "answer":
+        return asked + "?", f"{listed}: {a}"
+    if form == "echo":
+        return asked + "?", f"{listed}, {asked.split()[-2]}: {a}"
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+def list_drills(split: str | Path, per_image: int = 2, seed: int = 0, form: str = "question") -> tuple[Path, int]:
+    """A written split -> `instruct_list_drills.json` (`_<form>` before `.json` unless form is "question")
+    beside its other files: `per_image` drills (`list_drill`, turns as `drill_turns` writes them in `form`) on
+    each image, the image attached as every instruct entry has one. Drill j of image i depends on (seed, i)
+    only, whatever the form. Returns (path, number of drills)."""
     from ..errors import UserError
     from .shapes import _world_pairs
     if per_image < 1:
         raise UserError(f"--per-image must be at least 1, got {per_image}")
+    if form not in FORMS:
+        raise UserError(f"--form must be one of {', '.join(FORMS)}, got {form!r}")
     d, entries = _world_pairs(split, ())
     out = []
     for i, (e, _) in enumerate(entries):
         rng = np.random.default_rng([seed, i])
         image = Path(e["image"]).relative_to(d.resolve()).as_posix()
         for j in range(per_image):
-            q, a = list_drill(rng)
+            q, a = drill_turns(*list_drill(rng), form)
             out.append({"id": f"{Path(image).stem}_d{j}", "image": image, "type": "drill",
                         "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
-    path = d / "instruct_list_drills.json"
+    path = d / ("instruct_list_drills.json" if form == "question" else f"instruct_list_drills_{form}.json")
     atomic_write_json(path, out, indent=None)
     return path, len(out)

@@ -31,7 +31,7 @@ from ..models.detokenizer import DetokenizerConfig
 from ..models.mask_decoder import MaskDecoderConfig
 from ..models.setokim.config import LoraSpec, SetokimConfig
 
-__all__ = ["Recipe", "ModelRecipe", "TokenizerRecipe", "LossRecipe", "DataRecipe", "OptimRecipe", "TrainRecipe",
+__all__ = ["Recipe", "ModelRecipe", "TextFirstRecipe", "TokenizerRecipe", "LossRecipe", "DataRecipe", "OptimRecipe", "TrainRecipe",
            "load_recipe", "recipe_from_dict", "recipe_to_dict", "dump_recipe", "apply_overrides"]
 
 
@@ -40,6 +40,15 @@ class TokenizerRecipe:
     pretrained: Optional[str] = None     # a SeTok `save_pretrained` folder to start from
     config: dict = field(default_factory=dict)   # SeTokConfig fields (when not starting from `pretrained`)
     image_size: Optional[int] = None     # images are resized to this for the tokenizer (a multiple of the patch)
+
+
+@dataclass
+class TextFirstRecipe:
+    """Stage III: the LM first learns these text-only rows (train/text_first.py), then stage III."""
+    path: str = ""                       # a conversation file (instruct format); its images are not read
+    steps: int = 600
+    lr: float = 1e-3
+    batch_size: int = 32
 
 
 @dataclass
@@ -55,6 +64,7 @@ class ModelRecipe:
                                                    # detokenizer over a frozen tokenizer)
     lora: Optional[LoraSpec] = None                # stage III: LoRA adapters on the LM (peft)
     system_prompt: Optional[str] = None            # stage III: replaces the stage-2 Setokim's ("" for none)
+    text_first: Optional[TextFirstRecipe] = None   # stage III: a text-only phase of the LM before it (LoRA, merged)
 
 
 @dataclass

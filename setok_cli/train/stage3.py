@@ -22,8 +22,9 @@ import torch
 from ..errors import UserError
 from ..models.setokim import Setokim
 from .recipe import Recipe
-from .stage2 import (Stage2Model, _any_row, _attend, _main, _mixture, _row_groups, meta_stage2_model,  # noqa: F401
-                     parameter_report)  # (the report of META)
+from .stage2 import parameter_report  # noqa: F401  (the report of META)
+from .stage2 import Stage2Model, _any_row, _attend, _main, _mixture, _row_groups, meta_stage2_model
+from .text_first import apply_text_first
 
 __all__ = ["build_stage3", "build_stage3_model", "meta_stage3_model"]
 
@@ -57,13 +58,17 @@ def _loss_weights(setokim: Setokim, recipe: Recipe) -> Setokim:
     return setokim
 
 
-def build_stage3_model(recipe: Recipe) -> Stage2Model:
+def build_stage3_model(recipe: Recipe, progress: bool = False, main: bool = True) -> Stage2Model:
     """The stage-2 Setokim of `model.setokim_from` with fresh LoRA adapters (its token
     statistics, projector and heads carried over; `model.setokim`, if any, only sizes
-    `--dry-run`), its loss weights as the recipe's `loss` section sets them."""
+    `--dry-run`), its loss weights as the recipe's `loss` section sets them; with
+    `model.text_first`, its LM first trained on those text rows (train/text_first.py)."""
     setokim = _loss_weights(Setokim.from_pretrained(_source(recipe)), recipe)
     if recipe.model.system_prompt is not None:      # the conversation format this stage (and the run's pipelines) use
         setokim.config.system_prompt = recipe.model.system_prompt
+    if setokim.has_lora and recipe.model.lora is not None:
+        _tune(setokim, recipe)                      # its one error line, before the text phase's minutes
+    apply_text_first(setokim, recipe, progress=progress and main, write=main)
     setokim.config.look_answers = setokim.config.look_answers or _any_row(recipe, "look")    # `setok ask` looks
     setokim.config.sized_images = setokim.config.sized_images or _any_row(recipe, "sized")   # size said first
     return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))
@@ -72,7 +77,7 @@ def build_stage3_model(recipe: Recipe) -> Stage2Model:
 def build_stage3(recipe: Recipe, accelerator=None):
     """The stage builder of the trainer: -> (model, dataset)."""
     dataset = _mixture(recipe)
-    model = build_stage3_model(recipe)
+    model = build_stage3_model(recipe, progress=recipe.train.progress, main=_main(accelerator))
     model.sources, model.text_weights = dataset.names, dataset.text_weights
     model.fit_region_targets(dataset, progress=_main(accelerator) and recipe.train.progress)
     return model, dataset

@@ -545,3 +545,27 @@ def test_setok_data_drills_answer_from_the_list(world, tmp_path):
     assert r.exit_code == 2 and not path.exists()
     r = CliRunner().invoke(cli, ["data", "drills", str(tmp_path / "nope")])
     assert r.exit_code != 0 and _error_lines(r.output) and not (tmp_path / "nope").exists()
+
+
+def test_setok_data_drills_forms_write_the_same_drills_elsewhere(world, tmp_path):
+    """`setok data drills --form answer|echo`: the same drills (same seed) with the list written first in the answer
+    (echo: then the asked colour again), to its own file; the question form's file is untouched."""
+    import re
+    split, _ = _split_copy(world, tmp_path, "drills", "--per-image", "2")
+    plain = json.loads((split / "instruct_list_drills.json").read_text())
+    for form in ("answer", "echo"):
+        r = CliRunner().invoke(cli, ["data", "drills", str(split), "--per-image", "2", "--form", form])
+        path = split / f"instruct_list_drills_{form}.json"
+        assert r.exit_code == 0 and f"-> {path}" in r.output
+        rows = json.loads(path.read_text())
+        assert [e["id"] for e in rows] == [e["id"] for e in plain] and [e["image"] for e in rows] == \
+            [e["image"] for e in plain]
+        for e, p in zip(rows, plain):
+            q, a = (t["value"] for t in e["conversations"])
+            pq, pa = (t["value"] for t in p["conversations"])
+            asked, listed = re.fullmatch(r"(<image>\nIs there an? \w+ \w+\?) (.+)", pq).groups()
+            colour = asked.split()[-2]
+            assert q == asked and a == (f"{listed}: {pa}" if form == "answer" else f"{listed}, {colour}: {pa}")
+    assert json.loads((split / "instruct_list_drills.json").read_text()) == plain
+    r = CliRunner().invoke(cli, ["data", "drills", str(split), "--form", "list"])
+    assert r.exit_code == 2 and "Traceback" not in r.output

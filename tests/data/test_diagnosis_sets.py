@@ -205,19 +205,19 @@ def test_drill_lr_probe_forms_put_the_list_where_named():
     import numpy as np
     import torch
 
-    from setok_cli.data.drills import list_drill
+    from setok_cli.data.drills import FORMS, drill_turns, list_drill
     from setok_cli.data.shapes_world import COLOR_NAMES, SHAPES
     from setok_cli.models.setokim import build_word_tokenizer
     from setok_cli.models.setokim.text import IGNORE_INDEX
     mod = _module("drill_lr_probe")
     q, a = "Is there a red cross? a pink cross, a blue cross", "no"
-    assert mod.drill_turns(q, a, "question") == (q, a)
-    assert mod.drill_turns(q, a, "answer") == ("Is there a red cross?", "a pink cross, a blue cross: no")
-    assert mod.drill_turns(q, a, "echo") == ("Is there a red cross?", "a pink cross, a blue cross, red: no")
+    assert drill_turns(q, a, "question") == (q, a)
+    assert drill_turns(q, a, "answer") == ("Is there a red cross?", "a pink cross, a blue cross: no")
+    assert drill_turns(q, a, "echo") == ("Is there a red cross?", "a pink cross, a blue cross, red: no")
     tok = build_word_tokenizer(extra_texts=["Is there a an yes no , ? :"] + [f"{c} {s}s" for c in COLOR_NAMES
                                                                              for s in SHAPES])
     yes, no = (tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ("yes", "no"))
-    for form in mod.FORMS:
+    for form in FORMS:
         ids, att, lab = mod.drill_batch(np.random.default_rng(5), 8, tok, form=form)
         truth = [list_drill(np.random.default_rng(5))[1]]
         L = lab.shape[1]

@@ -12,6 +12,7 @@ from setok_cli.errors import UserError
 from setok_cli.models.setokim.place import PlaceHead
 from setok_cli.train.recipe import load_recipe
 
+NO_TEXT = "model.text_first=null"          # the tiny recipe's text-only phase (tests/train/test_text_first.py)
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -159,29 +160,29 @@ def test_stage3_recipe_errors_and_dry_run(stage3_runs, tmp_path):
     r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage3']}"])
     with pytest.raises(UserError, match="already has LoRA adapters"):
         build_stage3_model(r)
-    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}", NO_TEXT,
                                                         "train.length_groups=0"])
     with pytest.raises(UserError, match="train.length_groups must be an integer >= 1, got 0"):
         build_stage3_model(r)
     # loss.visual / place / stop replace stage II's weights of those terms (null keeps them)
     kept = build_stage3_model(load_recipe(RECIPES / "tiny" / "stage3.yaml",
-                                          [f"model.setokim_from={stage3_runs['stage2']}"])).setokim.config
-    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+                                          [f"model.setokim_from={stage3_runs['stage2']}", NO_TEXT])).setokim.config
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}", NO_TEXT,
                                                         "loss.visual=0.3", "loss.place=0"])
     c = build_stage3_model(r).setokim.config
     assert (c.visual_loss_weight, c.place_loss_weight, c.stop_loss_weight) == (0.3, 0.0, kept.stop_loss_weight)
     assert (kept.visual_loss_weight, kept.place_loss_weight) != (0.3, 0.0)
     # model.system_prompt replaces stage II's conversation opening for this stage (null keeps it)
     assert kept.system_prompt.startswith("A chat between")
-    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}", NO_TEXT,
                                                         "model.system_prompt=''"])
     assert build_stage3_model(r).setokim.config.system_prompt == ""
-    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}", NO_TEXT,
                                                         "loss.stop=-1"])
     with pytest.raises(UserError, match="loss.stop must be a number >= 0"):
         build_stage3_model(r)
     # the tiny recipe sized on meta from the stage-2 run's config: the adapters are what trains in the LM
-    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}",
+    r = load_recipe(RECIPES / "tiny" / "stage3.yaml", [f"model.setokim_from={stage3_runs['stage2']}", NO_TEXT,
                                                         "model.lora.r=8", "model.lora.alpha=16"])
     model, report = meta_model(r)
     select_trainable(model, r.train.trainable, r.train.frozen)
