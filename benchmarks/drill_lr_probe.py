@@ -3,6 +3,8 @@
     python benchmarks/drill_lr_probe.py --model runs/tiny-stage2 --recipe recipes/tiny/stage3.yaml \\
         --lr 1e-3 3e-4 [--steps 600] [--every 100] [--full] [--threads 1] [--out F.json] \\
         [--form question|answer|echo] [--save DIR]
+    python benchmarks/drill_lr_probe.py --model runs/tiny-stage2 --recipe recipes/tiny/stage3.yaml --form echo \
+        --recipe-phase [--seed 0]      # the recipe's own model.text_first, scored as it trains
 
 The drills of `setok data drills` ("Is there a red cross? a pink cross, a blue cross" -> "no") ask
 the one step that existence answers after a list need: is the asked colour among the listed ones?
@@ -106,6 +108,25 @@ def train_one(base, tok, recipe, lr: float, args, held_out) -> tuple[list[dict],
     return out, lm
 
 
+def recipe_phase(base, tok, recipe, args, held_out) -> list[dict]:
+    """The recipe's `model.text_first` as `setok train` runs it (train/text_first.py), scored every `--every` steps."""
+    from setok_cli.train.text_first import text_rows, train_text_first
+    t = recipe.model.text_first
+    if t is None or recipe.model.lora is None:
+        raise SystemExit(f"error: {args.recipe} has no model.text_first (and model.lora)")
+    yes, no = (tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ("yes", "no"))
+    out, t0 = [{"step": 0, "loss": None, "accuracy": accuracy(base, held_out, yes, no)}], time.time()
+
+    def on_step(k, lm):
+        if k % args.every == 0 or k == t.steps:
+            out.append({"step": k, "accuracy": accuracy(lm, held_out, yes, no), "seconds": round(time.time() - t0, 1)})
+            print(f"text_first  step {k:5d}  held-out accuracy {out[-1]['accuracy']:.3f}", flush=True)
+    train_text_first(copy.deepcopy(base), tok, text_rows(t.path), lora=recipe.model.lora, optim=recipe.optim,
+                     steps=t.steps, lr=t.lr, batch_size=t.batch_size, seed=args.seed, system=args.system,
+                     on_step=on_step)
+    return out
+
+
 def save_setokim(folder: Path, lm, out: Path) -> None:
     """A copy of the Setokim folder with the drilled LM as its base (`lm/`; LoRA merged into it): a stage III's
     `model.setokim_from` for a probe."""
@@ -133,6 +154,9 @@ def main() -> None:
                          "again before the word: echo)")
     ap.add_argument("--save", type=Path, help="with one --lr: write a copy of the Setokim folder whose LM is the "
                     "drilled one (LoRA merged), for a stage III to start from")
+    ap.add_argument("--recipe-phase", action="store_true",
+                    help="train as the recipe's model.text_first does instead (its rows, steps, lr and batch, through "
+                         "setok's own train_text_first), scoring the held-out drills of --form every --every steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
@@ -152,7 +176,9 @@ def main() -> None:
     tok = load_text_tokenizer(folder / "tokenizer")
     held_out = drill_batch(np.random.default_rng([args.seed, 999]), HELD_OUT, tok, args.system, args.form)
     results = {}
-    for lr in args.lr:
+    if args.recipe_phase:
+        results = {"text_first": recipe_phase(base, tok, recipe, args, held_out)}
+    for lr in [] if args.recipe_phase else args.lr:
         torch.manual_seed(args.seed)
         results[f"{lr:g}"], lm = train_one(base, tok, recipe, lr, args, held_out)
         if args.save:
@@ -165,7 +191,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": str(folder), "full": args.full, "system": bool(args.system),
-                                        "form": args.form, "steps": args.steps,
+                                        "form": args.form, "recipe_phase": args.recipe_phase,
+                                        "steps": recipe.model.text_first.steps if args.recipe_phase else args.steps,
                                         "batch": args.batch, "seed": args.seed, "results": results}, indent=1))
 
 

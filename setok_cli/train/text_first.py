@@ -119,8 +119,9 @@ def _schedule(optimizer, steps: int, optim):
 
 
 def train_text_first(lm, tok, rows: list[list[dict]], *, lora, optim, steps: int, lr: float, batch_size: int,
-                     seed: int, system: str, progress: bool = False) -> tuple[torch.nn.Module, list[float]]:
+                     seed: int, system: str, progress: bool = False, on_step=None) -> tuple[torch.nn.Module, list[float]]:
     """Train `lm` (a plain causal LM) on `rows` through fresh LoRA adapters of `lora`, then merge them.
+    `on_step(step, lm)`, if given, is called after every step (e.g. to score held-out rows; the LM in train mode).
     -> (the merged plain LM, the loss of every step)."""
     from ..models.setokim.lora import wrap_lora
     from .stage2 import _progress
@@ -149,6 +150,8 @@ def train_text_first(lm, tok, rows: list[list[dict]], *, lora, optim, steps: int
             opt.step()
             sched.step()
             losses.append(float(loss.item()))
+            if on_step is not None:
+                on_step(len(losses), lm)
             advance(1)
     lm.eval()
     return lm.merge_and_unload(), losses

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -197,6 +199,42 @@ def test_drill_lr_probe_batches_and_scores(tmp_path):
     before = LlamaForCausalLM.from_pretrained(folder / "lm")
     assert (tmp_path / "drilled" / "tokenizer").is_dir()
     assert any(not torch.equal(a, b) for a, b in zip(drilled.parameters(), before.parameters()))
+
+
+def test_drill_lr_probe_scores_the_recipe_phase(tmp_path):
+    """drill_lr_probe --recipe-phase: the recipe's model.text_first (its rows file, steps, lr, batch) trained by setok's
+    own train_text_first, scored on the held-out drills at step 0, every --every steps and at the last."""
+    import argparse
+
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from setok_cli.data.drills import drill_turns, list_drill
+    from setok_cli.data.shapes_world import COLOR_NAMES, SHAPES
+    from setok_cli.models.setokim import build_word_tokenizer
+    from setok_cli.train.recipe import load_recipe
+    mod = _module("drill_lr_probe")
+    tok = build_word_tokenizer(extra_texts=["Is there a an yes no , ? :"] + [f"{c} {s}s" for c in COLOR_NAMES
+                                                                             for s in SHAPES])
+    rng = np.random.default_rng(0)
+    rows = [dict(zip(("q", "a"), drill_turns(*list_drill(rng), "echo"))) for _ in range(20)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"id": str(i), "conversations": [{"from": "human", "value": r["q"]},
+                                                                 {"from": "gpt", "value": r["a"]}]}
+                                for i, r in enumerate(rows)]))
+    recipe = load_recipe(BENCH.parent / "recipes/tiny/stage3.yaml",
+                         [f"model.text_first={{path: {path}, steps: 5, lr: 1.0e-3, batch_size: 4}}"])
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
+    held = mod.drill_batch(np.random.default_rng(1), 16, tok, form="echo")
+    args = argparse.Namespace(every=2, seed=0, system="", recipe=None)
+    out = mod.recipe_phase(lm, tok, recipe, args, held)
+    assert [r["step"] for r in out] == [0, 2, 4, 5] and all(0 <= r["accuracy"] <= 1 for r in out)
+    with pytest.raises(SystemExit):
+        mod.recipe_phase(lm, tok, load_recipe(BENCH.parent / "recipes/tiny/stage3.yaml", ["model.text_first=null"]),
+                         args, held)
 
 
 def test_drill_lr_probe_forms_put_the_list_where_named():
