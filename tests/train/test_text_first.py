@@ -171,3 +171,23 @@ def test_prefix_loss_equals_one_pass_over_the_rows(tmp_path):
     ids2[1, 1] = ids2[0, 1] + 1
     assert shared_prefix(ids2, lab2) == 1
     assert torch.allclose(prefix_loss(lm, ids2, att2, lab2), lm(input_ids=ids2, attention_mask=att2, labels=lab2).loss)
+
+
+def test_bench_text_first_times_both_ways(stage3_runs, tmp_path):
+    """benchmarks/bench_text_first.py over a tiny stage-2 run: both ways timed, the same loss."""
+    import re
+    import subprocess
+    import sys
+
+    from setok_cli.train.recipe import dump_recipe
+    rows = _echo_rows(tmp_path / "drills.json", 12)
+    recipe = tmp_path / "r.yaml"
+    dump_recipe(load_recipe(RECIPES / "tiny" / "stage3.yaml", [
+        f"model.text_first={{path: {rows}, steps: 3, lr: 1.0e-3, batch_size: 4}}", "model.lora.r=4"]), recipe)
+    r = subprocess.run([sys.executable, str(RECIPES.parent / "benchmarks" / "bench_text_first.py"), "--model",
+                        str(stage3_runs["stage2"]), "--recipe", str(recipe), "--steps", "2", "--threads", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"one pass ([\d.]+) s\s+shared prefix ([\d.]+) s\s+ratio ([\d.]+)\s+largest loss difference (\S+)",
+                  r.stdout)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0 and float(m.group(4)) < 1e-4, r.stdout
