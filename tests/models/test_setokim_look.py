@@ -283,6 +283,7 @@ def test_a_look_or_sized_row_marks_the_stage3_model(stage3_runs, tmp_path, task,
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "stage3.yaml"
     for extra, want in (("", False), (f", {option}: true", True)):
         r = load_recipe(recipe, [f"model.setokim_from={stage3_runs['stage2']}", f"output_dir={tmp_path}",
+                                 "model.text_first=null",
                                  f"data.mixture=[{{task: {task}, path: {tr / data}{extra}}}]"])
         assert getattr(build_stage3_model(r).setokim.config, flag) is want
 
@@ -364,6 +365,12 @@ def test_the_look_recipe_is_the_stage3_recipe_with_looking_question_rows():
     tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
     base, look = (dataclasses.asdict(load_recipe(tiny / f)) for f in ("stage3.yaml", "stage3_look.yaml"))
     assert look["output_dir"] == "runs/tiny-stage3-look"
+    # the recipe as it was before its echoed existence answers and its text-only phase (README: "Where the list
+    # is, and a "no" after it")
+    assert base["model"].pop("text_first")["path"].endswith("instruct_list_drills_echo.json")
+    assert look["model"].pop("text_first") is None
+    for row in base["data"]["mixture"]:
+        row["path"] = row["path"].replace("exist_echo", "exist_shape")
     rows = look["data"].pop("mixture")
     assert [{k: v for k, v in r.items() if k != "look"} for r in rows] == base["data"].pop("mixture")
     assert [r.get("look") for r in rows] == [["color", "shape", "exist", "relation"]] * 3 + [None] * (len(rows) - 3)
