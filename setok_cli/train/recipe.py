@@ -31,8 +31,8 @@ from ..models.detokenizer import DetokenizerConfig
 from ..models.mask_decoder import MaskDecoderConfig
 from ..models.setokim.config import LoraSpec, SetokimConfig
 
-__all__ = ["Recipe", "ModelRecipe", "TextFirstRecipe", "TokenizerRecipe", "LossRecipe", "DataRecipe", "OptimRecipe", "TrainRecipe",
-           "load_recipe", "recipe_from_dict", "recipe_to_dict", "dump_recipe", "apply_overrides"]
+__all__ = ["Recipe", "ModelRecipe", "TextFirstRecipe", "TokenizerRecipe", "LossRecipe", "DataRecipe", "OptimRecipe",
+           "TrainRecipe", "load_recipe", "recipe_from_dict", "recipe_to_dict", "dump_recipe", "apply_overrides"]
 
 
 @dataclass

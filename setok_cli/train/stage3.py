@@ -36,11 +36,15 @@ def _source(recipe: Recipe) -> str:
     return src
 
 
+def _check_tunable(setokim: Setokim, recipe: Recipe) -> None:
+    if recipe.model.lora is not None and setokim.has_lora:
+        raise UserError(f"{recipe.model.setokim_from}: already has LoRA adapters; export (merge) it first "
+                        f"with `setok export`, or drop model.lora to tune these adapters further")
+
+
 def _tune(setokim: Setokim, recipe: Recipe) -> Setokim:
+    _check_tunable(setokim, recipe)
     if recipe.model.lora is not None:
-        if setokim.has_lora:
-            raise UserError(f"{recipe.model.setokim_from}: already has LoRA adapters; export (merge) it first "
-                            f"with `setok export`, or drop model.lora to tune these adapters further")
         setokim.add_lora(copy.deepcopy(recipe.model.lora))
     return setokim
 
@@ -66,8 +70,7 @@ def build_stage3_model(recipe: Recipe, progress: bool = False, main: bool = True
     setokim = _loss_weights(Setokim.from_pretrained(_source(recipe)), recipe)
     if recipe.model.system_prompt is not None:      # the conversation format this stage (and the run's pipelines) use
         setokim.config.system_prompt = recipe.model.system_prompt
-    if setokim.has_lora and recipe.model.lora is not None:
-        _tune(setokim, recipe)                      # its one error line, before the text phase's minutes
+    _check_tunable(setokim, recipe)                 # before the text phase's minutes
     apply_text_first(setokim, recipe, progress=progress and main, write=main)
     setokim.config.look_answers = setokim.config.look_answers or _any_row(recipe, "look")    # `setok ask` looks
     setokim.config.sized_images = setokim.config.sized_images or _any_row(recipe, "sized")   # size said first

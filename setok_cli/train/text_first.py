@@ -29,6 +29,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -109,15 +110,6 @@ def prefix_loss(lm, ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor) -> 
     return lm(input_ids=ids[:, P:], attention_mask=att, labels=lab[:, P:], use_cache=False, **{key: past}).loss
 
 
-def _schedule(optimizer, steps: int, optim):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-    warm = optim.warmup_steps if optim.warmup_steps is not None else int(math.ceil(optim.warmup_ratio * steps))
-    warm = min(warm, steps)
-    if optim.schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warm, steps)
-    return get_constant_schedule_with_warmup(optimizer, warm)
-
-
 def train_text_first(lm, tok, rows: list[list[dict]], *, lora, optim, steps: int, lr: float, batch_size: int,
                      seed: int, system: str, progress: bool = False, on_step=None) -> tuple[torch.nn.Module, list[float]]:
     """Train `lm` (a plain causal LM) on `rows` through fresh LoRA adapters of `lora`, then merge them.
@@ -125,10 +117,11 @@ def train_text_first(lm, tok, rows: list[list[dict]], *, lora, optim, steps: int
     -> (the merged plain LM, the loss of every step)."""
     from ..models.setokim.lora import wrap_lora
     from .stage2 import _progress
+    from .trainer import build_scheduler
     lm = wrap_lora(lm, lora, seed)
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas), eps=optim.eps)
-    sched = _schedule(opt, steps, optim)
+    sched = build_scheduler(opt, SimpleNamespace(optim=optim), total=steps)     # the recipe's schedule over `steps`
     rng = np.random.default_rng([seed, 7])
     order, at, losses = rng.permutation(len(rows)), 0, []
     lm.train()
@@ -173,6 +166,8 @@ def apply_text_first(setokim, recipe, progress: bool = False, write: bool = True
     t = recipe.model.text_first
     if t is None:
         return None
+    if not t.path:
+        raise UserError("model.text_first.path is missing: a conversation file to learn on text first")
     if recipe.model.lora is None:
         raise UserError("model.text_first trains through adapters of model.lora: give model.lora")
     for key in ("steps", "batch_size"):

@@ -125,9 +125,9 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
-def build_scheduler(optimizer, recipe: Recipe):
+def build_scheduler(optimizer, recipe: Recipe, total: Optional[int] = None):   # total: recipe.train.max_steps
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-    total = recipe.train.max_steps
+    total = total or recipe.train.max_steps
     warm = recipe.optim.warmup_steps if recipe.optim.warmup_steps is not None else \
         int(math.ceil(recipe.optim.warmup_ratio * total))
     if recipe.optim.schedule == "cosine":

@@ -121,7 +121,8 @@ def test_stage3_starts_from_the_drilled_lm_and_reuses_it(stage3_runs, tmp_path, 
 
     # errors before any training: no adapters to train through, bad settings, no file
     for extra, msg in ((["model.lora=null"], "give model.lora"), (["model.text_first.steps=0"], "steps must be >= 1"),
-                       ([f"model.text_first.path={tmp_path / 'nope.json'}"], "no file")):
+                       ([f"model.text_first.path={tmp_path / 'nope.json'}"], "no file"),
+                       (["model.text_first.path=''"], "path is missing")):
         with pytest.raises(UserError, match=msg):
             build_stage3_model(load_recipe(RECIPES / "tiny" / "stage3.yaml", sets + extra))
 
