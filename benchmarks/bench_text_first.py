@@ -1,4 +1,4 @@
-"""A step of stage III's text-only phase (`model.text_first`): one pass over the rows against the shared prefix run once.
+"""A step of stage III's text-only phase (`model.text_first`): one pass over the rows, or the shared prefix once.
 
     python benchmarks/bench_text_first.py --model runs/tiny-stage2 --recipe recipes/tiny/stage3.yaml \\
         [--steps 12] [--threads 2]

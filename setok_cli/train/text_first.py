@@ -111,7 +111,8 @@ def prefix_loss(lm, ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor) -> 
 
 
 def train_text_first(lm, tok, rows: list[list[dict]], *, lora, optim, steps: int, lr: float, batch_size: int,
-                     seed: int, system: str, progress: bool = False, on_step=None) -> tuple[torch.nn.Module, list[float]]:
+                     seed: int, system: str, progress: bool = False,
+                     on_step=None) -> tuple[torch.nn.Module, list[float]]:
     """Train `lm` (a plain causal LM) on `rows` through fresh LoRA adapters of `lora`, then merge them.
     `on_step(step, lm)`, if given, is called after every step (e.g. to score held-out rows; the LM in train mode).
     -> (the merged plain LM, the loss of every step)."""
