@@ -37,6 +37,10 @@ def train(recipe, overrides, resume, output_dir, print_recipe, dry_run):
         for name, v in parameter_report(model).items():
             table.add_row(name, f"{v['total']:,}", f"{v['trainable']:,}")
         Console().print(table)
+        t = getattr(r.model, "text_first", None) if r.stage == "stage3" else None
+        if t is not None:
+            click.echo(f"before stage III, text first: {t.steps} steps of {t.batch_size} rows of {t.path} at lr "
+                       f"{t.lr:g}, through model.lora's adapters, merged into the LM (trainable above: stage III's)")
         return
     from ..train.trainer import run
     run(r, resume=resume)

@@ -192,3 +192,17 @@ def test_bench_text_first_times_both_ways(stage3_runs, tmp_path):
     m = re.search(r"one pass ([\d.]+) s\s+shared prefix ([\d.]+) s\s+ratio ([\d.]+)\s+largest loss difference (\S+)",
                   r.stdout)
     assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0 and float(m.group(4)) < 1e-4, r.stdout
+
+
+def test_dry_run_names_the_text_phase(stage3_runs):
+    from click.testing import CliRunner
+
+    from setok_cli.cli.main import cli
+    args = ["train", str(RECIPES / "tiny" / "stage3.yaml"), "--set", f"model.setokim_from={stage3_runs['stage2']}",
+            "--dry-run"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "before stage III, text first: 1000 steps of 32 rows of data/shapes/train/instruct_list_drills_echo.json" \
+        in r.output
+    r = CliRunner().invoke(cli, args + ["--set", "model.text_first=null"])
+    assert r.exit_code == 0 and "text first" not in r.output
