@@ -151,10 +151,14 @@ def train_text_first(lm, tok, rows: list[list[dict]], *, lora, optim, steps: int
     return lm.merge_and_unload(), losses
 
 
-def _settings(recipe, rows: int) -> dict:
+def _settings(recipe, rows: int, system: str) -> dict:
+    """What the drilled LM depends on: the stage-2 source, the rows file's bytes, the phase and optimizer settings."""
+    import hashlib
     t, o = recipe.model.text_first, recipe.optim
-    s = {"path": str(t.path), "rows": rows, "steps": t.steps, "lr": t.lr, "batch_size": t.batch_size,
-         "seed": recipe.seed, "lora": vars(recipe.model.lora),
+    s = {"source": str(Path(recipe.model.setokim_from or "").resolve()), "path": str(t.path), "rows": rows,
+         "sha256": hashlib.sha256(Path(t.path).read_bytes()).hexdigest(), "system": system,
+         "steps": t.steps, "lr": t.lr, "batch_size": t.batch_size, "seed": recipe.seed,
+         "lora": vars(recipe.model.lora),
          "optim": {k: getattr(o, k) for k in ("weight_decay", "betas", "eps", "warmup_ratio", "warmup_steps",
                                               "schedule", "max_grad_norm")}}
     return json.loads(json.dumps(s, default=str))         # as phase.json reads back
@@ -162,7 +166,8 @@ def _settings(recipe, rows: int) -> dict:
 
 def apply_text_first(setokim, recipe, progress: bool = False, write: bool = True) -> Optional[dict]:
     """Replace `setokim.lm` (plain, no adapters yet) by the one `model.text_first` trains, or by the one
-    already in OUTPUT_DIR/text_first/ when it was trained with the same settings. -> phase.json's record
+    already in OUTPUT_DIR/text_first/ when it was trained with the same settings (`_settings`: the same stage-2
+    source and rows file too). -> phase.json's record
     (None without `model.text_first`). Only the main process (`write`) writes the folder."""
     t = recipe.model.text_first
     if t is None:
@@ -177,7 +182,7 @@ def apply_text_first(setokim, recipe, progress: bool = False, write: bool = True
     if not (isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0):
         raise UserError(f"model.text_first.lr must be a number > 0, got {t.lr!r}")
     rows = text_rows(t.path)
-    settings = _settings(recipe, len(rows))
+    settings = _settings(recipe, len(rows), setokim.config.system_prompt)
     folder = Path(recipe.output_dir) / "text_first"
     record_path = folder / "phase.json"
     if record_path.is_file() and (folder / "lm").is_dir():

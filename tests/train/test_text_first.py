@@ -117,6 +117,15 @@ def test_stage3_starts_from_the_drilled_lm_and_reuses_it(stage3_runs, tmp_path, 
     assert all(torch.equal(again[k], base[k]) for k in base)
     with pytest.raises(AssertionError, match="trained again"):
         build_stage3_model(load_recipe(RECIPES / "tiny" / "stage3.yaml", sets + ["model.text_first.steps=4"]))
+    other = tmp_path / "other.json"                    # the same number of rows, other drills: trained again
+    _echo_rows(other, 24, seed=1)
+    with pytest.raises(AssertionError, match="trained again"):
+        build_stage3_model(load_recipe(RECIPES / "tiny" / "stage3.yaml", sets + [f"model.text_first.path={other}"]))
+    kept = rows.read_bytes()
+    rows.write_bytes(other.read_bytes())               # the same path, its contents changed
+    with pytest.raises(AssertionError, match="trained again"):
+        build_stage3_model(r)
+    rows.write_bytes(kept)
     monkeypatch.undo()
 
     # errors before any training: no adapters to train through, bad settings, no file
