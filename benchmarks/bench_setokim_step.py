@@ -1,13 +1,15 @@
 """A Setokim training step (forward + backward) with `train.length_groups` 1 against G, in one process.
 
     python benchmarks/bench_setokim_step.py recipes/tiny/stage3.yaml [--groups 4] [--batches 12]
-        [--repeats 3] [--threads 2] [--precision no|bf16] [--versus-bf16] [--versus-compile]
+        [--repeats 3] [--threads 2] [--precision no|bf16] [--versus-bf16] [--versus-compile] [--versus-prefix]
 
 `--versus-bf16` times float32 against bf16 autocast instead, both at G groups: whether bf16
 pays on this CPU for this model (`train.mixed_precision: auto` picks it wherever the CPU has
 bf16 units). `--versus-compile` times the LM eager against `torch.compile(dynamic=True)` of
 its decoder (the toolkit trains eager), both at G groups, with the compile time and the largest
-loss difference.
+loss difference. `--versus-prefix` times every row run whole against the prefix all rows share (BOS and the
+system prompt) run once (`train.shared_prefix`), both at G groups, with the shared length and the largest loss
+difference.
 
 The recipe's model and mixture, its batch size; the batches' image tokens and region targets
 are computed before timing (the trainer caches them too), so only the step is timed. Each
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["no", "bf16"], default="no")
     ap.add_argument("--versus-bf16", action="store_true", help="float32 against bf16 autocast, both at --groups")
     ap.add_argument("--versus-compile", action="store_true", help="the LM eager against torch.compile, at --groups")
+    ap.add_argument("--versus-prefix", action="store_true", help="whole rows against the shared prefix run once")
     ap.add_argument("--set", action="append", default=[], help="recipe overrides, as `setok train --set`")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -58,19 +61,21 @@ def main() -> None:
         batch = ds.collate([ds[i] for i in order[b * bs:(b + 1) * bs]])
         inputs.append(m.collate(model.samples(batch)))      # the trainer's samples: looks and diffs included
 
-    def step(kw, groups, precision=a.precision):
+    def step(kw, groups, precision=a.precision, prefix=False):
         m.zero_grad(set_to_none=True)
         torch.manual_seed(0)            # the same training-time draws (place_dropout) for every grouping
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = m(**kw, row_groups=groups)
+            out = m(**kw, row_groups=groups, prefix=prefix)
         out.loss.backward()
-        return time.perf_counter() - t, float(out.loss)
+        return time.perf_counter() - t, float(out.loss.detach())
 
     if a.versus_bf16:
         return _versus_bf16(a, inputs, step)
     if a.versus_compile:
         return _versus_compile(a, inputs, step, m)
+    if a.versus_prefix:
+        return _versus_prefix(a, inputs, step, m)
     from setok_cli.models.setokim.splice import length_groups
     times = {1: [], a.groups: []}
     diff, padded = 0.0, {1: 0, a.groups: 0}
@@ -122,6 +127,29 @@ def _versus_bf16(a, inputs, step) -> None:
                       "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "median_step_s": {k: round(v, 4) for k, v in med.items()},
                       "bf16_over_fp32": round(med["bf16"] / med["no"], 3)}, indent=1))
+
+
+def _versus_prefix(a, inputs, step, m) -> None:
+    """Whole rows and the shared prefix run once, alternated over the same batches; medians, ratio, lengths."""
+    from setok_cli.models.setokim.splice import shared_prefix
+    for kw in inputs[:2]:                                   # warm-up
+        step(kw, a.groups), step(kw, a.groups, prefix=True)
+    med, diff = _alternate(inputs, {k: (lambda kw, p=p: step(kw, a.groups, prefix=p))
+                                    for k, p in (("whole rows", False), ("shared prefix", True))}, a.repeats)
+    shared, lengths = [], []
+    with torch.no_grad():
+        for kw in inputs:
+            sp = m.splice(kw["input_ids"], kw["labels"], kw["attention_mask"], kw["image_token_mask"])
+            emb = m.embed(sp, kw["image_tokens"], kw["image_token_mask"], kw.get("image_token_seeds"))
+            shared.append(shared_prefix(emb, sp.attention_mask, sp.position_ids))
+            lengths.append(float(sp.attention_mask.sum(1).float().mean()))
+    print(json.dumps({"recipe": a.recipe, "batch_size": len(inputs[0]["input_ids"]), "batches": a.batches,
+                      "repeats": a.repeats, "threads": a.threads, "groups": a.groups, "precision": a.precision,
+                      "shared_positions": statistics.median(shared),
+                      "mean_row_length": round(statistics.mean(lengths), 1),
+                      "median_step_s": {k: round(v, 4) for k, v in med.items()},
+                      "whole_over_shared": round(med["whole rows"] / med["shared prefix"], 3),
+                      "max_loss_difference": diff}, indent=1))
 
 
 def _versus_compile(a, inputs, step, m) -> None:

@@ -155,6 +155,8 @@ class TrainRecipe:
     # stages II / III: the LM runs over a batch's rows in up to this many groups of similar
     # length, each cut to its longest row (the same loss and gradients; less padding computed)
     length_groups: int = 1
+    # stages II / III: the prefix every row shares (BOS and the system prompt) runs once per batch (the same loss)
+    shared_prefix: bool = True
 
 
 @dataclass

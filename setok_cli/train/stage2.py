@@ -44,13 +44,15 @@ class Stage2Model(ImageTokenCache, nn.Module):
     a batch without its items: the trainer's window mean skips it)."""
 
     def __init__(self, setokim: Setokim, cache_tokens: bool = True, row_groups: int = 1, attend: float = 0.0,
-                 attend_layer: int = -1, attend_heads: str = "max", edit_changed: float = 1.0):
+                 attend_layer: int = -1, attend_heads: str = "max", edit_changed: float = 1.0,
+                 shared_prefix: bool = True):
         super().__init__()
         self.setokim = setokim
         self.edit_changed = float(edit_changed)     # `loss.edit_changed` (changed_token_weights)
         if self.edit_changed != 1 and (setokim.config.visual_head != "mse" or setokim.copy_head is not None):
             raise UserError("loss.edit_changed weighs the MSE head's loss: it needs visual_head mse and no copy head")
         self.row_groups = int(row_groups)            # `train.length_groups` (Setokim.hidden_in_groups)
+        self.shared_prefix = bool(shared_prefix)     # `train.shared_prefix` (the same; not under an AttentionTap)
         self.attend, self.attend_layer = float(attend), int(attend_layer)   # `loss.attend` (models/setokim/attend.py)
         self.attend_heads = attend_heads
         self._objects: dict[str, Tensor] = {}
@@ -233,7 +235,7 @@ class Stage2Model(ImageTokenCache, nn.Module):
             kw["visual_weight"] = pack_weights(changed_token_weights(samples, self.edit_changed, std))
         targets = self.attend_targets(batch) if self.attend > 0 else []
         if not targets:
-            out = m(**kw, row_groups=self.row_groups)
+            out = m(**kw, row_groups=self.row_groups, prefix=self.shared_prefix)
             attend = None
         else:
             from ..models.setokim.attend import AttentionTap, attend_loss
@@ -305,7 +307,8 @@ def build_stage2_model(recipe: Recipe) -> Stage2Model:
         setokim = Setokim.from_config(cfg)
     setokim.config.text_tokenizer = None        # the checkpoint holds it (tokenizer/)
     setokim.config.sized_images = _any_row(recipe, "sized")      # generation says its size first (sized.py)
-    return Stage2Model(setokim, row_groups=_row_groups(recipe), **_attend(recipe))
+    return Stage2Model(setokim, row_groups=_row_groups(recipe), shared_prefix=recipe.train.shared_prefix,
+                       **_attend(recipe))
 
 
 def _any_row(recipe: Recipe, option: str) -> bool:

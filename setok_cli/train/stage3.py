@@ -74,7 +74,8 @@ def build_stage3_model(recipe: Recipe, progress: bool = False, main: bool = True
     apply_text_first(setokim, recipe, progress=progress and main, write=main)
     setokim.config.look_answers = setokim.config.look_answers or _any_row(recipe, "look")    # `setok ask` looks
     setokim.config.sized_images = setokim.config.sized_images or _any_row(recipe, "sized")   # size said first
-    return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe), **_attend(recipe))
+    return Stage2Model(_tune(setokim, recipe).train(), row_groups=_row_groups(recipe),
+                       shared_prefix=recipe.train.shared_prefix, **_attend(recipe))
 
 
 def build_stage3(recipe: Recipe, accelerator=None):

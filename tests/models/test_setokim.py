@@ -567,6 +567,54 @@ def test_row_groups_give_the_same_loss_and_gradients(folders):
     assert sum(c[0] * c[1] for c in calls) < len(samples) * sp.attention_mask.shape[1]
 
 
+def test_shared_prefix_length():
+    from setok_cli.models.setokim.splice import shared_prefix
+    e = torch.randn(3, 6, 4)
+    e[1:, :4] = e[0, :4]                                            # 4 columns alike, then rows differ
+    att, pos = torch.ones(3, 6, dtype=torch.long), torch.arange(6).expand(3, 6)
+    assert shared_prefix(e, att, pos) == 4
+    assert shared_prefix(e[:1], att[:1], pos[:1]) == 0              # one row: nothing to share
+    e[:] = e[0]                                                     # identical rows keep a position each
+    assert shared_prefix(e, att, pos) == 5
+    att[2, 3:] = 0                                                  # the shortest row (3 tokens) keeps one
+    assert shared_prefix(e, att, pos) == 2
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(folders):
+    torch.manual_seed(0)
+    m = make(folders)
+    g = torch.Generator().manual_seed(1)
+    short = [{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": "A red circle."}]
+    long = short + [{"from": "human", "value": "Make the red circle blue."}, {"from": "gpt", "value": "<image>"}]
+    gen = [{"from": "human", "value": "Generate an image: a red circle."}, {"from": "gpt", "value": "<image>"}]
+    samples = [{"conversations": c, "images": [torch.randn(k, 8, generator=g) for k in ks]}
+               for c, ks in [(short, [2]), (long, [3, 2]), (gen, [2]), (long, [2, 4]), (short, [3])]]
+    b = m.collate(samples)
+    sp = m.splice(b["input_ids"], b["labels"], b["attention_mask"], b["image_token_mask"])
+    # what every row shares: BOS, the system prompt and "USER:", to the first row that differs (the generation row)
+    system = len(m.text_tokenizer(m.config.system_prompt, add_special_tokens=False)["input_ids"])
+    differ = int((sp.ids != sp.ids[:1]).any(0).long().argmax())
+    assert differ > system
+    for groups in (1, 3):
+        outs, grads = [], []
+        for prefix in (False, True):
+            m.zero_grad()
+            calls = []
+            hook = m.lm.get_decoder().register_forward_pre_hook(
+                lambda mod, a, kw: calls.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
+            out = m(**b, row_groups=groups, prefix=prefix)
+            hook.remove()
+            out.loss.backward()
+            outs.append(out)
+            grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+        assert calls[0] == (1, differ)                                      # the prefix ran once, for one row
+        assert sum(c[0] for c in calls[1:]) == len(samples) and all(c[1] <= sp.ids.shape[1] - differ for c in calls[1:])
+        assert outs[0].num_text == outs[1].num_text and outs[0].num_visual == outs[1].num_visual > 0
+        for k in ("loss", "text_loss", "visual_loss", "stop_loss"):
+            assert getattr(outs[1], k).item() == pytest.approx(getattr(outs[0], k).item(), rel=1e-5, abs=1e-6)
+        assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+        assert grads[0].abs().max() > 0
+
 def test_bf16_lm_under_fp32_heads(folders):
     m = make(folders, lm_dtype="bfloat16", visual_head="diffusion")
     assert m.lm.dtype == torch.bfloat16 and m.head_dtype == torch.float32

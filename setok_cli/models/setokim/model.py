@@ -17,7 +17,7 @@ from .heads import CopyHead, Projector, make_visual_head, order_seeds, order_tok
 from .place import PlaceHead, drop_places, flat_seeds, pack_seeds
 from .loading import STAGE1_PARTS, lm_config, load_lm, load_stage1, load_text_tokenizer, quiet, stage1_folder
 from .lora import _base_state_dict, is_adapter_param, is_peft, load_adapters, wrap_lora  # noqa: F401 (is_peft: API)
-from .splice import Spliced, in_groups, length_groups, row_sums, splice, token_rank, with_copy  # noqa: F401 (API)
+from .splice import Spliced, after_prefix, length_groups, row_sums, splice, token_rank, with_copy  # noqa: F401 (API)
 from .text import IMG_END, IMG_START
 
 __all__ = ["Setokim", "SetokimOutput", "is_peft", "length_groups", "ADAPTER_DIR"]
@@ -385,28 +385,28 @@ class Setokim(PretrainedModel, model_type="setokim", config_class=SetokimConfig,
                                      position_ids=position_ids, **kw)
 
     def hidden_in_groups(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                         groups: int = 1) -> Tensor:
-        """The last hidden states (B, L, H) of a right-padded batch, run in up to `groups` groups
-        of similar length (`splice.in_groups`: the same states, less padding computed)."""
-        return in_groups(lambda *a: self.hidden(*a, use_cache=False).last_hidden_state,
-                         inputs_embeds, attention_mask, position_ids, groups)
+                         groups: int = 1, prefix: bool = False) -> Tensor:
+        """The last hidden states (B, L, H) of a right-padded batch (`splice.in_groups`, `splice.after_prefix`)."""
+        return after_prefix(self.hidden, inputs_embeds, attention_mask, position_ids, groups, self.cache_kwarg,
+                            min_prefix=2 if prefix else None)
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 image_tokens: Optional[Tensor] = None, image_token_mask: Optional[Tensor] = None,
                 row_groups: int = 1, visual_weight: Optional[Tensor] = None,
-                image_token_seeds: Optional[Tensor] = None, text_weight: Optional[Tensor] = None) -> SetokimOutput:
-        """input_ids, labels, attention_mask (B, L0) from `collate_conversations`;
-        image_tokens (N, K, T), image_token_mask (N, K): the images of the batch in reading order, in
-        generation order within each (`encode_images` / `order`); visual_weight (N, K): each written
-        token's weight in the MSE head's loss; text_weight (B,): each row's on its text cross-entropy in
-        `loss` (None: alike; `text_loss` stays the plain mean); image_token_seeds (N, K): the tokens' seeds.
-        row_groups: run the LM over rows of similar length in up to this many groups
-        (`hidden_in_groups`: the same loss, less padding computed). In training, `place_dropout`
-        of the images are given (read and conditioned on) at the unknown place (`drop_places`)."""
+                image_token_seeds: Optional[Tensor] = None, text_weight: Optional[Tensor] = None,
+                prefix: bool = False) -> SetokimOutput:
+        """input_ids, labels, attention_mask (B, L0) from `collate_conversations`; image_tokens (N, K, T),
+        image_token_mask (N, K): the images of the batch in reading order, in generation order within each
+        (`encode_images` / `order`); visual_weight (N, K): each written token's weight in the MSE head's loss;
+        text_weight (B,): each row's on its text cross-entropy in `loss` (None: alike; `text_loss` stays the plain
+        mean); image_token_seeds (N, K): the tokens' seeds. row_groups: run the LM over rows of similar length in up
+        to this many groups; prefix: the prefix all rows share (BOS and the system prompt) run once (both
+        `hidden_in_groups`: the same loss, less computed). In training, `place_dropout` of the images are given
+        (read and conditioned on) at the unknown place (`drop_places`)."""
         sp = self.splice(input_ids, labels, attention_mask, image_token_mask)
         given = drop_places(image_token_seeds, self.config.place_dropout if self.training else 0.0)
         h = self.hidden_in_groups(self.embed(sp, image_tokens, image_token_mask, given),
-                                  sp.attention_mask, sp.position_ids, row_groups)               # (B, L, H)
+                                  sp.attention_mask, sp.position_ids, row_groups, prefix)       # (B, L, H)
         lab = sp.labels[:, 1:]
         sel = lab != -100
         logits = self.lm.get_output_embeddings()(h[:, :-1][sel]).float()    # (n, V): only where counted

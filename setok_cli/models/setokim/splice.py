@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-__all__ = ["Spliced", "splice", "length_groups", "in_groups", "token_rank", "read_sources", "with_copy", "row_sums"]
+__all__ = ["Spliced", "splice", "length_groups", "in_groups", "shared_prefix", "after_prefix", "token_rank",
+           "read_sources", "with_copy", "row_sums"]
 
 
 @dataclass
@@ -192,6 +193,47 @@ def in_groups(hidden, inputs_embeds: Tensor, attention_mask: Tensor, position_id
     inverse = torch.empty(B, dtype=torch.long, device=inputs_embeds.device)
     inverse[torch.cat(rows)] = torch.arange(B, device=inputs_embeds.device)
     return torch.cat(parts)[inverse]
+
+
+def shared_prefix(inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> int:
+    """The number P of leading positions that are the same input in every row of a batch (B, L, H): the same
+    embedding (BOS and the system prompt; a visual token's differs), the same position, no padding. Their hidden
+    states are the same in every row (the LM is causal), so `after_prefix` runs them once. Capped so that every
+    row keeps at least one position after them; 0 for one row."""
+    if inputs_embeds.shape[0] < 2:
+        return 0
+    same = (inputs_embeds == inputs_embeds[:1]).all(-1).all(0) & attention_mask.bool().all(0) \
+        & (position_ids == position_ids[:1]).all(0)                                       # (L,)
+    return min(int(same.long().cumprod(0).sum()), int(attention_mask.sum(1).min()) - 1)
+
+
+def after_prefix(hidden, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, groups: int = 1,
+                 cache_kwarg: str = "past_key_values", min_prefix: Optional[int] = 2) -> Tensor:
+    """`in_groups` with the batch's shared prefix (`shared_prefix`, P >= min_prefix) run once: its hidden states
+    and keys / values come from one row, the keys / values are expanded to each group's rows and the rest of the
+    rows runs after them. The same states as `in_groups` (B, L, H) (tested: loss and gradients), with P fewer
+    positions per row computed. hidden(embeds, mask, positions, use_cache=..., **{cache_kwarg: cache}) -> the
+    decoder's output (`last_hidden_state`, `past_key_values`); eager attention only where nothing reads its
+    weights (an `AttentionTap` sees the rest's queries only: the trainer runs it without the prefix).
+    min_prefix None: no prefix (`in_groups` itself)."""
+    from transformers import DynamicCache
+    P = 0 if min_prefix is None else shared_prefix(inputs_embeds, attention_mask, position_ids)
+    if min_prefix is None or P < min_prefix:
+        return in_groups(lambda *a: hidden(*a, use_cache=False).last_hidden_state,
+                         inputs_embeds, attention_mask, position_ids, groups)
+    first = hidden(inputs_embeds[:1, :P], attention_mask[:1, :P], position_ids[:1, :P], use_cache=True)
+    kv = [(c.keys, c.values) for c in (getattr(first, "cache", None) or first.past_key_values).layers]  # (1, h, P, d)
+
+    def rest(e: Tensor, a: Tensor, p: Tensor) -> Tensor:
+        b = e.shape[0]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+        return hidden(e, torch.cat([a.new_ones(b, P), a], 1), p, use_cache=False,
+                      **{cache_kwarg: cache}).last_hidden_state
+
+    h = in_groups(rest, inputs_embeds[:, P:], attention_mask[:, P:], position_ids[:, P:], groups)   # (B, L - P, H)
+    return torch.cat([first.last_hidden_state.expand(h.shape[0], -1, -1), h], 1)
 
 
 def with_copy(model, generated: Tensor, sp: Spliced, image_tokens: Optional[Tensor],
