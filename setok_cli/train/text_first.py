@@ -85,7 +85,7 @@ def text_batch(conversations: list[list[dict]], tok, system: str) -> tuple[torch
 
 def shared_prefix(ids: torch.Tensor, lab: torch.Tensor) -> int:
     """The length P of the prefix that every row of a batch shares (the BOS and the system prompt) and that no label,
-    nor the one after it, falls in: the tokens `prefix_loss` runs once for the batch."""
+    nor the one after it, falls in (`prefix_loss` runs at least these once for the batch)."""
     from ..models.setokim.text import IGNORE_INDEX
     same = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
     labelled = lab != IGNORE_INDEX
@@ -95,19 +95,23 @@ def shared_prefix(ids: torch.Tensor, lab: torch.Tensor) -> int:
 
 def prefix_loss(lm, ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
     """The causal-LM loss of a right-padded batch (the mean over its labelled tokens), with the prefix every row
-    shares run once and its keys and values repeated for the batch: the same loss and gradients as one pass over
-    the rows (the prefix's graph is the same for each row, so its gradients add up the same; tested), for about
-    0.4 of the work at the tiny recipe's drills (34 of 56 tokens are the system prompt)."""
-    P = shared_prefix(ids, lab)
-    if P < 2:
-        return lm(input_ids=ids, attention_mask=att, labels=lab).loss
+    shares run once and its keys and values repeated for the batch (`splice.after_prefix`, as stage II and III
+    train): the same loss and gradients as one pass over the rows (tested), for about 0.4 of the work at the tiny
+    recipe's drills (34 of 56 tokens are the system prompt)."""
     import inspect
+
+    import torch.nn.functional as F
+
+    from ..models.setokim.splice import after_prefix
+    from ..models.setokim.text import IGNORE_INDEX
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = lm(input_ids=ids[:1, :P], use_cache=True)
-    past = getattr(out, "cache", None) or out.past_key_values
-    past.batch_repeat_interleave(ids.shape[0])
-    return lm(input_ids=ids[:, P:], attention_mask=att, labels=lab[:, P:], use_cache=False, **{key: past}).loss
+    dec = base.get_decoder()
+    key = "cache" if "cache" in inspect.signature(dec.forward).parameters else "past_key_values"
+    h = after_prefix(lambda e, a, p, **kw: dec(inputs_embeds=e, attention_mask=a, position_ids=p, **kw),
+                     base.get_input_embeddings()(ids), att, torch.arange(ids.shape[1]).expand_as(ids),
+                     cache_kwarg=key)                                                             # (B, L, H)
+    logits = base.get_output_embeddings()(h[:, :-1]).float()
+    return F.cross_entropy(logits.flatten(0, 1), lab[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def train_text_first(lm, tok, rows: list[list[dict]], *, lora, optim, steps: int, lr: float, batch_size: int,
