@@ -28,6 +28,25 @@ import time
 import torch
 
 
+def recipe_batches(recipe: str, sets: list, batches: int):
+    """The recipe's stage model (trainable parameters selected, in training mode) and its first `batches` batches in
+    the trainer's seeded order, collated as the trainer's samples (looks and diffs included) -> (recipe, model,
+    [Setokim.forward keyword arguments])."""
+    import importlib
+
+    from setok_cli.train.recipe import load_recipe
+    from setok_cli.train.trainer import STAGES, select_trainable
+    r = load_recipe(recipe, sets)
+    mod, build = STAGES[r.stage].split(":")
+    model, ds = getattr(importlib.import_module(mod), build)(r)
+    select_trainable(model, r.train.trainable, r.train.frozen)
+    model.train()
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(r.seed)).tolist()
+    bs, m = r.data.batch_size, model.setokim
+    return r, model, [m.collate(model.samples(ds.collate([ds[i] for i in order[b * bs:(b + 1) * bs]])))
+                      for b in range(batches)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
@@ -43,23 +62,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from setok_cli.train.recipe import load_recipe
-    from setok_cli.train.trainer import STAGES, select_trainable
-    import importlib
-
-    r = load_recipe(a.recipe, a.set)
-    mod, build = STAGES[r.stage].split(":")
-    model, ds = getattr(importlib.import_module(mod), build)(r)
-    select_trainable(model, r.train.trainable, r.train.frozen)
-    model.train()
-    g = torch.Generator().manual_seed(r.seed)
-    order = torch.randperm(len(ds), generator=g).tolist()
-    bs = r.data.batch_size
-    inputs = []
+    r, model, inputs = recipe_batches(a.recipe, a.set, a.batches)
     m = model.setokim
-    for b in range(a.batches):
-        batch = ds.collate([ds[i] for i in order[b * bs:(b + 1) * bs]])
-        inputs.append(m.collate(model.samples(batch)))      # the trainer's samples: looks and diffs included
 
     def step(kw, groups, precision=a.precision, prefix=False):
         m.zero_grad(set_to_none=True)
@@ -94,7 +98,7 @@ def main() -> None:
         padded[1] += sp.attention_mask.numel()
         padded[a.groups] += sum(len(p) * int(lengths[p].max()) for p in length_groups(lengths, a.groups))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({"recipe": a.recipe, "batch_size": bs, "batches": a.batches, "repeats": a.repeats,
+    print(json.dumps({"recipe": a.recipe, "batch_size": r.data.batch_size, "batches": a.batches, "repeats": a.repeats,
                       "threads": a.threads, "precision": a.precision,
                       "median_step_s": {str(k): round(v, 4) for k, v in med.items()},
                       "speedup": round(med[1] / med[a.groups], 3),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 
 import torch
@@ -51,18 +50,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--set", action="append", default=[], help="recipe overrides, as `setok train --set`")
     a = ap.parse_args()
-    from setok_cli.train.recipe import load_recipe
-    from setok_cli.train.trainer import STAGES, select_trainable
-    r = load_recipe(a.recipe, a.set)
-    mod, build = STAGES[r.stage].split(":")
-    model, ds = getattr(importlib.import_module(mod), build)(r)
-    select_trainable(model, r.train.trainable, r.train.frozen)
-    model.train()
-    g = torch.Generator().manual_seed(r.seed)
-    order = torch.randperm(len(ds), generator=g).tolist()
-    bs, m = r.data.batch_size, model.setokim
-    inputs = [m.collate(model.samples(ds.collate([ds[i] for i in order[b * bs:(b + 1) * bs]])))
-              for b in range(a.batches)]
+    from bench_setokim_step import recipe_batches         # benchmarks/, beside this script
+    r, model, inputs = recipe_batches(a.recipe, a.set, a.batches)
+    m = model.setokim
     groups = r.train.length_groups
     run = {name: train(m, inputs, a.steps, r.optim.lr, prefix, dtype, threads, groups)
            for name, (prefix, dtype, threads) in {
