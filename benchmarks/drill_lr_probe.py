@@ -4,7 +4,7 @@
         --lr 1e-3 3e-4 [--steps 600] [--every 100] [--full] [--threads 1] [--out F.json] \\
         [--form question|answer|echo] [--save DIR]
     python benchmarks/drill_lr_probe.py --model runs/tiny-stage2 --recipe recipes/tiny/stage3.yaml --form echo \
-        --recipe-phase [--seed 0]      # the recipe's own model.text_first, scored as it trains
+        --recipe-phase [--seed 0] [--relations]   # the recipe's own model.text_first, scored as it trains
 
 The drills of `setok data drills` ("Is there a red cross? a pink cross, a blue cross" -> "no") ask
 the one step that existence answers after a list need: is the asked colour among the listed ones?
@@ -18,7 +18,11 @@ training loss of the last steps and the accuracy on 512 held-out drills (the mor
 and "no" at the answer; chance is 0.5). `--form` puts the list in the question, or first in the answer (its
 words count in the loss; `echo` adds the asked colour again before the word: `drill_turns`). `--save DIR` writes a
 copy of the Setokim folder whose LM is the drilled one, for a stage III (README: "Where the list is, and a "no"
-after it"); a recipe does the same with `model.text_first` (train/text_first.py).
+after it"); a recipe does the same with `model.text_first` (train/text_first.py). `--relations` (with
+`--recipe-phase`) also scores 512 held-out relation drills (`relation_drill`: "Is the red circle above the blue
+star?" "[Img] [/Img] 1 [Img] [/Img] 5: yes"; `--relations chain`: "... 5, 1 2 3 4 5: yes"), for a phase whose rows
+hold them (`setok data drills --relations N`): the yes / no as above, and the share written exactly after the two
+places, which are drawn at random (every later answer token the most likely given the ones before it).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from setok_cli.data.drills import FORMS, drill_turns, list_drill
+from setok_cli.data.drills import FORMS, drill_turns, list_drill, relation_drill
 from setok_cli.models.hub import resolve_checkpoint, resolve_folder
 from setok_cli.models.setokim.loading import load_text_tokenizer, quiet
 from setok_cli.models.setokim.lora import wrap_lora
@@ -55,6 +59,32 @@ def drill_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYST
     answer as `form` writes it (`drill_turns`); rendered as stage III's text-only phase renders its rows."""
     turns = [drill_turns(*list_drill(rng), form) for _ in range(n)]
     return text_batch([[{"from": "human", "value": u}, {"from": "gpt", "value": a}] for u, a in turns], tok, system)
+
+
+def relation_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYSTEM, chain: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n relation drills (`relation_drill`, with `chain` the places counted) -> (ids, attention mask, labels), as
+    `drill_batch`."""
+    turns = [relation_drill(rng, chain) for _ in range(n)]
+    return text_batch([[{"from": "human", "value": u}, {"from": "gpt", "value": a}] for u, a in turns], tok, system)
+
+
+PLACES = 6    # a relation drill's answer opens with "[Img] [/Img] 1 [Img] [/Img] 5": random places, not scored
+
+
+@torch.no_grad()
+def exact(lm, batch, skip: int = PLACES) -> float:
+    """The share of rows whose every answer token after the first `skip` (a relation drill's two places, drawn at
+    random) is the most likely one given the right ones before it (teacher forcing): the rows whose count and
+    answer greedy decoding writes exactly after the places."""
+    ids, att, lab = batch
+    was = lm.training
+    lm.eval()
+    pick = lm(input_ids=ids, attention_mask=att).logits[:, :-1].argmax(-1)
+    lm.train(was)
+    gold, counted = lab[:, 1:], lab[:, 1:] != IGNORE_INDEX
+    counted = counted & (counted.long().cumsum(1) > skip)
+    return ((pick == gold) | ~counted).all(1).float().mean().item()
 
 
 @torch.no_grad()
@@ -108,19 +138,26 @@ def train_one(base, tok, recipe, lr: float, args, held_out) -> tuple[list[dict],
     return out, lm
 
 
-def recipe_phase(base, tok, recipe, args, held_out) -> list[dict]:
+def recipe_phase(base, tok, recipe, args, held_out, held_rel=None) -> list[dict]:
     """The recipe's `model.text_first` as `setok train` runs it (train/text_first.py), scored every `--every` steps."""
     from setok_cli.train.text_first import text_rows, train_text_first
     t = recipe.model.text_first
     if t is None or recipe.model.lora is None:
         raise SystemExit(f"error: {args.recipe} has no model.text_first (and model.lora)")
     yes, no = (tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ("yes", "no"))
-    out, t0 = [{"step": 0, "loss": None, "accuracy": accuracy(base, held_out, yes, no)}], time.time()
+    def scored(lm, k) -> dict:
+        r = {"step": k, "accuracy": accuracy(lm, held_out, yes, no)}
+        if held_rel is not None:
+            r["relation_accuracy"], r["relation_exact"] = accuracy(lm, held_rel, yes, no), exact(lm, held_rel)
+        return r
+    out, t0 = [{**scored(base, 0), "loss": None}], time.time()
 
     def on_step(k, lm):
         if k % args.every == 0 or k == t.steps:
-            out.append({"step": k, "accuracy": accuracy(lm, held_out, yes, no), "seconds": round(time.time() - t0, 1)})
-            print(f"text_first  step {k:5d}  held-out accuracy {out[-1]['accuracy']:.3f}", flush=True)
+            out.append({**scored(lm, k), "seconds": round(time.time() - t0, 1)})
+            rel = f"  relations {out[-1]['relation_accuracy']:.3f} (exact {out[-1]['relation_exact']:.3f})" \
+                if held_rel is not None else ""
+            print(f"text_first  step {k:5d}  held-out accuracy {out[-1]['accuracy']:.3f}{rel}", flush=True)
     train_text_first(copy.deepcopy(base), tok, text_rows(t.path), lora=recipe.model.lora, optim=recipe.optim,
                      steps=t.steps, lr=t.lr, batch_size=t.batch_size, seed=args.seed, system=args.system,
                      on_step=on_step)
@@ -157,6 +194,8 @@ def main() -> None:
     ap.add_argument("--recipe-phase", action="store_true",
                     help="train as the recipe's model.text_first does instead (its rows, steps, lr and batch, through "
                          "setok's own train_text_first), scoring the held-out drills of --form every --every steps")
+    ap.add_argument("--relations", nargs="?", const="places", choices=["places", "chain"],
+                    help="with --recipe-phase: score held-out relation drills too (chain: with the places counted)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
@@ -177,7 +216,9 @@ def main() -> None:
     held_out = drill_batch(np.random.default_rng([args.seed, 999]), HELD_OUT, tok, args.system, args.form)
     results = {}
     if args.recipe_phase:
-        results = {"text_first": recipe_phase(base, tok, recipe, args, held_out)}
+        held_rel = relation_batch(np.random.default_rng([args.seed, 998]), HELD_OUT, tok, args.system,
+                                  args.relations == "chain") if args.relations else None
+        results = {"text_first": recipe_phase(base, tok, recipe, args, held_out, held_rel)}
     for lr in [] if args.recipe_phase else args.lr:
         torch.manual_seed(args.seed)
         results[f"{lr:g}"], lm = train_one(base, tok, recipe, lr, args, held_out)
@@ -188,6 +229,9 @@ def main() -> None:
     print("|---|" + "---:|" * len(next(iter(results.values()))))
     for lr, rows in results.items():
         print(f"| {lr} | " + " | ".join(f"{r['accuracy']:.3f}" for r in rows) + " |")
+        if rows[0].get("relation_accuracy") is not None:
+            print(f"| {lr}, relations | " + " | ".join(f"{r['relation_accuracy']:.3f}" for r in rows) + " |")
+            print(f"| {lr}, relations exact | " + " | ".join(f"{r['relation_exact']:.3f}" for r in rows) + " |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": str(folder), "full": args.full, "system": bool(args.system),

@@ -8,7 +8,10 @@ blue star?" with "<image> 1 <image> 5: yes": the circle's token and its row bin 
 and its row bin, then the answer. For each relation question of the data file this reads the two
 written bins and scores them against the scene's centres (`look.relation_places`), exactly and within
 one bin; for the answers whose two bins differ, it checks whether yes / no is what the bins say
-(the comparison step alone). Printed: counts and shares over the relation questions.
+(the comparison step alone). With `look_places: chain` ("<image> 1 <image> 5, 1 2 3 4 5: yes") the places are those
+before the ", ", and it also checks whether the written count is the one the written places give
+(`shapes_text.relation_chain`: "chain_follows", over the answers with a count, "chained"). Printed: counts and shares
+over the relation questions.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import re
 from pathlib import Path
 
 from setok_cli.data.conversations import world_files
-from setok_cli.data.shapes_text import RELATION_QUESTION
+from setok_cli.data.shapes_text import RELATION_QUESTION, relation_chain
 from setok_cli.models.setokim.look import look_objects, relation_places
 
 HOLDS = {"to the left of": lambda a, b: a < b, "to the right of": lambda a, b: a > b,
@@ -27,10 +30,11 @@ HOLDS = {"to the left of": lambda a, b: a < b, "to the right of": lambda a, b: a
 
 def score(entries: list[dict], preds: list[dict], root: Path) -> dict:
     """Instruct entries + `setok ask` predictions -> {"questions", "right", "places_given", "first_place",
-    "second_place", "first_within_1", "second_within_1", "untied", "follows_places", "answered_yes"}."""
+    "second_place", "first_within_1", "second_within_1", "untied", "follows_places", "answered_yes", "chained",
+    "chain_follows"}."""
     by_id = {p["question_id"]: p for p in preds}
     c = dict.fromkeys(["questions", "right", "places_given", "first_place", "second_place", "first_within_1",
-                       "second_within_1", "untied", "follows_places", "answered_yes"], 0)
+                       "second_within_1", "untied", "follows_places", "answered_yes", "chained", "chain_follows"], 0)
     for e in entries:
         if e.get("type") != "relation" or e["id"] not in by_id:
             continue
@@ -42,9 +46,14 @@ def score(entries: list[dict], preds: list[dict], root: Path) -> dict:
         c["questions"] += 1
         c["right"] += p["answer"] == e["conversations"][1]["value"]
         c["answered_yes"] += p["answer"] == "yes"
-        got = [int(w) for w in re.findall(r"\b\d\b", str(p.get("reasons", "")).rsplit(": ", 1)[0])]
+        placed, _, counted = str(p.get("reasons", "")).rsplit(": ", 1)[0].partition(", ")
+        got = [int(w) for w in re.findall(r"\b\d\b", placed)]
         if want is None or len(got) != 2:
             continue
+        if counted:
+            c["chained"] += 1
+            c["chain_follows"] += re.findall(r"\b\d\b", counted) == [
+                str(k) for k in relation_chain(RELATION_QUESTION.search(q).group(2), *got)]
         c["places_given"] += 1
         for k, name in enumerate(("first", "second")):
             c[f"{name}_place"] += got[k] == want[k]
@@ -69,8 +78,8 @@ def main() -> None:
         return
     n = max(c["questions"], 1)
     for k, v in c.items():
-        base = c["untied"] if k == "follows_places" else (c["places_given"] if "place" in k or "within" in k
-                                                          else n)
+        base = c["untied"] if k == "follows_places" else c["chained"] if k == "chain_follows" else (
+            c["places_given"] if "place" in k or "within" in k or k == "chained" else n)
         print(f"{k:16s} {v:5d}" + ("" if k == "questions" else f"  {v / max(base, 1):.3f}"))
 
 

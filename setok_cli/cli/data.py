@@ -107,13 +107,19 @@ def questions(split, seed, types, absent):
               help="Where the list is: in the question; first in the answer (\"a pink cross, a blue cross: no\"); "
                    "or there with the asked colour again (\"a pink cross, a blue cross, red: no\"). Not question: "
                    "instruct_list_drills_<form>.json.")
-def drills(split, per_image, seed, form):
+@click.option("--relations", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Relation drills per image too (\"Is the red circle above the blue star?\" \"[Img] [/Img] 1 "
+                   "[Img] [/Img] 5, 1 2 3 4 5: yes\": a relation answer with places, its visual tokens left out, "
+                   "counted from the first place); the file's name ends in _relation.json.")
+@click.option("--relation-form", default="chain", show_default=True, type=click.Choice(["chain", "places"]),
+              help="places: the relation drills without the count (\"... 5: yes\"; _relation_places.json).")
+def drills(split, per_image, seed, form, relations, relation_form):
     """Write SPLIT/instruct_list_drills.json: existence questions whose answer is read from a list in the
     question, unrelated to the image ("Is there a red cross? a pink cross, a blue cross" "no"): the last
     step of the recipe's existence answers, alone (a stage-III row; with --form echo, the rows of the tiny
     stage-III recipe's text-only first phase, `model.text_first`)."""
     from ..data.drills import list_drills
-    path, n = list_drills(split, per_image, seed, form)
+    path, n = list_drills(split, per_image, seed, form, relations, relation_form)
     click.echo(f"{n} drills -> {path}")
 
 

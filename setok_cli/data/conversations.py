@@ -156,15 +156,16 @@ class ConversationDataset(Dataset):
     of the objects their question is about (`models/setokim/look.py`): true for every question type,
     or a list of types (["color", "shape"]; "count_by": counts of one colour or shape only); items carry "look";
     `look_places` (with `look`): a relation's answer writes each object's place after its token
-    (`look.relation_places`); `look_numbers` (with `look`): a count's answer numbers its tokens ("<image> 1
-    <image> 2: 2"); `look_scan` (with `look`): a looking count's answer goes through every token of the image, each
-    with what it holds and the running count ("<image> red 1 <image> no 1: 1", `look.scan_answer`). `sized`
+    (`look.relation_places`; "chain": and counts from the first place toward the second, `look.chained_answer`);
+    `look_numbers` (with `look`): a count's answer numbers its tokens ("<image> 1 <image> 2: 2"); `look_scan`
+    (with `look`): a looking count's answer goes through every token of the image, each with what it holds and the
+    running count ("<image> red 1 <image> no 1: 1", `look.scan_answer`). `sized`
     (generate): the answer says the number of objects before the image, "two objects <image>"
     (`models/setokim/sized.py`)."""
 
     def __init__(self, path: str | Path, task: str, image_size: Optional[int] = None, turns: Optional[int] = None,
                  names: bool = False, look: bool | Sequence[str] = False, sized: bool = False,
-                 look_places: bool = False, look_numbers: bool = False, look_scan: bool = False):
+                 look_places: bool | str = False, look_numbers: bool = False, look_scan: bool = False):
         if task not in CONVERSATION_TASKS:
             raise UserError(f"unknown conversation task {task!r}; choose from {', '.join(CONVERSATION_TASKS)}")
         if turns is not None and (task != "chat" or not isinstance(turns, int) or isinstance(turns, bool)
@@ -177,8 +178,8 @@ class ConversationDataset(Dataset):
                 isinstance(look, (list, tuple)) and look and set(look) <= set(LOOK_TYPES)))):
             raise UserError(f"{path}: look is for the instruct and chat tasks, true, false or a list of question "
                             f"types ({', '.join(LOOK_TYPES)}); got {look!r} for {task}")
-        if look_places is not False and (look_places is not True or not look):
-            raise UserError(f"{path}: look_places is true or false and needs look; "
+        if look_places is not False and (look_places not in (True, "chain") or not look):
+            raise UserError(f"{path}: look_places is true, false or chain and needs look; "
                             f"got {look_places!r} with look {look!r}")
         if look_numbers is not False and (look_numbers is not True or not look):
             raise UserError(f"{path}: look_numbers is true or false and needs look; "

@@ -19,6 +19,19 @@ the recipe's existence answers do, and `--form echo` adds the asked colour again
     USER: <image>\nIs there a red cross?   ASSISTANT: a pink cross, a blue cross, red: no
 
 the rows of the tiny stage-III recipe's text-only first phase (`model.text_first`, train/text_first.py).
+
+Relation drills (`--relations N`, `relation_drill`) do the same for the last step of a relation answer with places
+(`look_places`: "Is the red circle above the blue star?" "<image> 1 <image> 5: yes", each `<image>` one written
+visual token): two places drawn at random, the words a looking answer writes around them with no visual token
+between the markers, and the answer that the comparison gives,
+
+    USER: Is the red circle above the blue star?   ASSISTANT: [Img] [/Img] 1 [Img] [/Img] 5: yes
+
+so only comparing the two written numbers under the asked relation answers it. That form stays at chance on text
+alone (0.51 held out after 1000 steps of the recipe's phase), so the drills count instead (`--relation-form chain`,
+the default; `look_places: chain` in stage III): from A's place toward where B's must lie, one bin a step, until
+B's place or the last bin, "[Img] [/Img] 1 [Img] [/Img] 5, 1 2 3 4 5: yes", where each step is a successor and
+an equality (README: "Relations that count").
 """
 from __future__ import annotations
 
@@ -27,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_json
-from .shapes_text import count_phrase
+from .shapes_text import PLACE_BINS, count_phrase, relation_chain, relation_holds
 from .shapes_world import COLOR_NAMES, SHAPES
 
 LIST_LENGTHS = (1, 2, 3)
@@ -48,7 +61,33 @@ def list_drill(rng: np.random.Generator) -> tuple[str, str]:
     return f"Is there {count_phrase(1, asked, shape)}? {listed}", answer
 
 
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+
+
+def relation_drill(rng: np.random.Generator, chain: bool = False) -> tuple[str, str]:
+    """One relation drill -> (question, answer as a looking answer with places writes it, without its visual
+    tokens): ("Is the red circle above the blue star?", "[Img] [/Img] 1 [Img] [/Img] 5: yes"); `chain`: the places
+    counted from A's (`relation_chain`) before the word, "[Img] [/Img] 1 [Img] [/Img] 5, 1 2 3 4 5: yes". Two
+    objects that differ in colour or shape, two different places in 0..PLACE_BINS-1, the relation drawn so that
+    half the answers are "yes"."""
+    from ..models.setokim.text import IMG_END, IMG_START
+    while True:
+        (ca, cb), (sa, sb) = rng.integers(len(COLOR_NAMES), size=2), rng.integers(len(SHAPES), size=2)
+        if (ca, sa) != (cb, sb):
+            break
+    pa, pb = (int(x) for x in rng.choice(PLACE_BINS, size=2, replace=False))
+    rel = RELATIONS[rng.integers(len(RELATIONS))]
+    if relation_holds(rel, pa, pb) != (rng.random() < 0.5):      # flip to the opposite relation
+        rel = {"to the left of": "to the right of", "to the right of": "to the left of",
+               "above": "below", "below": "above"}[rel]
+    q = f"Is the {COLOR_NAMES[ca]} {SHAPES[sa]} {rel} the {COLOR_NAMES[cb]} {SHAPES[sb]}?"
+    mark = f"{IMG_START} {IMG_END}"
+    counted = ", " + " ".join(map(str, relation_chain(rel, pa, pb))) if chain else ""
+    return q, f"{mark} {pa} {mark} {pb}{counted}: {'yes' if relation_holds(rel, pa, pb) else 'no'}"
+
+
 FORMS = ("question", "answer", "echo")
+RELATION_FORMS = ("chain", "places")
 
 
 def drill_turns(q: str, a: str, form: str = "question") -> tuple[str, str]:
@@ -66,15 +105,22 @@ def drill_turns(q: str, a: str, form: str = "question") -> tuple[str, str]:
     raise ValueError(f"form must be one of {FORMS}, got {form!r}")
 
 
-def list_drills(split: str | Path, per_image: int = 2, seed: int = 0, form: str = "question") -> tuple[Path, int]:
-    """A written split -> `instruct_list_drills.json` (`_<form>` before `.json` unless form is "question")
-    beside its other files: `per_image` drills (`list_drill`, turns as `drill_turns` writes them in `form`) on
-    each image, the image attached as every instruct entry has one. Drill j of image i depends on (seed, i)
-    only, whatever the form. Returns (path, number of drills)."""
+def list_drills(split: str | Path, per_image: int = 2, seed: int = 0, form: str = "question",
+                relations: int = 0, relation_form: str = "chain") -> tuple[Path, int]:
+    """A written split -> `instruct_list_drills.json` (`_<form>` before `.json` unless form is "question";
+    `_relation` too with relation drills, `_relation_places` with those of `relation_form` "places") beside its other
+    files: `per_image` drills (`list_drill`, turns as `drill_turns` writes them in `form`) on each image, then
+    `relations` relation drills (`relation_drill`, the places counted unless `relation_form` is "places"), the
+    image attached as every instruct entry has one. Drill j of image i depends on (seed, i) only, whatever the
+    form; its relation drills on (seed, i, 1). Returns (path, number of drills)."""
     from ..errors import UserError
     from .shapes import _world_pairs
     if per_image < 1:
         raise UserError(f"--per-image must be at least 1, got {per_image}")
+    if relations < 0:
+        raise UserError(f"--relations must be at least 0, got {relations}")
+    if relation_form not in RELATION_FORMS:
+        raise UserError(f"--relation-form must be one of {', '.join(RELATION_FORMS)}, got {relation_form!r}")
     if form not in FORMS:
         raise UserError(f"--form must be one of {', '.join(FORMS)}, got {form!r}")
     d, entries = _world_pairs(split, ())
@@ -86,6 +132,13 @@ def list_drills(split: str | Path, per_image: int = 2, seed: int = 0, form: str 
             q, a = drill_turns(*list_drill(rng), form)
             out.append({"id": f"{Path(image).stem}_d{j}", "image": image, "type": "drill",
                         "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
-    path = d / ("instruct_list_drills.json" if form == "question" else f"instruct_list_drills_{form}.json")
+        rel_rng = np.random.default_rng([seed, i, 1])
+        for j in range(relations):
+            q, a = relation_drill(rel_rng, chain=relation_form == "chain")
+            out.append({"id": f"{Path(image).stem}_r{j}", "image": image, "type": "drill_relation",
+                        "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+    stem = "instruct_list_drills" + ("" if form == "question" else f"_{form}") + (
+        "" if not relations else "_relation" if relation_form == "chain" else "_relation_places")
+    path = d / f"{stem}.json"
     atomic_write_json(path, out, indent=None)
     return path, len(out)

@@ -547,6 +547,59 @@ def test_setok_data_drills_answer_from_the_list(world, tmp_path):
     assert r.exit_code != 0 and _error_lines(r.output) and not (tmp_path / "nope").exists()
 
 
+def test_setok_data_drills_relations_compare_the_written_places(world, tmp_path):
+    """`setok data drills --relations N`: the same existence drills, then N relation drills per image whose answer is
+    the asked relation between the two written places (0: left / top), never a tie, both answers and all four
+    relations occurring; the words are those a looking answer with places writes, the visual tokens left out between
+    `[Img]` and `[/Img]`; the chain form counts from A's place toward B's."""
+    import re
+
+    from setok_cli.data.shapes_text import PLACE_BINS
+    from setok_cli.data.shapes_world import COLOR_NAMES, SHAPES
+    split, _ = _split_copy(world, tmp_path, "drills", "--per-image", "2", "--form", "echo")
+    plain = json.loads((split / "instruct_list_drills_echo.json").read_text())
+    r = CliRunner().invoke(cli, ["data", "drills", str(split), "--per-image", "2", "--form", "echo",
+                                 "--relations", "40", "--relation-form", "places"])
+    path = split / "instruct_list_drills_echo_relation_places.json"
+    assert r.exit_code == 0 and f"-> {path}" in r.output
+    rows = json.loads(path.read_text())
+    assert [e for e in rows if e["type"] == "drill"] == plain
+    rel = [e for e in rows if e["type"] == "drill_relation"]
+    assert len(rel) == 40 * len({e["image"] for e in plain})
+    seen, answers = set(), []
+    for e in rel:
+        q, a = (t["value"] for t in e["conversations"])
+        ca, sa, how, cb, sb = re.fullmatch(r"<image>\nIs the (\w+) (\w+) (to the left of|to the right of|above|"
+                                           r"below) the (\w+) (\w+)\?", q).groups()
+        assert {ca, cb} <= set(COLOR_NAMES) and {sa, sb} <= set(SHAPES) and (ca, sa) != (cb, sb)
+        pa, pb, word = re.fullmatch(r"\[Img\] \[/Img\] (\d) \[Img\] \[/Img\] (\d): (yes|no)", a).groups()
+        pa, pb = int(pa), int(pb)
+        assert pa != pb and max(pa, pb) < PLACE_BINS
+        holds = pa < pb if how in ("to the left of", "above") else pa > pb
+        assert word == ("yes" if holds else "no"), (q, a)
+        seen.add(how)
+        answers.append(word)
+    assert seen == {"to the left of", "to the right of", "above", "below"}
+    assert 0.35 < answers.count("yes") / len(answers) < 0.65
+    r = CliRunner().invoke(cli, ["data", "drills", str(split), "--per-image", "2", "--form", "echo",
+                                 "--relations", "40"])                 # the default form: counted from A's place
+    chained = json.loads((split / "instruct_list_drills_echo_relation.json").read_text())
+    assert [e for e in chained if e["type"] == "drill"] == plain
+    assert [e["conversations"][0] for e in chained] == [e["conversations"][0] for e in rows]
+    assert r.exit_code == 0
+    for e, p in zip([e for e in chained if e["type"] == "drill_relation"], rel):
+        q, a = (t["value"] for t in e["conversations"])
+        assert a.startswith(p["conversations"][1]["value"].rsplit(": ", 1)[0] + ", ")
+        pa, pb, counted, word = re.fullmatch(r"\[Img\] \[/Img\] (\d) \[Img\] \[/Img\] (\d), ([\d ]+): (yes|no)",
+                                             a).groups()
+        steps = [int(x) for x in counted.split()]
+        up = " above " in q or " to the left of " in q
+        assert steps == list(range(int(pa), int(pb) + 1) if word == "yes" and up else range(
+            int(pa), int(pb) - 1, -1) if word == "yes" else range(int(pa), 7) if up else range(int(pa), -1, -1))
+    r = CliRunner().invoke(cli, ["data", "drills", str(split), "--relations", "-1"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
 def test_setok_data_drills_forms_write_the_same_drills_elsewhere(world, tmp_path):
     """`setok data drills --form answer|echo`: the same drills (same seed) with the list written first in the answer
     (echo: then the asked colour again), to its own file; the question form's file is untouched."""

@@ -108,6 +108,59 @@ def test_relation_places_scores_the_written_places(world):
     assert c["untied"] == untied and c["follows_places"] == untied                 # each answer as its places say
     truth = sum(p["answer"] == e["conversations"][1]["value"] for p, e in zip(preds, entries))
     assert c["right"] == truth and c["answered_yes"] == sum(p["answer"] == "yes" for p in preds)
+    assert c["chained"] == c["chain_follows"] == 0
+    # `look_places: chain`: the places before the ", ", then the count; every third count written one step short
+    from setok_cli.data.shapes_text import relation_chain
+    chained = []
+    for k, (e, p) in enumerate(zip(entries, preds)):
+        head, word = p["reasons"].rsplit(": ", 1)
+        a, b = (int(w) for w in head.split()[1::2])
+        steps = relation_chain(RELATION_QUESTION.search(e["conversations"][0]["value"]).group(2), a, b)
+        steps = steps[:-1] if k % 3 == 0 and len(steps) > 1 else steps
+        chained.append({**p, "reasons": f"{head}, {' '.join(map(str, steps))}: {word}"})
+    short = sum(1 for k, e in enumerate(entries) if k % 3 == 0 and len(relation_chain(RELATION_QUESTION.search(
+        e["conversations"][0]["value"]).group(2), *(int(w) for w in preds[k]["reasons"].rsplit(": ", 1)[0].split()[
+            1::2]))) > 1)
+    d = mod.score(load(path, "instruct"), chained, path.parent)
+    assert {k: d[k] for k in c} == {**c, "chained": n, "chain_follows": n - short} and short
+
+
+def test_drill_lr_probe_scores_relation_drills_after_their_places():
+    """benchmarks/drill_lr_probe.py `exact`: a model that writes every answer token but the two random places right
+    scores 1, one that misses one token of the count scores 0 on that row; `relation_batch` labels the chain."""
+    import numpy as np
+    import torch
+
+    from setok_cli.data.shapes_world import COLOR_NAMES, SHAPES
+    from setok_cli.models.setokim import build_word_tokenizer
+    from setok_cli.models.setokim.text import IGNORE_INDEX
+    mod = _module("drill_lr_probe")
+    tok = build_word_tokenizer(extra_texts=["Is the to of left right above below yes no , : 0 1 2 3 4 5 6"] + [
+        f"{c} {s}" for c in COLOR_NAMES for s in SHAPES])
+    tok.add_tokens(["[Img]", "[/Img]"], special_tokens=True)
+    batch = mod.relation_batch(np.random.default_rng(0), 8, tok, chain=True)
+    ids, att, lab = batch
+    assert ((lab != IGNORE_INDEX).sum(1) > mod.PLACES + 3).all()
+
+    class Oracle(torch.nn.Module):          # the next input token, except at the places (and at `miss`)
+        def __init__(self, miss=None):
+            super().__init__()
+            self.miss = miss
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
+            counted = (lab[:, 1:] != IGNORE_INDEX).long().cumsum(1)
+            places = (counted >= 1) & (counted <= mod.PLACES) & (lab[:, 1:] != IGNORE_INDEX)
+            logits[:, :-1][places] = torch.roll(logits[:, :-1][places], 1, -1)      # every place wrong
+            if self.miss is not None:
+                r, t = self.miss
+                logits[r, t] = torch.roll(logits[r, t], 1, -1)
+            return type("Out", (), {"logits": logits})()
+    assert mod.exact(Oracle(), batch) == 1.0
+    assert mod.exact(Oracle(), batch, skip=0) == 0.0
+    last = int((lab[0] != IGNORE_INDEX).nonzero().max()) - 2               # a token of the count: not a place
+    assert mod.exact(Oracle((0, last)), batch) == 7 / 8
 
 
 def test_scene_list_cases_splits_seeing_from_reading():

@@ -89,6 +89,15 @@ def test_relation_answers_write_each_objects_place_on_the_compared_axis(tmp_path
          "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": "yes"}]}
     got, look = look_entry(e, places=True)
     assert got["conversations"][1]["value"] == "<image> 1 <image> 5: yes" and look["turns"] == [[1, 3]]
+    # "chain": the places counted from the first toward where the second must lie, up for above / left of
+    assert look_entry(e, places="chain") == ({**got, "conversations": [e["conversations"][0], {
+        "from": "gpt", "value": "<image> 1 <image> 5, 1 2 3 4 5: yes"}]}, look)
+    below = {**e, "conversations": [{"from": "human", "value": "<image>\nIs the leftmost red circle below the blue "
+                                                                "star?"}, {"from": "gpt", "value": "no"}]}
+    assert look_entry(below, places="chain")[0]["conversations"][1]["value"] == "<image> 1 <image> 5, 1 0: no"
+    right = {**e, "conversations": [{"from": "human", "value": "<image>\nIs the blue star to the right of the green "
+                                                                "hexagon?"}, {"from": "gpt", "value": "yes"}]}
+    assert look_entry(right, places="chain")[0]["conversations"][1]["value"] == "<image> 3 <image> 0, 3 2 1 0: yes"
     assert look_entry(e)[0]["conversations"][1]["value"] == "<image> <image> <image>: yes"   # as before
     cnt = {**e, "type": "count", "conversations": [{"from": "human", "value": "<image>\nHow many circles are there?"},
                                                     {"from": "gpt", "value": "3"}]}
@@ -186,8 +195,20 @@ def test_the_data_set_writes_one_mark_per_looked_up_object(instruct):
         assert words[0::2] == ["<image>"] * 2 and all(w in "0123456" for w in words[1::2])
         assert placed[i]["conversations"][1]["value"].endswith(plain[i]["conversations"][1]["value"])
     assert rel and all(placed[i]["conversations"] == ds[i]["conversations"] for i in range(len(ds)) if i not in rel)
-    with pytest.raises(UserError, match="look_places is true or false and needs look"):
-        ConversationDataset(instruct, "instruct", 32, look_places=True)
+    chained = ConversationDataset(instruct, "instruct", 32, look=["relation"], look_places="chain")
+    for i in rel:                                  # the places counted end at the second one exactly when it holds
+        words = chained[i]["conversations"][1]["value"]
+        places, counted = words.rsplit(": ", 1)[0].split(", ")
+        a, b = (int(w) for w in places.split()[1::2])
+        steps = [int(w) for w in counted.split()]
+        assert steps[0] == a and all(abs(x - y) == 1 for x, y in zip(steps, steps[1:]))
+        assert words.rsplit(": ", 1)[1] == plain[i]["conversations"][1]["value"]
+        if a != b:
+            assert (steps[-1] == b) == (words.endswith("yes")), words
+    assert all(chained[i]["conversations"] == plain[i]["conversations"] for i in range(len(ds)) if i not in rel)
+    for bad in ({"look_places": True}, {"look": True, "look_places": "yes"}):
+        with pytest.raises(UserError, match="look_places is true, false or chain and needs look"):
+            ConversationDataset(instruct, "instruct", 32, **bad)
     numbered = ConversationDataset(instruct, "instruct", 32, look=True, look_numbers=True)
     cnt = [i for i in range(len(ds)) if entries[i]["type"] == "count" and ds[i]["look"]["turns"][0]]
     for i in cnt:                                  # the count is the last of the numbers 1 .. n

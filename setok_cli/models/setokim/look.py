@@ -19,6 +19,8 @@ tokens just written:
                                                                             the objects of the asked shape
     Is the red circle left of the blue star?   <image> <image>: yes         the red circle, then the star
     (with `look_places`)                       <image> 1 <image> 4: yes     and each one's place on the axis
+    (`look_places: chain`)                     <image> 1 <image> 4, 1 2 3 4: yes   and the places counted from
+                                                                            the first toward the second
     How many circles are there? (`look_numbers`) <image> 1 <image> 2: 2     counted as they are written
     How many circles are there? (`look_scan`)  <image> star 0 <image> circle 1 <image> no 1 <image> circle 2: 2
                                                                             every token of the image, in
@@ -30,7 +32,10 @@ edit diff's old token, `attend.object_tokens`; a turn about no object keeps its 
 `setok ask` and `setok eval vqa` score the part after the last ": "). The tokens are written in
 generation order, a relation's in the question's order. With `look_places` (a row option) a
 relation's answer writes each object's centre along the compared axis after its token, in
-`shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written. With
+`shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written; `look_places: chain`
+then counts from the first place toward where the second must lie, one bin a step, until the second place or the
+last bin (`shapes_text.relation_chain`), so that no step compares two numbers: each is a successor and an equality
+("is this the second place?"), and the answer says whether the count reached it. With
 `look_numbers` a count's answer numbers its tokens as it writes them, so the count is the last number.
 With `look_scan` a count's answer goes through all of the image's tokens in generation order and writes after each
 one the colours (a count of a colour) or shapes (of a shape) of the objects it holds ("no" for none; each object at
@@ -53,12 +58,12 @@ import torch
 
 from ...data.conversations import world_files
 from ...data.shapes_text import (ANSWER_MARK, COUNT_QUESTION, QUESTION_TYPES, RELATION_QUESTION, phrase_objects,
-                                 place_bin)
+                                 place_bin, relation_chain)
 from .attend import object_tokens
 from .text import IMAGE_TOKEN
 
 __all__ = ["LOOK_TYPES", "looks_at", "look_objects", "superlative_object", "look_answer", "relation_places",
-           "look_entry", "scan_answer", "look_samples", "looked_masks", "looked_picture"]
+           "chained_answer", "look_entry", "scan_answer", "look_samples", "looked_masks", "looked_picture"]
 
 
 LOOK_TYPES = QUESTION_TYPES + ("count_by",)   # a row's `look` list: question types, or "count_by"
@@ -125,6 +130,14 @@ def relation_places(question: str, objects: list[dict], ids: Sequence[int]) -> O
     return [place_bin(float(objects[i]["center"][axis])) for i in ids]
 
 
+def chained_answer(answer: str, question: str, places: Sequence[int]) -> str:
+    """A relation's looking answer with places ("<image> 1 <image> 5: yes") -> the same with the places counted
+    from the first toward the second before the answer ("<image> 1 <image> 5, 1 2 3 4 5: yes"; `relation_chain`)."""
+    rel = RELATION_QUESTION.search(question).group(2)
+    head, _, tail = answer.rpartition(ANSWER_MARK)
+    return f"{head}, {' '.join(map(str, relation_chain(rel, *places)))}{ANSWER_MARK}{tail}"
+
+
 def scan_answer(answer: str, holds: Sequence[int], words: Optional[Sequence[Sequence[str]]] = None) -> str:
     """A scanning count's answer: `holds` (K,) how many counted objects each of the image's tokens holds, in
     generation order, and `words` (K,) the words of the objects each holds (None: no words) -> "<image> red 0
@@ -142,10 +155,11 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
     writing order}); (the entry, None) where the world wrote no scene beside its image. `types`:
     only entries of these question types look (the others keep their answers, with turns of []).
     `places`: a relation's answer writes each object's place after its token (`relation_places`), its
-    superlatives resolved (`look_objects(resolve=True)`); "count_by" in `types`: `looks_at`. `numbers`: a
-    count's answer writes the running number after each token ("<image> 1 <image> 2: 2"). `scan`: a looking count's
-    turn is {"scan": the counted instance ids, "words": each object's colour (a count of a colour) or shape (of a
-    shape), None for "How many objects"} and keeps its plain answer (`scan_answer`, written by `look_samples`)."""
+    superlatives resolved (`look_objects(resolve=True)`); "chain": the places counted too (`chained_answer`);
+    "count_by" in `types`: `looks_at`. `numbers`: a count's answer writes the running number after each token
+    ("<image> 1 <image> 2: 2"). `scan`: a looking count's turn is {"scan": the counted instance ids, "words": each
+    object's colour (a count of a colour) or shape (of a shape), None for "How many objects"} and keeps its plain
+    answer (`scan_answer`, written by `look_samples`)."""
     scene, inst = world_files(entry["image"])
     if not (scene.is_file() and inst.is_file()):
         return entry, None
@@ -169,7 +183,10 @@ def look_entry(entry: dict, types: Optional[Sequence[str]] = None, places: bool 
             conv.append(dict(t))
             continue
         turns.append([i + 1 for i in idx])
-        conv.append({**t, "value": look_answer(str(t["value"]), len(idx), at)})
+        value = look_answer(str(t["value"]), len(idx), at)
+        if places == "chain" and at is not None and entry.get("type") == "relation":
+            value = chained_answer(value, question, at)
+        conv.append({**t, "value": value})
     return {**entry, "conversations": conv}, {"instances": str(inst), "turns": turns}
 
 
