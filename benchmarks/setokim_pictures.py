@@ -109,8 +109,10 @@ def main(argv=None) -> None:
         img = np.asarray(load_image(e["image"]))
         if toks:                         # a looking answer: the regions of the tokens it wrote, one colour each
             img = looked_picture(img, looked_masks(model, e["image"], toks))
-            said = [w for w in ans.rsplit(": ", 1)[0].split() if w.isdigit()]          # places (look_places)
-            ans = f"{final_answer(ans)} ({len(toks)} looked up" + (f" at {', '.join(said)})" if said else ")")
+            placed, _, counted = ans.rsplit(": ", 1)[0].partition(", ")      # places, then a count (chain)
+            said = [w for w in placed.split() if w.isdigit()]                       # places (look_places)
+            ans = f"{final_answer(ans)} ({len(toks)} looked up" + (f" at {', '.join(said)}" if said else "") + (
+                f"; counted {counted}" if counted and said else "") + ")"
         cells.append(_cell(img, [f"Q: {q}", f"A: {ans}", f"truth: {final_answer(e['conversations'][1]['value'])}"]))
     rows.append(_row(cells))
     if a.questions_only:

@@ -398,6 +398,24 @@ def test_the_look_recipe_is_the_stage3_recipe_with_looking_question_rows():
     assert {k: v for k, v in look.items() if k != "output_dir"} == {k: v for k, v in base.items() if k != "output_dir"}
 
 
+def test_the_chain_recipe_is_the_stage3_recipe_with_counting_relations_and_looking_shapes():
+    import dataclasses
+
+    from setok_cli.train.recipe import load_recipe
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
+    base, chain = (dataclasses.asdict(load_recipe(tiny / f)) for f in ("stage3.yaml", "stage3_chain.yaml"))
+    assert chain["output_dir"] == "runs/tiny-stage3-chain"
+    # the text phase drills relations that count beside the existence drills (README: "Relations that count")
+    assert base["model"].pop("text_first")["path"] == "data/shapes/train/instruct_list_drills_echo.json"
+    assert chain["model"].pop("text_first")["path"] == "data/shapes/train/instruct_list_drills_echo_relation.json"
+    rows, base_rows = chain["data"].pop("mixture"), base["data"].pop("mixture")
+    assert rows == [{**r, **({"look": ["shape", "relation"], "look_places": "chain"} if i < 3 else {})}
+                    for i, r in enumerate(base_rows)]
+    assert [r["path"].rsplit("/", 1)[1] for r in rows[:3]] == ["instruct_explained_exist_echo.json"] * 2 + [
+        "instruct_color_shape.json"]
+    assert {k: v for k, v in chain.items() if k != "output_dir"} == {k: v for k, v in base.items() if k != "output_dir"}
+
+
 def test_the_relations_recipe_is_the_look_recipe_with_relation_and_existence_rows():
     import dataclasses
 
