@@ -10,7 +10,7 @@ written bins and scores them against the scene's centres (`look.relation_places`
 one bin; for the answers whose two bins differ, it checks whether yes / no is what the bins say
 (the comparison step alone). With `look_places: chain` ("<image> 1 <image> 5, 1 2 3 4 5: yes") the places are those
 before the ", ", and it also checks whether the written count is the one the written places give
-(`shapes_text.relation_chain`: "chain_follows", over the answers with a count, "chained"). Printed: counts and shares
+(`drills.relation_chain`: "chain_follows", over the answers with a count, "chained"). Printed: counts and shares
 over the relation questions.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import re
 from pathlib import Path
 
 from setok_cli.data.conversations import world_files
-from setok_cli.data.shapes_text import RELATION_QUESTION, relation_chain
+from setok_cli.data.drills import relation_chain
+from setok_cli.data.shapes_text import RELATION_QUESTION
 from setok_cli.models.setokim.look import look_objects, relation_places
 
 HOLDS = {"to the left of": lambda a, b: a < b, "to the right of": lambda a, b: a > b,

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_json
-from .shapes_text import PLACE_BINS, count_phrase, relation_chain, relation_holds
+from .shapes_text import PLACE_BINS, count_phrase
 from .shapes_world import COLOR_NAMES, SHAPES
 
 LIST_LENGTHS = (1, 2, 3)
@@ -62,6 +62,22 @@ def list_drill(rng: np.random.Generator) -> tuple[str, str]:
 
 
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+
+
+def relation_holds(rel: str, a: int, b: int) -> bool:
+    """Whether A `rel` B holds for places a != b along the compared axis (0: left / top)."""
+    return a < b if rel in ("to the left of", "above") else a > b
+
+
+def relation_chain(rel: str, a: int, b: int) -> list[int]:
+    """The places counted from A's toward where B must lie for A `rel` B to hold (up for "to the left of" and
+    "above", down for the others), one bin a step, until B's place or the last bin: [1, 2, 3, 4, 5] for "above"
+    from 1 to 5 (it holds: the chain ends at B's place), [5, 6] from 5 to 1 (it does not). Every step is a
+    successor (or predecessor) and one test, "is this B's place?", an equality; no step compares two numbers."""
+    step, out = (1 if rel in ("to the left of", "above") else -1), [a]
+    while out[-1] != b and 0 <= out[-1] + step < PLACE_BINS:
+        out.append(out[-1] + step)
+    return out
 
 
 def relation_drill(rng: np.random.Generator, chain: bool = False) -> tuple[str, str]:

@@ -155,22 +155,6 @@ def explained_relation(name_a: str, a: dict, name_b: str, b: dict, rel: str, yes
     return f"{name_a} at {pa}, {name_b} at {pb}{ANSWER_MARK}{'yes' if yes else 'no'}"
 
 
-def relation_holds(rel: str, a: int, b: int) -> bool:
-    """Whether A `rel` B holds for places a != b along the compared axis (0: left / top)."""
-    return a < b if rel in ("to the left of", "above") else a > b
-
-
-def relation_chain(rel: str, a: int, b: int) -> list[int]:
-    """The places counted from A's toward where B must lie for A `rel` B to hold (up for "to the left of" and
-    "above", down for the others), one bin a step, until B's place or the last bin: [1, 2, 3, 4, 5] for "above"
-    from 1 to 5 (it holds: the chain ends at B's place), [5, 6] from 5 to 1 (it does not). Every step is a
-    successor (or predecessor) and one test, "is this B's place?", an equality; no step compares two numbers."""
-    step, out = (1 if rel in ("to the left of", "above") else -1), [a]
-    while out[-1] != b and 0 <= out[-1] + step < PLACE_BINS:
-        out.append(out[-1] + step)
-    return out
-
-
 def explained_relation_order(objects: list[dict], a: dict, b: dict, rel: str, yes: bool) -> str | None:
     """The answer of "Is A above / below B?" with its reasons: the scene's objects in reading
     order (the order Setokim reads an image's tokens in) up to the first of A and B, then the

@@ -110,7 +110,7 @@ def test_relation_places_scores_the_written_places(world):
     assert c["right"] == truth and c["answered_yes"] == sum(p["answer"] == "yes" for p in preds)
     assert c["chained"] == c["chain_follows"] == 0
     # `look_places: chain`: the places before the ", ", then the count; every third count written one step short
-    from setok_cli.data.shapes_text import relation_chain
+    from setok_cli.data.drills import relation_chain
     chained = []
     for k, (e, p) in enumerate(zip(entries, preds)):
         head, word = p["reasons"].rsplit(": ", 1)

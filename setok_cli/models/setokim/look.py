@@ -34,7 +34,7 @@ generation order, a relation's in the question's order. With `look_places` (a ro
 relation's answer writes each object's centre along the compared axis after its token, in
 `shapes_text.PLACE_BINS` bins (0: left / top), so the answer compares two words just written; `look_places: chain`
 then counts from the first place toward where the second must lie, one bin a step, until the second place or the
-last bin (`shapes_text.relation_chain`), so that no step compares two numbers: each is a successor and an equality
+last bin (`drills.relation_chain`), so that no step compares two numbers: each is a successor and an equality
 ("is this the second place?"), and the answer says whether the count reached it. With
 `look_numbers` a count's answer numbers its tokens as it writes them, so the count is the last number.
 With `look_scan` a count's answer goes through all of the image's tokens in generation order and writes after each
@@ -57,8 +57,9 @@ import numpy as np
 import torch
 
 from ...data.conversations import world_files
+from ...data.drills import relation_chain
 from ...data.shapes_text import (ANSWER_MARK, COUNT_QUESTION, QUESTION_TYPES, RELATION_QUESTION, phrase_objects,
-                                 place_bin, relation_chain)
+                                 place_bin)
 from .attend import object_tokens
 from .text import IMAGE_TOKEN
 
