@@ -21,13 +21,9 @@ import re
 from pathlib import Path
 
 from setok_cli.data.conversations import world_files
-from setok_cli.data.drills import relation_chain
+from setok_cli.data.drills import relation_chain, relation_holds
 from setok_cli.data.shapes_text import RELATION_QUESTION
 from setok_cli.models.setokim.look import look_objects, relation_places
-
-HOLDS = {"to the left of": lambda a, b: a < b, "to the right of": lambda a, b: a > b,
-         "above": lambda a, b: a < b, "below": lambda a, b: a > b}
-
 
 def score(entries: list[dict], preds: list[dict], root: Path) -> dict:
     """Instruct entries + `setok ask` predictions -> {"questions", "right", "places_given", "first_place",
@@ -61,7 +57,7 @@ def score(entries: list[dict], preds: list[dict], root: Path) -> dict:
             c[f"{name}_within_1"] += abs(got[k] - want[k]) <= 1
         if got[0] != got[1]:
             c["untied"] += 1
-            holds = HOLDS[RELATION_QUESTION.search(q).group(2)](*got)
+            holds = relation_holds(RELATION_QUESTION.search(q).group(2), *got)
             c["follows_places"] += (p["answer"] == "yes") == holds
     return c
 
