@@ -7,8 +7,9 @@ The world asks three kinds of count: of every object ("How many objects are ther
 ("How many red objects are there?") and of one shape ("How many circles are there?"); the last two are
 0 when the colour or shape is absent. For each kind and true count (0, 1, 2, 3 or more) this prints how
 many questions there are, how many are answered right, how many are answered "1", and, for answers
-that wrote tokens first (a model that looks at counts: `look: [..., count_by]`), how many wrote as many
-tokens as the truth's objects and how many answers say the number of tokens they wrote.
+that wrote tokens first (a model that looks at counts: `look: [..., count_by]`) or listed the objects in words
+(`setok data explain --kinds count_numbered`: "a red circle 1, a red star 2: 2"), how many wrote as many tokens (or
+listed as many objects) as the truth's objects and how many answers say the number they wrote.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 from setok_cli.data.formats import load
-from setok_cli.data.shapes_text import COUNT_QUESTION, final_answer
+from setok_cli.data.shapes_text import ANSWER_MARK, COUNT_QUESTION, final_answer
 from setok_cli.eval.harness import vqa_questions
 
 KINDS = ("objects", "colour", "shape")
@@ -30,6 +31,14 @@ def kind_of(question: str) -> str:
     if m is None:
         raise ValueError(f"not a count question: {question!r}")
     return "colour" if m.group(1) is not None else ("objects" if m.group(2) == "objects" else "shape")
+
+
+def written(said: str) -> int:
+    """The objects an answer wrote before its number: its visual tokens, else the phrases of its word list
+    ("a red circle 1, a red star 2: 2" -> 2), else 0."""
+    if "<image>" in said:
+        return said.count("<image>")
+    return len(said.rsplit(ANSWER_MARK, 1)[0].split(", ")) if ANSWER_MARK in said else 0
 
 
 def score(entries: list[dict], preds: list[dict]) -> dict:
@@ -48,8 +57,8 @@ def score(entries: list[dict], preds: list[dict]) -> dict:
         row["questions"] += 1
         row["right"] += answer == str(truth)
         row["said_1"] += answer == "1"
-        row["tokens_as_truth"] += said.count("<image>") == truth
-        row["says_its_tokens"] += answer == str(said.count("<image>"))
+        row["tokens_as_truth"] += written(said) == truth
+        row["says_its_tokens"] += answer == str(written(said))
     return {k: dict(sorted(v.items())) for k, v in out.items()}
 
 

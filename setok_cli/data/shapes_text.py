@@ -169,12 +169,14 @@ def explained_relation_order(objects: list[dict], a: dict, b: dict, rel: str, ye
     return _listed(seen[:upto + 1], "yes" if yes else "no")
 
 
-def explained_count(objects: list[dict], color: str | None = None, shape: str | None = None) -> str:
-    """The answer of "How many red objects / circles are there?" with its reasons: the objects
-    counted, in reading order, then their number: "a red circle, a red star: 2"; "0" when
-    there are none."""
+def explained_count(objects: list[dict], color: str | None = None, shape: str | None = None,
+                    numbered: bool = False) -> str:
+    """The answer of "How many red objects / circles are there?" with its reasons: the objects counted, in reading
+    order, then their number: "a red circle, a red star: 2"; "0" when there are none. `numbered`: each object with
+    its running count, so the answer copies the last number: "a red circle 1, a red star 2: 2"."""
     found = [o for o in reading_order(objects) if color in (None, o["color"]) and shape in (None, o["shape"])]
-    return _listed(found, str(len(found))) if found else "0"
+    names = [count_phrase(1, o["color"], o["shape"]) + (f" {k}" if numbered else "") for k, o in enumerate(found, 1)]
+    return ", ".join(names) + ANSWER_MARK + str(len(found)) if found else "0"
 
 
 def _listed(found: list[dict], answer: str) -> str:
@@ -189,9 +191,9 @@ COLOR_QUESTION = re.compile(r"What color is the (\w+)\?")
 EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explained_answer` gives reasons for
 # not default kinds: existence by the objects of the asked shape, above / below by reading order
 # (`explained_relation_order`), existence or counts (the total too) after the scene's list (`explained_by_scene`)
-EXPLAINED_OPTIONAL = ("exist_shape", "relation_order", "exist_all", "count_all", "exist_echo")
+EXPLAINED_OPTIONAL = ("exist_shape", "relation_order", "exist_all", "count_all", "exist_echo", "count_numbered")
 EXPLAINED_EXCLUSIVE = (("exist", "exist_shape", "exist_all", "exist_echo"), ("relation", "relation_order"),
-                       ("count", "count_all"))   # kinds that explain the same questions: at most one of each group
+                       ("count", "count_all", "count_numbered"))   # kinds that explain the same questions: one each
 
 
 def explained_exist(objects: list[dict], color: str, shape: str, by: str = "color", echo: bool = False) -> str:
@@ -229,8 +231,8 @@ def explained_color(objects: list[dict], shape: str) -> str:
 def explained_answer(question: str, answer: str, objs: list[dict],
                      kinds: tuple[str, ...] = EXPLAINED_KINDS) -> str | None:
     """A world question's answer with its reasons (relations: `explained_relation`, above / below by
-    `explained_relation_order` with the kind "relation_order"; counts by colour or shape: `explained_count`;
-    existence: `explained_exist`, by the asked shape with the kind "exist_shape", and with the asked colour again
+    `explained_relation_order` with the kind "relation_order"; counts by colour or shape: `explained_count`, numbered
+    with "count_numbered"; existence: `explained_exist`, by the asked shape with "exist_shape", the colour again
     after the list with "exist_echo"; colour: `explained_color`; existence and counts after every object of the
     scene with the kinds "exist_all" and "count_all": `explained_by_scene`), None for the other kinds, for kinds not
     in `kinds` and for the total count unless "count_all" (its list is the whole caption's); ValueError if the plain
@@ -256,11 +258,12 @@ def explained_answer(question: str, answer: str, objs: list[dict],
     elif count and (count.group(1) in COLOR_NAMES or count.group(2) in PLURALS.values()
                     or count.group(2) == "objects"):
         shape = {p: s for s, p in PLURALS.items()}.get(count.group(2))
-        out = explained_count(objs, count.group(1), shape)
+        numbered = "count_numbered" in kinds
+        out = explained_count(objs, count.group(1), shape, numbered=numbered)
         if "count_all" in kinds:
             kind, out = "count_all", explained_by_scene(objs, final_answer(out))
         else:                                                      # the total count stays plain
-            kind = "count" if count.group(2) != "objects" else "total"
+            kind = ("count_numbered" if numbered else "count") if count.group(2) != "objects" else "total"
     else:
         m = EXIST_QUESTION.fullmatch(question)
         if not m or m.group(1) not in COLOR_NAMES or m.group(2) not in SHAPES:
@@ -317,8 +320,7 @@ def questions(scene: dict, rng: np.random.Generator, k: int = 5) -> list[tuple[s
         o = objs[int(rng.integers(len(objs)))]
         c, s = o["color"], o["shape"]
     else:
-        c = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
-        s = SHAPES[int(rng.integers(len(SHAPES)))]
+        c, s = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))], SHAPES[int(rng.integers(len(SHAPES)))]
     present = any(o["color"] == c and o["shape"] == s for o in objs)
     qs.append(("exist", f"Is there {count_phrase(1, c, s)}?", "yes" if present else "no"))
     names = [referring_expression(objs, i) for i in range(len(objs))]
@@ -341,9 +343,7 @@ def _pick(rng: np.random.Generator, xs: list) -> list:
 def _pick_n(rng: np.random.Generator, xs: list, n: int) -> list:
     """n elements of xs drawn by rng without replacement (all of them if fewer), in xs' order;
     n = 1 draws as `_pick` does."""
-    if n == 1:
-        return _pick(rng, xs)
-    return [xs[int(i)] for i in sorted(rng.permutation(len(xs))[:n])]
+    return _pick(rng, xs) if n == 1 else [xs[int(i)] for i in sorted(rng.permutation(len(xs))[:n])]
 
 
 def all_questions(scene: dict, rng: np.random.Generator, absent: int = 1) -> list[tuple[str, str, str]]:

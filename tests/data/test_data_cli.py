@@ -263,6 +263,7 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
 
     from setok_cli.data.formats import load
     from setok_cli.data.shapes_text import final_answer, referring_expression
+    from setok_cli.data.shapes_world import PLURALS
     split, _ = _split_copy(world, tmp_path, "questions")
     for src in ("instruct_all.json", "instruct.json"):
         r = CliRunner().invoke(cli, ["data", "explain", str(split / src)])
@@ -402,6 +403,27 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
                                  "exist_shape,exist_all"])
     assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "count,count_all"])
+    assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
+    # count_numbered: a count of a colour or shape numbers the objects it lists, in reading order; the total stays
+    by_number = _explained_one_kind(split, plain, tmp_path, "count_numbered", "count")
+    n_two = 0
+    for e, p in zip(by_number, plain):
+        if e["type"] != "count":
+            continue
+        a, truth = e["conversations"][1]["value"], p["conversations"][1]["value"]
+        m = re.fullmatch(r"<image>\nHow many (?:(\w+) objects|(\w+)) are there\?", e["conversations"][0]["value"])
+        if m.group(2) == "objects" or truth == "0":
+            assert a == truth
+            continue
+        objs = next(v for k, v in scenes.items() if k.endswith("/" + e["image"]))
+        rows = sorted(objs, key=lambda o: (int(o["center"][1] * 16), o["center"][0]))
+        want = [f"{o['color']} {o['shape']} {k}" for k, o in enumerate(
+            (o for o in rows if o["color"] == m.group(1) or PLURALS[o["shape"]] == m.group(2)), 1)]
+        assert [x.split(" ", 1)[1] for x in a.rsplit(": ", 1)[0].split(", ")] == want and a.endswith(": " + truth), a
+        n_two += int(truth) >= 2
+    assert n_two
+    r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds",
+                                 "count,count_numbered"])
     assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds", "size"])
     assert r.exit_code != 0 and _error_lines(r.output) and "'size'" in r.output

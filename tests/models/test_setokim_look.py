@@ -477,6 +477,18 @@ def test_count_cases_sort_each_count_and_score_its_answer(instruct, benchmark_sc
             # "How many objects" answers plainly (no token written); the others write one per object
             assert r["tokens_as_truth"] == (r["questions"] if kind != "objects" else 0)
             assert r["says_its_tokens"] == (r["questions"] if kind != "objects" else 0)
+    # numbered word lists ("a red circle 1, a red star 2: 2"), one object short where the truth is 2 or more
+    def listed(e, short):
+        t = int(e["conversations"][1]["value"])
+        k = t - (short and t >= 2)
+        return ", ".join(f"a red circle {j}" for j in range(1, k + 1)) + f": {k}" if k else "0"
+    for short in (False, True):
+        said = cc.score(entries, [{"question_id": i, "answer": listed(e, short).rsplit(": ", 1)[-1],
+                                   "reasons": listed(e, short)} for i, (e, _) in truths.items()])
+        for rows in said.values():
+            for truth, r in rows.items():
+                good = r["questions"] if not short or truth in ("0", "1") else 0
+                assert r["right"] == r["tokens_as_truth"] == good and r["says_its_tokens"] == r["questions"]
     # always "1": right exactly where the truth is 1
     ones = cc.score(entries, [{"question_id": i, "answer": "1"} for i in truths])
     assert all(r["right"] == r["questions"] * (t == "1") and r["said_1"] == r["questions"] for rows in ones.values()
