@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from setok_cli.data.drills import FORMS, drill_turns, list_drill, relation_drill
+from setok_cli.data.drills import FORMS, count_drill, drill_turns, list_drill, relation_drill
+from setok_cli.data.shapes_world import SHAPES
 from setok_cli.models.hub import resolve_checkpoint, resolve_folder
 from setok_cli.models.setokim.loading import load_text_tokenizer, quiet
 from setok_cli.models.setokim.lora import wrap_lora
@@ -67,6 +68,34 @@ def relation_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_S
     `drill_batch`."""
     turns = [relation_drill(rng, chain) for _ in range(n)]
     return text_batch([[{"from": "human", "value": u}, {"from": "gpt", "value": a}] for u, a in turns], tok, system)
+
+
+def count_batch(rng: np.random.Generator, n: int, tok, system: str = VICUNA_SYSTEM
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n count drills (`count_drill`: "How many red objects are there?" "a blue star, a red circle 1: 1") -> (ids,
+    attention mask, labels), as `drill_batch`."""
+    turns = [count_drill(rng) for _ in range(n)]
+    return text_batch([[{"from": "human", "value": u}, {"from": "gpt", "value": a}] for u, a in turns], tok, system)
+
+
+@torch.no_grad()
+def count_scores(lm, batch, digits: torch.Tensor, shapes: torch.Tensor) -> tuple[float, float]:
+    """Count drills -> (the share whose final number is the most likely token, the share whose every step is right),
+    teacher-forced. A step is each place where a number may follow: after each object's shape word (a number there
+    exactly when the object is counted, and the right one) and after ": ". The objects are drawn at random, so their
+    words are not scored."""
+    ids, att, lab = batch
+    was = lm.training
+    lm.eval()
+    pick = lm(input_ids=ids, attention_mask=att).logits[:, :-1].argmax(-1)
+    lm.train(was)
+    gold = lab[:, 1:]
+    number = torch.isin(gold, digits)
+    step = number | (torch.isin(ids[:, :-1], shapes) & (gold != IGNORE_INDEX))
+    ok = (torch.isin(pick, digits) == number) & ((pick == gold) | ~number)
+    rows = torch.arange(len(ids))
+    last = (gold != IGNORE_INDEX).long().cumsum(1).argmax(1) - 1       # the final number, before </s>
+    return (pick[rows, last] == gold[rows, last]).float().mean().item(), (ok | ~step).all(1).float().mean().item()
 
 
 PLACES = 6    # a relation drill's answer opens with "[Img] [/Img] 1 [Img] [/Img] 5": random places, not scored
@@ -138,17 +167,22 @@ def train_one(base, tok, recipe, lr: float, args, held_out) -> tuple[list[dict],
     return out, lm
 
 
-def recipe_phase(base, tok, recipe, args, held_out, held_rel=None) -> list[dict]:
+def recipe_phase(base, tok, recipe, args, held_out, held_rel=None, held_cnt=None) -> list[dict]:
     """The recipe's `model.text_first` as `setok train` runs it (train/text_first.py), scored every `--every` steps."""
     from setok_cli.train.text_first import text_rows, train_text_first
     t = recipe.model.text_first
     if t is None or recipe.model.lora is None:
         raise SystemExit(f"error: {args.recipe} has no model.text_first (and model.lora)")
     yes, no = (tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ("yes", "no"))
+    count_ids = [torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in ws])
+                 for ws in (list("0123456789"), SHAPES)]
+
     def scored(lm, k) -> dict:
         r = {"step": k, "accuracy": accuracy(lm, held_out, yes, no)}
         if held_rel is not None:
             r["relation_accuracy"], r["relation_exact"] = accuracy(lm, held_rel, yes, no), exact(lm, held_rel)
+        if held_cnt is not None:
+            r["count_final"], r["count_steps"] = count_scores(lm, held_cnt, *count_ids)
         return r
     out, t0 = [{**scored(base, 0), "loss": None}], time.time()
 
@@ -157,6 +191,8 @@ def recipe_phase(base, tok, recipe, args, held_out, held_rel=None) -> list[dict]
             out.append({**scored(lm, k), "seconds": round(time.time() - t0, 1)})
             rel = f"  relations {out[-1]['relation_accuracy']:.3f} (exact {out[-1]['relation_exact']:.3f})" \
                 if held_rel is not None else ""
+            rel += f"  counts {out[-1]['count_final']:.3f} (every step {out[-1]['count_steps']:.3f})" \
+                if held_cnt is not None else ""
             print(f"text_first  step {k:5d}  held-out accuracy {out[-1]['accuracy']:.3f}{rel}", flush=True)
     train_text_first(copy.deepcopy(base), tok, text_rows(t.path), lora=recipe.model.lora, optim=recipe.optim,
                      steps=t.steps, lr=t.lr, batch_size=t.batch_size, seed=args.seed, system=args.system,
@@ -194,6 +230,8 @@ def main() -> None:
     ap.add_argument("--recipe-phase", action="store_true",
                     help="train as the recipe's model.text_first does instead (its rows, steps, lr and batch, through "
                          "setok's own train_text_first), scoring the held-out drills of --form every --every steps")
+    ap.add_argument("--counts", action="store_true",
+                    help="with --recipe-phase: score held-out count drills too (`setok data drills --counts`)")
     ap.add_argument("--relations", nargs="?", const="places", choices=["places", "chain"],
                     help="with --recipe-phase: score held-out relation drills too (chain: with the places counted)")
     ap.add_argument("--seed", type=int, default=0)
@@ -218,7 +256,9 @@ def main() -> None:
     if args.recipe_phase:
         held_rel = relation_batch(np.random.default_rng([args.seed, 998]), HELD_OUT, tok, args.system,
                                   args.relations == "chain") if args.relations else None
-        results = {"text_first": recipe_phase(base, tok, recipe, args, held_out, held_rel)}
+        held_cnt = count_batch(np.random.default_rng([args.seed, 997]), HELD_OUT, tok, args.system) \
+            if args.counts else None
+        results = {"text_first": recipe_phase(base, tok, recipe, args, held_out, held_rel, held_cnt)}
     for lr in [] if args.recipe_phase else args.lr:
         torch.manual_seed(args.seed)
         results[f"{lr:g}"], lm = train_one(base, tok, recipe, lr, args, held_out)
@@ -232,6 +272,9 @@ def main() -> None:
         if rows[0].get("relation_accuracy") is not None:
             print(f"| {lr}, relations | " + " | ".join(f"{r['relation_accuracy']:.3f}" for r in rows) + " |")
             print(f"| {lr}, relations exact | " + " | ".join(f"{r['relation_exact']:.3f}" for r in rows) + " |")
+        if rows[0].get("count_final") is not None:
+            print(f"| {lr}, counts: final number | " + " | ".join(f"{r['count_final']:.3f}" for r in rows) + " |")
+            print(f"| {lr}, counts: every step | " + " | ".join(f"{r['count_steps']:.3f}" for r in rows) + " |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": str(folder), "full": args.full, "system": bool(args.system),

@@ -113,13 +113,16 @@ def questions(split, seed, types, absent):
                    "counted from the first place); the file's name ends in _relation.json.")
 @click.option("--relation-form", default="chain", show_default=True, type=click.Choice(["chain", "places"]),
               help="places: the relation drills without the count (\"... 5: yes\"; _relation_places.json).")
-def drills(split, per_image, seed, form, relations, relation_form):
+@click.option("--counts", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Count drills per image too (\"How many red objects are there?\" \"a blue star, a red circle 1, a "
+                   "red cross 2: 2\": random objects, the running count after each counted one); _count.json.")
+def drills(split, per_image, seed, form, relations, relation_form, counts):
     """Write SPLIT/instruct_list_drills.json: existence questions whose answer is read from a list in the
     question, unrelated to the image ("Is there a red cross? a pink cross, a blue cross" "no"): the last
     step of the recipe's existence answers, alone (a stage-III row; with --form echo, the rows of the tiny
     stage-III recipe's text-only first phase, `model.text_first`)."""
     from ..data.drills import list_drills
-    path, n = list_drills(split, per_image, seed, form, relations, relation_form)
+    path, n = list_drills(split, per_image, seed, form, relations, relation_form, counts)
     click.echo(f"{n} drills -> {path}")
 
 

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_json
-from .shapes_text import PLACE_BINS, count_phrase
-from .shapes_world import COLOR_NAMES, SHAPES
+from .shapes_text import PLACE_BINS, count_phrase, explained_count
+from .shapes_world import COLOR_NAMES, PLURALS, SHAPES
 
 LIST_LENGTHS = (1, 2, 3)
 LIST_LENGTH_P = (0.5, 0.3, 0.2)
@@ -102,6 +102,24 @@ def relation_drill(rng: np.random.Generator, chain: bool = False) -> tuple[str, 
     return q, f"{mark} {pa} {mark} {pb}{counted}: {'yes' if relation_holds(rel, pa, pb) else 'no'}"
 
 
+def count_drill(rng: np.random.Generator) -> tuple[str, str]:
+    """One count drill -> (question, answer as a count after the whole scene writes it, `explained_count(...,
+    scene=True)`, with no image): ("How many red objects are there?", "a blue star, a red circle 1, a red cross 2: 2").
+    One to five objects drawn at random, each of the asked colour (shape) with probability 0.4, so that counts of 0, 1,
+    2 and more all occur; the running count grows by one after each counted object. Every step is a phrase, an
+    equality ("is this word the asked one?") and a successor, as a relation drill's chain is."""
+    by_color, n = rng.random() < 0.5, int(rng.integers(1, 6))
+    names, key = (COLOR_NAMES, "color") if by_color else (SHAPES, "shape")
+    want = names[rng.integers(len(names))]
+    objs = []
+    for k in range(n):
+        o = {"color": COLOR_NAMES[rng.integers(len(COLOR_NAMES))], "shape": SHAPES[rng.integers(len(SHAPES))],
+             "center": [0.05 + 0.15 * k, 0.5]}                    # one row: reading order is the drawn order
+        objs.append({**o, key: want} if rng.random() < 0.4 else o)
+    q = f"How many {want} objects are there?" if by_color else f"How many {PLURALS[want]} are there?"
+    return q, explained_count(objs, want if by_color else None, None if by_color else want, scene=True)
+
+
 FORMS = ("question", "answer", "echo")
 RELATION_FORMS = ("chain", "places")
 
@@ -122,19 +140,20 @@ def drill_turns(q: str, a: str, form: str = "question") -> tuple[str, str]:
 
 
 def list_drills(split: str | Path, per_image: int = 2, seed: int = 0, form: str = "question",
-                relations: int = 0, relation_form: str = "chain") -> tuple[Path, int]:
+                relations: int = 0, relation_form: str = "chain", counts: int = 0) -> tuple[Path, int]:
     """A written split -> `instruct_list_drills.json` (`_<form>` before `.json` unless form is "question";
     `_relation` too with relation drills, `_relation_places` with those of `relation_form` "places") beside its other
     files: `per_image` drills (`list_drill`, turns as `drill_turns` writes them in `form`) on each image, then
     `relations` relation drills (`relation_drill`, the places counted unless `relation_form` is "places"), the
     image attached as every instruct entry has one. Drill j of image i depends on (seed, i) only, whatever the
-    form; its relation drills on (seed, i, 1). Returns (path, number of drills)."""
+    form; its relation drills on (seed, i, 1); then `counts` count drills (`count_drill`, `_count` in the name), on
+    (seed, i, 2). Returns (path, number of drills)."""
     from ..errors import UserError
     from .shapes import _world_pairs
     if per_image < 1:
         raise UserError(f"--per-image must be at least 1, got {per_image}")
-    if relations < 0:
-        raise UserError(f"--relations must be at least 0, got {relations}")
+    if relations < 0 or counts < 0:
+        raise UserError(f"--relations and --counts must be at least 0, got {relations} and {counts}")
     if relation_form not in RELATION_FORMS:
         raise UserError(f"--relation-form must be one of {', '.join(RELATION_FORMS)}, got {relation_form!r}")
     if form not in FORMS:
@@ -153,8 +172,14 @@ def list_drills(split: str | Path, per_image: int = 2, seed: int = 0, form: str 
             q, a = relation_drill(rel_rng, chain=relation_form == "chain")
             out.append({"id": f"{Path(image).stem}_r{j}", "image": image, "type": "drill_relation",
                         "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+        count_rng = np.random.default_rng([seed, i, 2])
+        for j in range(counts):
+            q, a = count_drill(count_rng)
+            out.append({"id": f"{Path(image).stem}_c{j}", "image": image, "type": "drill_count",
+                        "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
     stem = "instruct_list_drills" + ("" if form == "question" else f"_{form}") + (
-        "" if not relations else "_relation" if relation_form == "chain" else "_relation_places")
+        "" if not relations else "_relation" if relation_form == "chain" else "_relation_places") + (
+        "_count" if counts else "")
     path = d / f"{stem}.json"
     atomic_write_json(path, out, indent=None)
     return path, len(out)

@@ -170,13 +170,18 @@ def explained_relation_order(objects: list[dict], a: dict, b: dict, rel: str, ye
 
 
 def explained_count(objects: list[dict], color: str | None = None, shape: str | None = None,
-                    numbered: bool = False) -> str:
+                    numbered: bool = False, scene: bool = False) -> str:
     """The answer of "How many red objects / circles are there?" with its reasons: the objects counted, in reading
     order, then their number: "a red circle, a red star: 2"; "0" when there are none. `numbered`: each object with
-    its running count, so the answer copies the last number: "a red circle 1, a red star 2: 2"."""
-    found = [o for o in reading_order(objects) if color in (None, o["color"]) and shape in (None, o["shape"])]
-    names = [count_phrase(1, o["color"], o["shape"]) + (f" {k}" if numbered else "") for k, o in enumerate(found, 1)]
-    return ", ".join(names) + ANSWER_MARK + str(len(found)) if found else "0"
+    its running count, so the answer copies the last number: "a red circle 1, a red star 2: 2". `scene`: every
+    object of the scene, each counted one with its running count: "a blue star, a red circle 1: 1" ("...: 0")."""
+    seen, k, names = reading_order(objects), 0, []
+    for o in seen:
+        hit = color in (None, o["color"]) and shape in (None, o["shape"])
+        k += hit
+        if hit or scene:
+            names.append(count_phrase(1, o["color"], o["shape"]) + (f" {k}" if hit and (numbered or scene) else ""))
+    return ", ".join(names) + ANSWER_MARK + str(k) if names else "0"
 
 
 def _listed(found: list[dict], answer: str) -> str:
@@ -189,11 +194,11 @@ COUNT_QUESTION = re.compile(r"How many (?:(\w+) objects|(\w+)) are there\?")
 EXIST_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
 COLOR_QUESTION = re.compile(r"What color is the (\w+)\?")
 EXPLAINED_KINDS = ("relation", "count", "exist", "color")   # the kinds `explained_answer` gives reasons for
-# not default kinds: existence by the objects of the asked shape, above / below by reading order
-# (`explained_relation_order`), existence or counts (the total too) after the scene's list (`explained_by_scene`)
-EXPLAINED_OPTIONAL = ("exist_shape", "relation_order", "exist_all", "count_all", "exist_echo", "count_numbered")
+# not default kinds (`explained_answer` says what each explains)
+EXPLAINED_OPTIONAL = ("exist_shape", "relation_order", "exist_all", "count_all", "exist_echo", "count_numbered",
+                      "count_scene")
 EXPLAINED_EXCLUSIVE = (("exist", "exist_shape", "exist_all", "exist_echo"), ("relation", "relation_order"),
-                       ("count", "count_all", "count_numbered"))   # kinds that explain the same questions: one each
+                       ("count", "count_all", "count_numbered", "count_scene"))   # at most one kind of each group
 
 
 def explained_exist(objects: list[dict], color: str, shape: str, by: str = "color", echo: bool = False) -> str:
@@ -232,11 +237,11 @@ def explained_answer(question: str, answer: str, objs: list[dict],
                      kinds: tuple[str, ...] = EXPLAINED_KINDS) -> str | None:
     """A world question's answer with its reasons (relations: `explained_relation`, above / below by
     `explained_relation_order` with the kind "relation_order"; counts by colour or shape: `explained_count`, numbered
-    with "count_numbered"; existence: `explained_exist`, by the asked shape with "exist_shape", the colour again
-    after the list with "exist_echo"; colour: `explained_color`; existence and counts after every object of the
-    scene with the kinds "exist_all" and "count_all": `explained_by_scene`), None for the other kinds, for kinds not
-    in `kinds` and for the total count unless "count_all" (its list is the whole caption's); ValueError if the plain
-    answer is not the scene's."""
+    with "count_numbered", after the whole scene with "count_scene"; existence: `explained_exist`, by the asked shape
+    with "exist_shape", the colour again after the list with "exist_echo"; colour: `explained_color`; existence and
+    counts after every object of the scene with "exist_all" and "count_all": `explained_by_scene`), None for the
+    other kinds, for kinds not in `kinds` and for the total count unless "count_all"; ValueError if the plain answer is
+    not the scene's."""
     m = RELATION_QUESTION.fullmatch(question)
     if m:
         if "relation" not in kinds and "relation_order" not in kinds:
@@ -258,12 +263,12 @@ def explained_answer(question: str, answer: str, objs: list[dict],
     elif count and (count.group(1) in COLOR_NAMES or count.group(2) in PLURALS.values()
                     or count.group(2) == "objects"):
         shape = {p: s for s, p in PLURALS.items()}.get(count.group(2))
-        numbered = "count_numbered" in kinds
-        out = explained_count(objs, count.group(1), shape, numbered=numbered)
-        if "count_all" in kinds:
-            kind, out = "count_all", explained_by_scene(objs, final_answer(out))
-        else:                                                      # the total count stays plain
-            kind = ("count_numbered" if numbered else "count") if count.group(2) != "objects" else "total"
+        kind = next((k for k in ("count_numbered", "count_scene", "count_all") if k in kinds), "count")
+        out = explained_count(objs, count.group(1), shape, kind == "count_numbered", kind == "count_scene")
+        if kind == "count_all":
+            out = explained_by_scene(objs, final_answer(out))
+        elif count.group(2) == "objects":                          # the total count stays plain
+            kind = "total"
     else:
         m = EXIST_QUESTION.fullmatch(question)
         if not m or m.group(1) not in COLOR_NAMES or m.group(2) not in SHAPES:
@@ -297,8 +302,7 @@ def questions(scene: dict, rng: np.random.Generator, k: int = 5) -> list[tuple[s
     """(type, question, answer) triples, one of each answerable type, shuffled, first k."""
     objs = scene["objects"]
     qs: list[tuple[str, str, str]] = []
-    shapes = [o["shape"] for o in objs]
-    colors = [o["color"] for o in objs]
+    shapes, colors = [o["shape"] for o in objs], [o["color"] for o in objs]
     uniq_shape = [o for o in objs if shapes.count(o["shape"]) == 1]
     uniq_color = [o for o in objs if colors.count(o["color"]) == 1]
     if uniq_shape:
@@ -355,8 +359,7 @@ def all_questions(scene: dict, rng: np.random.Generator, absent: int = 1) -> lis
     for up to 2n ordered pairs of named objects; each question once. `questions` keeps one per
     type (k=5)."""
     objs = scene["objects"]
-    shapes = [o["shape"] for o in objs]
-    colors = [o["color"] for o in objs]
+    shapes, colors = [o["shape"] for o in objs], [o["color"] for o in objs]
     qs: list[tuple[str, str, str]] = []
     for o in objs:
         if shapes.count(o["shape"]) == 1:
@@ -407,9 +410,8 @@ def sample_edit(scene: dict, rng: np.random.Generator, tries: int = 40) -> tuple
             target = objs + [new]
             if region_name(new["center"]) != region or not _valid(target):
                 continue
-            instr = f"Add {count_phrase(1, new['color'], new['shape'])} at the {region}." if region in (
-                "top", "bottom", "left", "right", "center") else \
-                f"Add {count_phrase(1, new['color'], new['shape'])} in the {region}."
+            prep = "at" if region in ("top", "bottom", "left", "right", "center") else "in"
+            instr = f"Add {count_phrase(1, new['color'], new['shape'])} {prep} the {region}."
             return ({**scene, "objects": target}, instr,
                     {"op": op, "object": None, "preserved": list(range(1, len(objs) + 1))})
         i = int(rng.integers(len(objs)))
@@ -427,16 +429,14 @@ def sample_edit(scene: dict, rng: np.random.Generator, tries: int = 40) -> tuple
             c = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
             if c == objs[i]["color"]:
                 continue
-            target = [dict(o) for o in objs]
-            target[i]["color"] = c
+            target = [dict(o, color=c) if k == i else dict(o) for k, o in enumerate(objs)]
             if not _valid(target):
                 continue
             return ({**scene, "objects": target}, f"Make {name} {c}.",
                     {"op": op, "object": i + 1, "preserved": rest})
         if op == "move":
             region = list(REGIONS)[int(rng.integers(len(REGIONS)))]
-            o = dict(objs[i])
-            r = o["size"]
+            o, r = dict(objs[i]), objs[i]["size"]
             c = np.clip(np.asarray(REGIONS[region]) + rng.uniform(-0.04, 0.04, 2), r, 1 - r)
             if region_name(list(c)) != region or region_name(o["center"]) == region:
                 continue

@@ -422,6 +422,25 @@ def test_setok_data_explain_states_both_places(world, tmp_path):
         assert [x.split(" ", 1)[1] for x in a.rsplit(": ", 1)[0].split(", ")] == want and a.endswith(": " + truth), a
         n_two += int(truth) >= 2
     assert n_two
+    # count_scene: every object of the scene in reading order, a running count after each counted one
+    by_scene = _explained_one_kind(split, plain, tmp_path, "count_scene", "count")
+    n_zero = 0
+    for e, p in zip(by_scene, plain):
+        a, truth = e["conversations"][1]["value"], p["conversations"][1]["value"]
+        m = re.fullmatch(r"<image>\nHow many (?:(\w+) objects|(\w+)) are there\?", e["conversations"][0]["value"])
+        if e["type"] != "count" or m.group(2) == "objects":
+            assert a == truth
+            continue
+        objs = next(v for k, v in scenes.items() if k.endswith("/" + e["image"]))
+        rows = sorted(objs, key=lambda o: (int(o["center"][1] * 16), o["center"][0]))
+        k, want = 0, []
+        for o in rows:
+            hit = o["color"] == m.group(1) or PLURALS[o["shape"]] == m.group(2)
+            k += hit
+            want.append(f"{o['color']} {o['shape']}" + (f" {k}" if hit else ""))
+        assert [x.split(" ", 1)[1] for x in a.rsplit(": ", 1)[0].split(", ")] == want and a.endswith(": " + truth), a
+        n_zero += truth == "0"
+    assert n_zero
     r = CliRunner().invoke(cli, ["data", "explain", str(split / "instruct_all.json"), "--kinds",
                                  "count,count_numbered"])
     assert r.exit_code != 0 and _error_lines(r.output) and "choose one" in r.output
@@ -618,6 +637,13 @@ def test_setok_data_drills_relations_compare_the_written_places(world, tmp_path)
         up = " above " in q or " to the left of " in q
         assert steps == list(range(int(pa), int(pb) + 1) if word == "yes" and up else range(
             int(pa), int(pb) - 1, -1) if word == "yes" else range(int(pa), 7) if up else range(int(pa), -1, -1))
+    r = CliRunner().invoke(cli, ["data", "drills", str(split), "--per-image", "2", "--form", "echo",
+                                 "--relations", "40", "--counts", "3"])   # then 3 count drills per image
+    counted = json.loads((split / "instruct_list_drills_echo_relation_count.json").read_text())
+    assert r.exit_code == 0 and [e for e in counted if e["type"] != "drill_count"] == chained
+    cnt = [e for e in counted if e["type"] == "drill_count"]
+    assert len(cnt) == 3 * len(plain) // 2 and all(
+        re.fullmatch(r"<image>\nHow many \w+( objects)? are there\?", e["conversations"][0]["value"]) for e in cnt)
     r = CliRunner().invoke(cli, ["data", "drills", str(split), "--relations", "-1"])
     assert r.exit_code == 2 and "Traceback" not in r.output
 

@@ -163,6 +163,69 @@ def test_drill_lr_probe_scores_relation_drills_after_their_places():
     assert mod.exact(Oracle((0, last)), batch) == 7 / 8
 
 
+def test_count_drills_and_the_probe_scoring_them():
+    """`count_drill`: the running count after each object of the asked colour or shape, the final number the count;
+    benchmarks/drill_lr_probe.py `count_scores`: a model that writes every step right scores 1 whatever it writes for
+    the random objects; one that writes a number where no object is counted (or misses the final number) fails."""
+    import re
+
+    import numpy as np
+    import torch
+
+    from setok_cli.data.drills import count_drill
+    from setok_cli.data.shapes_world import COLOR_NAMES, PLURALS, SHAPES
+    from setok_cli.models.setokim import build_word_tokenizer
+    from setok_cli.models.setokim.text import IGNORE_INDEX
+    rng, finals = np.random.default_rng(0), []
+    for _ in range(300):
+        q, a = count_drill(rng)
+        m = re.fullmatch(r"How many (?:(\w+) objects|(\w+)) are there\?", q)
+        head, final = a.rsplit(": ", 1)
+        k = 0
+        for ph in head.split(", "):
+            words = ph.split()                       # "a red circle" or "a red circle 2"
+            hit = words[1] == m.group(1) if m.group(1) else PLURALS[words[2]] == m.group(2)
+            k += hit
+            assert (len(words) == 4) == hit and (not hit or words[3] == str(k)), (q, a)
+        finals.append(int(final))
+        assert int(final) == k
+    assert {0, 1, 2, 3} <= set(finals)
+
+    mod = _module("drill_lr_probe")
+    tok = build_word_tokenizer(extra_texts=["How many objects are there , : 0 1 2 3 4 5 6 7 8 9"] + [
+        f"{c} {s} {PLURALS[s]}" for c in COLOR_NAMES for s in SHAPES])
+    batch = mod.count_batch(np.random.default_rng(1), 16, tok)
+    ids, att, lab = batch
+    digits = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in "0123456789"])
+    shapes = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in SHAPES])
+
+    class Model(torch.nn.Module):          # the next input token; the objects' words wrong; optionally one slip
+        def __init__(self, slip=None):
+            super().__init__()
+            self.slip = slip
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
+            words = ~torch.isin(input_ids[:, 1:], digits) & ~torch.isin(input_ids[:, :-1], shapes)
+            logits[:, :-1][words & (lab[:, 1:] != IGNORE_INDEX)] = 0.0
+            logits[:, :-1][words & (lab[:, 1:] != IGNORE_INDEX), 0] = 1.0       # some other word
+            if self.slip is not None:
+                r, t, tid = self.slip
+                logits[r, t] = 0.0
+                logits[r, t, tid] = 1.0
+            return type("Out", (), {"logits": logits})()
+    assert mod.count_scores(Model(), batch, digits, shapes) == (1.0, 1.0)
+    row = next(r for r in range(16) if not torch.isin(ids[r, 1:][lab[r, 1:] != IGNORE_INDEX][:-3], digits).all())
+    pos = (lab[row, 1:] != IGNORE_INDEX).nonzero().flatten()
+    after = [int(t) for t in pos if ids[row, t] in shapes and not torch.isin(lab[row, t + 1], digits)]
+    final, steps = mod.count_scores(Model((row, after[0], int(digits[7]))), batch, digits, shapes)
+    assert final == 1.0 and steps == 15 / 16           # a number where no object is counted
+    last = int(pos.max()) - 1
+    final, steps = mod.count_scores(Model((row, last, int(digits[9]))), batch, digits, shapes)
+    assert final == 15 / 16 and steps == 15 / 16
+
+
 def test_scene_list_cases_splits_seeing_from_reading():
     """benchmarks/scene_list_cases.py: a right list with a wrong answer, a wrong list read right, the same
     objects in another order, and a plain answer with no list, each counted where it belongs."""
