@@ -136,7 +136,8 @@ def drills(split, per_image, seed, form, relations, relation_form, counts):
                    "up to the first of the two: \"a green star, a blue square: no\"; exist_all and count_all "
                    "answer existence and counts (the total count too) after every object of the scene in reading "
                    "order: \"a red circle, a blue star, a red star: 2\"; count_numbered in place of count numbers "
-                   "each object counted: \"a red circle 1, a red star 2: 2\".")
+                   "each object counted: \"a red circle 1, a red star 2: 2\"; count_scene lists every object of "
+                   "the scene, a running count after each counted one: \"a blue star, a red circle 1: 1\".")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of <name>_explained.json.")
 def explain(file, kinds, out):
     """Write FILE's instruct entries to <name>_explained.json with reasons before the answers:
