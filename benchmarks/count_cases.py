@@ -35,7 +35,8 @@ def kind_of(question: str) -> str:
 
 def written(said: str) -> int:
     """The objects an answer wrote before its number: its visual tokens, else the phrases of its word list
-    ("a red circle 1, a red star 2: 2" -> 2), else 0."""
+    ("a red circle 1, a red star 2: 2" -> 2), else 0. A `count_scene` answer lists the whole scene, so this is the
+    scene's objects there, not the counted ones."""
     if "<image>" in said:
         return said.count("<image>")
     return len(said.rsplit(ANSWER_MARK, 1)[0].split(", ")) if ANSWER_MARK in said else 0
