@@ -12,21 +12,25 @@ is red, a plain "no" when there is no circle. So an existence question is one of
     shape absent     no object of the asked shape (no, nothing written)
 
 For each case this prints how many questions it has, how many are answered right, how many answers
-wrote as many tokens as the truth, and (shape absent) how many wrote nothing. Needs the `reasons` that
+wrote as many tokens as the truth, and (shape absent) how many wrote nothing. The shape-absent case is split
+once more by whether the asked colour is in the image on another shape ("Is there a red hexagon?" beside a red
+circle): a model that picks objects by colour alone says "yes" there. Needs the `reasons` that
 `setok ask --data` stores beside each looking answer.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from setok_cli.data.formats import load
 from setok_cli.data.shapes_text import final_answer
 from setok_cli.eval.harness import vqa_questions
-from setok_cli.models.setokim.look import look_entry
+from setok_cli.models.setokim.look import look_entry, world_files
 
 CASES = ("present", "other colour", "shape absent")
+COLOUR_THERE = "shape absent, colour there"   # the shape-absent questions whose asked colour is on another shape
 
 
 def case_of(truth: str) -> str:
@@ -38,9 +42,11 @@ def case_of(truth: str) -> str:
 
 def score(entries: list[dict], preds: list[dict]) -> dict:
     """Instruct entries (image paths resolved) + `setok ask` predictions -> {case: {"questions", "right",
-    "tokens_as_truth", "wrote_nothing"}} over the existence questions the predictions answer."""
+    "tokens_as_truth", "wrote_nothing"}} over the existence questions the predictions answer; COLOUR_THERE: the
+    shape-absent ones whose asked colour is on another object of the image (a world scene beside it)."""
     by_id = {str(p["question_id"]): p for p in preds}
-    out = {c: dict.fromkeys(("questions", "right", "tokens_as_truth", "wrote_nothing"), 0) for c in CASES}
+    out = {c: dict.fromkeys(("questions", "right", "tokens_as_truth", "wrote_nothing"), 0)
+           for c in (*CASES, COLOUR_THERE)}
     for q in vqa_questions(entries):
         p = by_id.get(q["id"])
         if q["type"] != "exist" or p is None:
@@ -48,12 +54,23 @@ def score(entries: list[dict], preds: list[dict]) -> dict:
         looked, _ = look_entry(entries[q["entry"]])
         truth = looked["conversations"][1]["value"]
         said = str(p.get("reasons", p["answer"]))
-        row = out[case_of(truth)]
-        row["questions"] += 1
-        row["right"] += final_answer(said).strip().lower() == final_answer(truth).strip().lower()
-        row["tokens_as_truth"] += said.count("<image>") == truth.count("<image>")
-        row["wrote_nothing"] += "<image>" not in said
+        rows = [out[case_of(truth)]]
+        if case_of(truth) == "shape absent" and asked_colour_there(entries[q["entry"]], q["question"]):
+            rows.append(out[COLOUR_THERE])
+        for row in rows:
+            row["questions"] += 1
+            row["right"] += final_answer(said).strip().lower() == final_answer(truth).strip().lower()
+            row["tokens_as_truth"] += said.count("<image>") == truth.count("<image>")
+            row["wrote_nothing"] += "<image>" not in said
     return out
+
+
+def asked_colour_there(entry: dict, question: str) -> bool:
+    """Is the colour "Is there a red circle?" asks about on some object of the entry's scene?"""
+    m = re.match(r"Is there an? (\w+) ", question)
+    scene = world_files(entry["image"])[0]
+    return bool(m) and scene.is_file() and any(
+        o["color"] == m.group(1) for o in json.loads(scene.read_text())["objects"])
 
 
 def main() -> None:
@@ -69,6 +86,7 @@ def main() -> None:
         return
     print(f"{'case':<14} {'questions':>9} {'right':>7} {'tokens as truth':>16} {'wrote nothing':>14}")
     for c, r in res.items():
+        c = "  colour there" if c == COLOUR_THERE else c
         print(f"{c:<14} {r['questions']:>9} {r['right']:>7} {r['tokens_as_truth']:>16} {r['wrote_nothing']:>14}")
 
 

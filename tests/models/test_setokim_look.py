@@ -457,13 +457,31 @@ def test_existence_cases_sort_each_question_and_score_its_answer(instruct, bench
     right = ec.score(entries, [{"question_id": i, "answer": t.rsplit(": ", 1)[-1], "reasons": t}
                                for i, t in truths.items()])
     n = {c: sum(ec.case_of(t) == c for t in truths.values()) for c in ec.CASES}
-    assert {c: r["questions"] for c, r in right.items()} == n
+    assert {c: right[c]["questions"] for c in ec.CASES} == n
     assert all(r["right"] == r["tokens_as_truth"] == r["questions"] for r in right.values())
     assert right["shape absent"]["wrote_nothing"] == n["shape absent"]
+    # the shape-absent questions whose asked colour is on another object, read from each scene here; and each
+    # shape-absent question asked again in the colour of its image's first object (still "no"), which must count there
+    there, extra = 0, []
+    for e in entries:
+        if e["type"] == "exist" and ec.case_of(truths[e["id"]]) == "shape absent":
+            words = e["conversations"][0]["value"].split("Is there ")[1].rstrip("?").split()
+            scene = json.loads(Path(str(e["image"]).replace("images", "scenes")).with_suffix(".json").read_text())
+            there += words[1] in {o["color"] for o in scene["objects"]}
+            c = scene["objects"][0]["color"]
+            q = f"<image>\nIs there {'an' if c[0] in 'aeiou' else 'a'} {c} {words[2]}?"
+            extra.append({**e, "id": f"{e['id']}_c", "conversations": [{"from": "human", "value": q},
+                                                                       {"from": "gpt", "value": "no"}]})
+    assert right[ec.COLOUR_THERE]["questions"] == right[ec.COLOUR_THERE]["right"] == there and extra
+    both = ec.score(entries + extra, [{"question_id": x["id"], "answer": "no", "reasons": "no"}
+                                      for x in entries + extra if x["type"] == "exist"])
+    assert both["shape absent"]["questions"] == n["shape absent"] + len(extra)
+    assert both[ec.COLOUR_THERE]["questions"] == both[ec.COLOUR_THERE]["right"] == there + len(extra)
     # always one token and "yes": right only where the answer is yes, never writing nothing
     yes = ec.score(entries, [{"question_id": i, "answer": "yes", "reasons": "<image>: yes"} for i in truths])
     assert yes["present"]["right"] == n["present"] and yes["other colour"]["right"] == 0
     assert yes["shape absent"]["right"] == yes["shape absent"]["wrote_nothing"] == 0
+    assert yes[ec.COLOUR_THERE]["right"] == 0 and yes[ec.COLOUR_THERE]["questions"] == there
 
 
 def test_count_cases_sort_each_count_and_score_its_answer(instruct, benchmark_script):
