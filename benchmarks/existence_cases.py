@@ -54,8 +54,9 @@ def score(entries: list[dict], preds: list[dict]) -> dict:
         looked, _ = look_entry(entries[q["entry"]])
         truth = looked["conversations"][1]["value"]
         said = str(p.get("reasons", p["answer"]))
-        rows = [out[case_of(truth)]]
-        if case_of(truth) == "shape absent" and asked_colour_there(entries[q["entry"]], q["question"]):
+        case = case_of(truth)
+        rows = [out[case]]
+        if case == "shape absent" and asked_colour_there(entries[q["entry"]], q["question"]):
             rows.append(out[COLOUR_THERE])
         for row in rows:
             row["questions"] += 1
